@@ -1,0 +1,142 @@
+// fastppo._C: the compiled core. A plain pybind11 module over raw buffers (data pointer, element
+// strides, dtype name, device, stream); it never sees a numpy array or a torch tensor, so one build
+// serves numpy and every torch version. Argument checking with user-facing messages happens in
+// python/fastppo; the checks here only guard the C++ against a caller that skipped them.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <tuple>
+
+#include "gae.h"
+
+#if FASTPPO_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace py = pybind11;
+using fastppo::GaeArgs;
+
+namespace {
+
+// (data pointer, stride over T, stride over N), strides in elements.
+using Strided2 = std::tuple<std::uintptr_t, int64_t, int64_t>;
+// (data pointer, stride over N).
+using Strided1 = std::tuple<std::uintptr_t, int64_t>;
+
+const void* pointer(std::uintptr_t address) { return reinterpret_cast<const void*>(address); }
+
+bool float_is_f64(const std::string& dtype) {
+  if (dtype == "float64") return true;
+  if (dtype == "float32") return false;
+  throw py::type_error("fastppo._C: float dtype must be 'float32' or 'float64', got '" + dtype + "'");
+}
+
+int flag_type(const std::string& dtype, const char* name) {
+  if (dtype == "bool" || dtype == "uint8") return fastppo::kFlagU8;
+  if (dtype == "int8") return fastppo::kFlagI8;
+  if (dtype == "int32") return fastppo::kFlagI32;
+  if (dtype == "int64") return fastppo::kFlagI64;
+  if (dtype == "float32") return fastppo::kFlagF32;
+  if (dtype == "float64") return fastppo::kFlagF64;
+  throw py::type_error(std::string("fastppo._C: ") + name + " dtype must be bool, uint8, int8, int32, int64, float32 or float64, got '" + dtype + "'");
+}
+
+int cuda_device_count() {
+#if FASTPPO_WITH_CUDA
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();  // no driver or no device: clear the sticky error and report none
+    return 0;
+  }
+  return count;
+#else
+  return 0;
+#endif
+}
+
+void gae(int64_t T, int64_t N, const std::string& dtype, Strided2 rewards, Strided2 values, Strided2 dones,
+         const std::string& dones_dtype, Strided2 terminated, const std::string& terminated_dtype,
+         Strided1 last_value, std::uintptr_t adv, std::uintptr_t ret, double gamma, double lam, int device,
+         std::uintptr_t stream) {
+  if (T < 0 || N < 0) throw py::value_error("fastppo._C.gae: T and N must be >= 0");
+  if (!(gamma >= 0.0 && gamma <= 1.0)) throw py::value_error("fastppo._C.gae: gamma must be in [0, 1]");
+  if (!(lam >= 0.0 && lam <= 1.0)) throw py::value_error("fastppo._C.gae: lam must be in [0, 1]");
+  GaeArgs a;
+  a.T = T;
+  a.N = N;
+  a.is_f64 = float_is_f64(dtype);
+  std::tie(std::ignore, a.rewards_st, a.rewards_sn) = rewards;
+  a.rewards = pointer(std::get<0>(rewards));
+  std::tie(std::ignore, a.values_st, a.values_sn) = values;
+  a.values = pointer(std::get<0>(values));
+  std::tie(std::ignore, a.dones_st, a.dones_sn) = dones;
+  a.dones = pointer(std::get<0>(dones));
+  a.dones_type = flag_type(dones_dtype, "dones");
+  std::tie(std::ignore, a.terminated_st, a.terminated_sn) = terminated;
+  a.terminated = pointer(std::get<0>(terminated));
+  a.terminated_type = flag_type(terminated_dtype, "terminated");
+  a.last_value = pointer(std::get<0>(last_value));
+  a.last_value_sn = std::get<1>(last_value);
+  a.adv = reinterpret_cast<void*>(adv);
+  a.ret = reinterpret_cast<void*>(ret);
+  a.gamma = gamma;
+  a.lam = lam;
+  if (T == 0 || N == 0) return;
+  if (!a.rewards || !a.values || !a.dones || !a.terminated || !a.last_value || !a.adv || !a.ret)
+    throw py::value_error("fastppo._C.gae: null data pointer");
+
+  py::gil_scoped_release no_gil;
+  if (device < 0) {
+    fastppo::gae_cpu(a);
+    return;
+  }
+#if FASTPPO_WITH_CUDA
+  fastppo::gae_cuda(a, device, stream);
+#else
+  (void)stream;
+  throw std::runtime_error("fastppo._C.gae: this build of fastppo has no CUDA support");
+#endif
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = FASTPPO_VERSION;
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  info["compiler"] = "unknown";
+#endif
+  info["openmp"] = true;
+  info["openmp_version"] = _OPENMP;
+  info["openmp_max_threads"] = omp_get_max_threads();
+  info["cuda"] = static_cast<bool>(FASTPPO_WITH_CUDA);
+  info["cuda_architectures"] = FASTPPO_CUDA_ARCHS;
+#if FASTPPO_WITH_CUDA
+  info["cuda_runtime_version"] = CUDART_VERSION;
+#else
+  info["cuda_runtime_version"] = py::none();
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastppo compiled kernels over raw buffers (see fastppo for the public API)";
+  m.attr("__version__") = FASTPPO_VERSION;
+  m.attr("WITH_CUDA") = static_cast<bool>(FASTPPO_WITH_CUDA);
+  m.def("build_info", &build_info, "Dict describing how this module was compiled.");
+  m.def("cuda_device_count", &cuda_device_count,
+        "Number of CUDA devices the compiled runtime sees (0 on a CPU-only build or without a driver).");
+  m.def("gae", &gae, py::arg("T"), py::arg("N"), py::arg("dtype"), py::arg("rewards"), py::arg("values"),
+        py::arg("dones"), py::arg("dones_dtype"), py::arg("terminated"), py::arg("terminated_dtype"),
+        py::arg("last_value"), py::arg("adv"), py::arg("ret"), py::arg("gamma"), py::arg("lam"),
+        py::arg("device"), py::arg("stream"),
+        "GAE over a [T, N] problem given as raw buffers; writes contiguous [T, N] adv and ret.");
+}

@@ -1,0 +1,37 @@
+"""fastppo: Proximal Policy Optimization with fused C++/CUDA kernels.
+
+Public API: :func:`gae`; :func:`cuda_available` and :func:`build_info` describe the compiled core.
+"""
+
+from __future__ import annotations
+
+from . import _C
+from .advantages import gae
+
+__version__: str = _C.__version__
+
+__all__ = ["__version__", "build_info", "cuda_available", "gae"]
+
+
+def cuda_available() -> bool:
+    """True when this build has CUDA kernels and the CUDA driver reports at least one device.
+
+    Answered by the compiled module (what it was built with, and what its runtime sees), never by
+    looking for a CUDA compiler.
+    """
+    return bool(_C.WITH_CUDA) and _C.cuda_device_count() > 0
+
+
+def build_info() -> str:
+    """One line describing the compiled core: version, compiler, OpenMP threads, CUDA architectures."""
+    info = _C.build_info()
+    cuda = (
+        f"CUDA runtime {info['cuda_runtime_version']} for {info['cuda_architectures']}, "
+        f"{_C.cuda_device_count()} device(s) visible"
+        if info["cuda"]
+        else "no CUDA (CPU-only build)"
+    )
+    return (
+        f"fastppo {info['version']}; compiler {info['compiler']}; "
+        f"OpenMP {info['openmp_version']} with {info['openmp_max_threads']} threads; {cuda}"
+    )

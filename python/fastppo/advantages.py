@@ -1,0 +1,112 @@
+"""Generalized advantage estimation (``fastppo.gae``)."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Tuple
+
+from . import _C
+from . import _buffers as B
+
+_FN = "fastppo.gae"
+_FLAG_WHAT = "bool, or 0/1 values as uint8, int8, int32, int64, float32 or float64"
+
+
+def gae(
+    rewards: Any,
+    values: Any,
+    dones: Any,
+    last_value: Any,
+    terminated: Any = None,
+    gamma: float = 0.99,
+    lam: float = 0.95,
+) -> Tuple[Any, Any]:
+    """Generalized advantage estimation over a time-major rollout.
+
+    Args:
+        rewards: ``[T, ...]`` float32 or float64 (numpy array, or torch tensor on CPU or CUDA).
+            Any trailing shape: ``[T]``, ``[T, N]``, ``[T, N, K]``. Strided views (for example a
+            batch-major ``[B, T]`` tensor passed as ``x.T``) are read in place.
+        values: ``[T, ...]``, same dtype as ``rewards``: V(s_t), the critic's value of the
+            observation each transition started from.
+        dones: ``[T, ...]``, bool or 0/1 integers or floats: the episode ended at transition t
+            (terminated or truncated). It cuts the advantage trace.
+        last_value: ``[...]`` (``rewards.shape[1:]``), same dtype as ``rewards``: the value of the
+            observation after the last transition. A Python number is used for every env.
+        terminated: ``[T, ...]`` like ``dones``, or None: the episode really terminated at t, so
+            nothing is bootstrapped. None means ``terminated = dones`` (truncation treated as
+            termination, as CleanRL does). With ``dones[t] = 1`` and ``terminated[t] = 0`` (a
+            time-limit truncation) the trace is cut but ``values[t + 1]`` is still bootstrapped;
+            with EnvPool's next-step auto-reset that is the value of the final observation.
+        gamma: discount in [0, 1].
+        lam: GAE lambda in [0, 1].
+
+    Returns:
+        ``(advantages, returns)``, each ``[T, ...]`` with the dtype of ``rewards``, as the same kind
+        of array on the same device (a new contiguous array). ``returns = advantages + values``.
+
+    Per transition t, with ``next_value = values[t + 1]`` (``last_value`` at ``t = T - 1``)::
+
+        delta[t] = rewards[t] + gamma * (1 - terminated[t]) * next_value - values[t]
+        adv[t]   = delta[t] + gamma * lam * (1 - dones[t]) * adv[t + 1],   adv[T] = 0
+
+    Any nonzero flag counts as 1. CleanRL stores ``dones[t]`` as "observation t starts a new
+    episode"; the mapping to this function is one line::
+
+        fastppo_dones = torch.cat([cleanrl_dones[1:], next_done[None]])
+
+    CUDA tensors are processed on the current stream of their device, without a host sync.
+    """
+    kind = B.require_array(_FN, "rewards", rewards)
+    if rewards.ndim == 0:
+        raise ValueError(f"{_FN}: rewards must have a time dimension [T, ...], got a 0-d array")
+    shape = tuple(rewards.shape)
+    T, trailing = shape[0], shape[1:]
+    N = 1
+    for d in trailing:
+        N *= d
+    dtype = B.require_dtype(_FN, "rewards", rewards, B.FLOAT_DTYPES, "float32 or float64")
+
+    B.require_array(_FN, "values", values, kind)
+    B.require_dtype(_FN, "values", values, (dtype,), f"{dtype}, the dtype of rewards")
+    B.require_shape(_FN, "values", values, shape, "the shape of rewards")
+    B.require_array(_FN, "dones", dones, kind)
+    B.require_dtype(_FN, "dones", dones, B.FLAG_DTYPES, _FLAG_WHAT)
+    B.require_shape(_FN, "dones", dones, shape, "the shape of rewards")
+    if terminated is None:
+        terminated = dones
+    else:
+        B.require_array(_FN, "terminated", terminated, kind)
+        B.require_dtype(_FN, "terminated", terminated, B.FLAG_DTYPES, _FLAG_WHAT)
+        B.require_shape(_FN, "terminated", terminated, shape, "the shape of rewards")
+    if isinstance(last_value, numbers.Real) and not isinstance(last_value, bool):
+        last = B.full_like_scalar(rewards, float(last_value))
+        last_stride = 0  # one value read for every env
+    else:
+        B.require_array(_FN, "last_value", last_value, kind)
+        B.require_dtype(_FN, "last_value", last_value, (dtype,), f"{dtype}, the dtype of rewards")
+        B.require_shape(
+            _FN, "last_value", last_value, trailing,
+            "rewards.shape[1:] (the value of the observation after the last step)",
+        )
+        last = last_value
+        last_stride = None
+    gamma = B.require_unit_interval(_FN, "gamma", gamma)
+    lam = B.require_unit_interval(_FN, "lam", lam)
+    device = B.device_index(
+        _FN, {"rewards": rewards, "values": values, "dones": dones, "terminated": terminated, "last_value": last}
+    )
+
+    adv = B.empty_like_rows(rewards, T, N)
+    ret = B.empty_like_rows(rewards, T, N)
+    r, v, d, m = (B.rows(x, T, N) for x in (rewards, values, dones, terminated))
+    last_buf = B.rows(last, 1, N if last_stride is None else 1)
+    if last_stride is None:
+        last_stride = last_buf.strides[1]
+    stream = B.cuda_stream(rewards) if device >= 0 else 0
+    _C.gae(
+        T, N, dtype, (r.ptr, *r.strides), (v.ptr, *v.strides), (d.ptr, *d.strides), d.dtype,
+        (m.ptr, *m.strides), m.dtype, (last_buf.ptr, last_stride), B.data_ptr(adv), B.data_ptr(ret),
+        gamma, lam, device, stream,
+    )
+    return adv.reshape(shape), ret.reshape(shape)
