@@ -24,16 +24,22 @@ FASTPPO_HD int64_t flag_size(int type) {
   }
 }
 
-// Reads flag element `offset` (in elements) of an array of the given type; nonzero means set.
-// The switch is uniform across a launch, so it costs a predictable branch, not a divergence.
+// A flag element is set when nonzero, whatever its type.
+template <typename F>
+FASTPPO_HD bool flag_set(F x) {
+  return x != F(0);
+}
+
+// Reads flag element `offset` (in elements) of an array of the given type. The switch is uniform
+// across a launch, so it costs a predictable branch, not a divergence.
 FASTPPO_HD bool load_flag(const void* base, int type, int64_t offset) {
   switch (type) {
-    case kFlagU8: return static_cast<const uint8_t*>(base)[offset] != 0;
-    case kFlagI8: return static_cast<const int8_t*>(base)[offset] != 0;
-    case kFlagI32: return static_cast<const int32_t*>(base)[offset] != 0;
-    case kFlagI64: return static_cast<const int64_t*>(base)[offset] != 0;
-    case kFlagF32: return static_cast<const float*>(base)[offset] != 0.0f;
-    default: return static_cast<const double*>(base)[offset] != 0.0;
+    case kFlagU8: return flag_set(static_cast<const uint8_t*>(base)[offset]);
+    case kFlagI8: return flag_set(static_cast<const int8_t*>(base)[offset]);
+    case kFlagI32: return flag_set(static_cast<const int32_t*>(base)[offset]);
+    case kFlagI64: return flag_set(static_cast<const int64_t*>(base)[offset]);
+    case kFlagF32: return flag_set(static_cast<const float*>(base)[offset]);
+    default: return flag_set(static_cast<const double*>(base)[offset]);
   }
 }
 

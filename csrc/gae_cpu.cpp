@@ -16,32 +16,64 @@ constexpr int64_t kParallelElements = 1 << 15;
 // A horizon at least this long, with fewer environments than threads, is split into chunks.
 constexpr int64_t kChunkedHorizon = 2048;
 
+// Calls f(F{}) with F the C++ type of a flag array, so loops over flags compile per type.
+template <typename Fn>
+void with_flag_type(int type, Fn&& f) {
+  switch (type) {
+    case kFlagU8: f(uint8_t{}); break;
+    case kFlagI8: f(int8_t{}); break;
+    case kFlagI32: f(int32_t{}); break;
+    case kFlagI64: f(int64_t{}); break;
+    case kFlagF32: f(float{}); break;
+    default: f(double{}); break;
+  }
+}
+
 // Time-major layout (environments adjacent in memory): sweep t backwards and, at each t, walk a
-// contiguous range of environments, so every load streams through memory in order.
-template <typename S>
+// contiguous range of environments [n0, n1), so every load streams through memory in order and
+// the inner loop vectorizes. kUnit: every input is contiguous along N (the common case), which
+// lets the compiler drop the strides. The last step, which reads `last_value`, goes through the
+// generic row code.
+template <typename S, typename D, typename M, bool kUnit>
 void gae_env_inner(const GaeArgs& a, int64_t n0, int64_t n1) {
-  const S* R = static_cast<const S*>(a.rewards);
-  const S* V = static_cast<const S*>(a.values);
-  const S* L = static_cast<const S*>(a.last_value);
-  S* adv = static_cast<S*>(a.adv);
-  S* ret = static_cast<S*>(a.ret);
   const S gamma = S(a.gamma), gamma_lam = S(a.gamma * a.lam);
-  for (int64_t t = a.T - 1; t >= 0; --t) {
-    const bool last_step = t + 1 == a.T;
-    S* adv_t = adv + t * a.N;
-    S* ret_t = ret + t * a.N;
+  for (int64_t n = n0; n < n1; ++n) gae_chunk_write(gae_row<S>(a, n), a.T - 1, a.T, gamma, gamma_lam, S(0));
+  const int64_t rs = kUnit ? 1 : a.rewards_sn, vs = kUnit ? 1 : a.values_sn;
+  const int64_t ds = kUnit ? 1 : a.dones_sn, ms = kUnit ? 1 : a.terminated_sn;
+  for (int64_t t = a.T - 2; t >= 0; --t) {
+    const S* __restrict__ r = static_cast<const S*>(a.rewards) + t * a.rewards_st;
+    const S* __restrict__ v = static_cast<const S*>(a.values) + t * a.values_st;
+    const S* __restrict__ v_next = v + a.values_st;
+    const D* __restrict__ d = static_cast<const D*>(a.dones) + t * a.dones_st;
+    const M* __restrict__ m = static_cast<const M*>(a.terminated) + t * a.terminated_st;
+    S* __restrict__ adv = static_cast<S*>(a.adv) + t * a.N;
+    const S* __restrict__ adv_next = adv + a.N;
+    S* __restrict__ ret = static_cast<S*>(a.ret) + t * a.N;
+#pragma omp simd
     for (int64_t n = n0; n < n1; ++n) {
-      const S value = V[t * a.values_st + n * a.values_sn];
-      const S next_value = last_step ? L[n * a.last_value_sn] : V[(t + 1) * a.values_st + n * a.values_sn];
-      const bool term = load_flag(a.terminated, a.terminated_type, t * a.terminated_st + n * a.terminated_sn);
-      const bool done = load_flag(a.dones, a.dones_type, t * a.dones_st + n * a.dones_sn);
-      const S delta = gae_delta(R[t * a.rewards_st + n * a.rewards_sn], value, next_value, term, gamma);
-      const S next_adv = last_step ? S(0) : adv_t[a.N + n];
-      const S advantage = gae_step(delta, gae_decay(done, gamma_lam), next_adv);
-      adv_t[n] = advantage;
-      ret_t[n] = advantage + value;
+      const S value = v[n * vs];
+      const S delta = gae_delta(r[n * rs], value, v_next[n * vs], flag_set(m[n * ms]), gamma);
+      const S advantage = gae_step(delta, gae_decay(flag_set(d[n * ds]), gamma_lam), adv_next[n]);
+      adv[n] = advantage;
+      ret[n] = advantage + value;
     }
   }
+}
+
+template <typename S>
+void gae_env_inner_dispatch(const GaeArgs& a, int64_t n0, int64_t n1) {
+  const bool unit = a.rewards_sn == 1 && a.values_sn == 1 && a.dones_sn == 1 && a.terminated_sn == 1;
+  with_flag_type(a.dones_type, [&](auto dones_tag) {
+    with_flag_type(a.terminated_type, [&](auto terminated_tag) {
+      using D = decltype(dones_tag);
+      using M = decltype(terminated_tag);
+      if (unit) {
+        gae_env_inner<S, D, M, true>(a, n0, n1);
+      } else {
+        gae_env_inner<S, D, M, false>(a, n0, n1);
+      }
+    });
+  });
 }
 
 template <typename S>
@@ -91,7 +123,7 @@ void gae_cpu_typed(const GaeArgs& a) {
   {
     const int64_t parts = omp_get_num_threads(), part = omp_get_thread_num();
     const int64_t n0 = a.N * part / parts, n1 = a.N * (part + 1) / parts;
-    gae_env_inner<S>(a, n0, n1);
+    gae_env_inner_dispatch<S>(a, n0, n1);
   }
 }
 

@@ -363,3 +363,35 @@ def test_chunked_horizon_scan_with_many_threads():
     )
     env = dict(os.environ, OMP_NUM_THREADS="5")
     subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], check=True, env=env)
+
+
+def test_out_arrays_are_written_in_place(device):
+    r, v, d, term, last = rollout(65, 3, 2, seed=12)
+    expected_adv, expected_ret = gae_reference(r, v, d, last, term)
+    for kind in kinds_for(device):
+        rr, vv, dd, tt, ll = to_kind(kind, device, r, v, d, term, last)
+        adv_out, ret_out = (x * 0 + 7 for x in (rr, rr))
+        adv, ret = fastppo.gae(rr, vv, dd, ll, terminated=tt, out=(adv_out, ret_out))
+        assert adv is adv_out and ret is ret_out
+        np.testing.assert_allclose(as_numpy(adv_out), expected_adv, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(as_numpy(ret_out), expected_ret, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "make_out,error,words",
+    [
+        (lambda r: r, TypeError, ["out must be an (advantages, returns) pair"]),
+        (lambda r: (r.copy(), r.astype(np.float64)), TypeError, ["out[1]", "float64"]),
+        (lambda r: (r.copy(), r.copy()[:2]), ValueError, ["out[1]", "(2, 3)", "(4, 3)"]),
+        (lambda r: (np.zeros((3, 4), np.float32).T, r.copy()), ValueError, ["out[0]", "C-contiguous"]),
+        (lambda r: (r, r.copy()), ValueError, ["out[0]", "overlaps an input"]),
+        (lambda r: (lambda o: (o, o))(r.copy()), ValueError, ["out[0] and out[1] overlap"]),
+        (lambda r: (torch.zeros(4, 3), torch.zeros(4, 3)), TypeError, ["out[0]", "torch.Tensor"]),
+    ],
+)
+def test_bad_out_names_the_argument(make_out, error, words):
+    r, v, d, last = good_inputs()
+    with pytest.raises(error) as info:
+        fastppo.gae(r, v, d, last, out=make_out(r))
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))

@@ -152,6 +152,28 @@ def data_ptr(x: Any) -> int:
     return x.ctypes.data if isinstance(x, np.ndarray) else x.data_ptr()
 
 
+def is_c_contiguous(x: Any) -> bool:
+    return bool(x.flags.c_contiguous) if isinstance(x, np.ndarray) else x.is_contiguous()
+
+
+def strides_of(x: Any) -> tuple[int, ...]:
+    """Strides in elements."""
+    if isinstance(x, np.ndarray):
+        return tuple(s // x.dtype.itemsize for s in x.strides)
+    return tuple(x.stride())
+
+
+def may_overlap(a: Any, b: Any) -> bool:
+    """Whether two arrays may share memory (conservative for torch: same storage)."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return bool(np.may_share_memory(a, b))
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return False
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def empty_like_rows(x: Any, T: int, N: int) -> Any:
     """A new contiguous ``[T, N]`` array of ``x``'s kind, dtype and device."""
     if isinstance(x, np.ndarray):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 from . import _C
 from . import _buffers as B
@@ -20,6 +20,8 @@ def gae(
     terminated: Any = None,
     gamma: float = 0.99,
     lam: float = 0.95,
+    *,
+    out: Optional[Tuple[Any, Any]] = None,
 ) -> Tuple[Any, Any]:
     """Generalized advantage estimation over a time-major rollout.
 
@@ -40,10 +42,15 @@ def gae(
             with EnvPool's next-step auto-reset that is the value of the final observation.
         gamma: discount in [0, 1].
         lam: GAE lambda in [0, 1].
+        out: optional ``(advantages, returns)`` pair of C-contiguous ``[T, ...]`` arrays of the
+            kind, dtype and device of ``rewards`` to write into (a rollout buffer reused every
+            iteration saves allocating and first-touching two arrays per call). They must not
+            overlap the inputs.
 
     Returns:
         ``(advantages, returns)``, each ``[T, ...]`` with the dtype of ``rewards``, as the same kind
-        of array on the same device (a new contiguous array). ``returns = advantages + values``.
+        of array on the same device: new contiguous arrays, or the ``out`` pair.
+        ``returns = advantages + values``.
 
     Per transition t, with ``next_value = values[t + 1]`` (``last_value`` at ``t = T - 1``)::
 
@@ -97,8 +104,10 @@ def gae(
         _FN, {"rewards": rewards, "values": values, "dones": dones, "terminated": terminated, "last_value": last}
     )
 
-    adv = B.empty_like_rows(rewards, T, N)
-    ret = B.empty_like_rows(rewards, T, N)
+    if out is None:
+        adv, ret = B.empty_like_rows(rewards, T, N), B.empty_like_rows(rewards, T, N)
+    else:
+        adv, ret = _check_out(out, kind, dtype, shape, rewards, (rewards, values, dones, terminated, last))
     r, v, d, m = (B.rows(x, T, N) for x in (rewards, values, dones, terminated))
     last_buf = B.rows(last, 1, N if last_stride is None else 1)
     if last_stride is None:
@@ -109,4 +118,23 @@ def gae(
         (m.ptr, *m.strides), m.dtype, (last_buf.ptr, last_stride), B.data_ptr(adv), B.data_ptr(ret),
         gamma, lam, device, stream,
     )
+    if out is not None:
+        return out[0], out[1]
     return adv.reshape(shape), ret.reshape(shape)
+
+
+def _check_out(out: Any, kind: str, dtype: str, shape: tuple, rewards: Any, inputs: tuple) -> Tuple[Any, Any]:
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError(f"{_FN}: out must be an (advantages, returns) pair of arrays, got {B.describe(out)}")
+    for name, x in zip(("out[0]", "out[1]"), out):
+        B.require_array(_FN, name, x, kind)
+        B.require_dtype(_FN, name, x, (dtype,), f"{dtype}, the dtype of rewards")
+        B.require_shape(_FN, name, x, shape, "the shape of rewards")
+        B.device_index(_FN, {"rewards": rewards, name: x})
+        if not B.is_c_contiguous(x):
+            raise ValueError(f"{_FN}: {name} must be C-contiguous, got strides {B.strides_of(x)}")
+        if any(B.may_overlap(x, i) for i in inputs):
+            raise ValueError(f"{_FN}: {name} overlaps an input array; the outputs must be separate memory")
+    if B.may_overlap(out[0], out[1]):
+        raise ValueError(f"{_FN}: out[0] and out[1] overlap; the outputs must be separate memory")
+    return out[0], out[1]
