@@ -2,6 +2,7 @@
 // strides, dtype name, device, stream); it never sees a numpy array or a torch tensor, so one build
 // serves numpy and every torch version. Argument checking with user-facing messages happens in
 // python/fastppo; the checks here only guard the C++ against a caller that skipped them.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <omp.h>
@@ -22,12 +23,19 @@ using fastppo::GaeArgs;
 
 namespace {
 
-// (data pointer, stride over T, stride over N), strides in elements.
-using Strided2 = std::tuple<std::uintptr_t, int64_t, int64_t>;
-// (data pointer, stride over N).
-using Strided1 = std::tuple<std::uintptr_t, int64_t>;
+// A buffer's data is given as an integer address (torch's data_ptr()) or as the numpy array
+// itself, whose pointer is read here in nanoseconds rather than through numpy's ctypes helper.
+void* address(py::handle data) {
+  if (py::isinstance<py::array>(data)) return const_cast<void*>(py::reinterpret_borrow<py::array>(data).data());
+  return reinterpret_cast<void*>(data.cast<std::uintptr_t>());
+}
 
-const void* pointer(std::uintptr_t address) { return reinterpret_cast<const void*>(address); }
+// (data, stride over T, stride over N), strides in elements.
+using Strided2 = std::tuple<py::object, int64_t, int64_t>;
+// (data, stride over N).
+using Strided1 = std::tuple<py::object, int64_t>;
+
+const void* pointer(const py::object& data) { return address(data); }
 
 bool float_is_f64(const std::string& dtype) {
   if (dtype == "float64") return true;
@@ -60,7 +68,7 @@ int cuda_device_count() {
 
 void gae(int64_t T, int64_t N, const std::string& dtype, Strided2 rewards, Strided2 values, Strided2 dones,
          const std::string& dones_dtype, Strided2 terminated, const std::string& terminated_dtype,
-         Strided1 last_value, std::uintptr_t adv, std::uintptr_t ret, double gamma, double lam, int device,
+         Strided1 last_value, py::object adv, py::object ret, double gamma, double lam, int device,
          std::uintptr_t stream) {
   if (T < 0 || N < 0) throw py::value_error("fastppo._C.gae: T and N must be >= 0");
   if (!(gamma >= 0.0 && gamma <= 1.0)) throw py::value_error("fastppo._C.gae: gamma must be in [0, 1]");
@@ -81,8 +89,8 @@ void gae(int64_t T, int64_t N, const std::string& dtype, Strided2 rewards, Strid
   a.terminated_type = flag_type(terminated_dtype, "terminated");
   a.last_value = pointer(std::get<0>(last_value));
   a.last_value_sn = std::get<1>(last_value);
-  a.adv = reinterpret_cast<void*>(adv);
-  a.ret = reinterpret_cast<void*>(ret);
+  a.adv = address(adv);
+  a.ret = address(ret);
   a.gamma = gamma;
   a.lam = lam;
   if (T == 0 || N == 0) return;

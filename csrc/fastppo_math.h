@@ -2,6 +2,7 @@
 // Every function here is a small inline host+device function of scalars: no memory layout, no threads.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -102,25 +103,134 @@ struct GaeRow {
   FASTPPO_HD S decay(int64_t t, S gamma_lam) const {
     return gae_decay(load_flag(dones, dones_type, t * dones_stride), gamma_lam);
   }
+  // Step t of the backward recursion given A_{t+1}: writes A_t and the return, returns A_t.
+  FASTPPO_HD S write_step(int64_t t, S gamma, S gamma_lam, S next_adv) const {
+    const S advantage = gae_step(delta(t, gamma), decay(t, gamma_lam), next_adv);
+    adv[t * out_stride] = advantage;
+    ret[t * out_stride] = advantage + value(t);
+    return advantage;
+  }
+  // Prepends step t to the affine map of the steps after it.
+  FASTPPO_HD AffineMap<S> prepend_step(int64_t t, S gamma, S gamma_lam, AffineMap<S> run) const {
+    return affine_prepend(delta(t, gamma), decay(t, gamma_lam), run);
+  }
 };
 
 // The affine map of steps [t0, t1) of a row, without writing anything.
 template <typename S>
 FASTPPO_HD AffineMap<S> gae_chunk_map(const GaeRow<S>& row, int64_t t0, int64_t t1, S gamma, S gamma_lam) {
   AffineMap<S> run{S(0), S(1)};
-  for (int64_t t = t1 - 1; t >= t0; --t) run = affine_prepend(row.delta(t, gamma), row.decay(t, gamma_lam), run);
+  for (int64_t t = t1 - 1; t >= t0; --t) run = row.prepend_step(t, gamma, gamma_lam, run);
   return run;
 }
 
 // Writes advantages and returns of steps [t0, t1) given A_{t1} (`carry`); returns A_{t0}.
 template <typename S>
 FASTPPO_HD S gae_chunk_write(const GaeRow<S>& row, int64_t t0, int64_t t1, S gamma, S gamma_lam, S carry) {
-  for (int64_t t = t1 - 1; t >= t0; --t) {
-    carry = gae_step(row.delta(t, gamma), row.decay(t, gamma_lam), carry);
-    row.adv[t * row.out_stride] = carry;
-    row.ret[t * row.out_stride] = carry + row.value(t);
-  }
+  for (int64_t t = t1 - 1; t >= t0; --t) carry = row.write_step(t, gamma, gamma_lam, carry);
   return carry;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clipped PPO loss (Schulman et al. 2017) per element, with the derivatives written next to the
+// values. max/min/clamp follow torch's derivative conventions (a tie sends half the gradient to
+// each side; clamp passes the gradient on its closed interval), so gradients equal autograd's
+// on the eager formula, ties included.
+
+template <typename S>
+FASTPPO_HD S clamp(S x, S lo, S hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+
+// exp in the input's own precision on host and device.
+FASTPPO_HD float scalar_exp(float x) { return expf(x); }
+FASTPPO_HD double scalar_exp(double x) { return exp(x); }
+
+// d max(a, b) given da and db, with torch's tie rule.
+template <typename S>
+FASTPPO_HD S max_grad(S a, S b, S da, S db) {
+  return a > b ? da : (b > a ? db : S(0.5) * (da + db));
+}
+
+template <typename S>
+struct Term {
+  S value;
+  S grad;  // derivative of value with respect to the differentiable input
+};
+
+// Negated clipped surrogate: max(-A r, -A clip(r, 1-c, 1+c)) with r = exp(logratio); gradient
+// with respect to the new log-prob. With dual_clip > 1 and A < 0 it is bounded by -dual_clip A.
+// An overflowed ratio (exp(logratio) = inf) takes the clipped branch: finite value, zero gradient.
+template <typename S>
+FASTPPO_HD Term<S> policy_term(S ratio, S adv, S clip_coef, S dual_clip) {
+  const S lo = S(1) - clip_coef, hi = S(1) + clip_coef;
+  Term<S> t;
+  if (ratio > S(0) && ratio - ratio != S(0)) {  // +inf
+    t = Term<S>{-adv * hi, S(0)};
+  } else {
+    const S unclipped = -adv * ratio, clipped = -adv * clamp(ratio, lo, hi);
+    const S d_unclipped = -adv * ratio;
+    const S d_clipped = (ratio >= lo && ratio <= hi) ? d_unclipped : S(0);
+    t = Term<S>{unclipped > clipped ? unclipped : clipped, max_grad(unclipped, clipped, d_unclipped, d_clipped)};
+  }
+  if (dual_clip > S(0) && adv < S(0)) {
+    const S bound = -dual_clip * adv;  // min(loss, bound): the bound has no gradient
+    t = Term<S>{t.value < bound ? t.value : bound, max_grad(-t.value, -bound, t.grad, S(0))};
+  }
+  return t;
+}
+
+// 0.5 * max((v - R)^2, (v_old + clip(v - v_old, -c, c) - R)^2), or 0.5 * (v - R)^2 unclipped;
+// gradient with respect to v.
+template <typename S>
+FASTPPO_HD Term<S> value_term(S value, S old_value, S ret, bool clip_vloss, S vf_clip) {
+  const S err = value - ret;
+  const S unclipped = err * err;
+  if (!clip_vloss) return Term<S>{S(0.5) * unclipped, err};
+  const S step = value - old_value;
+  const S clipped_err = old_value + clamp(step, -vf_clip, vf_clip) - ret;
+  const S clipped = clipped_err * clipped_err;
+  const S d_clipped = (step >= -vf_clip && step <= vf_clip) ? S(2) * clipped_err : S(0);
+  return Term<S>{S(0.5) * (unclipped > clipped ? unclipped : clipped),
+                 S(0.5) * max_grad(unclipped, clipped, S(2) * err, d_clipped)};
+}
+
+// KL estimators of the new policy from the old, from log r = new - old (Schulman's k1 and k3).
+template <typename S>
+FASTPPO_HD S approx_kl_k3(S ratio, S logratio) {
+  return (ratio - S(1)) - logratio;
+}
+
+// Running mean / sum of squared deviations (Welford), merged by Chan et al.'s rule; accumulated
+// in double whatever the input type.
+struct Moments {
+  double count;
+  double mean;
+  double m2;
+};
+
+FASTPPO_HD Moments moments_push(Moments m, double x) {
+  m.count += 1.0;
+  const double d = x - m.mean;
+  m.mean += d / m.count;
+  m.m2 += d * (x - m.mean);
+  return m;
+}
+
+FASTPPO_HD Moments moments_merge(Moments a, Moments b) {
+  const double n = a.count + b.count;
+  if (n == 0.0) return a;
+  const double d = b.mean - a.mean;
+  return Moments{n, a.mean + d * (b.count / n), a.m2 + b.m2 + d * d * (a.count * b.count / n)};
+}
+
+// Advantage normalization (A - mean) / (std + 1e-8) with the unbiased std; with fewer than two
+// elements the std is taken as 0 (torch would give NaN), so a lone advantage normalizes to 0.
+constexpr double kAdvEps = 1e-8;
+
+FASTPPO_HD double moments_inv_std(Moments m) {
+  const double var = m.count >= 2.0 ? m.m2 / (m.count - 1.0) : 0.0;
+  return 1.0 / (sqrt(var > 0.0 ? var : 0.0) + kAdvEps);
 }
 
 }  // namespace fastppo

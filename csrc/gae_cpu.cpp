@@ -15,6 +15,8 @@ namespace {
 constexpr int64_t kParallelElements = 1 << 15;
 // A horizon at least this long, with fewer environments than threads, is split into chunks.
 constexpr int64_t kChunkedHorizon = 2048;
+// Chunks each thread of the chunked scan walks in lockstep.
+constexpr int kLanes = 8;
 
 // Calls f(F{}) with F the C++ type of a flag array, so loops over flags compile per type.
 template <typename Fn>
@@ -82,18 +84,26 @@ void gae_cpu_typed(const GaeArgs& a) {
   const int64_t elements = a.T * a.N;
   const S gamma = S(a.gamma), gamma_lam = S(a.gamma * a.lam);
 
-  if (threads > 1 && a.T >= kChunkedHorizon && a.N < threads) {
-    // Few long rollouts: each row's horizon is cut into `chunks` pieces. Pass 1 computes each
-    // piece's affine map in parallel, a short serial pass joins them into the advantage entering
-    // each piece, and pass 2 writes the pieces in parallel.
-    const int64_t chunks = threads;
+  if (a.T >= kChunkedHorizon && a.N < threads) {
+    // Few long rollouts: each row's horizon is cut into chunks. Pass 1 computes each chunk's
+    // affine map, a short serial pass joins them into the advantage entering each chunk, and
+    // pass 2 writes the chunks. Each thread walks kLanes chunks in lockstep, so even one thread
+    // overlaps kLanes independent recurrences instead of waiting on one long dependency chain.
+    const int64_t groups = elements >= kParallelElements ? threads : 1;
+    const int64_t chunks = groups * kLanes;
     const int64_t len = (a.T + chunks - 1) / chunks;
-    std::vector<AffineMap<S>> maps(a.N * chunks);
+    std::vector<AffineMap<S>> maps(a.N * chunks, AffineMap<S>{S(0), S(1)});
     std::vector<S> carry(a.N * chunks);
-#pragma omp parallel for schedule(static)
-    for (int64_t k = 0; k < a.N * chunks; ++k) {
-      const int64_t n = k / chunks, t0 = std::min(a.T, (k % chunks) * len);
-      maps[k] = gae_chunk_map(gae_row<S>(a, n), t0, std::min(a.T, t0 + len), gamma, gamma_lam);
+#pragma omp parallel for schedule(static) if (groups > 1)
+    for (int64_t g = 0; g < a.N * groups; ++g) {
+      const GaeRow<S> row = gae_row<S>(a, g / groups);
+      AffineMap<S>* lane_maps = maps.data() + g * kLanes;
+      const int64_t first = (g % groups) * kLanes * len;
+      for (int64_t j = len - 1; j >= 0; --j)
+        for (int lane = 0; lane < kLanes; ++lane) {
+          const int64_t t = first + lane * len + j;
+          if (t < a.T) lane_maps[lane] = row.prepend_step(t, gamma, gamma_lam, lane_maps[lane]);
+        }
     }
     for (int64_t n = 0; n < a.N; ++n) {
       S next = S(0);
@@ -102,10 +112,16 @@ void gae_cpu_typed(const GaeArgs& a) {
         next = gae_step(maps[n * chunks + c].a, maps[n * chunks + c].b, next);
       }
     }
-#pragma omp parallel for schedule(static)
-    for (int64_t k = 0; k < a.N * chunks; ++k) {
-      const int64_t n = k / chunks, t0 = std::min(a.T, (k % chunks) * len);
-      gae_chunk_write(gae_row<S>(a, n), t0, std::min(a.T, t0 + len), gamma, gamma_lam, carry[k]);
+#pragma omp parallel for schedule(static) if (groups > 1)
+    for (int64_t g = 0; g < a.N * groups; ++g) {
+      const GaeRow<S> row = gae_row<S>(a, g / groups);
+      S* lane_carry = carry.data() + g * kLanes;
+      const int64_t first = (g % groups) * kLanes * len;
+      for (int64_t j = len - 1; j >= 0; --j)
+        for (int lane = 0; lane < kLanes; ++lane) {
+          const int64_t t = first + lane * len + j;
+          if (t < a.T) lane_carry[lane] = row.write_step(t, gamma, gamma_lam, lane_carry[lane]);
+        }
     }
     return;
   }

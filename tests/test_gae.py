@@ -148,13 +148,13 @@ def test_transposed_batch_major_views_are_read_in_place(device, T, Bsz):
     np.testing.assert_allclose(as_numpy(adv), expected_adv, rtol=1e-10, atol=1e-10)
     # The kernel is handed the caller's own memory, not a copy.
     buf = _buffers.rows(rb.T, T, Bsz)
-    assert buf.ptr == rb.data_ptr() and buf.strides[0] == 1
+    assert buf.data == rb.data_ptr() and buf.strides[0] == 1
     if device == "cpu":
         an = np.ascontiguousarray(r.T).T
         adv_np, _ = fastppo.gae(an, np.ascontiguousarray(v.T).T, np.ascontiguousarray(d.T).T, last,
                                 terminated=np.ascontiguousarray(term.T).T)
         np.testing.assert_allclose(adv_np, expected_adv, rtol=1e-10, atol=1e-10)
-        assert _buffers.rows(an, T, Bsz).ptr == an.ctypes.data
+        assert _buffers.address(_buffers.rows(an, T, Bsz).data) == an.ctypes.data
 
 
 def test_other_strided_views():

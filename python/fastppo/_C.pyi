@@ -1,5 +1,10 @@
-# Typed stub of the compiled core (csrc/bindings.cpp). Strides are in elements.
-from typing import Any
+# Typed stub of the compiled core (csrc/bindings.cpp). Strides are in elements; a buffer's data
+# is an integer address or a numpy array (whose address is read in C++).
+from typing import Any, Union
+
+import numpy as np
+
+Data = Union[int, np.ndarray]
 
 __version__: str
 WITH_CUDA: bool
@@ -10,15 +15,15 @@ def gae(
     T: int,
     N: int,
     dtype: str,
-    rewards: tuple[int, int, int],
-    values: tuple[int, int, int],
-    dones: tuple[int, int, int],
+    rewards: tuple[Data, int, int],
+    values: tuple[Data, int, int],
+    dones: tuple[Data, int, int],
     dones_dtype: str,
-    terminated: tuple[int, int, int],
+    terminated: tuple[Data, int, int],
     terminated_dtype: str,
-    last_value: tuple[int, int],
-    adv: int,
-    ret: int,
+    last_value: tuple[Data, int],
+    adv: Data,
+    ret: Data,
     gamma: float,
     lam: float,
     device: int,

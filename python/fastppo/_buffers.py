@@ -24,8 +24,8 @@ FLAG_DTYPES = ("bool", "uint8", "int8", "int32", "int64", "float32", "float64")
 class Buffer(NamedTuple):
     """A 2-D ``[T, N]`` window on an array: what a kernel needs to read it in place."""
 
-    obj: Any  # the array or tensor the pointer belongs to; kept alive while the kernel runs
-    ptr: int
+    obj: Any  # the array or tensor viewed; kept alive while the kernel runs
+    data: Any  # what fastppo._C reads the address from: the numpy array itself, or an int
     strides: tuple[int, int]  # in elements
     dtype: str
 
@@ -45,10 +45,16 @@ def kind_of(x: Any) -> str | None:
     return None
 
 
+_dtype_names: dict = {}  # dtype object -> name; numpy's dtype.name costs microseconds
+
+
 def dtype_name(x: Any) -> str:
-    if isinstance(x, np.ndarray):
-        return x.dtype.name
-    return str(x.dtype).removeprefix("torch.")
+    dtype = x.dtype
+    name = _dtype_names.get(dtype)
+    if name is None:
+        name = dtype.name if isinstance(x, np.ndarray) else str(dtype).removeprefix("torch.")
+        _dtype_names[dtype] = name
+    return name
 
 
 def device_name(x: Any) -> str:
@@ -139,16 +145,23 @@ def rows(x: Any, T: int, N: int) -> Buffer:
     """A ``[T, N]`` view of ``x`` (shape ``[T, ...]``, or ``[...]`` with T = 1), without a copy
     whenever the trailing dimensions can be merged through strides (always for 1-D and 2-D)."""
     if isinstance(x, np.ndarray):
-        view = _numpy_readable(x).reshape(T, N)  # numpy reshape returns a view when it can
+        view = _numpy_readable(x)
+        if view.shape != (T, N):
+            view = view.reshape(T, N)  # numpy reshape returns a view when it can
         item = view.dtype.itemsize
         strides = (view.strides[0] // item, view.strides[1] // item)
     else:
         view = x.detach().reshape(T, N)  # likewise a view when the strides allow it
         strides = (view.stride(0), view.stride(1))
-    return Buffer(view, data_ptr(view), strides, dtype_name(view))
+    return Buffer(view, data_arg(view), strides, dtype_name(view))
 
 
-def data_ptr(x: Any) -> int:
+def data_arg(x: Any) -> Any:
+    """The data argument of a fastppo._C call: a numpy array as is, a tensor's address."""
+    return x if isinstance(x, np.ndarray) else x.data_ptr()
+
+
+def address(x: Any) -> int:
     return x.ctypes.data if isinstance(x, np.ndarray) else x.data_ptr()
 
 

@@ -114,8 +114,8 @@ def gae(
         last_stride = last_buf.strides[1]
     stream = B.cuda_stream(rewards) if device >= 0 else 0
     _C.gae(
-        T, N, dtype, (r.ptr, *r.strides), (v.ptr, *v.strides), (d.ptr, *d.strides), d.dtype,
-        (m.ptr, *m.strides), m.dtype, (last_buf.ptr, last_stride), B.data_ptr(adv), B.data_ptr(ret),
+        T, N, dtype, (r.data, *r.strides), (v.data, *v.strides), (d.data, *d.strides), d.dtype,
+        (m.data, *m.strides), m.dtype, (last_buf.data, last_stride), B.data_arg(adv), B.data_arg(ret),
         gamma, lam, device, stream,
     )
     if out is not None:
