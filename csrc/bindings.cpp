@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "gae.h"
+#include "ppo_loss.h"
 
 #if FASTPPO_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -110,6 +111,76 @@ void gae(int64_t T, int64_t N, const std::string& dtype, Strided2 rewards, Strid
 #endif
 }
 
+fastppo::Strided strided(const Strided2& spec) {
+  fastppo::Strided out;
+  out.data = pointer(std::get<0>(spec));
+  out.sr = std::get<1>(spec);
+  out.sc = std::get<2>(spec);
+  return out;
+}
+
+// An optional [R, C] input: None, or (data, stride over R, stride over C).
+fastppo::Strided optional_strided(const py::object& spec) {
+  return spec.is_none() ? fastppo::Strided{} : strided(spec.cast<Strided2>());
+}
+
+void* optional_address(const py::object& data) { return data.is_none() ? nullptr : address(data); }
+
+void ppo_loss(int64_t R, int64_t C, const std::string& dtype, Strided2 new_logprob, Strided2 old_logprob,
+              Strided2 advantages, py::object new_value, py::object old_value, py::object returns,
+              py::object entropy, py::object mask, const std::string& mask_dtype, double clip_coef,
+              double vf_coef, double ent_coef, double vf_clip_coef, double dual_clip, bool clip_vloss,
+              bool norm_adv, int agg, py::object grad_logprob, py::object grad_value, py::object out,
+              py::object row_scale, py::object partials, py::object adv_stats, int device, std::uintptr_t stream) {
+  if (R < 0 || C < 0) throw py::value_error("fastppo._C.ppo_loss: R and C must be >= 0");
+  if (agg < fastppo::kAggTokenMean || agg > fastppo::kAggSeqMeanTokenSum)
+    throw py::value_error("fastppo._C.ppo_loss: agg must be 0, 1 or 2");
+  fastppo::PpoLossArgs a;
+  a.R = R;
+  a.C = C;
+  a.is_f64 = float_is_f64(dtype);
+  a.new_logprob = strided(new_logprob);
+  a.old_logprob = strided(old_logprob);
+  a.advantages = strided(advantages);
+  a.new_value = optional_strided(new_value);
+  a.old_value = optional_strided(old_value);
+  a.returns = optional_strided(returns);
+  a.entropy = optional_strided(entropy);
+  a.mask = optional_strided(mask);
+  if (a.mask.data) a.mask_type = flag_type(mask_dtype, "mask");
+  a.clip_coef = clip_coef;
+  a.vf_coef = vf_coef;
+  a.ent_coef = ent_coef;
+  a.vf_clip_coef = vf_clip_coef;
+  a.dual_clip = dual_clip;
+  a.clip_vloss = clip_vloss;
+  a.norm_adv = norm_adv;
+  a.agg = agg;
+  a.grad_logprob = optional_address(grad_logprob);
+  a.grad_value = optional_address(grad_value);
+  a.out = optional_address(out);
+  a.row_scale = optional_address(row_scale);
+  a.partials = static_cast<double*>(optional_address(partials));
+  a.adv_stats = static_cast<double*>(optional_address(adv_stats));
+  if (a.new_value.data && (!a.returns.data || (clip_vloss && !a.old_value.data)))
+    throw py::value_error("fastppo._C.ppo_loss: new_value needs returns (and old_value when clip_vloss)");
+  if (!a.out || !a.row_scale || !a.adv_stats || (R * C > 0 && (!a.grad_logprob || !a.partials)) ||
+      (a.new_value.data && R * C > 0 && !a.grad_value))
+    throw py::value_error("fastppo._C.ppo_loss: missing output or workspace buffer");
+
+  py::gil_scoped_release no_gil;
+  if (device < 0) {
+    fastppo::ppo_loss_cpu(a);
+    return;
+  }
+#if FASTPPO_WITH_CUDA
+  fastppo::ppo_loss_cuda(a, device, stream);
+#else
+  (void)stream;
+  throw std::runtime_error("fastppo._C.ppo_loss: this build of fastppo has no CUDA support");
+#endif
+}
+
 py::dict build_info() {
   py::dict info;
   info["version"] = FASTPPO_VERSION;
@@ -147,4 +218,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("last_value"), py::arg("adv"), py::arg("ret"), py::arg("gamma"), py::arg("lam"),
         py::arg("device"), py::arg("stream"),
         "GAE over a [T, N] problem given as raw buffers; writes contiguous [T, N] adv and ret.");
+  m.attr("LOSS_CHUNK") = fastppo::kLossChunk;
+  m.attr("LOSS_SUMS") = static_cast<int>(fastppo::kLossSums);
+  m.attr("LOSS_OUTS") = static_cast<int>(fastppo::kLossOuts);
+  m.def("ppo_loss", &ppo_loss, py::arg("R"), py::arg("C"), py::arg("dtype"), py::arg("new_logprob"),
+        py::arg("old_logprob"), py::arg("advantages"), py::arg("new_value"), py::arg("old_value"),
+        py::arg("returns"), py::arg("entropy"), py::arg("mask"), py::arg("mask_dtype"), py::arg("clip_coef"),
+        py::arg("vf_coef"), py::arg("ent_coef"), py::arg("vf_clip_coef"), py::arg("dual_clip"),
+        py::arg("clip_vloss"), py::arg("norm_adv"), py::arg("agg"), py::arg("grad_logprob"),
+        py::arg("grad_value"), py::arg("out"), py::arg("row_scale"), py::arg("partials"), py::arg("adv_stats"),
+        py::arg("device"), py::arg("stream"),
+        "Fused clipped PPO loss over an [R, C] problem: writes out[7] (loss, pg, v, entropy, approx_kl, "
+        "old_approx_kl, clipfrac), the local derivatives grad_logprob / grad_value ([R, C], contiguous) "
+        "and row_scale[R], the factor backward multiplies them by.");
 }

@@ -77,10 +77,21 @@ FASTPPO_HD Moments adv_moments_element(const PpoLossArgs& a, int64_t r, int64_t 
   return a.selected(r, c) ? moments_push(m, static_cast<double>(a.advantages.at<S>(r, c))) : m;
 }
 
+// Pass 1 end of a chunk: its moments go to the first three slots of its partial sums.
+FASTPPO_HD void adv_moments_store(const PpoLossArgs& a, int64_t k, Moments m) {
+  double* p = a.partials + k * kLossSums;
+  p[0] = m.count;
+  p[1] = m.mean;
+  p[2] = m.m2;
+}
+
 // Pass 1 finish: mean and 1/(std + eps) from the chunks' moments, merged in chunk order.
-FASTPPO_HD void adv_moments_finish(const PpoLossArgs& a, const Moments* chunk_moments) {
+FASTPPO_HD void adv_moments_finish(const PpoLossArgs& a) {
   Moments total{0.0, 0.0, 0.0};
-  for (int64_t k = 0; k < a.chunks(); ++k) total = moments_merge(total, chunk_moments[k]);
+  for (int64_t k = 0; k < a.chunks(); ++k) {
+    const double* p = a.partials + k * kLossSums;
+    total = moments_merge(total, Moments{p[0], p[1], p[2]});
+  }
   a.adv_stats[0] = total.mean;
   a.adv_stats[1] = moments_inv_std(total);
 }

@@ -2,8 +2,6 @@
 // The per-element math is in ppo_loss.h / fastppo_math.h, shared with CUDA.
 #include <omp.h>
 
-#include <vector>
-
 #include "ppo_loss.h"
 
 namespace fastppo {
@@ -17,15 +15,14 @@ void ppo_loss_cpu_typed(const PpoLossArgs& a) {
   const int64_t chunks = a.chunks();
   const bool parallel = a.R * a.C >= kParallelElements;
   if (a.norm_adv) {
-    std::vector<Moments> moments(chunks);
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t k = 0; k < chunks; ++k) {
       const ChunkRange range = chunk_range(a, k);
       Moments m{0.0, 0.0, 0.0};
       for (int64_t c = range.c0; c < range.c1; ++c) m = adv_moments_element<S>(a, range.r, c, m);
-      moments[k] = m;
+      adv_moments_store(a, k, m);
     }
-    adv_moments_finish(a, moments.data());
+    adv_moments_finish(a);
   }
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t k = 0; k < chunks; ++k) {

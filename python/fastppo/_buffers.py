@@ -109,21 +109,27 @@ def require_unit_interval(fn: str, name: str, value: Any) -> float:
 
 def device_index(fn: str, arrays: dict[str, Any]) -> int:
     """The one device all ``arrays`` live on: -1 for the CPU, else the CUDA device index."""
-    devices = {name: device_name(x) for name, x in arrays.items()}
-    first_name, first = next(iter(devices.items()))
-    for name, dev in devices.items():
-        if dev != first:
-            raise ValueError(f"{fn}: {name} is on {dev} but {first_name} is on {first}; expected every array on one device")
-    if first == "cpu":
+    items = list(arrays.items())
+    first_name, first = items[0]
+    first_device = first.device if not isinstance(first, np.ndarray) else "cpu"
+    for name, x in items[1:]:
+        dev = x.device if not isinstance(x, np.ndarray) else "cpu"
+        if dev != first_device:
+            raise ValueError(
+                f"{fn}: {name} is on {device_name(x)} but {first_name} is on {device_name(first)}; "
+                "expected every array on one device"
+            )
+    kind = device_name(first) if isinstance(first_device, str) else first_device.type
+    if kind == "cpu":
         return -1
-    if not first.startswith("cuda"):
-        raise ValueError(f"{fn}: {first_name} is on {first}; fastppo runs on cpu and cuda devices")
+    if not kind.startswith("cuda"):
+        raise ValueError(f"{fn}: {first_name} is on {device_name(first)}; fastppo runs on cpu and cuda devices")
     if not _C.WITH_CUDA:
         raise ValueError(
-            f"{fn}: {first_name} is on {first} but this build of fastppo has no CUDA support "
+            f"{fn}: {first_name} is on {device_name(first)} but this build of fastppo has no CUDA support "
             "(it was compiled without a CUDA compiler); move the tensors to the CPU or install a CUDA build"
         )
-    return next(iter(arrays.values())).device.index
+    return first.device.index
 
 
 def cuda_stream(x: Any) -> int:
@@ -151,7 +157,7 @@ def rows(x: Any, T: int, N: int) -> Buffer:
         item = view.dtype.itemsize
         strides = (view.strides[0] // item, view.strides[1] // item)
     else:
-        view = x.detach().reshape(T, N)  # likewise a view when the strides allow it
+        view = x if x.shape == (T, N) else x.detach().reshape(T, N)  # a view when the strides allow it
         strides = (view.stride(0), view.stride(1))
     return Buffer(view, data_arg(view), strides, dtype_name(view))
 

@@ -109,7 +109,10 @@ def gae(
     else:
         adv, ret = _check_out(out, kind, dtype, shape, rewards, (rewards, values, dones, terminated, last))
     r, v, d, m = (B.rows(x, T, N) for x in (rewards, values, dones, terminated))
-    last_buf = B.rows(last, 1, N if last_stride is None else 1)
+    if last_stride is None and last.ndim == 1 and kind == "torch":
+        last_buf = B.Buffer(last, B.data_arg(last), (0, B.strides_of(last)[0]), dtype)
+    else:
+        last_buf = B.rows(last, 1, N if last_stride is None else 1)
     if last_stride is None:
         last_stride = last_buf.strides[1]
     stream = B.cuda_stream(rewards) if device >= 0 else 0
@@ -120,7 +123,9 @@ def gae(
     )
     if out is not None:
         return out[0], out[1]
-    return adv.reshape(shape), ret.reshape(shape)
+    if len(shape) != 2:
+        adv, ret = adv.reshape(shape), ret.reshape(shape)
+    return adv, ret
 
 
 def _check_out(out: Any, kind: str, dtype: str, shape: tuple, rewards: Any, inputs: tuple) -> Tuple[Any, Any]:

@@ -1,0 +1,86 @@
+// The fused PPO loss on CUDA: one block per chunk, a fixed-shape tree reduction in shared memory
+// (no atomics, so the same bits every run), and a one-thread finish kernel that runs the same
+// ppo_loss_finish as the CPU. The per-element math is in ppo_loss.h / fastppo_math.h.
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "ppo_loss.h"
+
+namespace fastppo {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename S>
+__global__ void adv_moments_kernel(PpoLossArgs a) {
+  __shared__ Moments shared[kThreads];
+  const ChunkRange range = chunk_range(a, blockIdx.x);
+  Moments m{0.0, 0.0, 0.0};
+  for (int64_t c = range.c0 + threadIdx.x; c < range.c1; c += blockDim.x) m = adv_moments_element<S>(a, range.r, c, m);
+  shared[threadIdx.x] = m;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) shared[threadIdx.x] = moments_merge(shared[threadIdx.x], shared[threadIdx.x + stride]);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) adv_moments_store(a, blockIdx.x, shared[0]);
+}
+
+__global__ void adv_moments_finish_kernel(PpoLossArgs a) { adv_moments_finish(a); }
+
+template <typename S>
+__global__ void ppo_loss_kernel(PpoLossArgs a) {
+  __shared__ double shared[kLossSums][kThreads];
+  const ChunkRange range = chunk_range(a, blockIdx.x);
+  double sums[kLossSums] = {0, 0, 0, 0, 0, 0, 0};
+  for (int64_t c = range.c0 + threadIdx.x; c < range.c1; c += blockDim.x) ppo_loss_element<S>(a, range.r, c, sums);
+  for (int s = 0; s < kLossSums; ++s) shared[s][threadIdx.x] = sums[s];
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride)
+      for (int s = 0; s < kLossSums; ++s) shared[s][threadIdx.x] += shared[s][threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x < kLossSums) a.partials[blockIdx.x * kLossSums + threadIdx.x] = shared[threadIdx.x][0];
+}
+
+template <typename S>
+__global__ void ppo_loss_finish_kernel(PpoLossArgs a) { ppo_loss_finish<S>(a); }
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string("fastppo.ppo_loss: ") + what + ": " + cudaGetErrorString(err));
+}
+
+template <typename S>
+void launch(const PpoLossArgs& a, cudaStream_t stream) {
+  const auto chunks = static_cast<unsigned>(a.chunks());
+  if (chunks > 0) {
+    if (a.norm_adv) {
+      adv_moments_kernel<S><<<chunks, kThreads, 0, stream>>>(a);
+      adv_moments_finish_kernel<<<1, 1, 0, stream>>>(a);
+    }
+    ppo_loss_kernel<S><<<chunks, kThreads, 0, stream>>>(a);
+  }
+  ppo_loss_finish_kernel<S><<<1, 1, 0, stream>>>(a);
+}
+
+}  // namespace
+
+void ppo_loss_cuda(const PpoLossArgs& args, int device, std::uintptr_t stream_handle) {
+  int previous = 0;
+  check(cudaGetDevice(&previous), "cudaGetDevice");
+  if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  if (args.is_f64) {
+    launch<double>(args, stream);
+  } else {
+    launch<float>(args, stream);
+  }
+  const cudaError_t launched = cudaGetLastError();
+  if (previous != device) cudaSetDevice(previous);
+  check(launched, "kernel launch");
+}
+
+}  // namespace fastppo
