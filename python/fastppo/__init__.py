@@ -1,6 +1,8 @@
 """fastppo: Proximal Policy Optimization with fused C++/CUDA kernels.
 
-Public API: :func:`gae`; :func:`cuda_available` and :func:`build_info` describe the compiled core.
+Public API: :func:`gae` (numpy or torch), :func:`ppo_loss` (torch); :func:`cuda_available` and
+:func:`build_info` describe the compiled core. The torch-only parts are imported on first use,
+so ``import fastppo`` never imports torch.
 """
 
 from __future__ import annotations
@@ -10,7 +12,20 @@ from .advantages import gae
 
 __version__: str = _C.__version__
 
-__all__ = ["__version__", "build_info", "cuda_available", "gae"]
+__all__ = ["PPOLossOutput", "__version__", "build_info", "cuda_available", "gae", "ppo_loss"]
+
+_TORCH_ONLY = {"ppo_loss": "loss", "PPOLossOutput": "loss"}
+
+
+def __getattr__(name: str):
+    module = _TORCH_ONLY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastppo' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
 
 
 def cuda_available() -> bool:

@@ -1,0 +1,304 @@
+"""Fused clipped PPO loss (``fastppo.ppo_loss``), forward and backward in one kernel pass.
+
+Three layers, as in other fused-kernel libraries:
+- ``_forward``: the raw call into ``fastppo._C`` (outputs and workspace allocated by torch);
+- ``_PPOLoss`` (an ``autograd.Function``, used in eager mode) and the ``fastppo::ppo_loss``
+  custom op with its fake implementation and autograd registration (used under
+  ``torch.compile``), both saving only the local derivatives the kernel wrote;
+- ``ppo_loss``: the public function, which checks its arguments and documents every shape.
+
+No annotations are postponed here: ``torch.library.custom_op`` reads them to build the schema.
+"""
+
+import math
+import numbers
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _C
+
+_FN = "fastppo.ppo_loss"
+AGG_MODES = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2}
+_FLOATS = (torch.float32, torch.float64)
+_FLAGS = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, torch.float32, torch.float64)
+
+
+class PPOLossOutput(NamedTuple):
+    """What :func:`ppo_loss` returns. ``loss`` is differentiable; the rest are detached 0-dim
+    tensors on the inputs' device (reading them with ``.item()`` is the caller's sync, not ours)."""
+
+    loss: Tensor
+    pg_loss: Tensor
+    v_loss: Tensor
+    entropy: Tensor
+    approx_kl: Tensor
+    old_approx_kl: Tensor
+    clipfrac: Tensor
+
+
+def _rows_cols(shape) -> Tuple[int, int]:
+    """The [R, C] problem behind an input shape: a 2-D [B, T] input is B rows of T tokens; any
+    other shape is one row of all its elements."""
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    n = 1
+    for d in shape:
+        n = n * d
+    return 1, n
+
+
+def _forward(
+    new_logprob: Tensor, old_logprob: Tensor, advantages: Tensor, new_value: Optional[Tensor],
+    old_value: Optional[Tensor], returns: Optional[Tensor], entropy: Optional[Tensor], mask: Optional[Tensor],
+    clip_coef: float, vf_coef: float, ent_coef: float, vf_clip_coef: float, dual_clip: float,
+    clip_vloss: bool, norm_adv: bool, agg: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Runs the kernel. Returns (out [7], grad_logprob [shape], grad_value [shape] or [0], row_scale [R])."""
+    shape = new_logprob.shape
+    R, C = _rows_cols(shape)
+    device = new_logprob.device
+    out = new_logprob.new_empty(_C.LOSS_OUTS)
+    grad_logprob = torch.empty(shape, dtype=new_logprob.dtype, device=device)
+    grad_value = torch.empty(shape, dtype=new_logprob.dtype, device=device) if new_value is not None else out.new_empty(0)
+    row_scale = out.new_empty(R)
+    chunks = R * ((C + _C.LOSS_CHUNK - 1) // _C.LOSS_CHUNK)
+    partials = torch.empty(max(chunks, 1) * _C.LOSS_SUMS, dtype=torch.float64, device=device)
+    adv_stats = torch.empty(2, dtype=torch.float64, device=device)
+    views = []  # keeps any reshaped copy alive until the kernel has read it
+
+    def spec(x: Optional[Tensor]):
+        if x is None:
+            return None
+        view = x if x.shape == (R, C) else x.reshape(R, C)
+        views.append(view)
+        return (view.data_ptr(), view.stride(0), view.stride(1))
+
+    if device.type == "cuda":
+        device_index, stream = device.index, torch.cuda.current_stream(device).cuda_stream
+    else:
+        device_index, stream = -1, 0
+    _C.ppo_loss(
+        R, C, str(new_logprob.dtype).removeprefix("torch."),
+        spec(new_logprob), spec(old_logprob), spec(advantages), spec(new_value), spec(old_value), spec(returns),
+        spec(entropy), spec(mask), "" if mask is None else str(mask.dtype).removeprefix("torch."),
+        clip_coef, vf_coef, ent_coef, vf_clip_coef, dual_clip, clip_vloss, norm_adv, agg,
+        grad_logprob.data_ptr(), grad_value.data_ptr() if new_value is not None else None,
+        out.data_ptr(), row_scale.data_ptr(), partials.data_ptr(), adv_stats.data_ptr(), device_index, stream,
+    )
+    return out, grad_logprob, grad_value, row_scale
+
+
+def _backward(
+    grad_out: Tensor, grad_logprob: Tensor, grad_value: Tensor, row_scale: Tensor, mask: Optional[Tensor],
+    ent_coef: float, has_value: bool, has_entropy: bool, needs: Tuple[bool, bool, bool],
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients w.r.t. (new_logprob, new_value, entropy): the saved local derivatives times the
+    per-row scale times the incoming gradient of the loss."""
+    shape = grad_logprob.shape
+    R, C = _rows_cols(shape)
+    scale = (row_scale * grad_out[0]).reshape(R, 1)
+    d_logprob = (grad_logprob.reshape(R, C) * scale).reshape(shape) if needs[0] else None
+    d_value = (grad_value.reshape(R, C) * scale).reshape(shape) if has_value and needs[1] else None
+    d_entropy = None
+    if has_entropy and needs[2]:
+        per_token = scale * (-ent_coef)
+        if mask is None:
+            d_entropy = per_token.expand(R, C).reshape(shape)
+        else:
+            d_entropy = (mask.reshape(R, C).to(per_token.dtype) * per_token).reshape(shape)
+    return d_logprob, d_value, d_entropy
+
+
+# ------------------------------------------------------------------ eager: autograd.Function
+
+
+class _PPOLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy, mask, *options):
+        out, grad_logprob, grad_value, row_scale = _forward(
+            new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy, mask, *options
+        )
+        ctx.save_for_backward(grad_logprob, grad_value, row_scale, mask)
+        ctx.ent_coef = options[2]
+        ctx.has_value, ctx.has_entropy = new_value is not None, entropy is not None
+        ctx.mark_non_differentiable(grad_logprob, grad_value, row_scale)
+        return out, grad_logprob, grad_value, row_scale
+
+    @staticmethod
+    def backward(ctx, grad_out, *unused):
+        grad_logprob, grad_value, row_scale, mask = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[6])
+        d_logprob, d_value, d_entropy = _backward(
+            grad_out, grad_logprob, grad_value, row_scale, mask, ctx.ent_coef, ctx.has_value, ctx.has_entropy, needs
+        )
+        return (d_logprob, None, None, d_value, None, None, d_entropy) + (None,) * 9
+
+
+# ------------------------------------------------------------------ torch.compile: custom op
+
+
+@torch.library.custom_op("fastppo::ppo_loss", mutates_args=())
+def _ppo_loss_op(
+    new_logprob: Tensor, old_logprob: Tensor, advantages: Tensor, new_value: Optional[Tensor],
+    old_value: Optional[Tensor], returns: Optional[Tensor], entropy: Optional[Tensor], mask: Optional[Tensor],
+    clip_coef: float, vf_coef: float, ent_coef: float, vf_clip_coef: float, dual_clip: float,
+    clip_vloss: bool, norm_adv: bool, agg: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _forward(new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy, mask,
+                    clip_coef, vf_coef, ent_coef, vf_clip_coef, dual_clip, clip_vloss, norm_adv, agg)
+
+
+@_ppo_loss_op.register_fake
+def _ppo_loss_fake(new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy, mask,
+                   clip_coef, vf_coef, ent_coef, vf_clip_coef, dual_clip, clip_vloss, norm_adv, agg):
+    shape = new_logprob.shape
+    R, _ = _rows_cols(shape)
+    out = new_logprob.new_empty(_C.LOSS_OUTS)
+    grad_value = new_logprob.new_empty(shape) if new_value is not None else new_logprob.new_empty(0)
+    return out, new_logprob.new_empty(shape), grad_value, new_logprob.new_empty(R)
+
+
+def _op_setup_context(ctx, inputs, output):
+    mask, ent_coef = inputs[7], inputs[10]
+    _, grad_logprob, grad_value, row_scale = output
+    ctx.save_for_backward(grad_logprob, grad_value, row_scale, mask)
+    ctx.ent_coef = ent_coef
+    ctx.has_value, ctx.has_entropy = inputs[3] is not None, inputs[6] is not None
+
+
+def _op_backward(ctx, grad_out, *unused):
+    grad_logprob, grad_value, row_scale, mask = ctx.saved_tensors
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[6])
+    d_logprob, d_value, d_entropy = _backward(
+        grad_out, grad_logprob, grad_value, row_scale, mask, ctx.ent_coef, ctx.has_value, ctx.has_entropy, needs
+    )
+    return (d_logprob, None, None, d_value, None, None, d_entropy) + (None,) * 9
+
+
+_ppo_loss_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+# ------------------------------------------------------------------ public function
+
+
+def _check_tensor(name: str, x, like: Tensor, dtypes, what: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{_FN}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"{_FN}: {name} has dtype {x.dtype}; expected {what}")
+    if x.shape != like.shape:
+        raise ValueError(f"{_FN}: {name} has shape {tuple(x.shape)}; expected {tuple(like.shape)}, the shape of new_logprob")
+    if x.device != like.device:
+        raise ValueError(f"{_FN}: {name} is on {x.device} but new_logprob is on {like.device}; expected one device")
+
+
+def _check_coef(name: str, value, low: float, low_inclusive: bool, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{_FN}: {name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < low or (value == low and not low_inclusive):
+        raise ValueError(f"{_FN}: {name} must be {what}, got {value!r}")
+    return value
+
+
+def ppo_loss(
+    new_logprob: Tensor,
+    old_logprob: Tensor,
+    advantages: Tensor,
+    new_value: Optional[Tensor] = None,
+    old_value: Optional[Tensor] = None,
+    returns: Optional[Tensor] = None,
+    entropy: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    clip_coef: float = 0.2,
+    vf_coef: float = 0.5,
+    ent_coef: float = 0.0,
+    clip_vloss: bool = True,
+    vf_clip_coef: Optional[float] = None,
+    norm_adv: bool = True,
+    dual_clip: Optional[float] = None,
+    agg: str = "token-mean",
+) -> PPOLossOutput:
+    """The clipped PPO loss, its stats and its gradients in one fused pass (CPU or CUDA).
+
+    Equal to CleanRL's loss, values and gradients, when called with CleanRL's arguments.
+
+    Args:
+        new_logprob: ``[...]`` float32/float64, log pi_new(a|s); differentiable. A 2-D ``[B, T]``
+            input is B sequences of T tokens (RLHF); any other shape is a flat batch.
+        old_logprob: like ``new_logprob``: log pi_old(a|s) from the rollout.
+        advantages: like ``new_logprob``. Normalized per call (``norm_adv``) as
+            ``(A - mean) / (std + 1e-8)`` with the unbiased std over the selected elements; with fewer
+            than two selected elements the std is taken as 0 (torch's std would be NaN).
+        new_value, old_value, returns: optional, like ``new_logprob``: the critic's new values
+            (differentiable), the rollout's values and the returns. ``new_value`` needs ``returns``,
+            and ``old_value`` too while ``clip_vloss`` is on.
+        entropy: optional, like ``new_logprob``: per-element policy entropy (differentiable).
+        mask: optional, like ``new_logprob``, bool or 0/1: elements to include (valid tokens, real
+            transitions). Every mean, and the normalization statistics, is taken over the selected
+            elements only, so the result equals the unmasked loss on those elements.
+        clip_coef: c in ``clip(ratio, 1 - c, 1 + c)``, > 0.
+        vf_coef, ent_coef: weights of the value loss and the entropy bonus.
+        clip_vloss: clip the value update to ``vf_clip_coef`` (``clip_coef`` when None).
+        norm_adv: normalize the advantages per call.
+        dual_clip: c > 1 bounds the surrogate at ``-c * A`` for negative advantages (Ye et al. 2020).
+        agg: ``"token-mean"`` (mean over selected elements), or for 2-D inputs
+            ``"seq-mean-token-mean"`` / ``"seq-mean-token-sum"`` (per sequence mean / sum over its
+            selected tokens, then the mean over sequences with at least one selected token). Applies
+            to pg_loss, v_loss and entropy; approx_kl, old_approx_kl and clipfrac are token means.
+
+    Returns:
+        :class:`PPOLossOutput` ``(loss, pg_loss, v_loss, entropy, approx_kl, old_approx_kl, clipfrac)``:
+        ``loss = pg_loss - ent_coef * entropy + vf_coef * v_loss`` is a differentiable 0-dim tensor;
+        the others are detached 0-dim tensors. Nothing synchronizes with the host.
+
+    Where ``exp(new_logprob - old_logprob)`` overflows, the loss and its gradient take the clipped
+    branch (finite; CleanRL's eager code gives NaN gradients there); approx_kl is then inf. With no
+    selected element the loss and stats are 0. Gradients with respect to ``old_logprob``,
+    ``advantages``, ``old_value`` and ``returns`` are not computed (they are data, not parameters).
+    """
+    if not isinstance(new_logprob, Tensor):
+        raise TypeError(f"{_FN}: new_logprob must be a torch.Tensor, got {type(new_logprob).__name__}")
+    if new_logprob.dtype not in _FLOATS:
+        raise TypeError(f"{_FN}: new_logprob has dtype {new_logprob.dtype}; expected torch.float32 or torch.float64")
+    dtype = new_logprob.dtype
+    same = f"{dtype}, the dtype of new_logprob"
+    _check_tensor("old_logprob", old_logprob, new_logprob, (dtype,), same)
+    _check_tensor("advantages", advantages, new_logprob, (dtype,), same)
+    for name, x in (("new_value", new_value), ("old_value", old_value), ("returns", returns), ("entropy", entropy)):
+        if x is not None:
+            _check_tensor(name, x, new_logprob, (dtype,), same)
+    if mask is not None:
+        _check_tensor("mask", mask, new_logprob, _FLAGS, "bool, or 0/1 as an integer or float dtype")
+    if new_value is None and (old_value is not None or returns is not None):
+        raise ValueError(f"{_FN}: old_value / returns were given without new_value; pass new_value for the value loss")
+    if new_value is not None and returns is None:
+        raise ValueError(f"{_FN}: new_value was given without returns; the value loss needs both")
+    if new_value is not None and clip_vloss and old_value is None:
+        raise ValueError(f"{_FN}: clip_vloss=True needs old_value; pass old_value or clip_vloss=False")
+    clip_coef = _check_coef("clip_coef", clip_coef, 0.0, False, "a finite number > 0")
+    vf_coef = _check_coef("vf_coef", vf_coef, -math.inf, True, "finite")
+    ent_coef = _check_coef("ent_coef", ent_coef, -math.inf, True, "finite")
+    vf_clip = clip_coef if vf_clip_coef is None else _check_coef("vf_clip_coef", vf_clip_coef, 0.0, False, "a finite number > 0")
+    dual = 0.0 if dual_clip is None else _check_coef("dual_clip", dual_clip, 1.0, False, "a finite number > 1")
+    if agg not in AGG_MODES:
+        raise ValueError(f"{_FN}: agg must be one of {sorted(AGG_MODES)}, got {agg!r}")
+    if agg != "token-mean" and new_logprob.dim() != 2:
+        raise ValueError(f"{_FN}: agg={agg!r} needs 2-D [B, T] inputs, got shape {tuple(new_logprob.shape)}")
+    if new_logprob.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{_FN}: new_logprob is on {new_logprob.device}; fastppo runs on cpu and cuda devices")
+    if new_logprob.device.type == "cuda" and not _C.WITH_CUDA:
+        raise ValueError(
+            f"{_FN}: new_logprob is on {new_logprob.device} but this build of fastppo has no CUDA support; "
+            "move the tensors to the CPU or install a CUDA build"
+        )
+    args = (new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy, mask,
+            clip_coef, vf_coef, ent_coef, vf_clip, dual, bool(clip_vloss), bool(norm_adv), AGG_MODES[agg])
+    if torch.compiler.is_compiling():
+        out = _ppo_loss_op(*args)[0]
+    else:
+        out = _PPOLoss.apply(*args)[0]
+    stats = out.detach()
+    return PPOLossOutput(out[0], stats[1], stats[2], stats[3], stats[4], stats[5], stats[6])

@@ -1,0 +1,392 @@
+"""fastppo.ppo_loss against CleanRL's loss written in torch and a plain masked/aggregated reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fastppo
+from fastppo import ppo_loss
+
+STATS = ("pg_loss", "v_loss", "entropy", "approx_kl", "old_approx_kl", "clipfrac")
+
+
+def cleanrl_loss(new_logprob, old_logprob, advantages, new_value=None, old_value=None, returns=None, entropy=None,
+                 clip_coef=0.2, vf_coef=0.5, ent_coef=0.0, clip_vloss=True, norm_adv=True):
+    """CleanRL ppo.py's loss, line for line (its names), as eager torch."""
+    logratio = new_logprob - old_logprob
+    ratio = logratio.exp()
+    old_approx_kl = (-logratio).mean()
+    approx_kl = ((ratio - 1) - logratio).mean()
+    clipfrac = ((ratio - 1.0).abs() > clip_coef).to(ratio.dtype).mean()  # CleanRL: .float(), float32 always
+    mb_advantages = advantages
+    if norm_adv:
+        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+    pg_loss1 = -mb_advantages * ratio
+    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
+    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+    v_loss = torch.zeros((), dtype=new_logprob.dtype)
+    if new_value is not None:
+        if clip_vloss:
+            v_loss_unclipped = (new_value - returns) ** 2
+            v_clipped = old_value + torch.clamp(new_value - old_value, -clip_coef, clip_coef)
+            v_loss_clipped = (v_clipped - returns) ** 2
+            v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+        else:
+            v_loss = 0.5 * ((new_value - returns) ** 2).mean()
+    entropy_loss = entropy.mean() if entropy is not None else torch.zeros((), dtype=new_logprob.dtype)
+    loss = pg_loss - ent_coef * entropy_loss + v_loss * vf_coef
+    return dict(loss=loss, pg_loss=pg_loss, v_loss=v_loss, entropy=entropy_loss, approx_kl=approx_kl,
+                old_approx_kl=old_approx_kl, clipfrac=clipfrac)
+
+
+def reference_loss(new_logprob, old_logprob, advantages, new_value=None, old_value=None, returns=None, entropy=None,
+                   mask=None, clip_coef=0.2, vf_coef=0.5, ent_coef=0.0, clip_vloss=True, vf_clip_coef=None,
+                   norm_adv=True, dual_clip=None, agg="token-mean"):
+    """The documented semantics, plainly: masked means, per-sequence aggregation, dual clip."""
+    m = torch.ones_like(new_logprob, dtype=torch.bool) if mask is None else mask.bool()
+    zero = torch.zeros((), dtype=new_logprob.dtype)
+
+    def token_mean(x):
+        return torch.where(m, x, zero).sum() / m.sum() if m.any() else zero
+
+    def aggregate(x):
+        if agg == "token-mean":
+            return token_mean(x)
+        per_seq = torch.where(m, x, zero).sum(-1)
+        counts = m.sum(-1)
+        if agg == "seq-mean-token-mean":
+            per_seq = per_seq / counts.clamp(min=1)
+        keep = counts > 0
+        return per_seq[keep].mean() if keep.any() else zero
+
+    logratio = new_logprob - old_logprob
+    ratio = logratio.exp()
+    adv = advantages
+    if norm_adv:
+        selected = advantages[m]
+        std = selected.std() if selected.numel() >= 2 else zero
+        adv = (advantages - selected.mean()) / (std + 1e-8) if selected.numel() else advantages
+    pg = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef))
+    if dual_clip is not None:
+        pg = torch.where(adv < 0, torch.min(pg, -dual_clip * adv), pg)
+    v_loss = zero
+    if new_value is not None:
+        cv = clip_coef if vf_clip_coef is None else vf_clip_coef
+        unclipped = (new_value - returns) ** 2
+        if clip_vloss:
+            clipped = (old_value + torch.clamp(new_value - old_value, -cv, cv) - returns) ** 2
+            v_loss = 0.5 * aggregate(torch.max(unclipped, clipped))
+        else:
+            v_loss = 0.5 * aggregate(unclipped)
+    entropy_loss = aggregate(entropy) if entropy is not None else zero
+    pg_loss = aggregate(pg)
+    return dict(loss=pg_loss - ent_coef * entropy_loss + vf_coef * v_loss, pg_loss=pg_loss, v_loss=v_loss,
+                entropy=entropy_loss, approx_kl=token_mean((ratio - 1) - logratio),
+                old_approx_kl=token_mean(-logratio), clipfrac=token_mean(((ratio - 1).abs() > clip_coef).to(ratio.dtype)))
+
+
+def batch(shape, dtype=torch.float64, device="cpu", seed=0, spread=0.3):
+    """Random PPO minibatch: logprob changes large enough that many ratios clip."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(scale=1.0):
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+    old_logprob = randn() - 1.0
+    old_value = randn()
+    return dict(
+        new_logprob=(old_logprob + randn(spread)).requires_grad_(),
+        old_logprob=old_logprob,
+        advantages=randn() + 0.3,
+        new_value=(old_value + randn(spread)).requires_grad_(),
+        old_value=old_value,
+        returns=randn(),
+        entropy=(torch.rand(shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)).requires_grad_(),
+    )
+
+
+DIFFERENTIABLE = ("new_logprob", "new_value", "entropy")
+
+
+def values_and_grads(fn, inputs, **kwargs):
+    """Stats and gradients of `fn(**inputs, **kwargs)` on fresh leaves."""
+    leaves = {k: (v.detach().clone().requires_grad_() if k in DIFFERENTIABLE else v) for k, v in inputs.items()}
+    out = fn(**leaves, **kwargs)
+    out = out._asdict() if hasattr(out, "_asdict") else out
+    present = [leaves[k] for k in DIFFERENTIABLE if k in leaves]
+    grads = torch.autograd.grad(out["loss"], present, allow_unused=True)
+    return {k: v.detach() for k, v in out.items()}, dict(zip([k for k in DIFFERENTIABLE if k in leaves], grads))
+
+
+def assert_match(ours, theirs, rtol, atol):
+    (ov, og), (tv, tg) = ours, theirs
+    for k in ("loss",) + STATS:
+        torch.testing.assert_close(ov[k].cpu(), tv[k].cpu().to(ov[k].dtype), rtol=rtol, atol=atol, msg=k)
+    for k in tg:
+        expected = tg[k] if tg[k] is not None else torch.zeros_like(og[k])
+        scale = expected.abs().max().item() if expected.numel() else 0.0
+        torch.testing.assert_close(og[k].cpu(), expected.cpu(), rtol=rtol, atol=atol * max(scale, 1e-30), msg=k)
+
+
+SIZES = [2, 97, 4096, 100003]
+
+
+@pytest.mark.parametrize("B", SIZES)
+@pytest.mark.parametrize("clip_vloss", [True, False])
+def test_equals_cleanrl_float64(device, B, clip_vloss):
+    inputs = batch(B, device=device, seed=B)
+    kwargs = dict(ent_coef=0.01, clip_vloss=clip_vloss)
+    assert_match(values_and_grads(ppo_loss, inputs, **kwargs), values_and_grads(cleanrl_loss, inputs, **kwargs),
+                 rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("B", SIZES)
+def test_equals_cleanrl_float32(device, B):
+    inputs = batch(B, dtype=torch.float32, device=device, seed=B + 1)
+    kwargs = dict(ent_coef=0.01, vf_coef=0.5, clip_coef=0.1)
+    assert_match(values_and_grads(ppo_loss, inputs, **kwargs), values_and_grads(cleanrl_loss, inputs, **kwargs),
+                 rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("parts", [("new_logprob", "old_logprob", "advantages"),
+                                   ("new_logprob", "old_logprob", "advantages", "entropy"),
+                                   ("new_logprob", "old_logprob", "advantages", "new_value", "returns")])
+def test_optional_parts_and_no_normalization(device, parts):
+    inputs = {k: v for k, v in batch(500, device=device, seed=3).items() if k in parts}
+    kwargs = dict(ent_coef=0.05, norm_adv=False, clip_vloss=False)
+    assert_match(values_and_grads(ppo_loss, inputs, **kwargs), values_and_grads(cleanrl_loss, inputs, **kwargs),
+                 rtol=1e-9, atol=1e-12)
+
+
+def test_single_element_is_finite_and_documented(device):
+    inputs = batch(1, device=device, seed=5)
+    values, grads = values_and_grads(ppo_loss, inputs)
+    # A lone advantage normalizes to 0: no policy gradient, only the value term.
+    assert values["pg_loss"].item() == 0.0
+    assert all(torch.isfinite(v).all() for v in values.values())
+    assert grads["new_logprob"].abs().max().item() == 0.0
+    # Without normalization it is CleanRL's loss on one element.
+    assert_match(values_and_grads(ppo_loss, inputs, norm_adv=False), values_and_grads(cleanrl_loss, inputs, norm_adv=False),
+                 rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(97,), (8, 33), (1025, 3)])
+def test_mask_equals_the_loss_on_the_selected_elements(device, shape):
+    inputs = batch(shape, device=device, seed=7)
+    g = torch.Generator().manual_seed(1)
+    mask = (torch.rand(shape, generator=g) < 0.7).to(device)
+    mask.view(-1)[0] = True
+    ours = values_and_grads(ppo_loss, dict(inputs, mask=mask), ent_coef=0.01)
+    selected = {k: v.detach()[mask] for k, v in inputs.items()}
+    theirs_values, theirs_grads = values_and_grads(cleanrl_loss, selected, ent_coef=0.01)
+    # Scatter CleanRL's gradients on the selected elements back; the rest must be exactly zero.
+    full_grads = {}
+    for k, grad in theirs_grads.items():
+        full = torch.zeros(shape, dtype=grad.dtype, device=device)
+        full[mask] = grad
+        full_grads[k] = full
+    assert_match(ours, (theirs_values, full_grads), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+@pytest.mark.parametrize("B,T", [(1, 1), (4, 97), (33, 7), (3, 5000)])
+def test_agg_modes_against_the_plain_reference(device, agg, B, T):
+    inputs = batch((B, T), device=device, seed=B * T)
+    g = torch.Generator().manual_seed(B)
+    mask = (torch.rand((B, T), generator=g) < 0.8).to(device)
+    mask[0, 0] = True
+    if B > 2:
+        mask[1] = False  # a sequence without a single valid token
+        mask[2] = True
+    kwargs = dict(mask=mask, agg=agg, ent_coef=0.01, vf_clip_coef=0.3)
+    assert_match(values_and_grads(ppo_loss, inputs, **kwargs), values_and_grads(reference_loss, inputs, **kwargs),
+                 rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dual_clip", [1.5, 3.0])
+def test_dual_clip(device, dual_clip):
+    inputs = batch(3000, device=device, seed=11, spread=1.5)
+    kwargs = dict(dual_clip=dual_clip, ent_coef=0.01)
+    ours = values_and_grads(ppo_loss, inputs, **kwargs)
+    assert_match(ours, values_and_grads(reference_loss, inputs, **kwargs), rtol=1e-9, atol=1e-12)
+    plain = values_and_grads(ppo_loss, inputs, ent_coef=0.01)
+    assert ours[0]["pg_loss"].item() < plain[0]["pg_loss"].item()  # the bound is active somewhere
+
+
+def test_transposed_and_strided_views(device):
+    inputs = batch((64, 9), device=device, seed=13)
+    as_views = {k: v.detach().t().contiguous().t().requires_grad_(k in DIFFERENTIABLE) for k, v in inputs.items()}
+    assert not as_views["new_logprob"].is_contiguous()
+    kwargs = dict(agg="seq-mean-token-mean", ent_coef=0.01)
+    assert_match(values_and_grads(ppo_loss, as_views, **kwargs), values_and_grads(reference_loss, inputs, **kwargs),
+                 rtol=1e-9, atol=1e-12)
+    every_other = {k: v.detach()[::2] for k, v in batch(200, device=device, seed=14).items()}
+    assert_match(values_and_grads(ppo_loss, every_other), values_and_grads(cleanrl_loss, every_other),
+                 rtol=1e-9, atol=1e-12)
+    flat3d = batch((4, 5, 6), device=device, seed=15)
+    flat = {k: v.detach().reshape(-1) for k, v in flat3d.items()}
+    ours_values, ours_grads = values_and_grads(ppo_loss, flat3d)
+    theirs_values, theirs_grads = values_and_grads(cleanrl_loss, flat)
+    assert_match((ours_values, {k: g.reshape(-1) for k, g in ours_grads.items()}), (theirs_values, theirs_grads),
+                 rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ratio_overflow_stays_finite_and_takes_the_clipped_branch(device, dtype):
+    n = 6
+    old = torch.zeros(n, dtype=dtype, device=device)
+    new = torch.full((n,), 800.0, dtype=dtype, device=device, requires_grad=True)  # exp overflows
+    adv = torch.tensor([1.0, -1.0, 2.0, -2.0, 0.0, 0.5], dtype=dtype, device=device)
+    out = ppo_loss(new, old, adv, norm_adv=False, clip_coef=0.2)
+    (grad,) = torch.autograd.grad(out.loss, new)
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(out.loss, (-adv * 1.2).mean())
+    assert grad.abs().max().item() == 0.0
+    # CleanRL's eager formula has no such guard.
+    eager = cleanrl_loss(new, old, adv, norm_adv=False)["loss"]
+    assert not torch.isfinite(eager) or not torch.isfinite(torch.autograd.grad(eager, new)[0]).all()
+
+
+def test_no_selected_element_gives_zeros(device):
+    inputs = batch((3, 4), device=device, seed=2)
+    mask = torch.zeros((3, 4), dtype=torch.bool, device=device)
+    for agg in ("token-mean", "seq-mean-token-sum"):
+        values, grads = values_and_grads(ppo_loss, dict(inputs, mask=mask), agg=agg, ent_coef=0.1)
+        assert all(v.item() == 0.0 for v in values.values())
+        assert all(g.abs().max().item() == 0.0 for g in grads.values())
+
+
+def test_same_bits_run_after_run(device):
+    inputs = batch(300001, dtype=torch.float32, device=device, seed=21)
+    first = values_and_grads(ppo_loss, inputs, ent_coef=0.01)
+    for _ in range(3):
+        again = values_and_grads(ppo_loss, inputs, ent_coef=0.01)
+        for k in first[0]:
+            assert torch.equal(first[0][k], again[0][k]), k
+        for k in first[1]:
+            assert torch.equal(first[1][k], again[1][k]), k
+
+
+def test_optimizer_update_matches_the_eager_formula():
+    """A CleanRL-style update (Adam, minibatches, epochs, grad clipping) on fixed data lands on the
+    same parameters with fastppo.ppo_loss as with the eager formula."""
+    torch.manual_seed(0)
+    obs_dim, n_actions, batch_size = 4, 3, 256
+    agent = torch.nn.ModuleDict(dict(
+        actor=torch.nn.Sequential(torch.nn.Linear(obs_dim, 32), torch.nn.Tanh(), torch.nn.Linear(32, n_actions)),
+        critic=torch.nn.Sequential(torch.nn.Linear(obs_dim, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)),
+    )).double()
+    obs = torch.randn(batch_size, obs_dim, dtype=torch.float64)
+    with torch.no_grad():
+        dist = torch.distributions.Categorical(logits=agent["actor"](obs))
+        actions = dist.sample()
+        old_logprob = dist.log_prob(actions)
+        old_value = agent["critic"](obs).squeeze(-1)
+    advantages = torch.randn(batch_size, dtype=torch.float64)
+    returns = advantages + old_value
+
+    def train(loss_fn):
+        model = copy.deepcopy(agent)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, eps=1e-5)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for idx in torch.randperm(batch_size, generator=g).split(64):
+                d = torch.distributions.Categorical(logits=model["actor"](obs[idx]))
+                out = loss_fn(new_logprob=d.log_prob(actions[idx]), old_logprob=old_logprob[idx],
+                              advantages=advantages[idx], new_value=model["critic"](obs[idx]).squeeze(-1),
+                              old_value=old_value[idx], returns=returns[idx], entropy=d.entropy(), ent_coef=0.01)
+                loss = out["loss"] if isinstance(out, dict) else out.loss
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                optimizer.step()
+        return model
+
+    ours, theirs = train(ppo_loss), train(cleanrl_loss)
+    moved = 0.0
+    for (name, p), q, p0 in zip(ours.named_parameters(), theirs.parameters(), agent.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11, msg=name)
+        moved = max(moved, (p - p0).abs().max().item())
+    assert moved > 1e-3  # the update did something
+
+
+def test_opcheck():
+    inputs = {k: v.detach() for k, v in batch(50, seed=4).items()}
+    mask = torch.arange(50) % 3 != 0
+    for value, entropy, m, agg_shape in [(True, True, None, None), (False, False, mask, None), (True, True, None, (5, 10))]:
+        args = [inputs["new_logprob"].clone().requires_grad_(), inputs["old_logprob"], inputs["advantages"]]
+        args += [inputs["new_value"].clone().requires_grad_(), inputs["old_value"], inputs["returns"]] if value else [None] * 3
+        args += [inputs["entropy"].clone().requires_grad_() if entropy else None, m]
+        if agg_shape is not None:
+            args = [a.reshape(agg_shape).detach().requires_grad_(a.requires_grad) if a is not None else None for a in args]
+        args += [0.2, 0.5, 0.01, 0.2, 0.0, True, True, 1 if agg_shape else 0]
+        torch.library.opcheck(torch.ops.fastppo.ppo_loss.default, tuple(args))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    inputs = batch((16, 12), seed=9)
+    mask = torch.rand((16, 12), generator=torch.Generator().manual_seed(0)) < 0.8
+
+    def step(new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy):
+        out = ppo_loss(new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy, mask=mask,
+                       ent_coef=0.01, agg="seq-mean-token-mean")
+        return out.loss, out.approx_kl, out.clipfrac
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (step, compiled):
+        leaves = {k: (v.detach().clone().requires_grad_() if k in DIFFERENTIABLE else v) for k, v in inputs.items()}
+        loss, kl, clipfrac = fn(**leaves)
+        grads = torch.autograd.grad(loss, [leaves[k] for k in DIFFERENTIABLE])
+        results.append((loss.detach(), kl, clipfrac) + grads)
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def good():
+    return {k: v.detach() for k, v in batch(8, seed=0).items()}
+
+
+@pytest.mark.parametrize(
+    "changes,kwargs,error,words",
+    [
+        (dict(new_logprob=[0.0] * 8), {}, TypeError, ["new_logprob", "list"]),
+        (dict(new_logprob=torch.zeros(8, dtype=torch.int64)), {}, TypeError, ["new_logprob", "int64"]),
+        (dict(old_logprob=torch.zeros(8, dtype=torch.float32)), {}, TypeError, ["old_logprob", "float32", "float64"]),
+        (dict(advantages=torch.zeros(7, dtype=torch.float64)), {}, ValueError, ["advantages", "(7,)", "(8,)"]),
+        (dict(advantages=torch.zeros(8, dtype=torch.complex128)), {}, TypeError, ["advantages", "complex128"]),
+        (dict(returns=None), {}, ValueError, ["new_value", "returns"]),
+        (dict(old_value=None), {}, ValueError, ["clip_vloss", "old_value"]),
+        (dict(new_value=None), {}, ValueError, ["without new_value"]),
+        (dict(entropy=torch.zeros(8, 1, dtype=torch.float64)), {}, ValueError, ["entropy", "(8, 1)"]),
+        (dict(mask=torch.zeros(8, dtype=torch.complex64)), {}, TypeError, ["mask", "complex64"]),
+        (dict(old_logprob=torch.zeros(8, dtype=torch.float64, device="meta")), {}, ValueError, ["old_logprob", "meta"]),
+        ({}, dict(clip_coef=0.0), ValueError, ["clip_coef", "> 0"]),
+        ({}, dict(clip_coef=float("nan")), ValueError, ["clip_coef"]),
+        ({}, dict(dual_clip=1.0), ValueError, ["dual_clip", "> 1"]),
+        ({}, dict(vf_clip_coef=-1.0), ValueError, ["vf_clip_coef"]),
+        ({}, dict(ent_coef="0.01"), TypeError, ["ent_coef", "str"]),
+        ({}, dict(agg="mean"), ValueError, ["agg", "token-mean"]),
+        ({}, dict(agg="seq-mean-token-sum"), ValueError, ["agg", "2-D", "(8,)"]),
+    ],
+)
+def test_bad_input_names_the_argument(changes, kwargs, error, words):
+    inputs = good()
+    inputs.update(changes)
+    with pytest.raises(error) as info:
+        ppo_loss(**inputs, **kwargs)
+    message = str(info.value)
+    assert message.startswith("fastppo.ppo_loss:")
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_lazy_torch_import_exposes_the_loss():
+    assert fastppo.ppo_loss is ppo_loss
+    assert fastppo.PPOLossOutput._fields == ("loss",) + STATS
