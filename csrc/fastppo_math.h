@@ -158,26 +158,28 @@ struct Term {
   S grad;  // derivative of value with respect to the differentiable input
 };
 
+// Largest finite value of S: a ratio above it is exp's overflow to +inf.
+FASTPPO_HD float finite_max(float) { return 3.402823466e38f; }
+FASTPPO_HD double finite_max(double) { return 1.7976931348623157e308; }
+
 // Negated clipped surrogate: max(-A r, -A clip(r, 1-c, 1+c)) with r = exp(logratio); gradient
 // with respect to the new log-prob. With dual_clip > 1 and A < 0 it is bounded by -dual_clip A.
 // An overflowed ratio (exp(logratio) = inf) takes the clipped branch: finite value, zero gradient.
+// Written with selects only, so a CPU loop over it vectorizes.
 template <typename S>
 FASTPPO_HD Term<S> policy_term(S ratio, S adv, S clip_coef, S dual_clip) {
   const S lo = S(1) - clip_coef, hi = S(1) + clip_coef;
-  Term<S> t;
-  if (ratio > S(0) && ratio - ratio != S(0)) {  // +inf
-    t = Term<S>{-adv * hi, S(0)};
-  } else {
-    const S unclipped = -adv * ratio, clipped = -adv * clamp(ratio, lo, hi);
-    const S d_unclipped = -adv * ratio;
-    const S d_clipped = (ratio >= lo && ratio <= hi) ? d_unclipped : S(0);
-    t = Term<S>{unclipped > clipped ? unclipped : clipped, max_grad(unclipped, clipped, d_unclipped, d_clipped)};
-  }
-  if (dual_clip > S(0) && adv < S(0)) {
-    const S bound = -dual_clip * adv;  // min(loss, bound): the bound has no gradient
-    t = Term<S>{t.value < bound ? t.value : bound, max_grad(-t.value, -bound, t.grad, S(0))};
-  }
-  return t;
+  const bool overflow = ratio > finite_max(ratio);
+  const S r = overflow ? hi : ratio;
+  const S unclipped = -adv * r, clipped = -adv * clamp(r, lo, hi);
+  const S d_unclipped = overflow ? S(0) : -adv * r;
+  const S d_clipped = (r >= lo && r <= hi) ? d_unclipped : S(0);
+  const S value = unclipped > clipped ? unclipped : clipped;
+  const S grad = max_grad(unclipped, clipped, d_unclipped, d_clipped);
+  // Dual clip: min(value, bound); the bound has no gradient.
+  const S bound = -dual_clip * adv;
+  const bool dual = dual_clip > S(0) && adv < S(0);
+  return Term<S>{dual && bound < value ? bound : value, dual ? max_grad(-value, -bound, grad, S(0)) : grad};
 }
 
 // 0.5 * max((v - R)^2, (v_old + clip(v - v_old, -c, c) - R)^2), or 0.5 * (v - R)^2 unclipped;
@@ -186,13 +188,13 @@ template <typename S>
 FASTPPO_HD Term<S> value_term(S value, S old_value, S ret, bool clip_vloss, S vf_clip) {
   const S err = value - ret;
   const S unclipped = err * err;
-  if (!clip_vloss) return Term<S>{S(0.5) * unclipped, err};
   const S step = value - old_value;
   const S clipped_err = old_value + clamp(step, -vf_clip, vf_clip) - ret;
   const S clipped = clipped_err * clipped_err;
   const S d_clipped = (step >= -vf_clip && step <= vf_clip) ? S(2) * clipped_err : S(0);
-  return Term<S>{S(0.5) * (unclipped > clipped ? unclipped : clipped),
-                 S(0.5) * max_grad(unclipped, clipped, S(2) * err, d_clipped)};
+  const S value_clipped = S(0.5) * (unclipped > clipped ? unclipped : clipped);
+  const S grad_clipped = S(0.5) * max_grad(unclipped, clipped, S(2) * err, d_clipped);
+  return Term<S>{clip_vloss ? value_clipped : S(0.5) * unclipped, clip_vloss ? grad_clipped : err};
 }
 
 // KL estimators of the new policy from the old, from log r = new - old (Schulman's k1 and k3).

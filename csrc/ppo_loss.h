@@ -5,11 +5,13 @@
 // or thread count; each chunk's partial sums land in their own slot and are combined in chunk
 // order, so results are the same bits run after run.
 //
-//   pass 1 (norm_adv only): moments of the selected advantages per chunk -> mean and 1/(std+eps)
-//   pass 2: per element, the loss terms, the stats and the local derivatives (written to the
-//           gradient outputs); per chunk, the sums
-//   finish: sums -> loss, stats, and the per-row scale that backward multiplies the local
-//           derivatives by (1/count for token means, per-sequence factors for the seq modes)
+//   pass 1 (when norm_adv, a mask or a seq mode makes counts unknown): per chunk, the count and
+//          moments of the selected advantages; finish 1 turns them into the advantage mean and
+//          1/(std + eps) and each row's scale (1/tokens, or the seq modes' per-row factors)
+//   pass 2: per element, the loss terms, the stats and the final gradients (each element's
+//           derivative times its row's scale); per chunk, the sums
+//   finish 2: the sums -> the loss and the stats
+// Backward then only multiplies the saved gradients by the incoming gradient of the loss.
 #pragma once
 
 #include <cstdint>
@@ -20,7 +22,7 @@ namespace fastppo {
 
 constexpr int64_t kLossChunk = 4096;
 
-// Slots of a chunk's partial sums, and of the outputs.
+// Slots of a chunk's partial sums (pass 1 uses the first three for its moments), and of the outputs.
 enum LossSum : int { kSumCount = 0, kSumPg, kSumV, kSumEnt, kSumKl, kSumOldKl, kSumClip, kLossSums };
 enum LossOut : int { kOutLoss = 0, kOutPg, kOutV, kOutEnt, kOutKl, kOutOldKl, kOutClip, kLossOuts };
 enum LossAgg : int { kAggTokenMean = 0, kAggSeqMeanTokenMean = 1, kAggSeqMeanTokenSum = 2 };
@@ -43,8 +45,8 @@ struct PpoLossArgs {
   double clip_coef = 0.2, vf_coef = 0.5, ent_coef = 0.0, vf_clip_coef = 0.2, dual_clip = 0.0;
   bool clip_vloss = true, norm_adv = true;
   int agg = kAggTokenMean;
-  // Outputs, all allocated by the caller. grad_* are contiguous [R, C] local derivatives
-  // (grad_value only with new_value); out is [kLossOuts]; row_scale is [R].
+  // Outputs, all allocated by the caller. grad_* are contiguous [R, C] (grad_value only with
+  // new_value); out is [kLossOuts]; row_scale is [R].
   void* grad_logprob = nullptr;
   void* grad_value = nullptr;
   void* out = nullptr;
@@ -55,6 +57,7 @@ struct PpoLossArgs {
 
   FASTPPO_HD int64_t chunks_per_row() const { return (C + kLossChunk - 1) / kLossChunk; }
   FASTPPO_HD int64_t chunks() const { return R * chunks_per_row(); }
+  FASTPPO_HD bool needs_pass1() const { return norm_adv || mask.data != nullptr || agg != kAggTokenMean; }
   FASTPPO_HD bool selected(int64_t r, int64_t c) const {
     return mask.data == nullptr || load_flag(mask.data, mask_type, r * mask.sr + c * mask.sc);
   }
@@ -71,6 +74,41 @@ FASTPPO_HD ChunkRange chunk_range(const PpoLossArgs& a, int64_t k) {
   return ChunkRange{r, c0, c0 + kLossChunk < a.C ? c0 + kLossChunk : a.C};
 }
 
+// ------------------------------------------------------------------ one element
+
+template <typename S>
+struct LossCoefs {
+  S clip, dual_clip, vf_clip;
+  bool clip_vloss;
+};
+
+template <typename S>
+FASTPPO_HD LossCoefs<S> loss_coefs(const PpoLossArgs& a) {
+  return LossCoefs<S>{S(a.clip_coef), S(a.dual_clip), S(a.vf_clip_coef), a.clip_vloss};
+}
+
+// Everything one selected element contributes: its derivatives (before the row scale) and terms.
+template <typename S>
+struct LossElement {
+  S grad_logprob, grad_value;
+  S pg, v, kl, old_kl, clipped;
+};
+
+// The element math shared by every loop: `ratio` is exp(logratio), computed by the caller (a
+// vectorizable exp on the CPU, the device's exp on CUDA). Branch-free, so CPU loops vectorize.
+template <typename S>
+FASTPPO_HD LossElement<S> loss_element(S logratio, S ratio, S adv_raw, S adv_mean, S adv_inv_std, S value,
+                                       S old_value, S ret, const LossCoefs<S>& k) {
+  const S adv = (adv_raw - adv_mean) * adv_inv_std;
+  const Term<S> pg = policy_term(ratio, adv, k.clip, k.dual_clip);
+  const Term<S> v = value_term(value, old_value, ret, k.clip_vloss, k.vf_clip);
+  const S deviation = ratio - S(1);
+  const S clipped = (deviation > k.clip || -deviation > k.clip) ? S(1) : S(0);
+  return LossElement<S>{pg.grad, v.grad, pg.value, v.value, approx_kl_k3(ratio, logratio), -logratio, clipped};
+}
+
+// ------------------------------------------------------------------ pass 1
+
 // Pass 1, one element: adds a selected advantage to the chunk's moments.
 template <typename S>
 FASTPPO_HD Moments adv_moments_element(const PpoLossArgs& a, int64_t r, int64_t c, Moments m) {
@@ -85,18 +123,46 @@ FASTPPO_HD void adv_moments_store(const PpoLossArgs& a, int64_t k, Moments m) {
   p[2] = m.m2;
 }
 
-// Pass 1 finish: mean and 1/(std + eps) from the chunks' moments, merged in chunk order.
-FASTPPO_HD void adv_moments_finish(const PpoLossArgs& a) {
-  Moments total{0.0, 0.0, 0.0};
-  for (int64_t k = 0; k < a.chunks(); ++k) {
-    const double* p = a.partials + k * kLossSums;
-    total = moments_merge(total, Moments{p[0], p[1], p[2]});
-  }
-  a.adv_stats[0] = total.mean;
-  a.adv_stats[1] = moments_inv_std(total);
+FASTPPO_HD Moments adv_moments_load(const PpoLossArgs& a, int64_t k) {
+  const double* p = a.partials + k * kLossSums;
+  return Moments{p[0], p[1], p[2]};
 }
 
-// Pass 2, one element: writes the local derivatives and adds the element's terms to `sums`.
+// Finish 1: the advantage statistics (merged in chunk order) and each row's gradient scale.
+// Sequences without a selected token are left out of the seq modes' mean over sequences.
+template <typename S>
+FASTPPO_HD void loss_pass1_finish(const PpoLossArgs& a) {
+  S* row_scale = static_cast<S*>(a.row_scale);
+  if (!a.needs_pass1()) {
+    a.adv_stats[0] = 0.0;
+    a.adv_stats[1] = 1.0;
+    for (int64_t r = 0; r < a.R; ++r) row_scale[r] = S(a.R * a.C > 0 ? 1.0 / static_cast<double>(a.R * a.C) : 0.0);
+    return;
+  }
+  const int64_t per_row = a.chunks_per_row();
+  Moments total{0.0, 0.0, 0.0};
+  double sequences = 0.0;
+  for (int64_t r = 0; r < a.R; ++r) {
+    Moments row{0.0, 0.0, 0.0};
+    for (int64_t j = 0; j < per_row; ++j) row = moments_merge(row, adv_moments_load(a, r * per_row + j));
+    total = moments_merge(total, row);
+    sequences += row.count > 0.0 ? 1.0 : 0.0;
+  }
+  a.adv_stats[0] = a.norm_adv ? total.mean : 0.0;
+  a.adv_stats[1] = a.norm_adv ? moments_inv_std(total) : 1.0;
+  for (int64_t r = 0; r < a.R; ++r) {
+    double count = 0.0;
+    for (int64_t j = 0; j < per_row; ++j) count += a.partials[(r * per_row + j) * kLossSums];
+    double scale = total.count > 0.0 ? 1.0 / total.count : 0.0;
+    if (a.agg == kAggSeqMeanTokenMean) scale = count > 0.0 ? 1.0 / (sequences * count) : 0.0;
+    if (a.agg == kAggSeqMeanTokenSum) scale = count > 0.0 ? 1.0 / sequences : 0.0;
+    row_scale[r] = S(scale);
+  }
+}
+
+// ------------------------------------------------------------------ pass 2
+
+// Pass 2, one element through the strides: writes the final gradients, adds the terms to `sums`.
 template <typename S>
 FASTPPO_HD void ppo_loss_element(const PpoLossArgs& a, int64_t r, int64_t c, double* sums) {
   const int64_t out = r * a.C + c;
@@ -107,38 +173,34 @@ FASTPPO_HD void ppo_loss_element(const PpoLossArgs& a, int64_t r, int64_t c, dou
     if (grad_value) grad_value[out] = S(0);
     return;
   }
-  S adv = a.advantages.at<S>(r, c);
-  if (a.norm_adv) adv = S((static_cast<double>(adv) - a.adv_stats[0]) * a.adv_stats[1]);
+  const S scale = static_cast<const S*>(a.row_scale)[r];
   const S logratio = a.new_logprob.at<S>(r, c) - a.old_logprob.at<S>(r, c);
-  const S ratio = scalar_exp(logratio);
-  const Term<S> pg = policy_term(ratio, adv, S(a.clip_coef), S(a.dual_clip));
-  grad_logprob[out] = pg.grad;
+  const bool has_value = grad_value != nullptr;
+  const S value = has_value ? a.new_value.at<S>(r, c) : S(0);
+  const LossElement<S> e = loss_element(
+      logratio, scalar_exp(logratio), a.advantages.at<S>(r, c), S(a.adv_stats[0]), S(a.adv_stats[1]), value,
+      has_value && a.clip_vloss ? a.old_value.at<S>(r, c) : value, has_value ? a.returns.at<S>(r, c) : S(0),
+      loss_coefs<S>(a));
+  grad_logprob[out] = e.grad_logprob * scale;
+  if (has_value) grad_value[out] = e.grad_value * (S(a.vf_coef) * scale);
   sums[kSumCount] += 1.0;
-  sums[kSumPg] += pg.value;
-  sums[kSumKl] += approx_kl_k3(ratio, logratio);
-  sums[kSumOldKl] += -logratio;
-  const S deviation = ratio - S(1);
-  sums[kSumClip] += (deviation > S(a.clip_coef) || -deviation > S(a.clip_coef)) ? 1.0 : 0.0;
-  if (grad_value) {
-    const Term<S> v = value_term(a.new_value.at<S>(r, c), a.clip_vloss ? a.old_value.at<S>(r, c) : S(0),
-                                 a.returns.at<S>(r, c), a.clip_vloss, S(a.vf_clip_coef));
-    grad_value[out] = S(a.vf_coef) * v.grad;
-    sums[kSumV] += v.value;
-  }
-  if (a.entropy.data) sums[kSumEnt] += a.entropy.at<S>(r, c);
+  sums[kSumPg] += e.pg;
+  sums[kSumV] += has_value ? static_cast<double>(e.v) : 0.0;
+  sums[kSumEnt] += a.entropy.data ? static_cast<double>(a.entropy.at<S>(r, c)) : 0.0;
+  sums[kSumKl] += e.kl;
+  sums[kSumOldKl] += e.old_kl;
+  sums[kSumClip] += e.clipped;
 }
 
-// Finish: combines the chunks' sums in order into the loss, the stats and the per-row scales.
-// Token stats (approx_kl, old_approx_kl, clipfrac) are means over selected elements; pg, v and
-// entropy use `agg`. Sequences without a selected token are left out of the seq modes' mean.
-// Nothing selected at all gives zeros.
+// Finish 2: combines the chunks' sums in order into the loss and the stats. Token stats
+// (approx_kl, old_approx_kl, clipfrac) are means over selected elements; pg, v and entropy use
+// `agg`. Nothing selected at all gives zeros.
 template <typename S>
 FASTPPO_HD void ppo_loss_finish(const PpoLossArgs& a) {
   double token[kLossSums] = {0, 0, 0, 0, 0, 0, 0};
   double seq[kLossSums] = {0, 0, 0, 0, 0, 0, 0};
   double sequences = 0.0;
   const int64_t per_row = a.chunks_per_row();
-  S* row_scale = static_cast<S*>(a.row_scale);
   for (int64_t r = 0; r < a.R; ++r) {
     double row[kLossSums] = {0, 0, 0, 0, 0, 0, 0};
     for (int64_t j = 0; j < per_row; ++j)
@@ -150,28 +212,12 @@ FASTPPO_HD void ppo_loss_finish(const PpoLossArgs& a) {
       for (int s = kSumPg; s <= kSumEnt; ++s) seq[s] += row[s] * per_token;
     }
   }
-  const double tokens = token[kSumCount];
-  const double inv_tokens = tokens > 0.0 ? 1.0 / tokens : 0.0;
+  const double inv_tokens = token[kSumCount] > 0.0 ? 1.0 / token[kSumCount] : 0.0;
   const double inv_sequences = sequences > 0.0 ? 1.0 / sequences : 0.0;
-  double pg, v, ent;
-  if (a.agg == kAggTokenMean) {
-    pg = token[kSumPg] * inv_tokens;
-    v = token[kSumV] * inv_tokens;
-    ent = token[kSumEnt] * inv_tokens;
-  } else {
-    pg = seq[kSumPg] * inv_sequences;
-    v = seq[kSumV] * inv_sequences;
-    ent = seq[kSumEnt] * inv_sequences;
-  }
-  for (int64_t r = 0; r < a.R; ++r) {
-    double scale = inv_tokens;
-    if (a.agg != kAggTokenMean) {
-      double count = 0.0;
-      for (int64_t j = 0; j < per_row; ++j) count += a.partials[(r * per_row + j) * kLossSums + kSumCount];
-      scale = count == 0.0 ? 0.0 : (a.agg == kAggSeqMeanTokenMean ? inv_sequences / count : inv_sequences);
-    }
-    row_scale[r] = S(scale);
-  }
+  const bool token_mean = a.agg == kAggTokenMean;
+  const double pg = token_mean ? token[kSumPg] * inv_tokens : seq[kSumPg] * inv_sequences;
+  const double v = token_mean ? token[kSumV] * inv_tokens : seq[kSumV] * inv_sequences;
+  const double ent = token_mean ? token[kSumEnt] * inv_tokens : seq[kSumEnt] * inv_sequences;
   S* out = static_cast<S*>(a.out);
   out[kOutLoss] = S(pg - a.ent_coef * ent + a.vf_coef * v);
   out[kOutPg] = S(pg);

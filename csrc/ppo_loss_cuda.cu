@@ -1,6 +1,6 @@
 // The fused PPO loss on CUDA: one block per chunk, a fixed-shape tree reduction in shared memory
-// (no atomics, so the same bits every run), and a one-thread finish kernel that runs the same
-// ppo_loss_finish as the CPU. The per-element math is in ppo_loss.h / fastppo_math.h.
+// (no atomics, so the same bits every run), and one-thread finish kernels that run the same
+// loss_pass1_finish / ppo_loss_finish as the CPU. The per-element math is in ppo_loss.h / fastppo_math.h.
 #include <cuda_runtime.h>
 
 #include <stdexcept>
@@ -28,7 +28,8 @@ __global__ void adv_moments_kernel(PpoLossArgs a) {
   if (threadIdx.x == 0) adv_moments_store(a, blockIdx.x, shared[0]);
 }
 
-__global__ void adv_moments_finish_kernel(PpoLossArgs a) { adv_moments_finish(a); }
+template <typename S>
+__global__ void loss_pass1_finish_kernel(PpoLossArgs a) { loss_pass1_finish<S>(a); }
 
 template <typename S>
 __global__ void ppo_loss_kernel(PpoLossArgs a) {
@@ -56,13 +57,9 @@ void check(cudaError_t err, const char* what) {
 template <typename S>
 void launch(const PpoLossArgs& a, cudaStream_t stream) {
   const auto chunks = static_cast<unsigned>(a.chunks());
-  if (chunks > 0) {
-    if (a.norm_adv) {
-      adv_moments_kernel<S><<<chunks, kThreads, 0, stream>>>(a);
-      adv_moments_finish_kernel<<<1, 1, 0, stream>>>(a);
-    }
-    ppo_loss_kernel<S><<<chunks, kThreads, 0, stream>>>(a);
-  }
+  if (chunks > 0 && a.needs_pass1()) adv_moments_kernel<S><<<chunks, kThreads, 0, stream>>>(a);
+  loss_pass1_finish_kernel<S><<<1, 1, 0, stream>>>(a);
+  if (chunks > 0) ppo_loss_kernel<S><<<chunks, kThreads, 0, stream>>>(a);
   ppo_loss_finish_kernel<S><<<1, 1, 0, stream>>>(a);
 }
 

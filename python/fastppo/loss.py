@@ -55,7 +55,9 @@ def _forward(
     clip_coef: float, vf_coef: float, ent_coef: float, vf_clip_coef: float, dual_clip: float,
     clip_vloss: bool, norm_adv: bool, agg: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Runs the kernel. Returns (out [7], grad_logprob [shape], grad_value [shape] or [0], row_scale [R])."""
+    """Runs the kernel. Returns (out [7], grad_logprob [shape], grad_value [shape] or [0], row_scale [R]):
+    the loss and stats, the loss's gradients w.r.t. new_logprob and new_value, and each row's
+    factor d loss / d entropy = -ent_coef * row_scale."""
     shape = new_logprob.shape
     R, C = _rows_cols(shape)
     device = new_logprob.device
@@ -94,16 +96,16 @@ def _backward(
     grad_out: Tensor, grad_logprob: Tensor, grad_value: Tensor, row_scale: Tensor, mask: Optional[Tensor],
     ent_coef: float, has_value: bool, has_entropy: bool, needs: Tuple[bool, bool, bool],
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Gradients w.r.t. (new_logprob, new_value, entropy): the saved local derivatives times the
-    per-row scale times the incoming gradient of the loss."""
-    shape = grad_logprob.shape
-    R, C = _rows_cols(shape)
-    scale = (row_scale * grad_out[0]).reshape(R, 1)
-    d_logprob = (grad_logprob.reshape(R, C) * scale).reshape(shape) if needs[0] else None
-    d_value = (grad_value.reshape(R, C) * scale).reshape(shape) if has_value and needs[1] else None
+    """Gradients w.r.t. (new_logprob, new_value, entropy): the gradients the kernel saved times the
+    incoming gradient of the loss; the entropy's is -ent_coef times its row's scale."""
+    g = grad_out[0]
+    d_logprob = grad_logprob * g if needs[0] else None
+    d_value = grad_value * g if has_value and needs[1] else None
     d_entropy = None
     if has_entropy and needs[2]:
-        per_token = scale * (-ent_coef)
+        shape = grad_logprob.shape
+        R, C = _rows_cols(shape)
+        per_token = (row_scale * (g * -ent_coef)).reshape(R, 1)
         if mask is None:
             d_entropy = per_token.expand(R, C).reshape(shape)
         else:
