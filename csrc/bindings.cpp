@@ -130,7 +130,7 @@ void ppo_loss(int64_t R, int64_t C, const std::string& dtype, Strided2 new_logpr
               Strided2 advantages, py::object new_value, py::object old_value, py::object returns,
               py::object entropy, py::object mask, const std::string& mask_dtype, double clip_coef,
               double vf_coef, double ent_coef, double vf_clip_coef, double dual_clip, bool clip_vloss,
-              bool norm_adv, int agg, py::object grad_logprob, py::object grad_value, py::object out,
+              bool norm_adv, int agg, py::object grad_logprob, py::object grad_value, py::object loss, py::object stats,
               py::object row_scale, py::object partials, py::object adv_stats, int device, std::uintptr_t stream) {
   if (R < 0 || C < 0) throw py::value_error("fastppo._C.ppo_loss: R and C must be >= 0");
   if (agg < fastppo::kAggTokenMean || agg > fastppo::kAggSeqMeanTokenSum)
@@ -158,13 +158,14 @@ void ppo_loss(int64_t R, int64_t C, const std::string& dtype, Strided2 new_logpr
   a.agg = agg;
   a.grad_logprob = optional_address(grad_logprob);
   a.grad_value = optional_address(grad_value);
-  a.out = optional_address(out);
+  a.loss = optional_address(loss);
+  a.stats = optional_address(stats);
   a.row_scale = optional_address(row_scale);
   a.partials = static_cast<double*>(optional_address(partials));
   a.adv_stats = static_cast<double*>(optional_address(adv_stats));
   if (a.new_value.data && (!a.returns.data || (clip_vloss && !a.old_value.data)))
     throw py::value_error("fastppo._C.ppo_loss: new_value needs returns (and old_value when clip_vloss)");
-  if (!a.out || !a.row_scale || !a.adv_stats || (R * C > 0 && (!a.grad_logprob || !a.partials)) ||
+  if (!a.loss || !a.stats || !a.row_scale || !a.adv_stats || (R * C > 0 && (!a.grad_logprob || !a.partials)) ||
       (a.new_value.data && R * C > 0 && !a.grad_value))
     throw py::value_error("fastppo._C.ppo_loss: missing output or workspace buffer");
 
@@ -220,15 +221,15 @@ PYBIND11_MODULE(_C, m) {
         "GAE over a [T, N] problem given as raw buffers; writes contiguous [T, N] adv and ret.");
   m.attr("LOSS_CHUNK") = fastppo::kLossChunk;
   m.attr("LOSS_SUMS") = static_cast<int>(fastppo::kLossSums);
-  m.attr("LOSS_OUTS") = static_cast<int>(fastppo::kLossOuts);
+  m.attr("LOSS_STATS") = static_cast<int>(fastppo::kLossStats);
   m.def("ppo_loss", &ppo_loss, py::arg("R"), py::arg("C"), py::arg("dtype"), py::arg("new_logprob"),
         py::arg("old_logprob"), py::arg("advantages"), py::arg("new_value"), py::arg("old_value"),
         py::arg("returns"), py::arg("entropy"), py::arg("mask"), py::arg("mask_dtype"), py::arg("clip_coef"),
         py::arg("vf_coef"), py::arg("ent_coef"), py::arg("vf_clip_coef"), py::arg("dual_clip"),
         py::arg("clip_vloss"), py::arg("norm_adv"), py::arg("agg"), py::arg("grad_logprob"),
-        py::arg("grad_value"), py::arg("out"), py::arg("row_scale"), py::arg("partials"), py::arg("adv_stats"),
+        py::arg("grad_value"), py::arg("loss"), py::arg("stats"), py::arg("row_scale"), py::arg("partials"), py::arg("adv_stats"),
         py::arg("device"), py::arg("stream"),
-        "Fused clipped PPO loss over an [R, C] problem: writes out[7] (loss, pg, v, entropy, approx_kl, "
-        "old_approx_kl, clipfrac), the local derivatives grad_logprob / grad_value ([R, C], contiguous) "
-        "and row_scale[R], the factor backward multiplies them by.");
+        "Fused clipped PPO loss over an [R, C] problem: writes loss, stats[6] (pg, v, entropy, approx_kl, "
+        "old_approx_kl, clipfrac), the gradients grad_logprob / grad_value ([R, C], contiguous) "
+        "of the loss, and row_scale[R] (d loss / d entropy = -ent_coef * row_scale).");
 }

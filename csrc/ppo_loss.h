@@ -22,9 +22,9 @@ namespace fastppo {
 
 constexpr int64_t kLossChunk = 4096;
 
-// Slots of a chunk's partial sums (pass 1 uses the first three for its moments), and of the outputs.
+// Slots of a chunk's partial sums (pass 1 uses the first three for its moments), and of the stats.
 enum LossSum : int { kSumCount = 0, kSumPg, kSumV, kSumEnt, kSumKl, kSumOldKl, kSumClip, kLossSums };
-enum LossOut : int { kOutLoss = 0, kOutPg, kOutV, kOutEnt, kOutKl, kOutOldKl, kOutClip, kLossOuts };
+enum LossStat : int { kStatPg = 0, kStatV, kStatEnt, kStatKl, kStatOldKl, kStatClip, kLossStats };
 enum LossAgg : int { kAggTokenMean = 0, kAggSeqMeanTokenMean = 1, kAggSeqMeanTokenSum = 2 };
 
 // A read-only [R, C] array seen through element strides; null when the argument is absent.
@@ -46,10 +46,11 @@ struct PpoLossArgs {
   bool clip_vloss = true, norm_adv = true;
   int agg = kAggTokenMean;
   // Outputs, all allocated by the caller. grad_* are contiguous [R, C] (grad_value only with
-  // new_value); out is [kLossOuts]; row_scale is [R].
+  // new_value); loss is one element; stats is [kLossStats]; row_scale is [R].
   void* grad_logprob = nullptr;
   void* grad_value = nullptr;
-  void* out = nullptr;
+  void* loss = nullptr;
+  void* stats = nullptr;
   void* row_scale = nullptr;
   // Workspace: [chunks * kLossSums] partial sums, and [2] (mean, 1/(std+eps)) of the advantages.
   double* partials = nullptr;
@@ -218,14 +219,14 @@ FASTPPO_HD void ppo_loss_finish(const PpoLossArgs& a) {
   const double pg = token_mean ? token[kSumPg] * inv_tokens : seq[kSumPg] * inv_sequences;
   const double v = token_mean ? token[kSumV] * inv_tokens : seq[kSumV] * inv_sequences;
   const double ent = token_mean ? token[kSumEnt] * inv_tokens : seq[kSumEnt] * inv_sequences;
-  S* out = static_cast<S*>(a.out);
-  out[kOutLoss] = S(pg - a.ent_coef * ent + a.vf_coef * v);
-  out[kOutPg] = S(pg);
-  out[kOutV] = S(v);
-  out[kOutEnt] = S(ent);
-  out[kOutKl] = S(token[kSumKl] * inv_tokens);
-  out[kOutOldKl] = S(token[kSumOldKl] * inv_tokens);
-  out[kOutClip] = S(token[kSumClip] * inv_tokens);
+  *static_cast<S*>(a.loss) = S(pg - a.ent_coef * ent + a.vf_coef * v);
+  S* stats = static_cast<S*>(a.stats);
+  stats[kStatPg] = S(pg);
+  stats[kStatV] = S(v);
+  stats[kStatEnt] = S(ent);
+  stats[kStatKl] = S(token[kSumKl] * inv_tokens);
+  stats[kStatOldKl] = S(token[kSumOldKl] * inv_tokens);
+  stats[kStatClip] = S(token[kSumClip] * inv_tokens);
 }
 
 void ppo_loss_cpu(const PpoLossArgs& args);

@@ -29,3 +29,39 @@ def gae(
     device: int,
     stream: int,
 ) -> None: ...
+
+LOSS_CHUNK: int
+LOSS_SUMS: int
+LOSS_STATS: int
+
+def ppo_loss(
+    R: int,
+    C: int,
+    dtype: str,
+    new_logprob: tuple[Data, int, int],
+    old_logprob: tuple[Data, int, int],
+    advantages: tuple[Data, int, int],
+    new_value: tuple[Data, int, int] | None,
+    old_value: tuple[Data, int, int] | None,
+    returns: tuple[Data, int, int] | None,
+    entropy: tuple[Data, int, int] | None,
+    mask: tuple[Data, int, int] | None,
+    mask_dtype: str,
+    clip_coef: float,
+    vf_coef: float,
+    ent_coef: float,
+    vf_clip_coef: float,
+    dual_clip: float,
+    clip_vloss: bool,
+    norm_adv: bool,
+    agg: int,
+    grad_logprob: Data,
+    grad_value: Data | None,
+    loss: Data,
+    stats: Data,
+    row_scale: Data,
+    partials: Data,
+    adv_stats: Data,
+    device: int,
+    stream: int,
+) -> None: ...

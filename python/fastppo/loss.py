@@ -23,6 +23,7 @@ _FN = "fastppo.ppo_loss"
 AGG_MODES = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2}
 _FLOATS = (torch.float32, torch.float64)
 _FLAGS = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, torch.float32, torch.float64)
+_DTYPE_NAMES = {d: str(d).removeprefix("torch.") for d in _FLAGS}
 
 
 class PPOLossOutput(NamedTuple):
@@ -54,26 +55,28 @@ def _forward(
     old_value: Optional[Tensor], returns: Optional[Tensor], entropy: Optional[Tensor], mask: Optional[Tensor],
     clip_coef: float, vf_coef: float, ent_coef: float, vf_clip_coef: float, dual_clip: float,
     clip_vloss: bool, norm_adv: bool, agg: int,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Runs the kernel. Returns (out [7], grad_logprob [shape], grad_value [shape] or [0], row_scale [R]):
-    the loss and stats, the loss's gradients w.r.t. new_logprob and new_value, and each row's
-    factor d loss / d entropy = -ent_coef * row_scale."""
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Runs the kernel. Returns (loss [], stats [6], grad_logprob [shape], grad_value [shape] or [0],
+    row_scale [R]): the loss, its stats, its gradients w.r.t. new_logprob and new_value, and each
+    row's factor d loss / d entropy = -ent_coef * row_scale."""
     shape = new_logprob.shape
     R, C = _rows_cols(shape)
     device = new_logprob.device
-    out = new_logprob.new_empty(_C.LOSS_OUTS)
+    loss = new_logprob.new_empty(())
+    stats = new_logprob.new_empty(_C.LOSS_STATS)
     grad_logprob = torch.empty(shape, dtype=new_logprob.dtype, device=device)
-    grad_value = torch.empty(shape, dtype=new_logprob.dtype, device=device) if new_value is not None else out.new_empty(0)
-    row_scale = out.new_empty(R)
+    grad_value = torch.empty(shape, dtype=new_logprob.dtype, device=device) if new_value is not None else stats.new_empty(0)
+    row_scale = stats.new_empty(R)
     chunks = R * ((C + _C.LOSS_CHUNK - 1) // _C.LOSS_CHUNK)
-    partials = torch.empty(max(chunks, 1) * _C.LOSS_SUMS, dtype=torch.float64, device=device)
-    adv_stats = torch.empty(2, dtype=torch.float64, device=device)
+    workspace = torch.empty(max(chunks, 1) * _C.LOSS_SUMS + 2, dtype=torch.float64, device=device)
     views = []  # keeps any reshaped copy alive until the kernel has read it
 
     def spec(x: Optional[Tensor]):
         if x is None:
             return None
-        view = x if x.shape == (R, C) else x.reshape(R, C)
+        if x.dim() == 1:  # one row: no reshape needed
+            return (x.data_ptr(), 0, x.stride(0))
+        view = x if x.dim() == 2 else x.reshape(R, C)
         views.append(view)
         return (view.data_ptr(), view.stride(0), view.stride(1))
 
@@ -81,36 +84,43 @@ def _forward(
         device_index, stream = device.index, torch.cuda.current_stream(device).cuda_stream
     else:
         device_index, stream = -1, 0
+    workspace_ptr = workspace.data_ptr()
     _C.ppo_loss(
-        R, C, str(new_logprob.dtype).removeprefix("torch."),
+        R, C, _DTYPE_NAMES[new_logprob.dtype],
         spec(new_logprob), spec(old_logprob), spec(advantages), spec(new_value), spec(old_value), spec(returns),
-        spec(entropy), spec(mask), "" if mask is None else str(mask.dtype).removeprefix("torch."),
+        spec(entropy), spec(mask), "" if mask is None else _DTYPE_NAMES[mask.dtype],
         clip_coef, vf_coef, ent_coef, vf_clip_coef, dual_clip, clip_vloss, norm_adv, agg,
         grad_logprob.data_ptr(), grad_value.data_ptr() if new_value is not None else None,
-        out.data_ptr(), row_scale.data_ptr(), partials.data_ptr(), adv_stats.data_ptr(), device_index, stream,
+        loss.data_ptr(), stats.data_ptr(), row_scale.data_ptr(), workspace_ptr, workspace_ptr + 8 * max(chunks, 1) * _C.LOSS_SUMS,
+        device_index, stream,
     )
-    return out, grad_logprob, grad_value, row_scale
+    return loss, stats, grad_logprob, grad_value, row_scale
 
 
 def _backward(
-    grad_out: Tensor, grad_logprob: Tensor, grad_value: Tensor, row_scale: Tensor, mask: Optional[Tensor],
-    ent_coef: float, has_value: bool, has_entropy: bool, needs: Tuple[bool, bool, bool],
+    grad_loss: Tensor, grad_logprob: Tensor, grad_value: Tensor, row_scale: Tensor, mask: Optional[Tensor],
+    ent_coef: float, has_value: bool, has_entropy: bool, needs: Tuple[bool, bool, bool], in_place: bool,
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients w.r.t. (new_logprob, new_value, entropy): the gradients the kernel saved times the
-    incoming gradient of the loss; the entropy's is -ent_coef times its row's scale."""
-    g = grad_out[0]
-    d_logprob = grad_logprob * g if needs[0] else None
-    d_value = grad_value * g if has_value and needs[1] else None
+    incoming gradient of the loss; the entropy's is -ent_coef times its row's scale. `in_place`
+    scales the saved buffers themselves, saving an allocation and a pass over fresh memory."""
+    scale = Tensor.mul_ if in_place else Tensor.mul
+    d_logprob = scale(grad_logprob, grad_loss) if needs[0] else None
+    d_value = scale(grad_value, grad_loss) if has_value and needs[1] else None
     d_entropy = None
     if has_entropy and needs[2]:
         shape = grad_logprob.shape
         R, C = _rows_cols(shape)
-        per_token = (row_scale * (g * -ent_coef)).reshape(R, 1)
+        per_token = (row_scale * (grad_loss * -ent_coef)).reshape(R, 1)
         if mask is None:
             d_entropy = per_token.expand(R, C).reshape(shape)
         else:
             d_entropy = (mask.reshape(R, C).to(per_token.dtype) * per_token).reshape(shape)
     return d_logprob, d_value, d_entropy
+
+
+def _grads_for_inputs(d_logprob, d_value, d_entropy):
+    return (d_logprob, None, None, d_value, None, None, d_entropy) + (None,) * 9
 
 
 # ------------------------------------------------------------------ eager: autograd.Function
@@ -119,23 +129,29 @@ def _backward(
 class _PPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy, mask, *options):
-        out, grad_logprob, grad_value, row_scale = _forward(
+        loss, stats, grad_logprob, grad_value, row_scale = _forward(
             new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy, mask, *options
         )
         ctx.save_for_backward(grad_logprob, grad_value, row_scale, mask)
         ctx.ent_coef = options[2]
         ctx.has_value, ctx.has_entropy = new_value is not None, entropy is not None
-        ctx.mark_non_differentiable(grad_logprob, grad_value, row_scale)
-        return out, grad_logprob, grad_value, row_scale
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient is made for the stats
+        return loss, stats
 
     @staticmethod
-    def backward(ctx, grad_out, *unused):
+    def backward(ctx, grad_loss, grad_stats):
+        if grad_loss is None:
+            return (None,) * 16
         grad_logprob, grad_value, row_scale, mask = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[6])
-        d_logprob, d_value, d_entropy = _backward(
-            grad_out, grad_logprob, grad_value, row_scale, mask, ctx.ent_coef, ctx.has_value, ctx.has_entropy, needs
-        )
-        return (d_logprob, None, None, d_value, None, None, d_entropy) + (None,) * 9
+        # The saved gradients are this graph's own buffers, used once: they are scaled in place. A
+        # second backward through a retained graph then fails autograd's saved-tensor version check
+        # (a clear error) instead of reusing scaled values.
+        return _grads_for_inputs(*_backward(
+            grad_loss, grad_logprob, grad_value, row_scale, mask, ctx.ent_coef, ctx.has_value, ctx.has_entropy, needs,
+            in_place=True,
+        ))
 
 
 # ------------------------------------------------------------------ torch.compile: custom op
@@ -147,7 +163,7 @@ def _ppo_loss_op(
     old_value: Optional[Tensor], returns: Optional[Tensor], entropy: Optional[Tensor], mask: Optional[Tensor],
     clip_coef: float, vf_coef: float, ent_coef: float, vf_clip_coef: float, dual_clip: float,
     clip_vloss: bool, norm_adv: bool, agg: int,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _forward(new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy, mask,
                     clip_coef, vf_coef, ent_coef, vf_clip_coef, dual_clip, clip_vloss, norm_adv, agg)
 
@@ -157,26 +173,26 @@ def _ppo_loss_fake(new_logprob, old_logprob, advantages, new_value, old_value, r
                    clip_coef, vf_coef, ent_coef, vf_clip_coef, dual_clip, clip_vloss, norm_adv, agg):
     shape = new_logprob.shape
     R, _ = _rows_cols(shape)
-    out = new_logprob.new_empty(_C.LOSS_OUTS)
     grad_value = new_logprob.new_empty(shape) if new_value is not None else new_logprob.new_empty(0)
-    return out, new_logprob.new_empty(shape), grad_value, new_logprob.new_empty(R)
+    return (new_logprob.new_empty(()), new_logprob.new_empty(_C.LOSS_STATS), new_logprob.new_empty(shape),
+            grad_value, new_logprob.new_empty(R))
 
 
 def _op_setup_context(ctx, inputs, output):
     mask, ent_coef = inputs[7], inputs[10]
-    _, grad_logprob, grad_value, row_scale = output
+    _, _, grad_logprob, grad_value, row_scale = output
     ctx.save_for_backward(grad_logprob, grad_value, row_scale, mask)
     ctx.ent_coef = ent_coef
     ctx.has_value, ctx.has_entropy = inputs[3] is not None, inputs[6] is not None
 
 
-def _op_backward(ctx, grad_out, *unused):
+def _op_backward(ctx, grad_loss, *unused):
     grad_logprob, grad_value, row_scale, mask = ctx.saved_tensors
     needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[6])
-    d_logprob, d_value, d_entropy = _backward(
-        grad_out, grad_logprob, grad_value, row_scale, mask, ctx.ent_coef, ctx.has_value, ctx.has_entropy, needs
-    )
-    return (d_logprob, None, None, d_value, None, None, d_entropy) + (None,) * 9
+    return _grads_for_inputs(*_backward(
+        grad_loss, grad_logprob, grad_value, row_scale, mask, ctx.ent_coef, ctx.has_value, ctx.has_entropy, needs,
+        in_place=False,  # traced graphs must not mutate saved tensors
+    ))
 
 
 _ppo_loss_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -299,8 +315,7 @@ def ppo_loss(
     args = (new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy, mask,
             clip_coef, vf_coef, ent_coef, vf_clip, dual, bool(clip_vloss), bool(norm_adv), AGG_MODES[agg])
     if torch.compiler.is_compiling():
-        out = _ppo_loss_op(*args)[0]
+        loss, stats = _ppo_loss_op(*args)[:2]
     else:
-        out = _PPOLoss.apply(*args)[0]
-    stats = out.detach()
-    return PPOLossOutput(out[0], stats[1], stats[2], stats[3], stats[4], stats[5], stats[6])
+        loss, stats = _PPOLoss.apply(*args)
+    return PPOLossOutput(loss, *stats.detach().unbind())
