@@ -110,12 +110,12 @@ def _backward(
     d_entropy = None
     if has_entropy and needs[2]:
         shape = grad_logprob.shape
-        R, C = _rows_cols(shape)
-        per_token = (row_scale * (grad_loss * -ent_coef)).reshape(R, 1)
-        if mask is None:
-            d_entropy = per_token.expand(R, C).reshape(shape)
-        else:
-            d_entropy = (mask.reshape(R, C).to(per_token.dtype) * per_token).reshape(shape)
+        per_token = row_scale * (grad_loss * -ent_coef)  # [R]
+        if len(shape) == 2:
+            per_token = per_token.reshape(-1, 1)
+        elif len(shape) != 1:
+            per_token = per_token.reshape(())  # one row
+        d_entropy = per_token.expand(shape) if mask is None else mask.to(per_token.dtype) * per_token
     return d_logprob, d_value, d_entropy
 
 
@@ -201,10 +201,13 @@ _ppo_loss_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 # ------------------------------------------------------------------ public function
 
 
-def _check_tensor(name: str, x, like: Tensor, dtypes, what: str) -> None:
+def _check_tensor(name: str, x, like: Tensor, flags: bool = False) -> None:
+    """``x`` must be a tensor of ``like``'s shape and device, and of its dtype (a 0/1 flag dtype
+    when ``flags``). Messages are built only on failure: this runs on every call."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{_FN}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in dtypes:
+    if (x.dtype not in _FLAGS) if flags else (x.dtype != like.dtype):
+        what = "bool, or 0/1 as an integer or float dtype" if flags else f"{like.dtype}, the dtype of new_logprob"
         raise TypeError(f"{_FN}: {name} has dtype {x.dtype}; expected {what}")
     if x.shape != like.shape:
         raise ValueError(f"{_FN}: {name} has shape {tuple(x.shape)}; expected {tuple(like.shape)}, the shape of new_logprob")
@@ -281,15 +284,13 @@ def ppo_loss(
         raise TypeError(f"{_FN}: new_logprob must be a torch.Tensor, got {type(new_logprob).__name__}")
     if new_logprob.dtype not in _FLOATS:
         raise TypeError(f"{_FN}: new_logprob has dtype {new_logprob.dtype}; expected torch.float32 or torch.float64")
-    dtype = new_logprob.dtype
-    same = f"{dtype}, the dtype of new_logprob"
-    _check_tensor("old_logprob", old_logprob, new_logprob, (dtype,), same)
-    _check_tensor("advantages", advantages, new_logprob, (dtype,), same)
+    _check_tensor("old_logprob", old_logprob, new_logprob)
+    _check_tensor("advantages", advantages, new_logprob)
     for name, x in (("new_value", new_value), ("old_value", old_value), ("returns", returns), ("entropy", entropy)):
         if x is not None:
-            _check_tensor(name, x, new_logprob, (dtype,), same)
+            _check_tensor(name, x, new_logprob)
     if mask is not None:
-        _check_tensor("mask", mask, new_logprob, _FLAGS, "bool, or 0/1 as an integer or float dtype")
+        _check_tensor("mask", mask, new_logprob, flags=True)
     if new_value is None and (old_value is not None or returns is not None):
         raise ValueError(f"{_FN}: old_value / returns were given without new_value; pass new_value for the value loss")
     if new_value is not None and returns is None:
