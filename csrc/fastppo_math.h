@@ -145,6 +145,8 @@ FASTPPO_HD S clamp(S x, S lo, S hi) {
 // exp in the input's own precision on host and device.
 FASTPPO_HD float scalar_exp(float x) { return expf(x); }
 FASTPPO_HD double scalar_exp(double x) { return exp(x); }
+FASTPPO_HD float scalar_log(float x) { return logf(x); }
+FASTPPO_HD double scalar_log(double x) { return log(x); }
 
 // d max(a, b) given da and db, with torch's tie rule.
 template <typename S>
@@ -233,6 +235,103 @@ constexpr double kAdvEps = 1e-8;
 FASTPPO_HD double moments_inv_std(Moments m) {
   const double var = m.count >= 2.0 ? m.m2 / (m.count - 1.0) : 0.0;
   return 1.0 / (sqrt(var > 0.0 ? var : 0.0) + kAdvEps);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Categorical policy head over logits x (softmax p = exp(x - lse)), streamed through once.
+// Running state of the online softmax (Milakov & Gimelshein 2018), extended with t = sum e^(x-m) x
+// for the entropy: lse = m + log s, H = lse - t / s. A logit of -inf (a masked action) adds
+// nothing, so a row may mix -inf with finite logits; a row of only -inf gives lse = -inf.
+
+template <typename S>
+struct SoftmaxState {
+  S m;  // running max (-inf before the first finite logit)
+  S s;  // sum of e^(x - m)
+  S t;  // sum of e^(x - m) * x
+};
+
+template <typename S>
+FASTPPO_HD SoftmaxState<S> softmax_empty() {
+  return SoftmaxState<S>{S(-INFINITY), S(0), S(0)};
+}
+
+// Merges two states (also how one logit is added: {x, 1, x}).
+template <typename S>
+FASTPPO_HD SoftmaxState<S> softmax_merge(SoftmaxState<S> a, SoftmaxState<S> b) {
+  if (!(b.s > S(0))) return a;
+  if (!(a.s > S(0))) return b;
+  const S m = a.m > b.m ? a.m : b.m;
+  const S ea = scalar_exp(a.m - m), eb = scalar_exp(b.m - m);
+  return SoftmaxState<S>{m, a.s * ea + b.s * eb, a.t * ea + b.t * eb};
+}
+
+template <typename S>
+FASTPPO_HD SoftmaxState<S> softmax_push(SoftmaxState<S> state, S x) {
+  const bool live = x > -finite_max(x);  // -inf adds nothing
+  return live ? softmax_merge(state, SoftmaxState<S>{x, S(1), x}) : state;
+}
+
+template <typename S>
+FASTPPO_HD S softmax_lse(SoftmaxState<S> st) {
+  return st.s > S(0) ? st.m + scalar_log(st.s) : st.m;
+}
+
+template <typename S>
+FASTPPO_HD S softmax_entropy(SoftmaxState<S> st) {
+  return st.s > S(0) ? softmax_lse(st) - st.t / st.s : S(0);
+}
+
+// d/dx_j of (g_logprob * log p_a + g_entropy * H) without the action's own term, given
+// p_j = exp(x_j - lse) (computed by the caller's exp; 0 for a -inf logit) and lse, H of the row:
+//   -g_logprob * p_j - g_entropy * p_j * (x_j - lse + H);   the action a adds + g_logprob.
+// A -inf logit gets exactly 0 (no 0 * inf).
+template <typename S>
+FASTPPO_HD S categorical_grad(S x, S p, S lse, S entropy, S g_logprob, S g_entropy) {
+  const bool live = x > -finite_max(x);
+  const S d_entropy = live ? -p * (x - lse + entropy) : S(0);
+  return -g_logprob * p + g_entropy * d_entropy;
+}
+
+// exp as a function object, for the element functions that take the caller's exp.
+struct ScalarExp {
+  template <typename S>
+  FASTPPO_HD S operator()(S x) const {
+    return scalar_exp(x);
+  }
+};
+
+// p_j = exp(x_j - lse) with the given exp; 0 for a -inf logit.
+template <typename S, typename Exp>
+FASTPPO_HD S softmax_prob(S x, S lse, Exp exp_fn) {
+  return x > -finite_max(x) ? exp_fn(x - lse) : S(0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Diagonal Gaussian head, one dimension: log N(a; mu, sigma) and the entropy, sigma = exp(log_std).
+
+constexpr double kHalfLog2Pi = 0.91893853320467274178;
+
+template <typename S>
+FASTPPO_HD S normal_logprob(S action, S mean, S log_std, S inv_var) {
+  const S z = action - mean;
+  return -S(0.5) * z * z * inv_var - log_std - S(kHalfLog2Pi);
+}
+
+template <typename S>
+FASTPPO_HD S normal_entropy(S log_std) {
+  return S(0.5) + S(kHalfLog2Pi) + log_std;
+}
+
+// Gradients of g_logprob * logprob + g_entropy * entropy: w.r.t. mean, and w.r.t. log_std.
+template <typename S>
+FASTPPO_HD S normal_grad_mean(S action, S mean, S inv_var, S g_logprob) {
+  return g_logprob * (action - mean) * inv_var;
+}
+
+template <typename S>
+FASTPPO_HD S normal_grad_log_std(S action, S mean, S inv_var, S g_logprob, S g_entropy) {
+  const S z = action - mean;
+  return g_logprob * (z * z * inv_var - S(1)) + g_entropy;
 }
 
 }  // namespace fastppo
