@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "gae.h"
+#include "heads.h"
 #include "ppo_loss.h"
 
 #if FASTPPO_WITH_CUDA
@@ -182,6 +183,142 @@ void ppo_loss(int64_t R, int64_t C, const std::string& dtype, Strided2 new_logpr
 #endif
 }
 
+int scalar_type(const std::string& dtype, const char* name) {
+  if (dtype == "float32") return fastppo::kF32;
+  if (dtype == "float64") return fastppo::kF64;
+  if (dtype == "bfloat16") return fastppo::kBF16;
+  if (dtype == "float16") return fastppo::kF16;
+  throw py::type_error(std::string("fastppo._C: ") + name + " dtype must be float32, float64, bfloat16 or float16, got '" + dtype + "'");
+}
+
+// (data, stride) of a [rows] vector, or None (left null).
+void optional_vector(const py::object& spec, const void** data, int64_t* stride) {
+  if (spec.is_none()) return;
+  const auto t = spec.cast<Strided1>();
+  *data = pointer(std::get<0>(t));
+  *stride = std::get<1>(t);
+}
+
+fastppo::CategoricalArgs categorical_args(int64_t rows, int64_t A, const std::string& dtype, Strided2 logits,
+                                          Strided1 actions, const std::string& actions_dtype, double temperature) {
+  if (rows < 0 || A < 1) throw py::value_error("fastppo._C.categorical: rows must be >= 0 and A >= 1");
+  if (!(temperature > 0.0)) throw py::value_error("fastppo._C.categorical: temperature must be > 0");
+  fastppo::CategoricalArgs a;
+  a.rows = rows;
+  a.A = A;
+  a.dtype = scalar_type(dtype, "logits");
+  a.logits = pointer(std::get<0>(logits));
+  a.logits_sr = std::get<1>(logits);
+  a.logits_sc = std::get<2>(logits);
+  a.actions = pointer(std::get<0>(actions));
+  a.actions_s = std::get<1>(actions);
+  if (actions_dtype == "int64") {
+    a.actions_type = fastppo::kFlagI64;
+  } else if (actions_dtype == "int32") {
+    a.actions_type = fastppo::kFlagI32;
+  } else {
+    throw py::type_error("fastppo._C.categorical: actions dtype must be int64 or int32, got '" + actions_dtype + "'");
+  }
+  a.inv_temperature = 1.0 / temperature;
+  return a;
+}
+
+void run_on(int device, std::uintptr_t stream, void (*cpu)(const fastppo::CategoricalArgs&),
+            void (*cuda)(const fastppo::CategoricalArgs&, int, std::uintptr_t), const fastppo::CategoricalArgs& a) {
+  py::gil_scoped_release no_gil;
+  if (device < 0) return cpu(a);
+#if FASTPPO_WITH_CUDA
+  cuda(a, device, stream);
+#else
+  (void)cuda;
+  (void)stream;
+  throw std::runtime_error("fastppo._C: this build of fastppo has no CUDA support");
+#endif
+}
+
+void categorical_forward(int64_t rows, int64_t A, const std::string& dtype, Strided2 logits, Strided1 actions,
+                         const std::string& actions_dtype, double temperature, py::object logprob, py::object entropy,
+                         py::object lse, int device, std::uintptr_t stream) {
+  fastppo::CategoricalArgs a = categorical_args(rows, A, dtype, logits, actions, actions_dtype, temperature);
+  a.logprob = address(logprob);
+  a.entropy = address(entropy);
+  a.lse = address(lse);
+  if (rows == 0) return;
+  if (device < 0 && a.dtype != fastppo::kF32 && a.dtype != fastppo::kF64)
+    throw py::type_error("fastppo._C.categorical: bfloat16 / float16 logits run on CUDA only");
+  if (device < 0) {
+    const int64_t bad = fastppo::categorical_check_actions_cpu(a);
+    if (bad >= 0) throw py::index_error("fastppo._C.categorical: row " + std::to_string(bad) + " has an action out of range");
+  }
+  run_on(device, stream, fastppo::categorical_forward_cpu, fastppo::categorical_forward_cuda, a);
+}
+
+void categorical_backward(int64_t rows, int64_t A, const std::string& dtype, Strided2 logits, Strided1 actions,
+                          const std::string& actions_dtype, double temperature, py::object lse, py::object entropy,
+                          py::object grad_logprob, py::object grad_entropy, py::object grad_logits, int device,
+                          std::uintptr_t stream) {
+  fastppo::CategoricalArgs a = categorical_args(rows, A, dtype, logits, actions, actions_dtype, temperature);
+  a.lse = address(lse);
+  a.entropy = address(entropy);
+  optional_vector(grad_logprob, &a.grad_logprob, &a.grad_logprob_s);
+  optional_vector(grad_entropy, &a.grad_entropy, &a.grad_entropy_s);
+  a.grad_logits = address(grad_logits);
+  if (rows == 0) return;
+  run_on(device, stream, fastppo::categorical_backward_cpu, fastppo::categorical_backward_cuda, a);
+}
+
+fastppo::NormalArgs normal_args(int64_t rows, int64_t D, const std::string& dtype, Strided2 mean, Strided2 log_std,
+                                Strided2 actions) {
+  if (rows < 0 || D < 1) throw py::value_error("fastppo._C.normal: rows must be >= 0 and D >= 1");
+  fastppo::NormalArgs a;
+  a.rows = rows;
+  a.D = D;
+  a.is_f64 = float_is_f64(dtype);
+  std::tie(std::ignore, a.mean_sr, a.mean_sc) = mean;
+  a.mean = pointer(std::get<0>(mean));
+  std::tie(std::ignore, a.log_std_sr, a.log_std_sc) = log_std;
+  a.log_std = pointer(std::get<0>(log_std));
+  std::tie(std::ignore, a.actions_sr, a.actions_sc) = actions;
+  a.actions = pointer(std::get<0>(actions));
+  return a;
+}
+
+void normal_forward(int64_t rows, int64_t D, const std::string& dtype, Strided2 mean, Strided2 log_std,
+                    Strided2 actions, py::object logprob, py::object entropy, int device, std::uintptr_t stream) {
+  fastppo::NormalArgs a = normal_args(rows, D, dtype, mean, log_std, actions);
+  a.logprob = address(logprob);
+  a.entropy = address(entropy);
+  if (rows == 0) return;
+  py::gil_scoped_release no_gil;
+  if (device < 0) return fastppo::normal_forward_cpu(a);
+#if FASTPPO_WITH_CUDA
+  fastppo::normal_forward_cuda(a, device, stream);
+#else
+  (void)stream;
+  throw std::runtime_error("fastppo._C.normal: this build of fastppo has no CUDA support");
+#endif
+}
+
+void normal_backward(int64_t rows, int64_t D, const std::string& dtype, Strided2 mean, Strided2 log_std,
+                     Strided2 actions, py::object grad_logprob, py::object grad_entropy, py::object grad_mean,
+                     py::object grad_log_std, py::object partials, int device, std::uintptr_t stream) {
+  fastppo::NormalArgs a = normal_args(rows, D, dtype, mean, log_std, actions);
+  optional_vector(grad_logprob, &a.grad_logprob, &a.grad_logprob_s);
+  optional_vector(grad_entropy, &a.grad_entropy, &a.grad_entropy_s);
+  a.grad_mean = address(grad_mean);
+  a.grad_log_std = address(grad_log_std);
+  a.partials = static_cast<double*>(optional_address(partials));
+  if (a.log_std_sr == 0 && !a.partials) throw py::value_error("fastppo._C.normal: a shared log_std needs partials");
+  py::gil_scoped_release no_gil;
+  if (device < 0) return fastppo::normal_backward_cpu(a);
+#if FASTPPO_WITH_CUDA
+  fastppo::normal_backward_cuda(a, device, stream);
+#else
+  (void)stream;
+  throw std::runtime_error("fastppo._C.normal: this build of fastppo has no CUDA support");
+#endif
+}
+
 py::dict build_info() {
   py::dict info;
   info["version"] = FASTPPO_VERSION;
@@ -219,6 +356,22 @@ PYBIND11_MODULE(_C, m) {
         py::arg("last_value"), py::arg("adv"), py::arg("ret"), py::arg("gamma"), py::arg("lam"),
         py::arg("device"), py::arg("stream"),
         "GAE over a [T, N] problem given as raw buffers; writes contiguous [T, N] adv and ret.");
+  m.attr("NORMAL_CHUNK") = fastppo::kNormalChunk;
+  m.def("categorical_forward", &categorical_forward, py::arg("rows"), py::arg("A"), py::arg("dtype"), py::arg("logits"),
+        py::arg("actions"), py::arg("actions_dtype"), py::arg("temperature"), py::arg("logprob"), py::arg("entropy"),
+        py::arg("lse"), py::arg("device"), py::arg("stream"),
+        "Categorical head forward over [rows, A] logits: writes logprob, entropy and lse ([rows] each).");
+  m.def("categorical_backward", &categorical_backward, py::arg("rows"), py::arg("A"), py::arg("dtype"),
+        py::arg("logits"), py::arg("actions"), py::arg("actions_dtype"), py::arg("temperature"), py::arg("lse"),
+        py::arg("entropy"), py::arg("grad_logprob"), py::arg("grad_entropy"), py::arg("grad_logits"),
+        py::arg("device"), py::arg("stream"), "Categorical head backward: writes contiguous [rows, A] grad_logits.");
+  m.def("normal_forward", &normal_forward, py::arg("rows"), py::arg("D"), py::arg("dtype"), py::arg("mean"),
+        py::arg("log_std"), py::arg("actions"), py::arg("logprob"), py::arg("entropy"), py::arg("device"),
+        py::arg("stream"), "Diagonal Gaussian head forward: writes logprob and entropy ([rows] each).");
+  m.def("normal_backward", &normal_backward, py::arg("rows"), py::arg("D"), py::arg("dtype"), py::arg("mean"),
+        py::arg("log_std"), py::arg("actions"), py::arg("grad_logprob"), py::arg("grad_entropy"),
+        py::arg("grad_mean"), py::arg("grad_log_std"), py::arg("partials"), py::arg("device"), py::arg("stream"),
+        "Diagonal Gaussian head backward: writes grad_mean [rows, D] and grad_log_std ([rows, D], or [D] when shared).");
   m.attr("LOSS_CHUNK") = fastppo::kLossChunk;
   m.attr("LOSS_SUMS") = static_cast<int>(fastppo::kLossSums);
   m.attr("LOSS_STATS") = static_cast<int>(fastppo::kLossStats);

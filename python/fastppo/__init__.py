@@ -1,6 +1,7 @@
 """fastppo: Proximal Policy Optimization with fused C++/CUDA kernels.
 
-Public API: :func:`gae` (numpy or torch), :func:`ppo_loss` (torch); :func:`cuda_available` and
+Public API: :func:`gae` (numpy or torch), :func:`ppo_loss`, :func:`categorical_logprob_entropy`
+and :func:`normal_logprob_entropy` (torch); :func:`cuda_available` and
 :func:`build_info` describe the compiled core. The torch-only parts are imported on first use,
 so ``import fastppo`` never imports torch.
 """
@@ -12,9 +13,23 @@ from .advantages import gae
 
 __version__: str = _C.__version__
 
-__all__ = ["PPOLossOutput", "__version__", "build_info", "cuda_available", "gae", "ppo_loss"]
+__all__ = [
+    "PPOLossOutput",
+    "__version__",
+    "build_info",
+    "categorical_logprob_entropy",
+    "cuda_available",
+    "gae",
+    "normal_logprob_entropy",
+    "ppo_loss",
+]
 
-_TORCH_ONLY = {"ppo_loss": "loss", "PPOLossOutput": "loss"}
+_TORCH_ONLY = {
+    "ppo_loss": "loss",
+    "PPOLossOutput": "loss",
+    "categorical_logprob_entropy": "heads",
+    "normal_logprob_entropy": "heads",
+}
 
 
 def __getattr__(name: str):

@@ -1,0 +1,226 @@
+// The fused policy heads on CUDA. Categorical: one block per row streams the logits once with
+// each thread's online softmax state, then merges the states in a fixed tree (same bits every
+// run); backward writes each logit's gradient from the row's saved lse and entropy. bf16 / f16
+// logits accumulate in float. Diagonal Gaussian: one thread per row; a shared log_std's gradient
+// is summed per chunk of rows and then over chunks in order. Math: fastppo_math.h.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "heads.h"
+
+namespace fastppo {
+namespace {
+
+constexpr int kRowThreads = 256;
+constexpr int kColumnThreads = 256;
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T from_acc(float x);
+template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half(x); }
+
+template <typename T, typename S>
+__device__ __forceinline__ S logit(const CategoricalArgs& a, int64_t r, int64_t j) {
+  return to_acc(static_cast<const T*>(a.logits)[r * a.logits_sr + j * a.logits_sc]) * S(a.inv_temperature);
+}
+
+template <typename T, typename S>
+__global__ void categorical_forward_kernel(CategoricalArgs a) {
+  __shared__ SoftmaxState<S> shared[kRowThreads];
+  const int64_t r = blockIdx.x;
+  SoftmaxState<S> state = softmax_empty<S>();
+  for (int64_t j = threadIdx.x; j < a.A; j += blockDim.x) state = softmax_push(state, logit<T, S>(a, r, j));
+  shared[threadIdx.x] = state;
+  __syncthreads();
+  for (int stride = kRowThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) shared[threadIdx.x] = softmax_merge(shared[threadIdx.x], shared[threadIdx.x + stride]);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    const int64_t action = categorical_action(a, r);
+    const S lse = softmax_lse(shared[0]);
+    const S nan = S(NAN);
+    static_cast<S*>(a.lse)[r] = action < 0 ? nan : lse;
+    static_cast<S*>(a.entropy)[r] = action < 0 ? nan : softmax_entropy(shared[0]);
+    static_cast<S*>(a.logprob)[r] = action < 0 ? nan : logit<T, S>(a, r, action) - lse;
+  }
+}
+
+template <typename T, typename S, typename Store>
+__device__ void categorical_backward_element(const CategoricalArgs& a, Store store, int64_t r, int64_t j) {
+  const int64_t action = categorical_action(a, r);
+  T* grad = static_cast<T*>(a.grad_logits) + r * a.A;
+  if (action < 0) {
+    grad[j] = store(S(0));
+    return;
+  }
+  const S g_logprob = a.grad_logprob ? static_cast<const S*>(a.grad_logprob)[r * a.grad_logprob_s] : S(0);
+  const S g_entropy = a.grad_entropy ? static_cast<const S*>(a.grad_entropy)[r * a.grad_entropy_s] : S(0);
+  const S lse = static_cast<const S*>(a.lse)[r];
+  const S entropy = static_cast<const S*>(a.entropy)[r];
+  const S x = logit<T, S>(a, r, j);
+  const S p = softmax_prob(x, lse, ScalarExp{});
+  const S d = categorical_grad(x, p, lse, entropy, g_logprob, g_entropy) + (j == action ? g_logprob : S(0));
+  grad[j] = store(S(a.inv_temperature) * d);
+}
+
+template <typename T, typename S, typename Store>
+__global__ void categorical_backward_kernel(CategoricalArgs a, Store store) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= a.A) return;
+  for (int64_t r = blockIdx.y; r < a.rows; r += gridDim.y) categorical_backward_element<T, S>(a, store, r, j);
+}
+
+template <typename T>
+struct StoreAs {
+  __device__ T operator()(float x) const { return from_acc<T>(x); }
+};
+struct StoreDouble {
+  __device__ double operator()(double x) const { return x; }
+};
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string("fastppo heads: ") + what + ": " + cudaGetErrorString(err));
+}
+
+// Runs `launch` on `device` (restoring the caller's current device) and reports launch errors.
+template <typename Launch>
+void on_device(int device, Launch launch) {
+  int previous = 0;
+  check(cudaGetDevice(&previous), "cudaGetDevice");
+  if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
+  launch();
+  const cudaError_t launched = cudaGetLastError();
+  if (previous != device) cudaSetDevice(previous);
+  check(launched, "kernel launch");
+}
+
+template <typename T, typename S, typename Store>
+void categorical_launch(const CategoricalArgs& a, cudaStream_t stream, bool forward, Store store) {
+  if (forward) {
+    categorical_forward_kernel<T, S><<<static_cast<unsigned>(a.rows), kRowThreads, 0, stream>>>(a);
+  } else {
+    const unsigned rows = static_cast<unsigned>(a.rows < 65535 ? a.rows : 65535);  // grid.y limit; rows loop beyond it
+    const dim3 grid(static_cast<unsigned>((a.A + kColumnThreads - 1) / kColumnThreads), rows);
+    categorical_backward_kernel<T, S><<<grid, kColumnThreads, 0, stream>>>(a, store);
+  }
+}
+
+void categorical_run(const CategoricalArgs& a, int device, std::uintptr_t stream_handle, bool forward) {
+  if (a.rows == 0) return;
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  on_device(device, [&] {
+    switch (a.dtype) {
+      case kF64: categorical_launch<double, double>(a, stream, forward, StoreDouble{}); break;
+      case kBF16: categorical_launch<__nv_bfloat16, float>(a, stream, forward, StoreAs<__nv_bfloat16>{}); break;
+      case kF16: categorical_launch<__half, float>(a, stream, forward, StoreAs<__half>{}); break;
+      default: categorical_launch<float, float>(a, stream, forward, StoreAs<float>{}); break;
+    }
+  });
+}
+
+// ------------------------------------------------------------------ diagonal Gaussian
+
+template <typename S>
+__device__ __forceinline__ S normal_at(const void* base, int64_t sr, int64_t sc, int64_t r, int64_t d) {
+  return static_cast<const S*>(base)[r * sr + d * sc];
+}
+
+template <typename S>
+__global__ void normal_forward_kernel(NormalArgs a) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= a.rows) return;
+  S logprob = 0, entropy = 0;
+  for (int64_t d = 0; d < a.D; ++d) {
+    const S log_std = normal_at<S>(a.log_std, a.log_std_sr, a.log_std_sc, r, d);
+    const S inv_var = scalar_exp(S(-2) * log_std);
+    logprob += normal_logprob(normal_at<S>(a.actions, a.actions_sr, a.actions_sc, r, d),
+                              normal_at<S>(a.mean, a.mean_sr, a.mean_sc, r, d), log_std, inv_var);
+    entropy += normal_entropy(log_std);
+  }
+  static_cast<S*>(a.logprob)[r] = logprob;
+  static_cast<S*>(a.entropy)[r] = entropy;
+}
+
+// Per-row gradients; with a shared log_std, grad_log_std is left to the two kernels below.
+template <typename S>
+__global__ void normal_backward_kernel(NormalArgs a) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= a.rows) return;
+  const S g_logprob = a.grad_logprob ? static_cast<const S*>(a.grad_logprob)[r * a.grad_logprob_s] : S(0);
+  const S g_entropy = a.grad_entropy ? static_cast<const S*>(a.grad_entropy)[r * a.grad_entropy_s] : S(0);
+  for (int64_t d = 0; d < a.D; ++d) {
+    const S action = normal_at<S>(a.actions, a.actions_sr, a.actions_sc, r, d);
+    const S mean = normal_at<S>(a.mean, a.mean_sr, a.mean_sc, r, d);
+    const S inv_var = scalar_exp(S(-2) * normal_at<S>(a.log_std, a.log_std_sr, a.log_std_sc, r, d));
+    static_cast<S*>(a.grad_mean)[r * a.D + d] = normal_grad_mean(action, mean, inv_var, g_logprob);
+    if (a.log_std_sr != 0)
+      static_cast<S*>(a.grad_log_std)[r * a.D + d] = normal_grad_log_std(action, mean, inv_var, g_logprob, g_entropy);
+  }
+}
+
+// Shared log_std: thread (chunk k, dimension d) sums rows [k*kNormalChunk, (k+1)*kNormalChunk).
+template <typename S>
+__global__ void normal_shared_partials_kernel(NormalArgs a, int64_t chunks) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= chunks * a.D) return;
+  const int64_t k = i / a.D, d = i % a.D;
+  const int64_t r1 = (k + 1) * kNormalChunk < a.rows ? (k + 1) * kNormalChunk : a.rows;
+  const S inv_var = scalar_exp(S(-2) * normal_at<S>(a.log_std, 0, a.log_std_sc, 0, d));
+  double sum = 0.0;
+  for (int64_t r = k * kNormalChunk; r < r1; ++r) {
+    const S g_logprob = a.grad_logprob ? static_cast<const S*>(a.grad_logprob)[r * a.grad_logprob_s] : S(0);
+    const S g_entropy = a.grad_entropy ? static_cast<const S*>(a.grad_entropy)[r * a.grad_entropy_s] : S(0);
+    sum += normal_grad_log_std(normal_at<S>(a.actions, a.actions_sr, a.actions_sc, r, d),
+                               normal_at<S>(a.mean, a.mean_sr, a.mean_sc, r, d), inv_var, g_logprob, g_entropy);
+  }
+  a.partials[k * a.D + d] = sum;
+}
+
+template <typename S>
+__global__ void normal_shared_sum_kernel(NormalArgs a, int64_t chunks) {
+  const int64_t d = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (d >= a.D) return;
+  double sum = 0.0;
+  for (int64_t k = 0; k < chunks; ++k) sum += a.partials[k * a.D + d];
+  static_cast<S*>(a.grad_log_std)[d] = S(sum);
+}
+
+unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
+
+template <typename S>
+void normal_launch(const NormalArgs& a, cudaStream_t stream, bool forward) {
+  if (forward) {
+    normal_forward_kernel<S><<<blocks_for(a.rows, kColumnThreads), kColumnThreads, 0, stream>>>(a);
+    return;
+  }
+  normal_backward_kernel<S><<<blocks_for(a.rows, kColumnThreads), kColumnThreads, 0, stream>>>(a);
+  if (a.log_std_sr == 0) {
+    const int64_t chunks = (a.rows + kNormalChunk - 1) / kNormalChunk;
+    normal_shared_partials_kernel<S><<<blocks_for(chunks * a.D, kColumnThreads), kColumnThreads, 0, stream>>>(a, chunks);
+    normal_shared_sum_kernel<S><<<blocks_for(a.D, kColumnThreads), kColumnThreads, 0, stream>>>(a, chunks);
+  }
+}
+
+void normal_run(const NormalArgs& a, int device, std::uintptr_t stream_handle, bool forward) {
+  if (a.rows == 0) return;
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  on_device(device, [&] { a.is_f64 ? normal_launch<double>(a, stream, forward) : normal_launch<float>(a, stream, forward); });
+}
+
+}  // namespace
+
+void categorical_forward_cuda(const CategoricalArgs& a, int device, std::uintptr_t stream) { categorical_run(a, device, stream, true); }
+void categorical_backward_cuda(const CategoricalArgs& a, int device, std::uintptr_t stream) { categorical_run(a, device, stream, false); }
+void normal_forward_cuda(const NormalArgs& a, int device, std::uintptr_t stream) { normal_run(a, device, stream, true); }
+void normal_backward_cuda(const NormalArgs& a, int device, std::uintptr_t stream) { normal_run(a, device, stream, false); }
+
+}  // namespace fastppo
