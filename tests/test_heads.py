@@ -1,0 +1,228 @@
+"""fastppo's fused policy heads against torch.distributions in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastppo import categorical_logprob_entropy, normal_logprob_entropy
+
+
+def weighted_grads(logprob, entropy, leaves, seed=0):
+    """Gradients of a fixed random weighting of log-prob and entropy (exercises both paths)."""
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(logprob.shape, generator=g, dtype=torch.float64).to(logprob)
+    w2 = torch.randn(entropy.shape, generator=g, dtype=torch.float64).to(entropy)
+    return torch.autograd.grad((logprob * w1 + entropy * w2).sum(), leaves)
+
+
+def categorical_reference(logits, actions, temperature=1.0):
+    dist = torch.distributions.Categorical(logits=logits / temperature)
+    return dist.log_prob(actions), dist.entropy()
+
+
+def random_logits(rows, A, device, dtype=torch.float64, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, A, generator=g, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+    actions = torch.randint(0, A, (rows,), generator=g).to(device)
+    return logits, actions
+
+
+CATEGORICAL_SIZES = [(1, 2), (97, 6), (512, 18), (64, 32000), (4, 131072)]
+
+
+@pytest.mark.parametrize("rows,A", CATEGORICAL_SIZES)
+def test_categorical_matches_torch_distributions(device, rows, A):
+    logits, actions = random_logits(rows, A, device, seed=rows + A)
+    x = logits.clone().requires_grad_()
+    y = logits.clone().requires_grad_()
+    ours = categorical_logprob_entropy(x, actions)
+    theirs = categorical_reference(y, actions)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    (g_ours,) = weighted_grads(*ours, [x])
+    (g_theirs,) = weighted_grads(*theirs, [y])
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("rows,A", [(97, 6), (64, 32000)])
+def test_categorical_float32_within_float32_error(device, rows, A):
+    logits, actions = random_logits(rows, A, device, seed=5)
+    x = logits.float().requires_grad_()
+    lp, ent = categorical_logprob_entropy(x, actions)
+    ref_lp, ref_ent = categorical_reference(logits, actions)
+    assert lp.dtype == ent.dtype == torch.float32
+    torch.testing.assert_close(lp.double(), ref_lp, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=1e-4)
+
+
+def test_categorical_temperature_and_leading_dims(device):
+    logits, actions = random_logits(6 * 5, 11, device, seed=3)
+    logits, actions = logits.reshape(6, 5, 11), actions.reshape(6, 5)
+    x = logits.clone().requires_grad_()
+    y = logits.clone().requires_grad_()
+    ours = categorical_logprob_entropy(x, actions, temperature=0.7)
+    theirs = categorical_reference(y, actions, temperature=0.7)
+    for a, b in zip(ours, theirs):
+        assert a.shape == (6, 5)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(weighted_grads(*ours, [x])[0], weighted_grads(*theirs, [y])[0], rtol=1e-8, atol=1e-8)
+
+
+def test_categorical_strided_logits(device):
+    logits, actions = random_logits(40, 9, device, seed=8)
+    wide = torch.zeros(9, 40, dtype=torch.float64, device=device)
+    wide.copy_(logits.T)
+    view = wide.T.requires_grad_()  # [40, 9] with the action dimension strided
+    assert view.stride(-1) != 1
+    ref = logits.clone().requires_grad_()
+    ours = categorical_logprob_entropy(view, actions)
+    theirs = categorical_reference(ref, actions)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(weighted_grads(*ours, [view])[0], weighted_grads(*theirs, [ref])[0], rtol=1e-8, atol=1e-8)
+
+
+def test_categorical_masked_and_extreme_logits(device):
+    logits, actions = random_logits(64, 20, device, seed=2)
+    logits[:, ::3] = float("-inf")  # masked actions
+    actions = (actions // 3) * 3 + 1  # never a masked one
+    logits[0, 1] = 1e4  # very large logits
+    logits[1, :] = torch.where(torch.isinf(logits[1]), logits[1], torch.full_like(logits[1], -5e3))
+    x = logits.clone().requires_grad_()
+    y = logits.clone().requires_grad_()
+    ours = categorical_logprob_entropy(x, actions)
+    theirs = categorical_reference(y, actions)
+    assert all(torch.isfinite(t).all() for t in ours)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    (g,) = weighted_grads(*ours, [x])
+    assert torch.isfinite(g).all()
+    assert (g[:, ::3] == 0).all()
+    # torch.distributions' entropy gradient is NaN wherever a row holds -inf; with the most
+    # negative logit that stays finite after normalization it is finite and must agree.
+    assert torch.isnan(weighted_grads(*theirs, [y])[0]).any()
+    z = logits.clamp(min=-1e300).requires_grad_()
+    torch.testing.assert_close(g, weighted_grads(*categorical_reference(z, actions), [z])[0], rtol=1e-8, atol=1e-8)
+
+
+def test_categorical_only_one_output_used(device):
+    logits, actions = random_logits(30, 7, device, seed=4)
+    for pick in (0, 1):
+        x = logits.clone().requires_grad_()
+        y = logits.clone().requires_grad_()
+        (g_ours,) = torch.autograd.grad(categorical_logprob_entropy(x, actions)[pick].sum(), [x])
+        (g_theirs,) = torch.autograd.grad(categorical_reference(y, actions)[pick].sum(), [y])
+        torch.testing.assert_close(g_ours, g_theirs, rtol=1e-9, atol=1e-9)
+
+
+def test_categorical_bad_actions_are_a_clear_error():
+    logits, actions = random_logits(5, 4, "cpu")
+    for bad in (4, -1, 100):
+        actions[2] = bad
+        with pytest.raises(IndexError, match=rf"actions holds {bad} .* expected indices in \[0, 4\)"):
+            categorical_logprob_entropy(logits, actions)
+
+
+@pytest.mark.parametrize(
+    "make,error,words",
+    [
+        (lambda l, a: (l.float().int(), a), TypeError, ["logits", "int32"]),
+        (lambda l, a: (l.to(torch.bfloat16), a), TypeError, ["logits", "bfloat16", "CUDA"]),
+        (lambda l, a: (l, a.float()), TypeError, ["actions", "float32", "int64"]),
+        (lambda l, a: (l, a[:3]), ValueError, ["actions", "(3,)", "(5,)"]),
+        (lambda l, a: (l, [0, 1]), TypeError, ["actions", "list"]),
+        (lambda l, a: (l[:, :0], a), ValueError, ["logits", "A >= 1"]),
+    ],
+)
+def test_categorical_bad_input(make, error, words):
+    logits, actions = random_logits(5, 4, "cpu")
+    with pytest.raises(error) as info:
+        categorical_logprob_entropy(*make(logits, actions))
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+    with pytest.raises(ValueError, match="temperature"):
+        categorical_logprob_entropy(logits, actions, temperature=0.0)
+
+
+# ---------------------------------------------------------------- diagonal Gaussian
+
+
+def normal_reference(mean, log_std, actions):
+    dist = torch.distributions.Normal(mean, log_std.exp())
+    return dist.log_prob(actions).sum(-1), dist.entropy().sum(-1)
+
+
+@pytest.mark.parametrize("rows,D", [(1, 1), (97, 6), (256, 17), (3000, 3)])
+@pytest.mark.parametrize("shared", [True, False])
+def test_normal_matches_torch_distributions(device, rows, D, shared):
+    g = torch.Generator().manual_seed(rows * D)
+    mean = torch.randn(rows, D, generator=g, dtype=torch.float64).to(device)
+    log_std = (torch.randn(D if shared else (rows, D), generator=g, dtype=torch.float64) * 0.5).to(device)
+    actions = torch.randn(rows, D, generator=g, dtype=torch.float64).to(device)
+    m1, s1 = mean.clone().requires_grad_(), log_std.clone().requires_grad_()
+    m2, s2 = mean.clone().requires_grad_(), log_std.clone().requires_grad_()
+    ours = normal_logprob_entropy(m1, s1, actions)
+    theirs = normal_reference(m2, s2.expand_as(m2) if shared else s2, actions)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    for a, b in zip(weighted_grads(*ours, [m1, s1]), weighted_grads(*theirs, [m2, s2])):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+
+
+def test_normal_shared_log_std_gradient_is_the_same_bits_every_run(device):
+    g = torch.Generator().manual_seed(1)
+    mean = torch.randn(5000, 6, generator=g).to(device)
+    actions = torch.randn(5000, 6, generator=g).to(device)
+    log_std = torch.zeros(6, device=device, requires_grad=True)
+    grads = [torch.autograd.grad(normal_logprob_entropy(mean, log_std, actions)[0].sum(), [log_std])[0] for _ in range(3)]
+    assert all(torch.equal(grads[0], x) for x in grads[1:])
+
+
+def test_normal_bad_input():
+    mean, log_std, actions = torch.zeros(4, 3), torch.zeros(3), torch.zeros(4, 3)
+    with pytest.raises(ValueError, match=r"log_std has shape \(2,\); expected \(3,\) \(shared\) or \(4, 3\)"):
+        normal_logprob_entropy(mean, torch.zeros(2), actions)
+    with pytest.raises(ValueError, match=r"actions has shape \(4, 2\)"):
+        normal_logprob_entropy(mean, log_std, torch.zeros(4, 2))
+    with pytest.raises(TypeError, match=r"log_std has dtype torch.float64; expected torch.float32"):
+        normal_logprob_entropy(mean, log_std.double(), actions)
+    with pytest.raises(TypeError, match=r"mean has dtype torch.int64"):
+        normal_logprob_entropy(mean.long(), log_std, actions)
+
+
+# ---------------------------------------------------------------- torch integration
+
+
+def test_opcheck_heads():
+    logits, actions = random_logits(7, 5, "cpu")
+    torch.library.opcheck(torch.ops.fastppo.categorical_logprob_entropy.default,
+                          (logits.clone().requires_grad_(), actions, 1.3))
+    lse = torch.logsumexp(logits, -1)
+    _, ent = categorical_reference(logits, actions)
+    torch.library.opcheck(torch.ops.fastppo.categorical_backward.default,
+                          (logits, actions, 1.0, lse, ent, torch.ones(7, dtype=torch.float64), None))
+    mean, actions_n = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    for log_std in (torch.randn(3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)):
+        torch.library.opcheck(torch.ops.fastppo.normal_logprob_entropy.default,
+                              (mean.clone().requires_grad_(), log_std.clone().requires_grad_(), actions_n))
+
+
+def test_heads_under_torch_compile_fullgraph():
+    logits, actions = random_logits(16, 9, "cpu", seed=6)
+    g = torch.Generator().manual_seed(0)
+    mean, log_std, actions_n = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((16, 4), (4,), (16, 4)))
+
+    def step(logits, mean, log_std):
+        lp, ent = categorical_logprob_entropy(logits, actions, temperature=0.9)
+        nlp, nent = normal_logprob_entropy(mean, log_std, actions_n)
+        return (lp * 0.3 + ent).sum() + (nlp - 0.1 * nent).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (step, compiled):
+        leaves = [t.clone().requires_grad_() for t in (logits, mean, log_std)]
+        out = fn(*leaves)
+        results.append([out.detach()] + list(torch.autograd.grad(out, leaves)))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, rtol=0, atol=0)
