@@ -3,9 +3,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <stdexcept>
-#include <string>
 
+#include "cuda_launch.h"
 #include "gae.h"
 
 namespace fastppo {
@@ -58,10 +57,6 @@ __global__ void gae_split_kernel(GaeArgs a) {
   gae_chunk_write(row, t0, t1, gamma, gamma_lam, carry[i]);
 }
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("fastppo.gae: ") + what + ": " + cudaGetErrorString(err));
-}
-
 template <typename S>
 void launch(const GaeArgs& a, cudaStream_t stream) {
   if (a.N < kSplitRowsBelow && a.T >= kSplitHorizonFrom) {
@@ -78,18 +73,8 @@ void launch(const GaeArgs& a, cudaStream_t stream) {
 
 void gae_cuda(const GaeArgs& args, int device, std::uintptr_t stream_handle) {
   if (args.T == 0 || args.N == 0) return;
-  int previous = 0;
-  check(cudaGetDevice(&previous), "cudaGetDevice");
-  if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  if (args.is_f64) {
-    launch<double>(args, stream);
-  } else {
-    launch<float>(args, stream);
-  }
-  const cudaError_t launched = cudaGetLastError();
-  if (previous != device) cudaSetDevice(previous);
-  check(launched, "kernel launch");
+  on_device(device, "fastppo.gae", [&] { args.is_f64 ? launch<double>(args, stream) : launch<float>(args, stream); });
 }
 
 }  // namespace fastppo

@@ -7,9 +7,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <stdexcept>
-#include <string>
 
+#include "cuda_launch.h"
 #include "heads.h"
 
 namespace fastppo {
@@ -87,22 +86,6 @@ struct StoreDouble {
   __device__ double operator()(double x) const { return x; }
 };
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("fastppo heads: ") + what + ": " + cudaGetErrorString(err));
-}
-
-// Runs `launch` on `device` (restoring the caller's current device) and reports launch errors.
-template <typename Launch>
-void on_device(int device, Launch launch) {
-  int previous = 0;
-  check(cudaGetDevice(&previous), "cudaGetDevice");
-  if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
-  launch();
-  const cudaError_t launched = cudaGetLastError();
-  if (previous != device) cudaSetDevice(previous);
-  check(launched, "kernel launch");
-}
-
 template <typename T, typename S, typename Store>
 void categorical_launch(const CategoricalArgs& a, cudaStream_t stream, bool forward, Store store) {
   if (forward) {
@@ -117,7 +100,7 @@ void categorical_launch(const CategoricalArgs& a, cudaStream_t stream, bool forw
 void categorical_run(const CategoricalArgs& a, int device, std::uintptr_t stream_handle, bool forward) {
   if (a.rows == 0) return;
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  on_device(device, [&] {
+  on_device(device, "fastppo.categorical_logprob_entropy", [&] {
     switch (a.dtype) {
       case kF64: categorical_launch<double, double>(a, stream, forward, StoreDouble{}); break;
       case kBF16: categorical_launch<__nv_bfloat16, float>(a, stream, forward, StoreAs<__nv_bfloat16>{}); break;
@@ -213,7 +196,8 @@ void normal_launch(const NormalArgs& a, cudaStream_t stream, bool forward) {
 void normal_run(const NormalArgs& a, int device, std::uintptr_t stream_handle, bool forward) {
   if (a.rows == 0) return;
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  on_device(device, [&] { a.is_f64 ? normal_launch<double>(a, stream, forward) : normal_launch<float>(a, stream, forward); });
+  on_device(device, "fastppo.normal_logprob_entropy",
+            [&] { a.is_f64 ? normal_launch<double>(a, stream, forward) : normal_launch<float>(a, stream, forward); });
 }
 
 }  // namespace

@@ -3,9 +3,8 @@
 // loss_pass1_finish / ppo_loss_finish as the CPU. The per-element math is in ppo_loss.h / fastppo_math.h.
 #include <cuda_runtime.h>
 
-#include <stdexcept>
-#include <string>
 
+#include "cuda_launch.h"
 #include "ppo_loss.h"
 
 namespace fastppo {
@@ -50,10 +49,6 @@ __global__ void ppo_loss_kernel(PpoLossArgs a) {
 template <typename S>
 __global__ void ppo_loss_finish_kernel(PpoLossArgs a) { ppo_loss_finish<S>(a); }
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("fastppo.ppo_loss: ") + what + ": " + cudaGetErrorString(err));
-}
-
 template <typename S>
 void launch(const PpoLossArgs& a, cudaStream_t stream) {
   const auto chunks = static_cast<unsigned>(a.chunks());
@@ -66,18 +61,8 @@ void launch(const PpoLossArgs& a, cudaStream_t stream) {
 }  // namespace
 
 void ppo_loss_cuda(const PpoLossArgs& args, int device, std::uintptr_t stream_handle) {
-  int previous = 0;
-  check(cudaGetDevice(&previous), "cudaGetDevice");
-  if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  if (args.is_f64) {
-    launch<double>(args, stream);
-  } else {
-    launch<float>(args, stream);
-  }
-  const cudaError_t launched = cudaGetLastError();
-  if (previous != device) cudaSetDevice(previous);
-  check(launched, "kernel launch");
+  on_device(device, "fastppo.ppo_loss", [&] { args.is_f64 ? launch<double>(args, stream) : launch<float>(args, stream); });
 }
 
 }  // namespace fastppo

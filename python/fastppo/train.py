@@ -20,6 +20,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +151,9 @@ def make_env(args: Args, family: str):
     kwargs = dict(env_type="gymnasium", num_envs=args.num_envs, seed=args.seed)
     if family == "atari":
         kwargs.update(episodic_life=True, reward_clip=True)
-    return envpool.make(args.env_id, **kwargs)
+    with warnings.catch_warnings():  # gymnasium notes that EnvPool's float64 Box bounds become float32
+        warnings.filterwarnings("ignore", message=".*precision lowered", category=UserWarning)
+        return envpool.make(args.env_id, **kwargs)
 
 
 def layer_init(layer: nn.Module, std: float = math.sqrt(2), bias_const: float = 0.0) -> nn.Module:
