@@ -12,6 +12,7 @@
 #include <string>
 #include <tuple>
 
+#include "env_step.h"
 #include "gae.h"
 #include "heads.h"
 #include "ppo_loss.h"
@@ -319,6 +320,65 @@ void normal_backward(int64_t rows, int64_t D, const std::string& dtype, Strided2
 #endif
 }
 
+int obs_type(const std::string& dtype, const char* name) {
+  if (dtype == "float32") return 0;
+  if (dtype == "float64") return 1;
+  if (dtype == "uint8") return 2;
+  throw py::type_error(std::string("fastppo._C.env_step: ") + name + " dtype must be float32, float64 or uint8, got '" + dtype + "'");
+}
+
+// Every array is C-contiguous host memory; fastppo.envstep checks that before calling.
+int64_t env_step(int64_t N, int64_t obs_dim, py::object obs, const std::string& obs_dtype, py::object reward,
+                 bool reward_f64, py::object terminated, py::object truncated, py::object episode_reward,
+                 bool episode_reward_f64, py::object episode_over, bool normalize_obs, bool normalize_reward,
+                 bool update_stats, double gamma, double clip, py::object obs_count, py::object obs_mean,
+                 py::object obs_m2, py::object return_count, py::object return_mean, py::object return_m2,
+                 py::object discounted_return, py::object episode_return, py::object episode_length,
+                 py::object previous_done, py::object obs_out, const std::string& obs_out_dtype,
+                 py::object reward_out, py::object done_out, py::object terminated_out, py::object real_out,
+                 py::object finished_return, py::object finished_length, py::object finished) {
+  if (N < 0 || obs_dim < 0) throw py::value_error("fastppo._C.env_step: N and obs_dim must be >= 0");
+  fastppo::EnvStepArgs a;
+  a.N = N;
+  a.obs_dim = obs_dim;
+  a.obs = address(obs);
+  a.obs_type = obs_type(obs_dtype, "obs");
+  a.reward = address(reward);
+  a.reward_f64 = reward_f64;
+  a.terminated = static_cast<const uint8_t*>(address(terminated));
+  a.truncated = static_cast<const uint8_t*>(address(truncated));
+  a.episode_reward = address(episode_reward);
+  a.episode_reward_f64 = episode_reward_f64;
+  a.episode_over = static_cast<const uint8_t*>(optional_address(episode_over));
+  a.normalize_obs = normalize_obs;
+  a.normalize_reward = normalize_reward;
+  a.update_stats = update_stats;
+  a.gamma = gamma;
+  a.clip = clip;
+  a.obs_stats = {static_cast<double*>(address(obs_count)), static_cast<double*>(address(obs_mean)),
+                 static_cast<double*>(address(obs_m2)), obs_dim};
+  a.return_stats = {static_cast<double*>(address(return_count)), static_cast<double*>(address(return_mean)),
+                    static_cast<double*>(address(return_m2)), 1};
+  a.discounted_return = static_cast<double*>(address(discounted_return));
+  a.episode_return = static_cast<double*>(address(episode_return));
+  a.episode_length = static_cast<int64_t*>(address(episode_length));
+  a.previous_done = static_cast<uint8_t*>(address(previous_done));
+  a.obs_out = address(obs_out);
+  a.obs_out_type = obs_type(obs_out_dtype, "obs_out");
+  if (normalize_obs && a.obs_out_type != 0) throw py::type_error("fastppo._C.env_step: normalized obs_out must be float32");
+  if (!normalize_obs && a.obs_out_type == 2 && a.obs_type != 2)
+    throw py::type_error("fastppo._C.env_step: a uint8 obs_out needs uint8 obs");
+  a.reward_out = static_cast<float*>(address(reward_out));
+  a.done_out = static_cast<uint8_t*>(address(done_out));
+  a.terminated_out = static_cast<uint8_t*>(address(terminated_out));
+  a.real_out = static_cast<uint8_t*>(address(real_out));
+  a.finished_return = static_cast<double*>(address(finished_return));
+  a.finished_length = static_cast<int64_t*>(address(finished_length));
+  a.finished = static_cast<uint8_t*>(address(finished));
+  py::gil_scoped_release no_gil;
+  return fastppo::env_step(a);
+}
+
 py::dict build_info() {
   py::dict info;
   info["version"] = FASTPPO_VERSION;
@@ -356,6 +416,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("last_value"), py::arg("adv"), py::arg("ret"), py::arg("gamma"), py::arg("lam"),
         py::arg("device"), py::arg("stream"),
         "GAE over a [T, N] problem given as raw buffers; writes contiguous [T, N] adv and ret.");
+  m.def("env_step", &env_step, "One environment step's bookkeeping (see csrc/env_step.h); returns episodes ended.");
   m.attr("NORMAL_CHUNK") = fastppo::kNormalChunk;
   m.def("categorical_forward", &categorical_forward, py::arg("rows"), py::arg("A"), py::arg("dtype"), py::arg("logits"),
         py::arg("actions"), py::arg("actions_dtype"), py::arg("temperature"), py::arg("logprob"), py::arg("entropy"),

@@ -66,24 +66,85 @@ def test_cli_help_comes_from_the_dataclass_docstrings():
     assert bad.returncode == 2 and "must divide" in bad.stderr
 
 
-def test_episode_tracker_across_dummy_reset_steps():
-    tracker = T.EpisodeTracker(num_envs=2)
-    # env 0: rewards 1, 2, ends; dummy step (reward 0, not real); new episode 5, ...
-    # env 1: rewards 3, 3, 3 without ending.
-    steps = [
-        (np.array([1.0, 3.0]), np.array([True, True]), np.array([False, False])),
-        (np.array([2.0, 3.0]), np.array([True, True]), np.array([True, False])),
-        (np.array([7.0, 3.0]), np.array([False, True]), np.array([False, False])),  # dummy for env 0
-        (np.array([5.0, 0.0]), np.array([True, True]), np.array([False, False])),
-    ]
-    finished = [tracker.step(*s) for s in steps]
-    assert finished[1] == [(3.0, 2)]
-    assert tracker.count == 1 and tracker.mean_return() == 3.0
-    assert tracker.returns.tolist() == [5.0, 9.0] and tracker.lengths.tolist() == [1, 4]
-
-
 def test_cartpole_learns_for_each_of_three_seeds(tmp_path):
     # The default preset, CPU: mean return of the last 100 episodes >= 195 within 150k steps.
     for seed in (1, 2, 3):
         summary = run(tmp_path / str(seed), env_id="CartPole-v1", total_timesteps=150_000, seed=seed, device="cpu")
         assert summary["episodic_return"] >= 195, (seed, summary)
+
+
+def test_dummy_reset_steps_are_masked_and_truncation_bootstraps():
+    # One env: episode A runs steps 0..2 and is truncated at 2; step 3 is EnvPool's dummy reset
+    # step (reward 0, from A's final observation); episode B runs steps 4..5.
+    g, lam = 0.9, 0.8
+    rewards = torch.tensor([[1.0], [2.0], [3.0], [0.0], [5.0], [6.0]], dtype=torch.float64)
+    values = torch.tensor([[0.5], [0.4], [0.3], [7.0], [0.2], [0.1]], dtype=torch.float64)  # 7.0: V(final obs of A)
+    dones = torch.tensor([[0], [0], [1], [0], [0], [0]], dtype=torch.bool)
+    terminated = torch.zeros(6, 1, dtype=torch.bool)
+    real = torch.tensor([[1], [1], [1], [0], [1], [1]], dtype=torch.bool)
+    next_value = torch.tensor([0.05], dtype=torch.float64)
+    adv, _ = T.rollout_advantages(rewards, values, dones, terminated, real, next_value, g, lam)
+    a5 = 6.0 + g * 0.05 - 0.1
+    a4 = (5.0 + g * 0.1 - 0.2) + g * lam * a5
+    a2 = 3.0 + g * 7.0 - 0.3  # truncated: bootstraps from the final observation's value
+    a1 = (2.0 + g * 0.3 - 0.4) + g * lam * a2
+    a0 = (1.0 + g * 0.4 - 0.5) + g * lam * a1
+    torch.testing.assert_close(adv[[0, 1, 2, 4, 5], 0], torch.tensor([a0, a1, a2, a4, a5], dtype=torch.float64))
+    # Terminated instead: no bootstrap.
+    adv_t, _ = T.rollout_advantages(rewards, values, dones, dones, real, next_value, g, lam)
+    assert adv_t[2, 0].item() == pytest.approx(3.0 - 0.3)
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    settings = dict(env_id="CartPole-v1", total_timesteps=6 * 4 * 64, num_steps=64, checkpoint_every=3, device="cpu")
+    whole = T.train(T.Args(run_dir=str(tmp_path), run_name="whole", log_every=1000, **settings))
+    T.train(T.Args(run_dir=str(tmp_path), run_name="split", log_every=1000, **settings), stop_after=3)
+    resumed = T.train(T.Args(), resume=str(tmp_path / "split"))
+    assert resumed["global_step"] == whole["global_step"] and resumed["episodes"] == whole["episodes"]
+
+    def metrics(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.startswith("time") and k not in ("sps", "first_iteration")} for r in rows]
+
+    assert metrics("split") == metrics("whole")
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_write_that_dies_leaves_the_last_good_one(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    T.save_checkpoint(path, {"step": 1})
+
+    def dying_save(obj, f):
+        with open(f, "wb") as handle:
+            handle.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        T.save_checkpoint(path, {"step": 2})
+    assert torch.load(path, weights_only=False) == {"step": 1}
+
+
+def test_damaged_or_foreign_checkpoints_are_reported_clearly(tmp_path):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(T.CheckpointError, match=r"checkpoint .*checkpoint.pt is damaged"):
+        T.load_checkpoint(tmp_path)
+    torch.save({"model": {}}, bad)
+    with pytest.raises(T.CheckpointError, match="not a fastppo training checkpoint"):
+        T.load_checkpoint(bad)
+    with pytest.raises(T.CheckpointError, match="no checkpoint at"):
+        T.load_checkpoint(tmp_path / "elsewhere")
+    out = subprocess.run([sys.executable, "-m", "fastppo", "eval", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 2 and "not a fastppo training checkpoint" in out.stderr
+
+
+def test_eval_reports_mean_and_std_with_saved_normalization(tmp_path):
+    summary = run(tmp_path, env_id="HalfCheetah-v5", total_timesteps=2048)
+    result = T.evaluate(summary["run_dir"], episodes=2)
+    assert result["episodes"] == 2 and np.isfinite(result["mean_return"]) and result["std_return"] >= 0
+    out = subprocess.run([sys.executable, "-m", "fastppo", "eval", summary["run_dir"], "--episodes", "1"],
+                         capture_output=True, text=True, check=True)
+    assert "+-" in out.stdout and "over 1 episodes" in out.stdout

@@ -57,9 +57,10 @@ def parse_dataclass(cls, argv=None, prog=None, description=None):
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": "train PPO on an EnvPool task"}
+    commands = {"train": "train PPO on an EnvPool task (--resume RUN_DIR continues one)",
+                "eval": "evaluate a saved policy: fastppo eval RUN_DIR --episodes N"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        usage = "usage: fastppo {train} ...\n\n" + "\n".join(f"  {k:8s}{v}" for k, v in commands.items())
+        usage = "usage: fastppo {train,eval} ...\n\n" + "\n".join(f"  {k:8s}{v}" for k, v in commands.items())
         if argv and argv[0] not in ("-h", "--help"):
             print(f"fastppo: unknown command {argv[0]!r}\n{usage}", file=sys.stderr)
             return 2
@@ -67,4 +68,4 @@ def main(argv=None) -> int:
         return 0 if argv else 2
     from . import train
 
-    return train.main(argv[1:])
+    return train.main(argv[1:]) if argv[0] == "train" else train.eval_main(argv[1:])

@@ -21,7 +21,6 @@ import random
 import sys
 import time
 import warnings
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -31,6 +30,7 @@ import torch
 import torch.nn as nn
 
 import fastppo
+from fastppo.envstep import EnvBoundary
 
 
 @dataclass
@@ -216,89 +216,6 @@ class Agent(nn.Module):
         return action, logprob, entropy, self.critic(h).squeeze(-1)
 
 
-class RunningMeanStd:
-    """Running mean and variance (float64, Chan et al.'s merge of batch moments)."""
-
-    def __init__(self, shape=()):
-        self.mean = np.zeros(shape, np.float64)
-        self.var = np.ones(shape, np.float64)
-        self.count = 1e-4
-
-    def update(self, x: np.ndarray) -> None:
-        batch_mean, batch_var, n = x.mean(0), x.var(0), x.shape[0]
-        delta = batch_mean - self.mean
-        total = self.count + n
-        self.mean = self.mean + delta * n / total
-        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
-        self.count = total
-
-    def state_dict(self):
-        return dict(mean=self.mean, var=self.var, count=self.count)
-
-    def load_state_dict(self, state):
-        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
-
-
-class Normalizer:
-    """MuJoCo preset: observations normalized and clipped to +-10, rewards scaled by the running
-    std of the discounted return and clipped to +-10 (CleanRL's wrappers)."""
-
-    def __init__(self, obs_shape, num_envs, gamma, enabled):
-        self.enabled, self.gamma = enabled, gamma
-        self.obs_rms, self.ret_rms = RunningMeanStd(obs_shape), RunningMeanStd()
-        self.returns = np.zeros(num_envs)
-
-    def obs(self, obs, update=True):
-        if not self.enabled:
-            return obs
-        if update:
-            self.obs_rms.update(obs)
-        return np.clip((obs - self.obs_rms.mean) / np.sqrt(self.obs_rms.var + 1e-8), -10, 10).astype(np.float32)
-
-    def reward(self, reward, done):
-        if not self.enabled:
-            return reward
-        self.returns = self.returns * self.gamma + reward
-        self.ret_rms.update(self.returns)
-        self.returns[done] = 0.0
-        return np.clip(reward / np.sqrt(self.ret_rms.var + 1e-8), -10, 10)
-
-    def state_dict(self):
-        return dict(obs_rms=self.obs_rms.state_dict(), ret_rms=self.ret_rms.state_dict(), returns=self.returns)
-
-    def load_state_dict(self, state):
-        self.obs_rms.load_state_dict(state["obs_rms"])
-        self.ret_rms.load_state_dict(state["ret_rms"])
-        self.returns = state["returns"]
-
-
-class EpisodeTracker:
-    """Per-env return and length of the real episodes, across EnvPool's dummy reset steps."""
-
-    def __init__(self, num_envs, window=100):
-        self.returns = np.zeros(num_envs)
-        self.lengths = np.zeros(num_envs, np.int64)
-        self.recent = deque(maxlen=window)
-        self.count = 0
-
-    def step(self, reward, real, episode_over):
-        """reward: the raw reward of this step; real: the step is not a dummy reset step;
-        episode_over: the episode (as a player sees it) ended at this step."""
-        self.returns += np.where(real, reward, 0.0)
-        self.lengths += real
-        finished = []
-        for i in np.flatnonzero(episode_over):
-            finished.append((float(self.returns[i]), int(self.lengths[i])))
-            self.returns[i], self.lengths[i] = 0.0, 0
-        self.recent.extend(finished)
-        self.count += len(finished)
-        return finished
-
-    def mean_return(self) -> Optional[float]:
-        """Mean return of the recent episodes, None before the first one ends."""
-        return float(np.mean([r for r, _ in self.recent])) if self.recent else None
-
-
 def save_checkpoint(path: Path, state: dict) -> None:
     """Written to a temporary file, then renamed: a crash mid-write leaves the last one intact."""
     tmp = path.with_suffix(".tmp")
@@ -306,89 +223,181 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def train(args: Args) -> dict:
-    """Runs PPO with ``args`` and returns a summary (steps, seconds, recent mean return, run dir)."""
-    args = resolve(args)
-    family = env_family(args.env_id)
+def rollout_advantages(rewards, values, dones, terminated, real, next_value, gamma, lam):
+    """GAE over an EnvPool rollout ``[T, N]``. A step that is not ``real`` is the dummy reset step
+    after an episode ended: it leads from the final observation to a reset one, so it neither
+    bootstraps nor carries the next episode's advantage back (it is masked out of the loss too).
+    The real step before it bootstraps from ``values`` of the final observation unless it
+    terminated, which is what makes truncation exact."""
+    return fastppo.gae(rewards, values, dones | ~real, next_value, terminated=terminated | ~real, gamma=gamma, lam=lam)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, with the reason."""
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Loads a checkpoint written by ``train``; a missing, truncated or foreign file is a clear
+    ``CheckpointError`` naming the file."""
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises several types for a damaged zip / pickle
+        raise CheckpointError(f"checkpoint {path} is damaged and cannot be read ({type(err).__name__}: {err})") from err
+    missing = {"model", "optimizer", "boundary", "args", "iteration", "global_step", "rng", "actions"} - set(state)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is not a fastppo training checkpoint (missing {sorted(missing)})")
+    return state
+
+
+class Progress:
+    """One status line (steps, SPS, recent mean return, ETA, timing sections): redrawn in place
+    on a terminal, printed every ``every`` iterations otherwise."""
+
+    def __init__(self, total_iterations: int, every: int):
+        self.total, self.every = total_iterations, every
+        self.tty = sys.stdout.isatty()
+
+    def update(self, iteration: int, record: dict, timing: dict) -> None:
+        if not self.tty and iteration % self.every and iteration != self.total:
+            return
+        eta = record["time"] / max(iteration - record["first_iteration"] + 1, 1) * (self.total - iteration)
+        ret = record["episodic_return"]
+        line = (f"[{iteration}/{self.total}] step {record['global_step']} | {record['sps']:.0f} SPS | "
+                f"return {'n/a' if ret is None else format(ret, '.1f')} | eta {eta:.0f}s | "
+                + " ".join(f"{k} {v:.1f}s" for k, v in timing.items()))
+        if self.tty:
+            print("\r" + line[: 160].ljust(160), end="\n" if iteration == self.total else "", flush=True)
+        else:
+            print(line, flush=True)
+
+
+def _rng_state() -> dict:
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optional[int] = None) -> dict:
+    """Runs PPO with ``args`` and returns a summary (steps, seconds, recent mean return, run dir).
+
+    ``resume``: a run directory (or its checkpoint) to continue; its saved config is used and the
+    environments are brought back to where they were by replaying the logged actions from the
+    same seed, so on the CPU the continued run matches an uninterrupted one. ``envs``: an
+    environment object to use instead of EnvPool's (tests). ``stop_after``: stop after this many
+    iterations (as if killed right after that iteration's checkpoint).
+    """
+    checkpoint = None
+    if resume is not None:
+        checkpoint = load_checkpoint(Path(resume))
+        args = Args(**checkpoint["args"])
+        run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+    args = resolve(args) if envs is None else args
+    family = env_family(args.env_id) if envs is None else "classic"
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    run_name = args.run_name or f"{args.env_id}__seed{args.seed}__{int(time.time())}"
-    run_dir = Path(args.run_dir) / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    if checkpoint is None:
+        run_name = args.run_name or f"{args.env_id}__seed{args.seed}__{int(time.time())}"
+        run_dir = Path(args.run_dir) / run_name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
 
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    envs = make_env(args, family)
+    envs = make_env(args, family) if envs is None else envs
     obs_shape = envs.observation_space.shape
+    continuous = len(envs.action_space.shape) > 0
     agent = Agent(obs_shape, envs.action_space, family).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
-    normalizer = Normalizer(obs_shape, args.num_envs, args.gamma, enabled=family == "mujoco")
-    episodes = EpisodeTracker(args.num_envs)
+    mujoco = family == "mujoco"
+    boundary = EnvBoundary(args.num_envs, obs_shape, normalize_obs=mujoco, normalize_reward=mujoco, gamma=args.gamma)
 
     batch_size = args.num_envs * args.num_steps
     minibatch_size = batch_size // args.num_minibatches
     num_iterations = max(1, args.total_timesteps // batch_size)
-    obs_dtype = torch.uint8 if family == "atari" else torch.float32
+    T, N = args.num_steps, args.num_envs
+    # Rollout storage in host memory, written by the env boundary; the torch views share it on
+    # the CPU and are copied once per rollout to a GPU.
+    obs_np = np.zeros((T + 1, N) + obs_shape, np.uint8 if family == "atari" else np.float32)
+    reward_np = np.zeros((T, N), np.float32)
+    done_np, term_np, real_np = (np.zeros((T, N), np.bool_) for _ in range(3))
+    scratch = [np.zeros(N, np.float32)] + [np.zeros(N, np.bool_) for _ in range(3)]
     action_shape = envs.action_space.shape
-    obs_buf = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=obs_dtype, device=device)
-    actions = torch.zeros((args.num_steps, args.num_envs) + action_shape, device=device)
-    logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)
-    rewards = torch.zeros((args.num_steps, args.num_envs), device=device)
-    dones = torch.zeros((args.num_steps, args.num_envs), dtype=torch.bool, device=device)
-    terminated = torch.zeros((args.num_steps, args.num_envs), dtype=torch.bool, device=device)
-    real = torch.zeros((args.num_steps, args.num_envs), dtype=torch.bool, device=device)
-    values = torch.zeros((args.num_steps, args.num_envs), device=device)
+    actions = torch.zeros((T, N) + action_shape, device=device)
+    logprobs = torch.zeros((T, N), device=device)
+    values = torch.zeros((T, N), device=device)
+    action_log: list = []
 
     raw_obs, _ = envs.reset()
-    next_obs = torch.as_tensor(normalizer.obs(raw_obs), device=device)
-    next_real = np.ones(args.num_envs, bool)  # False for the dummy step after an episode ended
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
-    global_step, start = 0, time.perf_counter()
-    timing = dict(env=0.0, inference=0.0, gae=0.0, learn=0.0)
+    first_iteration, global_step = 1, 0
+    if checkpoint is not None:
+        # Bring the environments back to the checkpoint by replaying every logged action.
+        logged = checkpoint["actions"]
+        for a in logged:
+            raw_obs, *_ = envs.step(a)
+        if not np.array_equal(np.asarray(raw_obs), checkpoint["raw_obs"]):
+            raise CheckpointError(f"replaying {len(logged)} logged steps did not reproduce the environments' state")
+        action_log = list(logged)
+        agent.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        boundary.load_state_dict(checkpoint["boundary"])
+        obs_np[0] = checkpoint["next_obs"]
+        first_iteration, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
+        _set_rng_state(checkpoint["rng"])
+    else:
+        boundary.previous_done[:] = True  # the reset observation is no transition: nothing is booked
+        boundary.step(raw_obs, np.zeros(N, np.float32), np.zeros(N, bool), np.zeros(N, bool), obs_np[0], *scratch)
 
-    for iteration in range(1, num_iterations + 1):
+    metrics_file = open(run_dir / "metrics.jsonl", "a")
+    writer = _tensorboard(run_dir)
+    progress = Progress(num_iterations, args.log_every)
+    start = time.perf_counter()
+    timing = dict(env=0.0, inference=0.0, gae=0.0, learn=0.0)
+    iteration = first_iteration - 1
+    for iteration in range(first_iteration, num_iterations + 1):
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
-        for step in range(args.num_steps):
-            global_step += args.num_envs
-            obs_buf[step] = next_obs
-            real[step] = torch.as_tensor(next_real, device=device)
+        obs_t = torch.from_numpy(obs_np)
+        for step in range(T):
+            global_step += N
             t0 = time.perf_counter()
             with torch.no_grad():
-                action, logprob, _, value = agent.get_action_and_value(next_obs)
+                action, logprob, _, value = agent.get_action_and_value(obs_t[step].to(device, non_blocking=True))
             values[step], actions[step], logprobs[step] = value, action, logprob
             env_action = action.cpu().numpy()
-            if agent.continuous:
-                env_action = np.clip(env_action, envs.action_space.low, envs.action_space.high)
+            env_action = np.clip(env_action, envs.action_space.low, envs.action_space.high) if continuous else env_action.astype(np.int32)
+            action_log.append(env_action)
             t1 = time.perf_counter()
-            raw_obs, reward, term, trunc, info = envs.step(env_action if envs.action_space.shape else env_action.astype(np.int32))
+            raw_obs, reward, term, trunc, info = envs.step(env_action)
+            if family == "atari":  # a lost life ends the training episode; the game ends at game over
+                over = (np.logical_or(term, trunc) & (info["terminated"] == 1)) | trunc
+                boundary.step(raw_obs, reward, term, trunc, obs_np[step + 1], reward_np[step], done_np[step],
+                              term_np[step], real_np[step], episode_reward=info["reward"], episode_over=over)
+            else:
+                boundary.step(raw_obs, reward, term, trunc, obs_np[step + 1], reward_np[step], done_np[step],
+                              term_np[step], real_np[step])
             timing["env"] += time.perf_counter() - t1
             timing["inference"] += t1 - t0
-            done = np.logical_or(term, trunc)
-            if family == "atari":  # a lost life ends the training episode; the game ends at game over
-                game_over = done & (info["terminated"] == 1) | trunc
-                episodes.step(info["reward"], next_real, game_over)
-            else:
-                episodes.step(reward, next_real, done)
-            rewards[step] = torch.as_tensor(normalizer.reward(reward, done), dtype=torch.float32, device=device)
-            dones[step] = torch.as_tensor(done, device=device)
-            terminated[step] = torch.as_tensor(term, device=device)
-            next_real = ~done
-            next_obs = torch.as_tensor(normalizer.obs(raw_obs), device=device)
 
         t0 = time.perf_counter()
+        rewards, dones, terminated, real = (torch.from_numpy(x).to(device) for x in (reward_np, done_np, term_np, real_np))
+        obs_dev = obs_t.to(device)
         with torch.no_grad():
-            next_value = agent.get_value(next_obs)
-            # A dummy reset step leads from the final observation to a reset one: it neither
-            # bootstraps nor carries the next episode's advantage back.
-            advantages, returns = fastppo.gae(rewards, values, dones | ~real, next_value,
-                                              terminated=terminated | ~real, gamma=args.gamma, lam=args.gae_lambda)
+            next_value = agent.get_value(obs_dev[T])
+            advantages, returns = rollout_advantages(rewards, values, dones, terminated, real, next_value,
+                                                     args.gamma, args.gae_lambda)
         timing["gae"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        b_obs = obs_buf.reshape((-1,) + obs_shape)
+        b_obs = obs_dev[:T].reshape((-1,) + obs_shape)
         b_actions = actions.reshape((-1,) + action_shape)
         b_logprobs, b_advantages, b_returns = logprobs.reshape(-1), advantages.reshape(-1), returns.reshape(-1)
         b_values, b_real = values.reshape(-1), real.reshape(-1)
@@ -409,6 +418,7 @@ def train(args: Args) -> dict:
                 stats.append(torch.stack(out[1:]))
             if args.target_kl is not None and stats[-1][3].item() > args.target_kl:
                 break
+        obs_np[0] = obs_np[T]
         timing["learn"] += time.perf_counter() - t0
 
         mean_stats = torch.stack(stats).mean(0).tolist()
@@ -417,42 +427,130 @@ def train(args: Args) -> dict:
         explained_var = None if var_y == 0 else float(1 - np.var(y_true - y_pred) / var_y)
         elapsed = time.perf_counter() - start
         record = dict(
-            iteration=iteration, global_step=global_step, sps=global_step / elapsed, time=elapsed,
-            episodic_return=episodes.mean_return(), episodes=episodes.count,
-            learning_rate=optimizer.param_groups[0]["lr"], explained_variance=explained_var,
+            iteration=iteration, global_step=global_step, sps=(iteration - first_iteration + 1) * batch_size / elapsed,
+            time=elapsed, first_iteration=first_iteration, episodic_return=boundary.recent_mean_return(),
+            episodes=boundary.episodes, learning_rate=optimizer.param_groups[0]["lr"], explained_variance=explained_var,
             **dict(zip(("pg_loss", "v_loss", "entropy", "approx_kl", "old_approx_kl", "clipfrac"), mean_stats)),
             **{f"time_{k}": v for k, v in timing.items()},
         )
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
-        if iteration % args.log_every == 0 or iteration == num_iterations:
-            eta = elapsed / iteration * (num_iterations - iteration)
-            print(
-                f"[{iteration}/{num_iterations}] step {global_step} | {record['sps']:.0f} SPS | "
-                f"return {'n/a' if record['episodic_return'] is None else format(record['episodic_return'], '.1f')} | "
-                f"eta {eta:.0f}s | "
-                + " ".join(f"{k} {v:.1f}s" for k, v in timing.items()),
-                flush=True,
-            )
-        if iteration % args.checkpoint_every == 0 or iteration == num_iterations:
+        if writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("iteration", "global_step", "first_iteration"):
+                    writer.add_scalar(key, value, global_step)
+        progress.update(iteration, record, timing)
+        if iteration % args.checkpoint_every == 0 or iteration == num_iterations or iteration == stop_after:
             save_checkpoint(run_dir / "checkpoint.pt", dict(
-                model=agent.state_dict(), optimizer=optimizer.state_dict(), normalizer=normalizer.state_dict(),
-                args=dataclasses.asdict(args), iteration=iteration, global_step=global_step,
+                model=agent.state_dict(), optimizer=optimizer.state_dict(), boundary=boundary.state_dict(),
+                args=dataclasses.asdict(args), iteration=iteration, global_step=global_step, rng=_rng_state(),
+                actions=np.stack(action_log) if action_log else np.zeros((0, N) + action_shape),
+                raw_obs=np.asarray(raw_obs), next_obs=obs_np[0].copy(),
             ))
+        if iteration == stop_after:
+            break
     metrics_file.close()
+    if writer is not None:
+        writer.close()
     envs.close()
-    return dict(global_step=global_step, seconds=time.perf_counter() - start,
-                episodic_return=episodes.mean_return(), run_dir=str(run_dir))
+    return dict(global_step=global_step, iterations=iteration, seconds=time.perf_counter() - start,
+                episodic_return=boundary.recent_mean_return(), episodes=boundary.episodes, run_dir=str(run_dir))
+
+
+def _tensorboard(run_dir: Path):
+    """A TensorBoard writer when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir))
+
+
+def evaluate(path: str, episodes: int = 10, device: str = "cpu", seed: int = 12345) -> dict:
+    """Runs the saved policy (greedy for discrete actions, the mean for continuous ones) with the
+    saved normalization statistics, frozen, until ``episodes`` episodes end; returns their mean
+    and std return."""
+    if episodes < 1:
+        raise ValueError(f"--episodes must be >= 1, got {episodes}")
+    state = load_checkpoint(Path(path))
+    args = dataclasses.replace(Args(**state["args"]), seed=seed, num_envs=min(episodes, 8))
+    family = env_family(args.env_id)
+    envs = make_env(args, family)
+    obs_shape = envs.observation_space.shape
+    agent = Agent(obs_shape, envs.action_space, family).to(device)
+    agent.load_state_dict(state["model"])
+    agent.eval()
+    boundary = EnvBoundary(args.num_envs, obs_shape, normalize_obs=family == "mujoco", gamma=args.gamma)
+    saved = state["boundary"]
+    for name in ("obs_count", "obs_mean", "obs_m2"):
+        getattr(boundary, name)[...] = saved[name]
+    obs = np.zeros((args.num_envs,) + obs_shape, np.uint8 if family == "atari" else np.float32)
+    scratch = [np.zeros(args.num_envs, np.float32)] + [np.zeros(args.num_envs, np.bool_) for _ in range(3)]
+    raw_obs, _ = envs.reset()
+    boundary.previous_done[:] = True
+    boundary.step(raw_obs, np.zeros(args.num_envs, np.float32), np.zeros(args.num_envs, bool),
+                  np.zeros(args.num_envs, bool), obs, *scratch, update_stats=False)
+    returns = []
+    continuous = len(envs.action_space.shape) > 0
+    while len(returns) < episodes:
+        with torch.no_grad():
+            h = agent.features(torch.from_numpy(obs).to(device))
+            out = agent.actor(h)
+            action = (out.clamp(-1e9, 1e9) if continuous else out.argmax(-1)).cpu().numpy()
+        action = np.clip(action, envs.action_space.low, envs.action_space.high) if continuous else action.astype(np.int32)
+        raw_obs, reward, term, trunc, info = envs.step(action)
+        if family == "atari":
+            over = (np.logical_or(term, trunc) & (info["terminated"] == 1)) | trunc
+            finished = boundary.step(raw_obs, reward, term, trunc, obs, *scratch, episode_reward=info["reward"],
+                                     episode_over=over, update_stats=False)
+        else:
+            finished = boundary.step(raw_obs, reward, term, trunc, obs, *scratch, update_stats=False)
+        returns.extend(r for r, _ in finished)
+    envs.close()
+    returns = np.array(returns[:episodes])
+    return dict(env_id=args.env_id, episodes=int(returns.size), mean_return=float(returns.mean()),
+                std_return=float(returns.std()), checkpoint_step=state["global_step"])
 
 
 def main(argv=None) -> int:
     from .cli import parse_dataclass
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    resume = None
+    if "--resume" in argv:
+        i = argv.index("--resume")
+        if i + 1 >= len(argv):
+            print("fastppo train: error: --resume needs a run directory", file=sys.stderr)
+            return 2
+        resume = argv[i + 1]
+        del argv[i:i + 2]
+        if argv:
+            print(f"fastppo train: error: --resume continues a run with its saved settings; drop {argv}", file=sys.stderr)
+            return 2
     args = parse_dataclass(Args, argv, prog="fastppo train", description=__doc__.splitlines()[0])
     try:
-        summary = train(args)
-    except ValueError as err:
+        summary = train(args, resume=resume)
+    except (ValueError, CheckpointError) as err:
         print(f"fastppo train: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
+    return 0
+
+
+def eval_main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="fastppo eval", description="Evaluate a saved policy.")
+    parser.add_argument("path", help="a run directory or its checkpoint.pt")
+    parser.add_argument("--episodes", type=int, default=10, help="episodes to run")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--seed", type=int, default=12345, help="seed of the evaluation environments")
+    ns = parser.parse_args(argv)
+    try:
+        result = evaluate(ns.path, ns.episodes, ns.device, ns.seed)
+    except (ValueError, CheckpointError) as err:
+        print(f"fastppo eval: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{result['env_id']}: {result['mean_return']:.2f} +- {result['std_return']:.2f} over {result['episodes']} episodes")
+    print(json.dumps(result))
     return 0

@@ -1,0 +1,110 @@
+"""The environment boundary: one ``fastppo._C.env_step`` call per environment step.
+
+``EnvBoundary.step`` takes what a batched environment returned and, in compiled code, marks the
+dummy reset steps (EnvPool resets an environment on the step after it ended), tracks each env's
+episode return and length, normalizes observations with running float64 moments (clipped to
++-clip), scales rewards by the running std of the discounted return (clipped), and writes the
+results into the rollout storage slot it is given. Its state is plain numpy, saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from . import _C
+
+
+def _contiguous(x, dtype=None) -> np.ndarray:
+    return np.ascontiguousarray(x if dtype is None else np.asarray(x, dtype=dtype))
+
+
+class EnvBoundary:
+    """Per-step bookkeeping between ``num_envs`` environments and the rollout storage.
+
+    Args:
+        num_envs: N.
+        obs_shape: the shape of one observation.
+        normalize_obs / normalize_reward: the MuJoCo preset's normalization (CleanRL's wrappers).
+        gamma: discount of the return whose running std scales the rewards.
+        clip: normalized observations and scaled rewards are clipped to +-clip.
+        window: how many recent episodes ``recent_mean_return`` averages.
+    """
+
+    def __init__(self, num_envs: int, obs_shape: Tuple[int, ...], normalize_obs: bool = False,
+                 normalize_reward: bool = False, gamma: float = 0.99, clip: float = 10.0, window: int = 100):
+        self.N, self.obs_shape = num_envs, tuple(obs_shape)
+        self.obs_dim = int(np.prod(self.obs_shape)) if self.obs_shape else 1
+        self.normalize_obs, self.normalize_reward = normalize_obs, normalize_reward
+        self.gamma, self.clip = gamma, clip
+        self.obs_count, self.obs_mean, self.obs_m2 = np.zeros(1), np.zeros(self.obs_dim), np.zeros(self.obs_dim)
+        self.return_count, self.return_mean, self.return_m2 = np.zeros(1), np.zeros(1), np.zeros(1)
+        self.discounted_return = np.zeros(num_envs)
+        self.episode_return = np.zeros(num_envs)
+        self.episode_length = np.zeros(num_envs, np.int64)
+        self.previous_done = np.zeros(num_envs, np.bool_)
+        self.recent = deque(maxlen=window)
+        self.episodes = 0
+        self._finished_return = np.zeros(num_envs)
+        self._finished_length = np.zeros(num_envs, np.int64)
+        self._finished = np.zeros(num_envs, np.bool_)
+
+    def step(self, obs, reward, terminated, truncated, obs_out: np.ndarray, reward_out: np.ndarray,
+             done_out: np.ndarray, terminated_out: np.ndarray, real_out: np.ndarray,
+             episode_reward=None, episode_over=None, update_stats: bool = True) -> List[Tuple[float, int]]:
+        """Books one step and writes it into the ``*_out`` arrays (C-contiguous numpy: obs_out
+        ``[N, *obs_shape]`` float32, or uint8 when observations are neither normalized nor float;
+        the others ``[N]`` float32 / bool). ``episode_reward`` (default ``reward``) is what episode
+        returns sum; ``episode_over`` (default terminated or truncated) says where episodes end.
+        Returns the (return, length) of the episodes that ended at this step."""
+        obs = _contiguous(obs)
+        reward = _contiguous(reward, np.float64 if np.asarray(reward).dtype == np.float64 else np.float32)
+        episode_reward = reward if episode_reward is None else _contiguous(
+            episode_reward, np.float64 if np.asarray(episode_reward).dtype == np.float64 else np.float32)
+        for name, out, shape in (("obs_out", obs_out, (self.N,) + self.obs_shape), ("reward_out", reward_out, (self.N,)),
+                                 ("done_out", done_out, (self.N,)), ("terminated_out", terminated_out, (self.N,)),
+                                 ("real_out", real_out, (self.N,))):
+            if not isinstance(out, np.ndarray) or not out.flags.c_contiguous or out.shape != shape:
+                raise ValueError(f"EnvBoundary.step: {name} must be a C-contiguous numpy array of shape {shape}")
+        if obs.shape != (self.N,) + self.obs_shape:
+            raise ValueError(f"EnvBoundary.step: obs has shape {obs.shape}; expected {(self.N,) + self.obs_shape}")
+        count = _C.env_step(
+            self.N, self.obs_dim, obs, obs.dtype.name, reward, reward.dtype == np.float64,
+            _contiguous(terminated, np.bool_), _contiguous(truncated, np.bool_), episode_reward,
+            episode_reward.dtype == np.float64, None if episode_over is None else _contiguous(episode_over, np.bool_),
+            self.normalize_obs, self.normalize_reward, update_stats, self.gamma, self.clip,
+            self.obs_count, self.obs_mean, self.obs_m2, self.return_count, self.return_mean, self.return_m2,
+            self.discounted_return, self.episode_return, self.episode_length, self.previous_done,
+            obs_out, obs_out.dtype.name, reward_out, done_out, terminated_out, real_out,
+            self._finished_return, self._finished_length, self._finished,
+        )
+        finished = []
+        if count:
+            idx = np.flatnonzero(self._finished)
+            finished = list(zip(self._finished_return[idx].tolist(), self._finished_length[idx].tolist()))
+            self.recent.extend(finished)
+            self.episodes += len(finished)
+        return finished
+
+    def recent_mean_return(self) -> Optional[float]:
+        """Mean return of the recent episodes, None before the first one ends."""
+        return float(np.mean([r for r, _ in self.recent])) if self.recent else None
+
+    def obs_variance(self) -> np.ndarray:
+        return self.obs_m2 / self.obs_count[0] if self.obs_count[0] > 0 else np.ones_like(self.obs_m2)
+
+    _STATE = ("obs_count", "obs_mean", "obs_m2", "return_count", "return_mean", "return_m2",
+              "discounted_return", "episode_return", "episode_length", "previous_done")
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name).copy() for name in self._STATE} | {
+            "recent": list(self.recent), "episodes": self.episodes}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self._STATE:
+            getattr(self, name)[...] = state[name]
+        self.recent.clear()
+        self.recent.extend(tuple(x) for x in state["recent"])
+        self.episodes = state["episodes"]
