@@ -41,7 +41,7 @@ def test_each_preset_builds_and_runs(tmp_path, env_id, steps, preset):
 @pytest.mark.parametrize(
     "changes,words",
     [
-        (dict(env_id="NotAnEnv-v0"), ["--env-id", "NotAnEnv-v0", "not an EnvPool task"]),
+        (dict(env_id="NotAnEnv-v0"), ["--env-id", "NotAnEnv-v0", "not an EnvPool or gymnasium task"]),
         (dict(num_minibatches=7), ["--num-minibatches", "(7)", "4 * 128"]),
         (dict(clip_coef=-0.1), ["--clip-coef", "> 0"]),
         (dict(gamma=1.5), ["--gamma", "in [0, 1]"]),
@@ -148,3 +148,35 @@ def test_eval_reports_mean_and_std_with_saved_normalization(tmp_path):
     out = subprocess.run([sys.executable, "-m", "fastppo", "eval", summary["run_dir"], "--episodes", "1"],
                          capture_output=True, text=True, check=True)
     assert "+-" in out.stdout and "over 1 episodes" in out.stdout
+
+
+import gymnasium  # noqa: E402
+
+
+class _Countdown(gymnasium.Env):
+    """A tiny gymnasium env EnvPool does not have: observation [steps left], reward 1 per step,
+    terminated when the count reaches 0 (after 5 steps, whatever the actions)."""
+
+    def __init__(self):
+        import gymnasium as gym
+
+        self.observation_space = gym.spaces.Box(-1.0, 10.0, (1,), np.float32)
+        self.action_space = gym.spaces.Discrete(2)
+        self.left = 5
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.left = 5
+        return np.array([self.left], np.float32), {}
+
+    def step(self, action):
+        self.left -= 1
+        return np.array([self.left], np.float32), 1.0, self.left == 0, False, {}
+
+def test_gymnasium_fallback_for_tasks_envpool_lacks(tmp_path):
+    import gymnasium as gym
+
+    gym.register("FastppoCountdown-v0", entry_point=_Countdown)
+    summary = run(tmp_path, env_id="FastppoCountdown-v0", total_timesteps=4 * 128 * 2)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["preset"] == "classic"
+    assert summary["episodic_return"] == 5.0  # every episode: 5 rewarded steps, dummy steps not counted

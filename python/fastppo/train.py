@@ -36,7 +36,7 @@ from fastppo.envstep import EnvBoundary
 @dataclass
 class Args:
     env_id: str = "CartPole-v1"
-    """the EnvPool task id (CartPole-v1, Pong-v5, HalfCheetah-v5, ...)"""
+    """the EnvPool task id (CartPole-v1, Pong-v5, HalfCheetah-v5, ...); other gymnasium ids run on gymnasium's vector env"""
     preset: str = "auto"
     """hyperparameter preset: classic, atari, mujoco, or auto (chosen from the env id)"""
     total_timesteps: Optional[int] = None
@@ -98,20 +98,54 @@ PRESETS = {
 }
 
 
-def env_family(env_id: str) -> str:
+def _envpool_ids() -> set:
     import envpool
 
-    if env_id not in envpool.list_all_envs():
-        close = [e for e in envpool.list_all_envs() if env_id.split("-")[0].lower() in e.lower()][:5]
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ValueError(f"--env-id {env_id!r} is not an EnvPool task{hint}")
-    spec = envpool.make_spec(env_id)
-    config = spec.config
-    if hasattr(config, "episodic_life") and hasattr(config, "reward_clip"):
-        return "atari"
-    if len(spec.action_space.shape) > 0:
-        return "mujoco"
-    return "classic"
+    return set(envpool.list_all_envs())
+
+
+def env_family(env_id: str) -> str:
+    """classic, atari or mujoco (continuous control): picks the preset and the network."""
+    if env_id in _envpool_ids():
+        import envpool
+
+        spec = envpool.make_spec(env_id)
+        if hasattr(spec.config, "episodic_life") and hasattr(spec.config, "reward_clip"):
+            return "atari"
+        return "mujoco" if len(spec.action_space.shape) > 0 else "classic"
+    import gymnasium as gym
+
+    if env_id in gym.registry:  # the gymnasium vector-env fallback
+        probe = gym.make(env_id)
+        continuous = isinstance(probe.action_space, gym.spaces.Box)
+        probe.close()
+        return "mujoco" if continuous else "classic"
+    close = sorted(e for e in _envpool_ids() if env_id.split("-")[0].lower() in e.lower())[:5]
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ValueError(f"--env-id {env_id!r} is not an EnvPool or gymnasium task{hint}")
+
+
+class GymnasiumVecEnv:
+    """A gymnasium vector env shown with EnvPool's interface (single-env spaces, reset, step) for
+    tasks EnvPool lacks. Its autoreset is next-step, like EnvPool's."""
+
+    def __init__(self, env_id: str, num_envs: int, seed: int):
+        import gymnasium as gym
+
+        self.envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync",
+                                 vector_kwargs=dict(autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP))
+        self.observation_space = self.envs.single_observation_space
+        self.action_space = self.envs.single_action_space
+        self.seed = seed
+
+    def reset(self):
+        return self.envs.reset(seed=self.seed)
+
+    def step(self, actions):
+        return self.envs.step(actions)
+
+    def close(self):
+        self.envs.close()
 
 
 def resolve(args: Args) -> Args:
@@ -146,6 +180,8 @@ def resolve(args: Args) -> Args:
 
 
 def make_env(args: Args, family: str):
+    if args.env_id not in _envpool_ids():
+        return GymnasiumVecEnv(args.env_id, args.num_envs, args.seed)
     import envpool
 
     kwargs = dict(env_type="gymnasium", num_envs=args.num_envs, seed=args.seed)
