@@ -23,7 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -198,12 +198,24 @@ def layer_init(layer: nn.Module, std: float = math.sqrt(2), bias_const: float = 
     return layer
 
 
+@dataclass(frozen=True)
+class Kernels:
+    """What fastppo computes in the loop: advantages, the clipped loss and the policy heads. The
+    benchmark suite swaps in eager torch versions to measure what the kernels buy end to end."""
+
+    gae: Callable = fastppo.gae
+    ppo_loss: Callable = fastppo.ppo_loss
+    categorical_logprob_entropy: Callable = fastppo.categorical_logprob_entropy
+    normal_logprob_entropy: Callable = fastppo.normal_logprob_entropy
+
+
 class Agent(nn.Module):
     """Actor-critic: MLPs for vector observations (categorical or state-independent Gaussian
     policy), the Nature CNN for Atari frames."""
 
-    def __init__(self, obs_shape, action_space, family: str):
+    def __init__(self, obs_shape, action_space, family: str, kernels: Kernels = Kernels()):
         super().__init__()
+        self.kernels = kernels
         self.continuous = len(action_space.shape) > 0
         n_out = action_space.shape[0] if self.continuous else int(action_space.n)
         if family == "atari":
@@ -244,11 +256,11 @@ class Agent(nn.Module):
         if self.continuous:
             if action is None:
                 action = out + self.actor_logstd.exp() * torch.randn_like(out)
-            logprob, entropy = fastppo.normal_logprob_entropy(out, self.actor_logstd, action)
+            logprob, entropy = self.kernels.normal_logprob_entropy(out, self.actor_logstd, action)
         else:
             if action is None:
                 action = torch.distributions.Categorical(logits=out).sample()
-            logprob, entropy = fastppo.categorical_logprob_entropy(out, action.long())
+            logprob, entropy = self.kernels.categorical_logprob_entropy(out, action.long())
         return action, logprob, entropy, self.critic(h).squeeze(-1)
 
 
@@ -259,13 +271,13 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def rollout_advantages(rewards, values, dones, terminated, real, next_value, gamma, lam):
+def rollout_advantages(rewards, values, dones, terminated, real, next_value, gamma, lam, gae=fastppo.gae):
     """GAE over an EnvPool rollout ``[T, N]``. A step that is not ``real`` is the dummy reset step
     after an episode ended: it leads from the final observation to a reset one, so it neither
     bootstraps nor carries the next episode's advantage back (it is masked out of the loss too).
     The real step before it bootstraps from ``values`` of the final observation unless it
     terminated, which is what makes truncation exact."""
-    return fastppo.gae(rewards, values, dones | ~real, next_value, terminated=terminated | ~real, gamma=gamma, lam=lam)
+    return gae(rewards, values, dones | ~real, next_value, terminated=terminated | ~real, gamma=gamma, lam=lam)
 
 
 class CheckpointError(RuntimeError):
@@ -321,14 +333,16 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optional[int] = None) -> dict:
+def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optional[int] = None,
+          kernels: Kernels = Kernels()) -> dict:
     """Runs PPO with ``args`` and returns a summary (steps, seconds, recent mean return, run dir).
 
     ``resume``: a run directory (or its checkpoint) to continue; its saved config is used and the
     environments are brought back to where they were by replaying the logged actions from the
     same seed, so on the CPU the continued run matches an uninterrupted one. ``envs``: an
     environment object to use instead of EnvPool's (tests). ``stop_after``: stop after this many
-    iterations (as if killed right after that iteration's checkpoint).
+    iterations (as if killed right after that iteration's checkpoint). ``kernels``: the
+    computations to use (the benchmark suite's eager baseline).
     """
     checkpoint = None
     if resume is not None:
@@ -351,7 +365,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     envs = make_env(args, family) if envs is None else envs
     obs_shape = envs.observation_space.shape
     continuous = len(envs.action_space.shape) > 0
-    agent = Agent(obs_shape, envs.action_space, family).to(device)
+    agent = Agent(obs_shape, envs.action_space, family, kernels).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     mujoco = family == "mujoco"
     boundary = EnvBoundary(args.num_envs, obs_shape, normalize_obs=mujoco, normalize_reward=mujoco, gamma=args.gamma)
@@ -429,7 +443,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         with torch.no_grad():
             next_value = agent.get_value(obs_dev[T])
             advantages, returns = rollout_advantages(rewards, values, dones, terminated, real, next_value,
-                                                     args.gamma, args.gae_lambda)
+                                                     args.gamma, args.gae_lambda, kernels.gae)
         timing["gae"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -443,7 +457,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
             for start_ in range(0, batch_size, minibatch_size):
                 mb = order[start_:start_ + minibatch_size]
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb], b_actions[mb])
-                out = fastppo.ppo_loss(newlogprob, b_logprobs[mb], b_advantages[mb], newvalue, b_values[mb],
+                out = kernels.ppo_loss(newlogprob, b_logprobs[mb], b_advantages[mb], newvalue, b_values[mb],
                                        b_returns[mb], entropy, mask=b_real[mb], clip_coef=args.clip_coef,
                                        vf_coef=args.vf_coef, ent_coef=args.ent_coef, clip_vloss=args.clip_vloss,
                                        norm_adv=args.norm_adv)
