@@ -4,23 +4,29 @@ Run from the repository root:
 
     python benchmarks/bench_gae.py                 # full CPU run, writes benchmarks/results/gae_cpu.md
     python benchmarks/bench_gae.py --quick         # seconds-long smoke run; prints, writes only with --out
+    python benchmarks/bench_gae.py --tiny          # smallest size, 3 timed calls (a test); writes only with --out
     python benchmarks/bench_gae.py --threads 4     # torch.set_num_threads(4) and OMP_NUM_THREADS=4 (fastppo)
     python benchmarks/bench_gae.py --device cuda   # CUDA tensors; writes benchmarks/results/gae_cuda.md
     python benchmarks/bench_gae.py --out PATH      # write the Markdown report to PATH
+    python benchmarks/bench_gae.py --json PATH     # also write the machine and every row as JSON
 
 For each rollout size (T, N) it times, on the same random float32 inputs (dones ~ Bernoulli(0.02)):
 ``fastppo.gae`` on numpy arrays and on torch tensors; a CleanRL-style backward loop over torch
-tensors; a stable-baselines3-style backward loop over numpy rows; TorchRL's
+tensors; stable-baselines3's backward loop over numpy rows, re-implemented here; stable-baselines3's
+own ``RolloutBuffer.compute_returns_and_advantage`` (when stable-baselines3 is installed); TorchRL's
 ``generalized_advantage_estimate`` and ``vec_generalized_advantage_estimate`` (when torchrl is
 installed); and the memory-traffic floor, 5 float32 arrays of T*N divided by the memcpy bandwidth
 measured in the same run. Every contender's output is checked against fastppo's before it is timed.
 It prints a Markdown report (machine, table of median ms per call, ratios, checks) and writes it.
+``collect(args)`` runs the measurements and returns them; ``python -m benchmarks`` uses it through
+``--json`` to run this benchmark with the others.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import sys
@@ -39,6 +45,7 @@ torch = None
 fastppo = None
 
 SIZES = [(128, 8), (2048, 1), (128, 64), (256, 1024), (1024, 4096)]
+TINY_SIZES = [min(SIZES, key=lambda size: size[0] * size[1])]
 GAMMA = 0.99
 LAM = 0.95
 DONE_PROB = 0.02
@@ -48,11 +55,30 @@ FP_NUMPY = "fastppo numpy"
 FP_NUMPY_OUT = "fastppo numpy, out="
 FP_TORCH = "fastppo torch"
 CLEANRL = "CleanRL loop (torch)"
-SB3 = "SB3 loop (numpy)"
+SB3 = "SB3 loop re-implemented (numpy)"
+SB3_BUFFER = "SB3 RolloutBuffer"
 TORCHRL_LOOP = "TorchRL GAE"
 TORCHRL_VEC = "TorchRL vec GAE"
 FLOOR = "memory floor"
-TIME_COLUMNS = [FP_NUMPY, FP_NUMPY_OUT, FP_TORCH, CLEANRL, SB3, TORCHRL_LOOP, TORCHRL_VEC, FLOOR]
+TIME_COLUMNS = [FP_NUMPY, FP_NUMPY_OUT, FP_TORCH, CLEANRL, SB3, SB3_BUFFER, TORCHRL_LOOP, TORCHRL_VEC, FLOOR]
+FASTPPO_COLUMNS = [FP_NUMPY, FP_NUMPY_OUT, FP_TORCH]
+# Each peer and the fastppo column its speed-up is taken against: torch peers against fastppo on
+# torch tensors, numpy peers against fastppo on numpy arrays.
+PEER_BASELINES = {
+    CLEANRL: FP_TORCH,
+    SB3: FP_NUMPY,
+    SB3_BUFFER: FP_NUMPY,
+    TORCHRL_LOOP: FP_TORCH,
+    TORCHRL_VEC: FP_TORCH,
+}
+
+# Timed calls per case for each run mode (median_ms's arguments). Each contender is also called
+# once before it is timed (the check), which serves as its first warm-up.
+TIMING = {
+    "full": dict(repeats=None, warmup=1, budget_s=0.5, min_repeats=3),  # about 0.5 s, at least 3 calls
+    "quick": dict(repeats=None, warmup=0, budget_s=0.02, min_repeats=1),  # about 20 ms, at least 1 call
+    "tiny": dict(repeats=3, warmup=0),  # exactly 3 calls
+}
 
 
 # --- The peers, written out plainly -------------------------------------------------------------
@@ -80,7 +106,7 @@ def cleanrl_gae(rewards, values, starts, next_value, next_done, gamma, lam):
 
 
 def sb3_gae(rewards, values, episode_starts, last_values, last_dones, gamma, lam):
-    """The same loop over numpy rows, as stable-baselines3's RolloutBuffer runs it.
+    """The same loop over numpy rows, as stable-baselines3's RolloutBuffer runs it (re-implemented).
 
     Same convention as CleanRL: ``episode_starts[t]`` marks an observation that starts an episode.
     """
@@ -114,6 +140,30 @@ def load_torchrl():
     return {TORCHRL_LOOP: generalized_advantage_estimate, TORCHRL_VEC: vec_generalized_advantage_estimate}
 
 
+def load_sb3():
+    """stable-baselines3's ``make_buffer(T, N)``, or a string saying why there is none."""
+    try:
+        import gymnasium
+        from stable_baselines3.common.buffers import RolloutBuffer
+    except ImportError:
+        return "not installed"
+    except Exception as exc:  # installed but broken: say so in the table rather than crash
+        return f"import failed ({type(exc).__name__})"
+
+    def make_buffer(T, N):
+        return RolloutBuffer(
+            buffer_size=T,
+            observation_space=gymnasium.spaces.Box(-1, 1, (1,)),
+            action_space=gymnasium.spaces.Discrete(2),
+            device="cpu",
+            gae_lambda=LAM,
+            gamma=GAMMA,
+            n_envs=N,
+        )
+
+    return make_buffer
+
+
 # --- Inputs and contenders -----------------------------------------------------------------------
 
 
@@ -131,12 +181,12 @@ def to_numpy(x):
     return x.detach().cpu().numpy()
 
 
-def build_contenders(rewards, values, dones, last_value, device, torchrl):
+def build_contenders(rewards, values, dones, last_value, device, torchrl, sb3):
     """``{column: (call, outputs_of)}``, or ``{column: reason}`` for one that cannot run here.
 
     ``call()`` is what gets timed; ``outputs_of(call())`` gives (advantages, returns) as [T, N]
     numpy arrays for the check. Every conversion a peer needs (the convention shift, TorchRL's
-    batch-major layout) is done here, before timing.
+    batch-major layout, filling SB3's buffer) is done here, before timing.
     """
     N = rewards.shape[1]
     r, v, d, last = (torch.from_numpy(x).to(device) for x in (rewards, values, dones, last_value))
@@ -175,6 +225,23 @@ def build_contenders(rewards, values, dones, last_value, device, torchrl):
         )
     else:
         contenders[SB3] = "n/a (numpy)"
+    if device != "cpu":
+        contenders[SB3_BUFFER] = "n/a (numpy)"
+    elif isinstance(sb3, str):
+        contenders[SB3_BUFFER] = sb3
+    else:
+        # SB3's buffer holds [T, N] float32 arrays; a rollout fills them step by step, here at once.
+        buffer = sb3(*rewards.shape)
+        buffer.rewards[:] = rewards
+        buffer.values[:] = values
+        buffer.episode_starts[:] = starts
+        last_values_t = torch.from_numpy(last_value.copy())
+
+        def sb3_buffer_gae():
+            buffer.compute_returns_and_advantage(last_values=last_values_t, dones=next_done)
+            return buffer
+
+        contenders[SB3_BUFFER] = (sb3_buffer_gae, lambda buf: (buf.advantages.copy(), buf.returns.copy()))
 
     if isinstance(torchrl, str):
         contenders[TORCHRL_LOOP] = contenders[TORCHRL_VEC] = torchrl
@@ -270,7 +337,7 @@ def cpu_model():
     return platform.processor() or "unknown"
 
 
-def machine_lines(device, bandwidth, torchrl_version):
+def machine_lines(device, bandwidth, torchrl_version, sb3_version):
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     lines = [
         f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
@@ -280,7 +347,8 @@ def machine_lines(device, bandwidth, torchrl_version):
         lines.append(f"- GPU: {torch.cuda.get_device_name()} (torch CUDA {torch.version.cuda})")
     lines += [
         f"- Python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), torchrl {torchrl_version}, fastppo {fastppo.__version__}",
+        f"({torch.get_num_threads()} threads), torchrl {torchrl_version}, stable-baselines3 {sb3_version}, "
+        f"fastppo {fastppo.__version__}",
         f"- OMP_NUM_THREADS: {os.environ.get('OMP_NUM_THREADS', 'unset')}",
         f"- fastppo.build_info(): `{fastppo.build_info()}`",
         f"- Copy bandwidth: {bandwidth / 1e9:.1f} GB/s "
@@ -293,25 +361,32 @@ def machine_lines(device, bandwidth, torchrl_version):
     return lines
 
 
-def report(rows, device, bandwidth, torchrl_version, warnings, quick):
+def report(result):
+    device, mode = result["device"], result["mode"]
+    warnings = result["warnings"]
     fp = FP_NUMPY_OUT if device == "cpu" else FP_TORCH  # the fastppo column the floor ratio uses
     ratio_columns = [
         (f"{CLEANRL} / {FP_TORCH}", CLEANRL, FP_TORCH),
         (f"{SB3} / {FP_NUMPY}", SB3, FP_NUMPY),
+        (f"{SB3_BUFFER} / {FP_NUMPY}", SB3_BUFFER, FP_NUMPY),
         (f"best TorchRL / {FP_TORCH}", "best TorchRL", FP_TORCH),
         (f"{fp} / {FLOOR}", fp, FLOOR),
     ]
     lines = [f"# fastppo.gae benchmark ({device})", ""]
-    if quick:
+    if mode == "quick":
         lines += ["**Quick smoke run (--quick): about 20 ms of timed calls per case; not a measurement.**", ""]
-    lines += ["## Machine", ""] + machine_lines(device, bandwidth, torchrl_version) + [""]
+    elif mode == "tiny":
+        lines += [f"**Tiny run (--tiny): (T, N) in {result['sizes']}, 3 timed calls per case; a test of this "
+                  "script, not a measurement.**", ""]
+    lines += ["## Machine", ""]
+    lines += machine_lines(device, result["bandwidth"], result["torchrl_version"], result["sb3_version"]) + [""]
     lines += [
         "## Median time per call (ms, lower is better)",
         "",
         "| T | N | " + " | ".join(TIME_COLUMNS + [name for name, _, _ in ratio_columns]) + " |",
         "|---:|---:|" + "---:|" * (len(TIME_COLUMNS) + len(ratio_columns)),
     ]
-    for (T, N), row in rows.items():
+    for (T, N), row in result["rows"].items():
         row = dict(row, **{"best TorchRL": best_torchrl(row)})
         cells = [str(T), str(N)] + [fmt(row[c]) for c in TIME_COLUMNS]
         cells += [ratio(row, num, den) for _, num, den in ratio_columns]
@@ -321,17 +396,18 @@ def report(rows, device, bandwidth, torchrl_version, warnings, quick):
         f"- Every contender's advantages and returns matched fastppo's to {TOLERANCE:g} "
         "(at T=200, N=8 and at every size above)."
     ]
+    timing_note = {
+        "full": "the calls that fit in about 0.5 s (at least 3), after 2 warm-up calls.",
+        "quick": "the calls that fit in about 20 ms (at least 1), after 1 warm-up call.",
+        "tiny": "3 calls, after 1 warm-up call.",
+    }[mode]
     lines += [
         "",
         "## Notes",
         "",
         f"- Inputs: float32 rewards and values ~ N(0, 1), dones ~ Bernoulli({DONE_PROB}) stored as "
         f"float32 0/1, gamma={GAMMA}, lam={LAM}, terminated = dones. Each case is the median of "
-        + (
-            "the calls that fit in about 20 ms (at least 1), after 1 warm-up call."
-            if quick
-            else "the calls that fit in about 0.5 s (at least 3), after 2 warm-up calls."
-        ),
+        + timing_note,
         (
             "- fastppo's CPU kernel runs on the OpenMP threads shown by build_info(); the Python loops "
             "and TorchRL's GAE loop issue one op at a time (torch ops may use torch's threads)."
@@ -339,9 +415,15 @@ def report(rows, device, bandwidth, torchrl_version, warnings, quick):
             else "- CUDA: every timed call is followed by torch.cuda.synchronize(), inside the timed region."
         ),
         f"- Ratios: the CleanRL loop and TorchRL (torch peers) are divided by `{FP_TORCH}`, the SB3 "
-        f"loop (a numpy peer) by `{FP_NUMPY}`; the floor ratio uses `{fp}`.",
+        f"loop and buffer (numpy peers) by `{FP_NUMPY}`; the floor ratio uses `{fp}`.",
         "- CleanRL and SB3 store dones as \"observation t starts an episode\"; their inputs are "
         "shifted to that convention before timing (`starts = cat([0, dones[:-1]])`, `next_done = dones[-1]`).",
+        f"- `{SB3}`: stable-baselines3's backward loop written out in this script over numpy rows. "
+        f"`{SB3_BUFFER}`: stable-baselines3's own `RolloutBuffer(buffer_size=T, n_envs=N)` "
+        "(Box(-1, 1, (1,)) observations, Discrete(2) actions) with its `rewards`, `values` and "
+        "`episode_starts` arrays filled before timing; the timed call is "
+        "`compute_returns_and_advantage(last_values=<torch tensor>, dones=<numpy array>)`, which also "
+        "copies last_values to numpy and allocates `returns = advantages + values`.",
         "- TorchRL gets contiguous [N, T, 1] tensors, `next_state_value = cat([values[1:], last_value])`, "
         "and bool `done` and `terminated`, all built before timing.",
         f"- `{FP_NUMPY_OUT}` writes into two preallocated arrays (as a reused rollout buffer does); "
@@ -353,25 +435,133 @@ def report(rows, device, bandwidth, torchrl_version, warnings, quick):
     return "\n".join(lines) + "\n"
 
 
+# --- JSON (shared with bench_loss, bench_heads and the suite) -------------------------------------
+
+
+def machine_info(device):
+    """The machine and the library versions, as a dict for the JSON results."""
+    import torch
+    import fastppo
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "fastppo": fastppo.__version__,
+        "fastppo_build_info": fastppo.build_info(),
+        "device": device,
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["torch_cuda"] = torch.version.cuda
+    return info
+
+
+def json_row(kernel, case, size, row, fastppo_columns, peers, **extra):
+    """One measured case as a JSON-ready dict.
+
+    ``row`` maps each column to its median in ms, or to the reason it was not measured; ``peers``
+    maps each peer column to the fastppo column its speed-up (peer time / fastppo time) uses.
+    """
+    peer_entries = []
+    for peer, base in peers.items():
+        entry = {"name": peer, "vs": base}
+        if isinstance(row[peer], float):
+            entry["median_ms"] = row[peer]
+            if isinstance(row[base], float):
+                entry["speedup"] = row[peer] / row[base]
+        else:
+            entry["skipped"] = row[peer]
+        peer_entries.append(entry)
+    return {
+        "kernel": kernel,
+        "case": case,
+        "size": size,
+        "fastppo_ms": {c: row[c] for c in fastppo_columns if isinstance(row[c], float)},
+        "fastppo_skipped": {c: row[c] for c in fastppo_columns if not isinstance(row[c], float)},
+        "peers": peer_entries,
+        **extra,
+    }
+
+
+def json_document(device, mode, parts):
+    """The JSON results file: the machine, then each benchmark's summary and all its rows."""
+    return {
+        "machine": machine_info(device),
+        "device": device,
+        "mode": mode,
+        "benchmarks": [{k: v for k, v in part.items() if k != "rows"} for part in parts],
+        "rows": [dict(row, benchmark=part["name"]) for part in parts for row in part["rows"]],
+    }
+
+
+def write_json(path, document):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def to_json(result):
+    """This benchmark's summary and rows, for ``json_document``."""
+    rows = [
+        json_row(
+            "gae", f"T={T}, N={N}", {"T": T, "N": N}, row, FASTPPO_COLUMNS, PEER_BASELINES, floor_ms=row[FLOOR]
+        )
+        for (T, N), row in result["rows"].items()
+    ]
+    return {
+        "name": "gae",
+        "title": "fastppo.gae",
+        "script": "benchmarks/bench_gae.py",
+        "warnings": result["warnings"],
+        "details": {
+            "copy_bandwidth_gb_s": result["bandwidth"] / 1e9,
+            "torchrl": result["torchrl_version"],
+            "stable_baselines3": result["sb3_version"],
+            "gamma": GAMMA,
+            "lam": LAM,
+            "tolerance": TOLERANCE,
+        },
+        "rows": rows,
+    }
+
+
 # --- Main ----------------------------------------------------------------------------------------
+
+
+def run_mode(args):
+    return "tiny" if args.tiny else "quick" if args.quick else "full"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run with tiny repeat counts")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="seconds-long smoke run with tiny repeat counts")
+    size.add_argument("--tiny", action="store_true", help="smallest size only, 3 timed calls: a test of the script")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, help="torch threads, and OMP_NUM_THREADS for fastppo")
     parser.add_argument(
         "--out",
         type=Path,
-        help="Markdown file to write (default benchmarks/results/gae_<device>.md; --quick writes only with --out)",
+        help="Markdown file to write (default benchmarks/results/gae_<device>.md; "
+        "--quick and --tiny write only with --out)",
     )
+    parser.add_argument("--json", type=Path, help="also write the machine and every row to this JSON file")
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+def collect(args):
+    """Runs the benchmark that ``args`` (from parse_args) describes and returns its measurements."""
     global torch, fastppo
-    args = parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
             sys.exit("error: --threads must be at least 1")
@@ -381,32 +571,31 @@ def main(argv=None):
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda":
+    device, mode = args.device, run_mode(args)
+    if device == "cuda":
         if not torch.cuda.is_available():
             sys.exit("error: --device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
         if not fastppo.cuda_available():
             sys.exit(f"error: --device cuda, but this fastppo build cannot run on CUDA: {fastppo.build_info()}")
-    out = args.out
-    if out is None and not args.quick:
-        out = Path(__file__).resolve().parent / "results" / f"gae_{args.device}.md"
 
     torchrl = load_torchrl()
     torchrl_version = torchrl if isinstance(torchrl, str) else sys.modules["torchrl"].__version__
-    sync = torch.cuda.synchronize if args.device == "cuda" else None
-    # Each contender is called once by check() before it is timed: that call is its first warm-up.
-    # --quick: timed calls for about 20 ms per case, a single one for a slow call.
-    if args.quick:
-        timing = dict(repeats=None, warmup=0, budget_s=0.02, min_repeats=1)
-        bandwidth = copy_bandwidth(args.device, 64 << 20, repeats=3)
+    sb3 = load_sb3()
+    sb3_version = sb3 if isinstance(sb3, str) else sys.modules["stable_baselines3"].__version__
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    timing = TIMING[mode]
+    sizes = TINY_SIZES if mode == "tiny" else SIZES
+    if mode == "full":
+        bandwidth = copy_bandwidth(device, 256 << 20, repeats=None)
     else:
-        timing = dict(repeats=None, warmup=1, budget_s=0.5, min_repeats=3)
-        bandwidth = copy_bandwidth(args.device, 256 << 20, repeats=None)
+        bandwidth = copy_bandwidth(device, 64 << 20, repeats=3)
     print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s", file=sys.stderr)
 
-    warnings = check(build_contenders(*make_inputs(200, 8, seed=1), args.device, torchrl), "T=200, N=8")
+    contenders = build_contenders(*make_inputs(200, 8, seed=1), device, torchrl, sb3)
+    warnings = check(contenders, "T=200, N=8")
     rows = {}
-    for T, N in SIZES:
-        contenders = build_contenders(*make_inputs(T, N, seed=T * 100_003 + N), args.device, torchrl)
+    for T, N in sizes:
+        contenders = build_contenders(*make_inputs(T, N, seed=T * 100_003 + N), device, torchrl, sb3)
         warnings += check(contenders, f"T={T}, N={N}")  # also warms every contender up
         row = {}
         for column, contender in contenders.items():
@@ -414,18 +603,32 @@ def main(argv=None):
                 row[column] = contender
             else:
                 row[column] = median_ms(contender[0], sync=sync, **timing)
-            print(f"T={T:5d} N={N:5d}  {column:22s} {fmt(row[column]):>12s} ms", file=sys.stderr)
+            print(f"T={T:5d} N={N:5d}  {column:32s} {fmt(row[column]):>12s} ms", file=sys.stderr)
         row[FLOOR] = floor_ms(T, N, bandwidth)
         rows[(T, N)] = row
     for w in warnings:
         print(w, file=sys.stderr)
+    return dict(
+        device=device, mode=mode, sizes=sizes, rows=rows, bandwidth=bandwidth,
+        torchrl_version=torchrl_version, sb3_version=sb3_version, warnings=warnings,
+    )
 
-    text = report(rows, args.device, bandwidth, torchrl_version, warnings, args.quick)
+
+def main(argv=None):
+    args = parse_args(argv)
+    result = collect(args)
+    out = args.out
+    if out is None and result["mode"] == "full":
+        out = Path(__file__).resolve().parent / "results" / f"gae_{args.device}.md"
+
+    text = report(result)
     print(text)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
         print(f"wrote {out}", file=sys.stderr)
+    if args.json is not None:
+        write_json(args.json, json_document(result["device"], result["mode"], [to_json(result)]))
     return 0
 
 

@@ -4,9 +4,11 @@ Run from the repository root:
 
     python benchmarks/bench_heads.py                 # full CPU run, writes benchmarks/results/heads_cpu.md
     python benchmarks/bench_heads.py --quick         # smoke run (3 small cases); prints, writes only with --out
+    python benchmarks/bench_heads.py --tiny          # smallest size of each head, no torch.compile (a test); same
     python benchmarks/bench_heads.py --threads 4     # torch.set_num_threads(4) and OMP_NUM_THREADS=4 (fastppo)
     python benchmarks/bench_heads.py --device cuda   # CUDA tensors; writes benchmarks/results/heads_cuda.md
     python benchmarks/bench_heads.py --out PATH      # write the Markdown report to PATH
+    python benchmarks/bench_heads.py --json PATH     # also write the machine and every row as JSON
 
 Two heads, each returning ``(logprob, entropy)`` per row:
 
@@ -26,6 +28,8 @@ compiled afresh for each size, its first call, the compile, reported in its own 
 reports each contender's peak extra memory during one call next to the size of the input
 gradients, and checks once per size that fastppo's (and the compiled function's) outputs and
 gradients match eager's. It prints a Markdown report (machine, tables, ratios, checks) and writes it.
+``collect(args)`` runs the measurements and returns them; ``python -m benchmarks`` uses it through
+``--json`` to run this benchmark with the others.
 """
 
 from __future__ import annotations
@@ -44,11 +48,11 @@ import numpy as np
 try:  # python -m benchmarks.bench_heads
     from benchmarks import bench_loss
     from benchmarks._timing import median_ms
-    from benchmarks.bench_gae import cpu_model, fmt, ratio
+    from benchmarks.bench_gae import TIMING, cpu_model, fmt, json_document, json_row, ratio, run_mode, write_json
 except ImportError:  # python benchmarks/bench_heads.py
     import bench_loss
     from _timing import median_ms
-    from bench_gae import cpu_model, fmt, ratio
+    from bench_gae import TIMING, cpu_model, fmt, json_document, json_row, ratio, run_mode, write_json
 
 # bench_loss's helpers; peak_extra_bytes reads bench_loss's module global ``torch``, set in run().
 fmt_bytes = bench_loss.fmt_bytes
@@ -68,6 +72,7 @@ SIZES = {  # (rows, A) for the categorical head, (rows, D) for the Gaussian head
     GAUSSIAN: [(4096, 6), (4096, 17)],
 }
 QUICK_SIZES = {CATEGORICAL: [(4096, 6), (64, 32000)], GAUSSIAN: [(4096, 6)]}
+TINY_SIZES = {head: [min(sizes, key=lambda size: size[0] * size[1])] for head, sizes in SIZES.items()}
 WARMUP_COMPILE_SIZE = (8, 4)  # compiled once per head first, untimed in the tables
 TOLERANCE = 1e-4  # relative difference allowed between fastppo's outputs / gradients and eager's
 
@@ -75,6 +80,9 @@ FASTPPO = "fastppo"
 EAGER = "torch.distributions eager"
 COMPILED = "torch.distributions torch.compile"
 CONTENDERS = [FASTPPO, EAGER, COMPILED]
+PEER_BASELINES = {EAGER: FASTPPO, COMPILED: FASTPPO}  # each peer and the column its speed-up is taken against
+NOT_COMPILED = "not run (--tiny)"  # --tiny leaves torch.compile out
+KERNELS = {CATEGORICAL: "categorical_logprob_entropy", GAUSSIAN: "normal_logprob_entropy"}  # fastppo's names
 GRADS = "gradient size"  # bytes of the returned gradients: rows*A*4, or rows*D*4 + D*4
 
 # Measured before this benchmark existed (the issue's numbers, this machine, an earlier run): ms.
@@ -226,7 +234,9 @@ def reference_line(head, rows, n):
     return text + (f", torch.compile {fmt(compiled)} ms" if compiled is not None else "")
 
 
-def report(rows, device, compile_info, warnings, quick, sizes):
+def report(result):
+    rows, device, mode, sizes = result["rows"], result["device"], result["mode"], result["sizes"]
+    warnings = result["warnings"]
     key_header = "| head | rows | A or D | "
     key_rule = "|:---|---:|---:|"
 
@@ -236,10 +246,13 @@ def report(rows, device, compile_info, warnings, quick, sizes):
 
     ratio_columns = [(f"{EAGER} / {FASTPPO}", EAGER, FASTPPO), (f"{COMPILED} / {FASTPPO}", COMPILED, FASTPPO)]
     lines = [f"# fastppo policy heads benchmark ({device})", ""]
-    if quick:
-        shown = "; ".join(f"{head} (rows, {'A' if head == CATEGORICAL else 'D'}) in {s}" for head, s in sizes.items())
+    shown = "; ".join(f"{head} (rows, {'A' if head == CATEGORICAL else 'D'}) in {s}" for head, s in sizes.items())
+    if mode == "quick":
         lines += [f"**Quick smoke run (--quick): {shown}, about 20 ms of timed calls per case; not a measurement.**", ""]
-    lines += ["## Machine", ""] + machine_lines(device, compile_info) + [""]
+    elif mode == "tiny":
+        lines += [f"**Tiny run (--tiny): {shown}, 3 timed calls per case, no torch.compile; a test of this script, "
+                  "not a measurement.**", ""]
+    lines += ["## Machine", ""] + machine_lines(device, result["compile_info"]) + [""]
     lines += [
         "## Median time per forward + backward call (ms, lower is better)",
         "",
@@ -252,7 +265,9 @@ def report(rows, device, compile_info, warnings, quick, sizes):
         lines.append("| " + " | ".join(cells) + " |")
     lines += [""]
     lines += [f"**{w}**" for w in warnings] or [
-        f"Checks: at every size, fastppo's and the compiled function's log-prob, entropy and gradients matched "
+        "Checks: at every size, fastppo's "
+        + ("" if mode == "tiny" else "and the compiled function's ")
+        + f"log-prob, entropy and gradients matched "
         f"{EAGER}'s to {TOLERANCE:g} relative (max |difference| / max |eager|)."
     ]
     lines += [
@@ -301,12 +316,12 @@ def report(rows, device, compile_info, warnings, quick, sizes):
         "`torch.autograd.grad((logprob * w1 + entropy * w2).sum(), [logits])` (or `[mean, log_std]`); the weighted "
         "sum runs in eager for every contender. Each contender is timed in its own block of consecutive calls; each "
         "case is the median of "
-        + (
-            "the calls that fit in about 20 ms (at least 1), after 1 warm-up call."
-            if quick
-            else "the calls that fit in about 0.5 s, but at least 3 (a call of a second or more is timed "
-            "3 times), after 2 warm-up calls."
-        ),
+        + {
+            "full": "the calls that fit in about 0.5 s, but at least 3 (a call of a second or more is timed "
+            "3 times), after 2 warm-up calls.",
+            "quick": "the calls that fit in about 20 ms (at least 1), after 1 warm-up call.",
+            "tiny": "3 calls, after 1 warm-up call.",
+        }[mode],
         f"- `{FASTPPO}`: `fastppo.categorical_logprob_entropy(logits, actions)` (temperature 1) and "
         "`fastppo.normal_logprob_entropy(mean, log_std, actions)`.",
         f"- `{EAGER}`: `Categorical(logits=logits)` with `.log_prob(actions)`, `.entropy()`; "
@@ -342,24 +357,53 @@ def report(rows, device, compile_info, warnings, quick, sizes):
     return "\n".join(lines) + "\n"
 
 
+# --- JSON ----------------------------------------------------------------------------------------
+
+
+def to_json(result):
+    """This benchmark's summary and rows (one kernel per head), for bench_gae's ``json_document``."""
+    rows = []
+    for (head, n_rows, n), row in result["rows"].items():
+        n_name = "A" if head == CATEGORICAL else "D"
+        case, size = f"rows={n_rows}, {n_name}={n}", {"rows": n_rows, n_name: n}
+        rows.append(json_row(
+            KERNELS[head], case, size, row, [FASTPPO], PEER_BASELINES,
+            compile_first_call_ms=row["compile"], peak_extra_bytes=row["memory"], gradient_bytes=row["grad_bytes"],
+        ))
+    return {
+        "name": "heads",
+        "title": "fastppo policy heads (forward + backward)",
+        "script": "benchmarks/bench_heads.py",
+        "warnings": result["warnings"],
+        "details": {"torch_compile": result["compile_info"], "tolerance": TOLERANCE},
+        "rows": rows,
+    }
+
+
 # --- Main ----------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 3 small cases and tiny repeat counts")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smoke run: 3 small cases and tiny repeat counts")
+    size.add_argument(
+        "--tiny", action="store_true", help="smallest size of each head, 3 timed calls, no torch.compile: a test"
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, help="torch threads, and OMP_NUM_THREADS for fastppo")
     parser.add_argument(
         "--out",
         type=Path,
-        help="Markdown file to write (default benchmarks/results/heads_<device>.md; --quick writes only with --out)",
+        help="Markdown file to write (default benchmarks/results/heads_<device>.md; "
+        "--quick and --tiny write only with --out)",
     )
+    parser.add_argument("--json", type=Path, help="also write the machine and every row to this JSON file")
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def collect(args):
+    """Runs the benchmark that ``args`` (from parse_args) describes and returns its measurements."""
     if args.threads is not None:
         if args.threads < 1:
             sys.exit("error: --threads must be at least 1")
@@ -369,13 +413,13 @@ def main(argv=None):
     if own_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_heads_inductor_")
     try:
-        return run(args, own_cache)
+        return measure(args, own_cache)
     finally:
         if own_cache:
-            shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+            shutil.rmtree(os.environ.pop("TORCHINDUCTOR_CACHE_DIR"), ignore_errors=True)
 
 
-def run(args, own_cache):
+def measure(args, own_cache):
     global torch, fastppo
     import torch
     import torch._dynamo
@@ -384,47 +428,44 @@ def run(args, own_cache):
     bench_loss.torch, bench_loss.fastppo = torch, fastppo  # for the helpers borrowed from it
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = args.device
+    device, mode = args.device, run_mode(args)
     if device == "cuda":
         if not torch.cuda.is_available():
             sys.exit("error: --device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
         if not fastppo.cuda_available():
             sys.exit(f"error: --device cuda, but this fastppo build cannot run on CUDA: {fastppo.build_info()}")
-    out = args.out
-    if out is None and not args.quick:
-        out = Path(__file__).resolve().parent / "results" / f"heads_{device}.md"
-    sizes = QUICK_SIZES if args.quick else SIZES
+    sizes = {"full": SIZES, "quick": QUICK_SIZES, "tiny": TINY_SIZES}[mode]
+    compiling = mode != "tiny"
 
     sync = torch.cuda.synchronize if device == "cuda" else None
     # Each contender is called once (checked, and for torch.compile, compiled) before it is timed:
-    # that call is its first warm-up. --quick: timed calls for about 20 ms per case, at least one.
-    # Otherwise about 0.5 s per case but never fewer than 3 calls, so a call of over a second (eager
-    # at the large vocabularies) is timed 3 times.
-    if args.quick:
-        timing = dict(repeats=None, warmup=0, budget_s=0.02, min_repeats=1)
+    # that call is its first warm-up. A full run times about 0.5 s per case but never fewer than 3
+    # calls, so a call of over a second (eager at the large vocabularies) is timed 3 times.
+    timing = TIMING[mode]
+
+    if compiling:
+        # One-time costs of the first compile in a process (imports, worker pool), kept out of the tables.
+        warm = []
+        for head, peer in PEERS.items():
+            warm_inputs = make_inputs(head, *WARMUP_COMPILE_SIZE, device, seed=0)
+            _, warm_ms = timed_first_call(step_call(compile_head(peer), warm_inputs), sync)
+            print(f"warm-up compile, {head} at {WARMUP_COMPILE_SIZE}: {warm_ms / 1e3:.1f} s", file=sys.stderr)
+            warm.append(f"{head} {warm_ms / 1e3:.1f} s")
+        compile_info = (
+            "inductor, dynamic=False, recompiled for each size; "
+            + ("fresh (empty) inductor cache dir for this run" if own_cache
+               else f"TORCHINDUCTOR_CACHE_DIR={os.environ['TORCHINDUCTOR_CACHE_DIR']} (may be warm)")
+            + f"; one-time warm-up compiles at {WARMUP_COMPILE_SIZE}: " + ", ".join(warm)
+        )
+        if device == "cuda":
+            try:
+                import triton
+
+                compile_info += f"; triton {triton.__version__}"
+            except ImportError:
+                pass
     else:
-        timing = dict(repeats=None, warmup=1, budget_s=0.5, min_repeats=3)
-
-    # One-time costs of the first compile in a process (imports, worker pool), kept out of the tables.
-    warm = []
-    for head, peer in PEERS.items():
-        warm_inputs = make_inputs(head, *WARMUP_COMPILE_SIZE, device, seed=0)
-        _, warm_ms = timed_first_call(step_call(compile_head(peer), warm_inputs), sync)
-        print(f"warm-up compile, {head} at {WARMUP_COMPILE_SIZE}: {warm_ms / 1e3:.1f} s", file=sys.stderr)
-        warm.append(f"{head} {warm_ms / 1e3:.1f} s")
-    compile_info = (
-        "inductor, dynamic=False, recompiled for each size; "
-        + ("fresh (empty) inductor cache dir for this run" if own_cache
-           else f"TORCHINDUCTOR_CACHE_DIR={os.environ['TORCHINDUCTOR_CACHE_DIR']} (may be warm)")
-        + f"; one-time warm-up compiles at {WARMUP_COMPILE_SIZE}: " + ", ".join(warm)
-    )
-    if device == "cuda":
-        try:
-            import triton
-
-            compile_info += f"; triton {triton.__version__}"
-        except ImportError:
-            pass
+        compile_info = NOT_COMPILED
 
     warnings = []
     rows = {}
@@ -435,16 +476,21 @@ def run(args, own_cache):
             calls = {FASTPPO: step_call(FASTPPO_FNS[head], inputs), EAGER: step_call(PEERS[head], inputs)}
             reference = calls[EAGER]()
             warnings += check(FASTPPO, calls[FASTPPO](), reference, head, label)
-            calls[COMPILED] = step_call(compile_head(PEERS[head]), inputs)
-            compiled_out, compile_ms = timed_first_call(calls[COMPILED], sync)
-            warnings += check(COMPILED, compiled_out, reference, head, label)
-            del reference, compiled_out
-            row = {"compile": compile_ms, "grad_bytes": grad_bytes(inputs)}
-            print(f"{label:26s} {'compile (first call)':34s} {fmt(compile_ms):>10s} ms", file=sys.stderr)
+            row = {"compile": NOT_COMPILED, "grad_bytes": grad_bytes(inputs)}
+            if compiling:
+                calls[COMPILED] = step_call(compile_head(PEERS[head]), inputs)
+                compiled_out, row["compile"] = timed_first_call(calls[COMPILED], sync)
+                warnings += check(COMPILED, compiled_out, reference, head, label)
+                del compiled_out
+                print(f"{label:26s} {'compile (first call)':34s} {fmt(row['compile']):>10s} ms", file=sys.stderr)
+            del reference
             for column in CONTENDERS:
-                row[column] = median_ms(calls[column], sync=sync, **timing)
+                row[column] = median_ms(calls[column], sync=sync, **timing) if column in calls else NOT_COMPILED
                 print(f"{label:26s} {column:34s} {fmt(row[column]):>10s} ms", file=sys.stderr)
-            row["memory"] = {column: peak_extra_bytes(calls[column], device) for column in CONTENDERS}
+            row["memory"] = {
+                column: peak_extra_bytes(calls[column], device) if column in calls else NOT_COMPILED
+                for column in CONTENDERS
+            }
             print(f"{label:26s} peak extra memory: "
                   + ", ".join(f"{c} {fmt_bytes(m)}" for c, m in row["memory"].items())
                   + f" ({GRADS} {fmt_bytes(row['grad_bytes'])})", file=sys.stderr)
@@ -452,13 +498,24 @@ def run(args, own_cache):
             del calls, inputs
     for w in warnings:
         print(w, file=sys.stderr)
+    return dict(device=device, mode=mode, sizes=sizes, rows=rows, compile_info=compile_info, warnings=warnings)
 
-    text = report(rows, device, compile_info, warnings, args.quick, sizes)
+
+def main(argv=None):
+    args = parse_args(argv)
+    result = collect(args)
+    out = args.out
+    if out is None and result["mode"] == "full":
+        out = Path(__file__).resolve().parent / "results" / f"heads_{args.device}.md"
+
+    text = report(result)
     print(text)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
         print(f"wrote {out}", file=sys.stderr)
+    if args.json is not None:
+        write_json(args.json, json_document(result["device"], result["mode"], [to_json(result)]))
     return 0
 
 

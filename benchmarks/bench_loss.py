@@ -4,9 +4,11 @@ Run from the repository root:
 
     python benchmarks/bench_loss.py                 # full CPU run, writes benchmarks/results/loss_cpu.md
     python benchmarks/bench_loss.py --quick         # smoke run (B = 64, 4096); prints, writes only with --out
+    python benchmarks/bench_loss.py --tiny          # B = 64, 3 timed calls, no torch.compile (a test); same
     python benchmarks/bench_loss.py --threads 4     # torch.set_num_threads(4) and OMP_NUM_THREADS=4 (fastppo)
     python benchmarks/bench_loss.py --device cuda   # CUDA tensors; writes benchmarks/results/loss_cuda.md
     python benchmarks/bench_loss.py --out PATH      # write the Markdown report to PATH
+    python benchmarks/bench_loss.py --json PATH     # also write the machine and every row as JSON
 
 For each batch size B it times one training step's worth of loss work, forward and backward: the
 loss with every part (clipped surrogate, clipped value loss, entropy bonus with ent_coef=0.01,
@@ -18,7 +20,8 @@ compile, reported in its own table); and the memory-traffic floor, 10 float32 ar
 read, 3 gradients written) divided by the copy bandwidth measured in the same run. It also reports
 each contender's peak extra memory during one call, and checks once per size that fastppo's (and
 the compiled function's) loss and gradients match the eager formula. It prints a Markdown report
-(machine, tables, ratios, checks) and writes it.
+(machine, tables, ratios, checks) and writes it. ``collect(args)`` runs the measurements and
+returns them; ``python -m benchmarks`` uses it through ``--json`` to run this benchmark with the others.
 """
 
 from __future__ import annotations
@@ -38,10 +41,10 @@ import numpy as np
 
 try:  # python -m benchmarks.bench_loss
     from benchmarks._timing import median_ms
-    from benchmarks.bench_gae import cpu_model, fmt, ratio
+    from benchmarks.bench_gae import TIMING, cpu_model, fmt, json_document, json_row, ratio, run_mode, write_json
 except ImportError:  # python benchmarks/bench_loss.py
     from _timing import median_ms
-    from bench_gae import cpu_model, fmt, ratio
+    from bench_gae import TIMING, cpu_model, fmt, json_document, json_row, ratio, run_mode, write_json
 
 # Imported in main(), after --threads has set OMP_NUM_THREADS (fastppo's OpenMP runtime reads it
 # once, when the compiled module is loaded) and after TORCHINDUCTOR_CACHE_DIR is chosen.
@@ -50,6 +53,7 @@ fastppo = None
 
 SIZES = [64, 512, 4096, 65536, 1048576]
 QUICK_SIZES = [64, 4096]
+TINY_SIZES = [min(SIZES)]
 WARMUP_COMPILE_SIZE = 8  # compiled once first, untimed in the tables, to absorb one-time setup
 CLIP_COEF = 0.2
 VF_COEF = 0.5
@@ -62,6 +66,8 @@ EAGER = "CleanRL eager"
 COMPILED = "CleanRL torch.compile"
 FLOOR = "memory floor"
 CONTENDERS = [FASTPPO, EAGER, COMPILED]
+PEER_BASELINES = {EAGER: FASTPPO, COMPILED: FASTPPO}  # each peer and the column its speed-up is taken against
+NOT_COMPILED = "not run (--tiny)"  # --tiny leaves torch.compile out
 TIME_COLUMNS = CONTENDERS + [FLOOR]
 GRADS = "3 gradients"  # the memory the returned gradients take: 3 * 4 * B bytes
 
@@ -286,19 +292,27 @@ def machine_lines(device, bandwidth, compile_info):
     return lines
 
 
-def report(rows, device, bandwidth, compile_info, warnings, quick, sizes):
+def report(result):
+    rows, device, mode, sizes = result["rows"], result["device"], result["mode"], result["sizes"]
+    warnings = result["warnings"]
     ratio_columns = [
         (f"{EAGER} / {FASTPPO}", EAGER, FASTPPO),
         (f"{COMPILED} / {FASTPPO}", COMPILED, FASTPPO),
         (f"{FASTPPO} / {FLOOR}", FASTPPO, FLOOR),
     ]
     lines = [f"# fastppo.ppo_loss benchmark ({device})", ""]
-    if quick:
+    if mode == "quick":
         lines += [
             f"**Quick smoke run (--quick): B in {sizes}, about 20 ms of timed calls per case; not a measurement.**",
             "",
         ]
-    lines += ["## Machine", ""] + machine_lines(device, bandwidth, compile_info) + [""]
+    elif mode == "tiny":
+        lines += [
+            f"**Tiny run (--tiny): B in {sizes}, 3 timed calls per case, no torch.compile; a test of this "
+            "script, not a measurement.**",
+            "",
+        ]
+    lines += ["## Machine", ""] + machine_lines(device, result["bandwidth"], result["compile_info"]) + [""]
     lines += [
         "## Median time per forward + backward call (ms, lower is better)",
         "",
@@ -311,7 +325,9 @@ def report(rows, device, bandwidth, compile_info, warnings, quick, sizes):
         lines.append("| " + " | ".join(cells) + " |")
     lines += [""]
     lines += [f"**{w}**" for w in warnings] or [
-        f"Checks: at every B, fastppo's and the compiled function's loss and three gradients matched "
+        "Checks: at every B, fastppo's "
+        + ("" if mode == "tiny" else "and the compiled function's ")
+        + f"loss and three gradients matched "
         f"{EAGER}'s to {TOLERANCE:g} relative (max |difference| / max |eager|)."
     ]
     lines += [
@@ -351,11 +367,11 @@ def report(rows, device, bandwidth, compile_info, warnings, quick, sizes):
         "advantage normalization, clipped value loss, and the stats approx_kl, old_approx_kl, clipfrac), then "
         "`torch.autograd.grad(loss, [new_logprob, new_value, entropy])`. Each contender is timed in its own "
         "block of consecutive calls; each case is the median of "
-        + (
-            "the calls that fit in about 20 ms (at least 1), after 1 warm-up call."
-            if quick
-            else "the calls that fit in about 0.5 s (at least 3), after 2 warm-up calls."
-        ),
+        + {
+            "full": "the calls that fit in about 0.5 s (at least 3), after 2 warm-up calls.",
+            "quick": "the calls that fit in about 20 ms (at least 1), after 1 warm-up call.",
+            "tiny": "3 calls, after 1 warm-up call.",
+        }[mode],
         f"- `{EAGER}`: CleanRL ppo.py's loss lines in plain torch; its stats are computed under no_grad as "
         "CleanRL does but left as tensors (CleanRL's `.item()` would synchronize; fastppo returns tensors too).",
         f"- `{COMPILED}`: the same function under `torch.compile(..., dynamic=False)` (inductor). Dynamo's caches "
@@ -387,24 +403,59 @@ def report(rows, device, bandwidth, compile_info, warnings, quick, sizes):
     return "\n".join(lines) + "\n"
 
 
+# --- JSON ----------------------------------------------------------------------------------------
+
+
+def to_json(result):
+    """This benchmark's summary and rows, for bench_gae's ``json_document``."""
+    rows = [
+        json_row(
+            "ppo_loss", f"B={B}", {"B": B}, row, [FASTPPO], PEER_BASELINES,
+            floor_ms=row[FLOOR], compile_first_call_ms=row["compile"], peak_extra_bytes=row["memory"],
+        )
+        for B, row in result["rows"].items()
+    ]
+    return {
+        "name": "ppo_loss",
+        "title": "fastppo.ppo_loss (forward + backward)",
+        "script": "benchmarks/bench_loss.py",
+        "warnings": result["warnings"],
+        "details": {
+            "copy_bandwidth_gb_s": result["bandwidth"] / 1e9,
+            "torch_compile": result["compile_info"],
+            "clip_coef": CLIP_COEF,
+            "vf_coef": VF_COEF,
+            "ent_coef": ENT_COEF,
+            "tolerance": TOLERANCE,
+        },
+        "rows": rows,
+    }
+
+
 # --- Main ----------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: B in 64, 4096 and tiny repeat counts")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smoke run: B in 64, 4096 and tiny repeat counts")
+    size.add_argument(
+        "--tiny", action="store_true", help="B = 64, 3 timed calls, no torch.compile: a test of the script"
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, help="torch threads, and OMP_NUM_THREADS for fastppo")
     parser.add_argument(
         "--out",
         type=Path,
-        help="Markdown file to write (default benchmarks/results/loss_<device>.md; --quick writes only with --out)",
+        help="Markdown file to write (default benchmarks/results/loss_<device>.md; "
+        "--quick and --tiny write only with --out)",
     )
+    parser.add_argument("--json", type=Path, help="also write the machine and every row to this JSON file")
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def collect(args):
+    """Runs the benchmark that ``args`` (from parse_args) describes and returns its measurements."""
     if args.threads is not None:
         if args.threads < 1:
             sys.exit("error: --threads must be at least 1")
@@ -414,13 +465,13 @@ def main(argv=None):
     if own_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_loss_inductor_")
     try:
-        return run(args, own_cache)
+        return measure(args, own_cache)
     finally:
         if own_cache:
-            shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+            shutil.rmtree(os.environ.pop("TORCHINDUCTOR_CACHE_DIR"), ignore_errors=True)
 
 
-def run(args, own_cache):
+def measure(args, own_cache):
     global torch, fastppo
     import torch
     import torch._dynamo
@@ -428,45 +479,45 @@ def run(args, own_cache):
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = args.device
+    device, mode = args.device, run_mode(args)
     if device == "cuda":
         if not torch.cuda.is_available():
             sys.exit("error: --device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
         if not fastppo.cuda_available():
             sys.exit(f"error: --device cuda, but this fastppo build cannot run on CUDA: {fastppo.build_info()}")
-    out = args.out
-    if out is None and not args.quick:
-        out = Path(__file__).resolve().parent / "results" / f"loss_{device}.md"
-    sizes = QUICK_SIZES if args.quick else SIZES
+    sizes = {"full": SIZES, "quick": QUICK_SIZES, "tiny": TINY_SIZES}[mode]
+    compiling = mode != "tiny"
 
     sync = torch.cuda.synchronize if device == "cuda" else None
     # Each contender is called once (checked, and for torch.compile, compiled) before it is timed:
-    # that call is its first warm-up. --quick: timed calls for about 20 ms per case, at least one.
-    if args.quick:
-        timing = dict(repeats=None, warmup=0, budget_s=0.02, min_repeats=1)
-        bandwidth = copy_bandwidth(device, 64 << 20, repeats=3)
-    else:
-        timing = dict(repeats=None, warmup=1, budget_s=0.5, min_repeats=3)
+    # that call is its first warm-up.
+    timing = TIMING[mode]
+    if mode == "full":
         bandwidth = copy_bandwidth(device, 256 << 20, repeats=None)
+    else:
+        bandwidth = copy_bandwidth(device, 64 << 20, repeats=3)
     print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s", file=sys.stderr)
 
-    # One-time costs of the first compile in a process (imports, worker pool), kept out of the table.
-    warm_inputs = make_inputs(WARMUP_COMPILE_SIZE, device, seed=0)
-    _, warm_ms = timed_first_call(step_call(compile_loss(), warm_inputs), sync)
-    print(f"warm-up compile at B={WARMUP_COMPILE_SIZE}: {warm_ms / 1e3:.1f} s", file=sys.stderr)
-    compile_info = (
-        f"inductor, dynamic=False, recompiled for each B; "
-        + ("fresh (empty) inductor cache dir for this run" if own_cache
-           else f"TORCHINDUCTOR_CACHE_DIR={os.environ['TORCHINDUCTOR_CACHE_DIR']} (may be warm)")
-        + f"; one-time warm-up compile at B={WARMUP_COMPILE_SIZE}: {warm_ms / 1e3:.1f} s"
-    )
-    if device == "cuda":
-        try:
-            import triton
+    if compiling:
+        # One-time costs of the first compile in a process (imports, worker pool), kept out of the table.
+        warm_inputs = make_inputs(WARMUP_COMPILE_SIZE, device, seed=0)
+        _, warm_ms = timed_first_call(step_call(compile_loss(), warm_inputs), sync)
+        print(f"warm-up compile at B={WARMUP_COMPILE_SIZE}: {warm_ms / 1e3:.1f} s", file=sys.stderr)
+        compile_info = (
+            f"inductor, dynamic=False, recompiled for each B; "
+            + ("fresh (empty) inductor cache dir for this run" if own_cache
+               else f"TORCHINDUCTOR_CACHE_DIR={os.environ['TORCHINDUCTOR_CACHE_DIR']} (may be warm)")
+            + f"; one-time warm-up compile at B={WARMUP_COMPILE_SIZE}: {warm_ms / 1e3:.1f} s"
+        )
+        if device == "cuda":
+            try:
+                import triton
 
-            compile_info += f"; triton {triton.__version__}"
-        except ImportError:
-            pass
+                compile_info += f"; triton {triton.__version__}"
+            except ImportError:
+                pass
+    else:
+        compile_info = NOT_COMPILED
 
     warnings = []
     rows = {}
@@ -476,30 +527,49 @@ def run(args, own_cache):
         calls = {FASTPPO: step_call(fastppo_loss, inputs), EAGER: step_call(cleanrl_loss, inputs)}
         reference = calls[EAGER]()
         warnings += check(FASTPPO, calls[FASTPPO](), reference, label)
-        calls[COMPILED] = step_call(compile_loss(), inputs)
-        compiled_out, compile_ms = timed_first_call(calls[COMPILED], sync)
-        warnings += check(COMPILED, compiled_out, reference, label)
-        del reference, compiled_out
-        row = {"compile": compile_ms}
-        print(f"B={B:8d}  {'compile (first call)':22s} {fmt(compile_ms):>12s} ms", file=sys.stderr)
+        row = {"compile": NOT_COMPILED}
+        if compiling:
+            calls[COMPILED] = step_call(compile_loss(), inputs)
+            compiled_out, row["compile"] = timed_first_call(calls[COMPILED], sync)
+            warnings += check(COMPILED, compiled_out, reference, label)
+            del compiled_out
+            print(f"B={B:8d}  {'compile (first call)':22s} {fmt(row['compile']):>12s} ms", file=sys.stderr)
+        del reference
         for column in CONTENDERS:
-            row[column] = median_ms(calls[column], sync=sync, **timing)
+            row[column] = median_ms(calls[column], sync=sync, **timing) if column in calls else NOT_COMPILED
             print(f"B={B:8d}  {column:22s} {fmt(row[column]):>12s} ms", file=sys.stderr)
         row[FLOOR] = floor_ms(B, bandwidth)
-        row["memory"] = {column: peak_extra_bytes(calls[column], device) for column in CONTENDERS}
+        row["memory"] = {
+            column: peak_extra_bytes(calls[column], device) if column in calls else NOT_COMPILED
+            for column in CONTENDERS
+        }
         print(f"B={B:8d}  peak extra memory: "
               + ", ".join(f"{c} {fmt_bytes(m)}" for c, m in row["memory"].items()), file=sys.stderr)
         rows[B] = row
         del calls, inputs
     for w in warnings:
         print(w, file=sys.stderr)
+    return dict(
+        device=device, mode=mode, sizes=sizes, rows=rows, bandwidth=bandwidth,
+        compile_info=compile_info, warnings=warnings,
+    )
 
-    text = report(rows, device, bandwidth, compile_info, warnings, args.quick, sizes)
+
+def main(argv=None):
+    args = parse_args(argv)
+    result = collect(args)
+    out = args.out
+    if out is None and result["mode"] == "full":
+        out = Path(__file__).resolve().parent / "results" / f"loss_{args.device}.md"
+
+    text = report(result)
     print(text)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
         print(f"wrote {out}", file=sys.stderr)
+    if args.json is not None:
+        write_json(args.json, json_document(result["device"], result["mode"], [to_json(result)]))
     return 0
 
 
