@@ -176,6 +176,9 @@ def categorical_logprob_entropy(logits: Tensor, actions: Tensor, temperature: fl
         logprob, entropy, _ = _categorical_op(logits, actions, temperature)
         return logprob, entropy
     try:
+        if not (torch.is_grad_enabled() and logits.requires_grad):  # inference (a rollout): no graph to build
+            logprob, entropy, _ = _categorical_forward(logits, actions, temperature)
+            return logprob, entropy
         return _Categorical.apply(logits, actions, temperature)
     except IndexError as err:  # from the CPU kernel's check: say which value and the range
         bad = actions[(actions < 0) | (actions >= logits.shape[-1])]
@@ -313,6 +316,8 @@ def normal_logprob_entropy(mean: Tensor, log_std: Tensor, actions: Tensor) -> Tu
     _check_device(fn, "mean", mean)
     if torch.compiler.is_compiling():
         return _normal_op(mean, log_std, actions)
+    if not (torch.is_grad_enabled() and (mean.requires_grad or log_std.requires_grad)):
+        return _normal_forward(mean, log_std, actions)  # inference: no graph to build
     return _Normal.apply(mean, log_std, actions)
 
 

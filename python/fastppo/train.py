@@ -82,7 +82,7 @@ class Args:
     checkpoint_every: int = 50
     """write a checkpoint every this many iterations (and at the end)"""
     log_every: int = 1
-    """print a progress line every this many iterations"""
+    """without a terminal (logs, CI): print a progress line every this many iterations"""
 
 
 PRESETS = {
@@ -258,8 +258,9 @@ class Agent(nn.Module):
                 action = out + self.actor_logstd.exp() * torch.randn_like(out)
             logprob, entropy = self.kernels.normal_logprob_entropy(out, self.actor_logstd, action)
         else:
-            if action is None:
-                action = torch.distributions.Categorical(logits=out).sample()
+            if action is None:  # Gumbel-max: a sample of softmax(out) without a distribution object
+                noise = torch.rand_like(out).clamp_(min=torch.finfo(out.dtype).tiny)
+                action = (out - torch.log(-torch.log(noise))).argmax(-1)
             logprob, entropy = self.kernels.categorical_logprob_entropy(out, action.long())
         return action, logprob, entropy, self.critic(h).squeeze(-1)
 
@@ -302,25 +303,40 @@ def load_checkpoint(path: Path) -> dict:
 
 
 class Progress:
-    """One status line (steps, SPS, recent mean return, ETA, timing sections): redrawn in place
-    on a terminal, printed every ``every`` iterations otherwise."""
+    """The live status (steps, SPS, recent mean return, ETA, timing sections): a tqdm bar on a
+    terminal, a printed line every ``every`` iterations otherwise (logs, CI)."""
 
-    def __init__(self, total_iterations: int, every: int):
+    def __init__(self, total_iterations: int, first_iteration: int, every: int):
         self.total, self.every = total_iterations, every
-        self.tty = sys.stdout.isatty()
+        self.bar = None
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total_iterations, initial=first_iteration - 1, unit="it", dynamic_ncols=True)
+
+    @staticmethod
+    def _fields(record: dict, timing: dict) -> str:
+        ret = record["episodic_return"]
+        return (f"step {record['global_step']} | {record['sps']:.0f} SPS | "
+                f"return {'n/a' if ret is None else format(ret, '.1f')} | "
+                + " ".join(f"{k} {v:.1f}s" for k, v in timing.items()))
 
     def update(self, iteration: int, record: dict, timing: dict) -> None:
-        if not self.tty and iteration % self.every and iteration != self.total:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(self._fields(record, timing), refresh=True)
+            return
+        if iteration % self.every and iteration != self.total:
             return
         eta = record["time"] / max(iteration - record["first_iteration"] + 1, 1) * (self.total - iteration)
-        ret = record["episodic_return"]
-        line = (f"[{iteration}/{self.total}] step {record['global_step']} | {record['sps']:.0f} SPS | "
-                f"return {'n/a' if ret is None else format(ret, '.1f')} | eta {eta:.0f}s | "
-                + " ".join(f"{k} {v:.1f}s" for k, v in timing.items()))
-        if self.tty:
-            print("\r" + line[: 160].ljust(160), end="\n" if iteration == self.total else "", flush=True)
-        else:
-            print(line, flush=True)
+        print(f"[{iteration}/{self.total}] {self._fields(record, timing)} | eta {eta:.0f}s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _rng_state() -> dict:
@@ -408,7 +424,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
 
     metrics_file = open(run_dir / "metrics.jsonl", "a")
     writer = _tensorboard(run_dir)
-    progress = Progress(num_iterations, args.log_every)
+    progress = Progress(num_iterations, first_iteration, args.log_every)
     start = time.perf_counter()
     timing = dict(env=0.0, inference=0.0, gae=0.0, learn=0.0)
     iteration = first_iteration - 1
@@ -500,6 +516,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         if iteration == stop_after:
             break
     metrics_file.close()
+    progress.close()
     if writer is not None:
         writer.close()
     envs.close()
