@@ -180,3 +180,77 @@ def test_gymnasium_fallback_for_tasks_envpool_lacks(tmp_path):
     summary = run(tmp_path, env_id="FastppoCountdown-v0", total_timesteps=4 * 128 * 2)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["preset"] == "classic"
     assert summary["episodic_return"] == 5.0  # every episode: 5 rewarded steps, dummy steps not counted
+
+
+class _ScriptedAsyncEnvs:
+    """EnvPool's async interface over a fixed schedule: recv k hands back the env ids in
+    schedule[k]; the j-th time env e comes back it reports reward 1 + e + j and ends where
+    `ends` says (terminated)."""
+
+    def __init__(self, schedule, ends):
+        self.schedule, self.ends, self.k = schedule, ends, 0
+        self.seen = {}
+
+    def async_reset(self):
+        pass
+
+    def recv(self):
+        ids = np.array(self.schedule[self.k])
+        self.k += 1
+        reward, term = [], []
+        for e in ids:
+            j = self.seen.get(int(e), -1) + 1
+            self.seen[int(e)] = j
+            reward.append(0.0 if j == 0 else 1.0 + e + j)
+            term.append((int(e), j) in self.ends)
+        obs = ids[:, None].astype(np.float32)
+        return obs, np.array(reward, np.float32), np.array(term), np.zeros(len(ids), bool), {"env_id": ids}
+
+    def send(self, actions, ids):
+        pass
+
+
+def test_async_rollout_advantages_follow_each_env():
+    import fastppo
+    from fastppo.envstep import EnvBoundary
+    from references import gae_reference
+
+    schedule = [[0, 1], [2, 0], [1, 2], [0, 1], [2, 0], [1, 2], [0, 2]]
+    ends = {(1, 2), (0, 2)}
+    envs = _ScriptedAsyncEnvs(schedule, ends)
+    rollout = T.AsyncRollout(envs, EnvBoundary(3, (1,)), "classic", len(schedule), 2, (1,), np.float32, "cpu")
+    for t in range(len(schedule)):
+        rollout.recv(t)
+    values = torch.arange(len(schedule) * 2, dtype=torch.float64) * 0.1 + 0.05
+    gamma, lam = 0.9, 0.8
+    adv, ret = rollout.advantages(values, gamma, lam, fastppo.gae)
+    # The reference: per env, its slots in order; slot k's outcome is what its (k+1)-th return
+    # brought; the last slot is in flight and only bootstraps.
+    for e in range(3):
+        slots = [i for i, env in enumerate(rollout.env) if env == e]
+        appearances = [(k, j) for k, ids in enumerate(schedule) for j, x in enumerate(ids) if x == e]
+        rewards, dones, real = [], [], []
+        for n in range(len(slots) - 1):
+            rewards.append(1.0 + e + (n + 1))
+            dones.append((e, n + 1) in ends)
+            real.append(n == 0 or (e, n) not in ends)
+        assert len(appearances) == len(slots)
+        assert rollout.real[slots[:-1]].tolist() == real  # the slot after an end is the dummy reset step
+        v = values[slots].numpy()
+        d = np.array(dones) | ~np.array(real)
+        expected_adv, expected_ret = gae_reference(np.array(rewards)[:, None], v[:-1, None], d[:, None], v[-1:],
+                                                   d[:, None], gamma=gamma, lam=lam)
+        mask = rollout.real[slots[:-1]]
+        np.testing.assert_allclose(adv[slots[:-1]].numpy()[mask], expected_adv[:, 0][mask], rtol=1e-12)
+        np.testing.assert_allclose(ret[slots[:-1]].numpy()[mask], expected_ret[:, 0][mask], rtol=1e-12)
+        assert not rollout.real[slots[-1]]  # in flight: masked out
+
+
+def test_async_mode_trains(tmp_path):
+    summary = run(tmp_path, env_id="CartPole-v1", num_envs=8, async_batch_size=4, total_timesteps=50_000, device="cpu")
+    assert summary["global_step"] >= 49_000
+    assert summary["episodic_return"] >= 100  # a random policy averages about 22
+    with pytest.raises(T.CheckpointError, match="async-mode run cannot be resumed"):
+        T.train(T.Args(), resume=summary["run_dir"])
+    with pytest.raises(ValueError, match="--async-batch-size must be in"):
+        run(tmp_path, env_id="CartPole-v1", num_envs=4, async_batch_size=4)

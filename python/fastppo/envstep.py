@@ -53,36 +53,43 @@ class EnvBoundary:
 
     def step(self, obs, reward, terminated, truncated, obs_out: np.ndarray, reward_out: np.ndarray,
              done_out: np.ndarray, terminated_out: np.ndarray, real_out: np.ndarray,
-             episode_reward=None, episode_over=None, update_stats: bool = True) -> List[Tuple[float, int]]:
+             episode_reward=None, episode_over=None, update_stats: bool = True,
+             env_ids=None) -> List[Tuple[float, int]]:
         """Books one step and writes it into the ``*_out`` arrays (C-contiguous numpy: obs_out
         ``[N, *obs_shape]`` float32, or uint8 when observations are neither normalized nor float;
         the others ``[N]`` float32 / bool). ``episode_reward`` (default ``reward``) is what episode
         returns sum; ``episode_over`` (default terminated or truncated) says where episodes end.
-        Returns the (return, length) of the episodes that ended at this step."""
+        ``env_ids`` (EnvPool's async mode): which environment each of the B rows is; the inputs
+        and outputs then have B rows. Returns the (return, length) of the episodes that ended."""
         obs = _contiguous(obs)
+        rows = self.N if env_ids is None else len(env_ids)
+        if env_ids is not None:
+            env_ids = _contiguous(env_ids, np.int32)
+            if env_ids.size and (env_ids.min() < 0 or env_ids.max() >= self.N):
+                raise ValueError(f"EnvBoundary.step: env_ids must be in [0, {self.N}), got {env_ids.tolist()}")
         reward = _contiguous(reward, np.float64 if np.asarray(reward).dtype == np.float64 else np.float32)
         episode_reward = reward if episode_reward is None else _contiguous(
             episode_reward, np.float64 if np.asarray(episode_reward).dtype == np.float64 else np.float32)
-        for name, out, shape in (("obs_out", obs_out, (self.N,) + self.obs_shape), ("reward_out", reward_out, (self.N,)),
-                                 ("done_out", done_out, (self.N,)), ("terminated_out", terminated_out, (self.N,)),
-                                 ("real_out", real_out, (self.N,))):
+        for name, out, shape in (("obs_out", obs_out, (rows,) + self.obs_shape), ("reward_out", reward_out, (rows,)),
+                                 ("done_out", done_out, (rows,)), ("terminated_out", terminated_out, (rows,)),
+                                 ("real_out", real_out, (rows,))):
             if not isinstance(out, np.ndarray) or not out.flags.c_contiguous or out.shape != shape:
                 raise ValueError(f"EnvBoundary.step: {name} must be a C-contiguous numpy array of shape {shape}")
-        if obs.shape != (self.N,) + self.obs_shape:
-            raise ValueError(f"EnvBoundary.step: obs has shape {obs.shape}; expected {(self.N,) + self.obs_shape}")
+        if obs.shape != (rows,) + self.obs_shape:
+            raise ValueError(f"EnvBoundary.step: obs has shape {obs.shape}; expected {(rows,) + self.obs_shape}")
         count = _C.env_step(
-            self.N, self.obs_dim, obs, obs.dtype.name, reward, reward.dtype == np.float64,
+            rows, self.obs_dim, obs, obs.dtype.name, reward, reward.dtype == np.float64,
             _contiguous(terminated, np.bool_), _contiguous(truncated, np.bool_), episode_reward,
             episode_reward.dtype == np.float64, None if episode_over is None else _contiguous(episode_over, np.bool_),
             self.normalize_obs, self.normalize_reward, update_stats, self.gamma, self.clip,
             self.obs_count, self.obs_mean, self.obs_m2, self.return_count, self.return_mean, self.return_m2,
             self.discounted_return, self.episode_return, self.episode_length, self.previous_done,
             obs_out, obs_out.dtype.name, reward_out, done_out, terminated_out, real_out,
-            self._finished_return, self._finished_length, self._finished,
+            self._finished_return, self._finished_length, self._finished, env_ids,
         )
         finished = []
         if count:
-            idx = np.flatnonzero(self._finished)
+            idx = np.flatnonzero(self._finished[:rows])
             finished = list(zip(self._finished_return[idx].tolist(), self._finished_length[idx].tolist()))
             self.recent.extend(finished)
             self.episodes += len(finished)

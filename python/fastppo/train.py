@@ -23,7 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -46,7 +46,9 @@ class Args:
     num_envs: Optional[int] = None
     """parallel environments (default: the preset's)"""
     num_steps: Optional[int] = None
-    """steps per environment per rollout (default: the preset's)"""
+    """steps per environment per rollout (default: the preset's); in async mode, recv rounds per rollout"""
+    async_batch_size: Optional[int] = None
+    """EnvPool async mode: step this many of the num_envs environments at a time (fewer than num_envs)"""
     anneal_lr: bool = True
     """anneal the learning rate linearly to 0"""
     gamma: float = 0.99
@@ -167,11 +169,17 @@ def resolve(args: Args) -> Args:
     for name, ok, what in checks:
         if not ok:
             raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)!r}")
-    if (args.num_envs * args.num_steps) % args.num_minibatches:
+    if args.async_batch_size is None and (args.num_envs * args.num_steps) % args.num_minibatches:
         raise ValueError(
             f"--num-minibatches ({args.num_minibatches}) must divide num_envs * num_steps "
             f"({args.num_envs} * {args.num_steps})"
         )
+    if args.async_batch_size is not None:
+        if not 0 < args.async_batch_size < args.num_envs:
+            raise ValueError(f"--async-batch-size must be in [1, num_envs) = [1, {args.num_envs}), got {args.async_batch_size}")
+        if (args.async_batch_size * args.num_steps) % args.num_minibatches:
+            raise ValueError(f"--num-minibatches ({args.num_minibatches}) must divide async_batch_size * num_steps "
+                             f"({args.async_batch_size} * {args.num_steps})")
     if args.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda, got {args.device!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -181,10 +189,14 @@ def resolve(args: Args) -> Args:
 
 def make_env(args: Args, family: str):
     if args.env_id not in _envpool_ids():
+        if args.async_batch_size is not None:
+            raise ValueError(f"--async-batch-size needs an EnvPool task; {args.env_id!r} runs on gymnasium")
         return GymnasiumVecEnv(args.env_id, args.num_envs, args.seed)
     import envpool
 
     kwargs = dict(env_type="gymnasium", num_envs=args.num_envs, seed=args.seed)
+    if args.async_batch_size is not None:
+        kwargs.update(batch_size=args.async_batch_size)
     if family == "atari":
         kwargs.update(episodic_life=True, reward_clip=True)
     with warnings.catch_warnings():  # gymnasium notes that EnvPool's float64 Box bounds become float32
@@ -279,6 +291,78 @@ def rollout_advantages(rewards, values, dones, terminated, real, next_value, gam
     The real step before it bootstraps from ``values`` of the final observation unless it
     terminated, which is what makes truncation exact."""
     return gae(rewards, values, dones | ~real, next_value, terminated=terminated | ~real, gamma=gamma, lam=lam)
+
+
+class AsyncRollout:
+    """EnvPool's async mode (``num_envs > batch_size``): each ``recv`` hands back ``B`` of the
+    ``N`` environments, in any order, and each gets its next action by ``send``. A rollout is
+    ``T`` recv/send rounds stored as ``T * B`` slots with their env id; a slot's reward and done
+    arrive with that env's next recv. The last slot of each env in a rollout is still in flight
+    when learning starts: it is masked out and its value bootstraps the env's previous slot (its
+    outcome, arriving in the next rollout, still counts for the episode statistics)."""
+
+    def __init__(self, envs, boundary: EnvBoundary, family: str, T: int, B: int, obs_shape, obs_dtype, device):
+        self.envs, self.boundary, self.family = envs, boundary, family
+        self.T, self.B, self.N, self.device = T, B, boundary.N, device
+        self.obs = np.zeros((T * B,) + tuple(obs_shape), obs_dtype)
+        self.reward = np.zeros(T * B, np.float32)
+        self.done, self.terminated, self.real = (np.zeros(T * B, np.bool_) for _ in range(3))
+        self.env = np.zeros(T * B, np.int64)
+        self.stage = [np.zeros((B,) + tuple(obs_shape), obs_dtype), np.zeros(B, np.float32)] + [
+            np.zeros(B, np.bool_) for _ in range(3)]
+        self.pending = np.full(self.N, -1)  # each env's slot whose outcome has not arrived
+        boundary.previous_done[:] = True  # the reset observations are no transitions
+        envs.async_reset()
+
+    def recv(self, t: int):
+        """One recv: books the outcomes into their slots and opens slots t*B .. t*B+B-1."""
+        raw_obs, reward, term, trunc, info = self.envs.recv()
+        ids = np.asarray(info["env_id"], np.int64)
+        stage_obs, stage_reward, stage_done, stage_term, stage_real = self.stage
+        extra = {}
+        if self.family == "atari":
+            extra = dict(episode_reward=info["reward"], episode_over=(np.logical_or(term, trunc) & (info["terminated"] == 1)) | trunc)
+        self.boundary.step(raw_obs, reward, term, trunc, *self.stage, env_ids=ids, **extra)
+        slots = self.pending[ids]
+        done_before = slots >= 0
+        for array, values in ((self.reward, stage_reward), (self.done, stage_done), (self.terminated, stage_term),
+                              (self.real, stage_real)):
+            array[slots[done_before]] = values[done_before]
+        new = np.arange(t * self.B, (t + 1) * self.B)
+        self.obs[new] = stage_obs
+        self.env[new] = ids
+        self.real[new] = False  # until the outcome arrives
+        self.pending[ids] = new
+        return ids, new
+
+    def advantages(self, values: torch.Tensor, gamma: float, lam: float, gae) -> Tuple[torch.Tensor, torch.Tensor]:
+        """GAE per environment over the slots of this rollout: each env's complete slots, in order,
+        right-aligned in an [L, N] layout whose last_value is the value of its in-flight slot."""
+        counts = np.bincount(self.env, minlength=self.N) - 1  # complete slots per env
+        L = max(int(counts.max()), 1)
+        index = np.full((L, self.N), -1)
+        last = np.full(self.N, -1)
+        for e in range(self.N):
+            slots = np.flatnonzero(self.env == e)
+            if len(slots) == 0:
+                continue
+            last[e] = slots[-1]
+            if len(slots) > 1:
+                index[L - len(slots) + 1:, e] = slots[:-1]
+        pad = index < 0
+        idx = torch.as_tensor(np.where(pad, 0, index), device=self.device)
+        padded = torch.as_tensor(pad, device=self.device)
+        take = lambda x: torch.as_tensor(x, device=self.device)[idx]  # noqa: E731
+        last_value = torch.where(torch.as_tensor(last >= 0, device=self.device),
+                                 values[torch.as_tensor(np.maximum(last, 0), device=self.device)], torch.zeros_like(values[:self.N]))
+        not_real = padded | ~take(self.real)
+        adv, ret = gae(take(self.reward).to(values.dtype), values[idx], take(self.done) | not_real, last_value,
+                       terminated=take(self.terminated) | not_real, gamma=gamma, lam=lam)
+        flat_adv, flat_ret = torch.zeros_like(values), torch.zeros_like(values)
+        keep = ~padded
+        flat_adv[idx[keep]] = adv[keep]
+        flat_ret[idx[keep]] = ret[keep]
+        return flat_adv, flat_ret
 
 
 class CheckpointError(RuntimeError):
@@ -386,7 +470,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     mujoco = family == "mujoco"
     boundary = EnvBoundary(args.num_envs, obs_shape, normalize_obs=mujoco, normalize_reward=mujoco, gamma=args.gamma)
 
-    batch_size = args.num_envs * args.num_steps
+    batch_size = (args.async_batch_size or args.num_envs) * args.num_steps
     minibatch_size = batch_size // args.num_minibatches
     num_iterations = max(1, args.total_timesteps // batch_size)
     T, N = args.num_steps, args.num_envs
@@ -397,13 +481,26 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     done_np, term_np, real_np = (np.zeros((T, N), np.bool_) for _ in range(3))
     scratch = [np.zeros(N, np.float32)] + [np.zeros(N, np.bool_) for _ in range(3)]
     action_shape = envs.action_space.shape
-    actions = torch.zeros((T, N) + action_shape, device=device)
-    logprobs = torch.zeros((T, N), device=device)
-    values = torch.zeros((T, N), device=device)
+    B = args.async_batch_size
+    slots = (T, N) if B is None else (T * B,)
+    actions = torch.zeros(slots + action_shape, device=device)
+    logprobs = torch.zeros(slots, device=device)
+    values = torch.zeros(slots, device=device)
     action_log: list = []
 
-    raw_obs, _ = envs.reset()
+    def to_env(action: torch.Tensor) -> np.ndarray:
+        a = action.cpu().numpy()
+        return np.clip(a, envs.action_space.low, envs.action_space.high) if continuous else a.astype(np.int32)
+
     first_iteration, global_step = 1, 0
+    async_rollout = None
+    if args.async_batch_size is not None:
+        if checkpoint is not None:
+            raise CheckpointError("an async-mode run cannot be resumed: its environments' order of steps is not replayable")
+        async_rollout = AsyncRollout(envs, boundary, family, T, args.async_batch_size, obs_shape, obs_np.dtype, device)
+        raw_obs = None
+    else:
+        raw_obs, _ = envs.reset()
     if checkpoint is not None:
         # Bring the environments back to the checkpoint by replaying every logged action.
         logged = checkpoint["actions"]
@@ -418,7 +515,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         obs_np[0] = checkpoint["next_obs"]
         first_iteration, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
         _set_rng_state(checkpoint["rng"])
-    else:
+    elif async_rollout is None:
         boundary.previous_done[:] = True  # the reset observation is no transition: nothing is booked
         boundary.step(raw_obs, np.zeros(N, np.float32), np.zeros(N, bool), np.zeros(N, bool), obs_np[0], *scratch)
 
@@ -431,42 +528,65 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     for iteration in range(first_iteration, num_iterations + 1):
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
-        obs_t = torch.from_numpy(obs_np)
-        for step in range(T):
-            global_step += N
+        if async_rollout is None:
+            obs_t = torch.from_numpy(obs_np)
+            for step in range(T):
+                global_step += N
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    action, logprob, _, value = agent.get_action_and_value(obs_t[step].to(device, non_blocking=True))
+                values[step], actions[step], logprobs[step] = value, action, logprob
+                env_action = to_env(action)
+                action_log.append(env_action)
+                t1 = time.perf_counter()
+                raw_obs, reward, term, trunc, info = envs.step(env_action)
+                if family == "atari":  # a lost life ends the training episode; the game ends at game over
+                    over = (np.logical_or(term, trunc) & (info["terminated"] == 1)) | trunc
+                    boundary.step(raw_obs, reward, term, trunc, obs_np[step + 1], reward_np[step], done_np[step],
+                                  term_np[step], real_np[step], episode_reward=info["reward"], episode_over=over)
+                else:
+                    boundary.step(raw_obs, reward, term, trunc, obs_np[step + 1], reward_np[step], done_np[step],
+                                  term_np[step], real_np[step])
+                timing["env"] += time.perf_counter() - t1
+                timing["inference"] += t1 - t0
+
+            t0 = time.perf_counter()
+            rewards, dones, terminated, real = (torch.from_numpy(x).to(device) for x in (reward_np, done_np, term_np, real_np))
+            obs_dev = obs_t.to(device)
+            with torch.no_grad():
+                next_value = agent.get_value(obs_dev[T])
+                advantages, returns = rollout_advantages(rewards, values, dones, terminated, real, next_value,
+                                                         args.gamma, args.gae_lambda, kernels.gae)
+            timing["gae"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            b_obs = obs_dev[:T].reshape((-1,) + obs_shape)
+            b_actions = actions.reshape((-1,) + action_shape)
+            b_logprobs, b_advantages, b_returns = logprobs.reshape(-1), advantages.reshape(-1), returns.reshape(-1)
+            b_values, b_real = values.reshape(-1), real.reshape(-1)
+        else:
+            async_rollout.pending[:] = -1  # outcomes of the last rollout's in-flight slots are not stored
+            for step in range(T):
+                t1 = time.perf_counter()
+                ids, slots = async_rollout.recv(step)
+                t0 = time.perf_counter()
+                timing["env"] += t0 - t1
+                global_step += len(ids)
+                obs_batch = torch.from_numpy(async_rollout.obs[slots]).to(device)
+                with torch.no_grad():
+                    action, logprob, _, value = agent.get_action_and_value(obs_batch)
+                flat = torch.as_tensor(slots, device=device)
+                values[flat], actions[flat], logprobs[flat] = value, action.to(actions.dtype), logprob
+                envs.send(to_env(action), ids.astype(np.int32))
+                timing["inference"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             with torch.no_grad():
-                action, logprob, _, value = agent.get_action_and_value(obs_t[step].to(device, non_blocking=True))
-            values[step], actions[step], logprobs[step] = value, action, logprob
-            env_action = action.cpu().numpy()
-            env_action = np.clip(env_action, envs.action_space.low, envs.action_space.high) if continuous else env_action.astype(np.int32)
-            action_log.append(env_action)
-            t1 = time.perf_counter()
-            raw_obs, reward, term, trunc, info = envs.step(env_action)
-            if family == "atari":  # a lost life ends the training episode; the game ends at game over
-                over = (np.logical_or(term, trunc) & (info["terminated"] == 1)) | trunc
-                boundary.step(raw_obs, reward, term, trunc, obs_np[step + 1], reward_np[step], done_np[step],
-                              term_np[step], real_np[step], episode_reward=info["reward"], episode_over=over)
-            else:
-                boundary.step(raw_obs, reward, term, trunc, obs_np[step + 1], reward_np[step], done_np[step],
-                              term_np[step], real_np[step])
-            timing["env"] += time.perf_counter() - t1
-            timing["inference"] += t1 - t0
-
-        t0 = time.perf_counter()
-        rewards, dones, terminated, real = (torch.from_numpy(x).to(device) for x in (reward_np, done_np, term_np, real_np))
-        obs_dev = obs_t.to(device)
-        with torch.no_grad():
-            next_value = agent.get_value(obs_dev[T])
-            advantages, returns = rollout_advantages(rewards, values, dones, terminated, real, next_value,
-                                                     args.gamma, args.gae_lambda, kernels.gae)
-        timing["gae"] += time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        b_obs = obs_dev[:T].reshape((-1,) + obs_shape)
-        b_actions = actions.reshape((-1,) + action_shape)
-        b_logprobs, b_advantages, b_returns = logprobs.reshape(-1), advantages.reshape(-1), returns.reshape(-1)
-        b_values, b_real = values.reshape(-1), real.reshape(-1)
+                advantages, returns = async_rollout.advantages(values, args.gamma, args.gae_lambda, kernels.gae)
+            timing["gae"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            b_obs = torch.from_numpy(async_rollout.obs).to(device)
+            b_actions, b_logprobs, b_values = actions, logprobs, values
+            b_advantages, b_returns = advantages, returns
+            b_real = torch.from_numpy(async_rollout.real).to(device)
         stats = []
         for epoch in range(args.update_epochs):
             order = torch.randperm(batch_size, device=device)
@@ -511,7 +631,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
                 model=agent.state_dict(), optimizer=optimizer.state_dict(), boundary=boundary.state_dict(),
                 args=dataclasses.asdict(args), iteration=iteration, global_step=global_step, rng=_rng_state(),
                 actions=np.stack(action_log) if action_log else np.zeros((0, N) + action_shape),
-                raw_obs=np.asarray(raw_obs), next_obs=obs_np[0].copy(),
+                raw_obs=None if raw_obs is None else np.asarray(raw_obs), next_obs=obs_np[0].copy(),
             ))
         if iteration == stop_after:
             break
