@@ -336,10 +336,12 @@ int64_t env_step(int64_t N, int64_t obs_dim, py::object obs, const std::string& 
                  py::object discounted_return, py::object episode_return, py::object episode_length,
                  py::object previous_done, py::object obs_out, const std::string& obs_out_dtype,
                  py::object reward_out, py::object done_out, py::object terminated_out, py::object real_out,
-                 py::object finished_return, py::object finished_length, py::object finished) {
+                 py::object finished_return, py::object finished_length, py::object finished,
+                 py::object env_ids) {
   if (N < 0 || obs_dim < 0) throw py::value_error("fastppo._C.env_step: N and obs_dim must be >= 0");
   fastppo::EnvStepArgs a;
   a.N = N;
+  a.env_ids = static_cast<const int32_t*>(optional_address(env_ids));
   a.obs_dim = obs_dim;
   a.obs = address(obs);
   a.obs_type = obs_type(obs_dtype, "obs");

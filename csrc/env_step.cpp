@@ -37,23 +37,24 @@ int64_t env_step(const EnvStepArgs& a) {
   // Auto-reset mask and episode bookkeeping.
   int64_t finished = 0;
   for (int64_t i = 0; i < a.N; ++i) {
-    const bool real = !a.previous_done[i];
+    const int64_t e = a.env_ids ? a.env_ids[i] : i;
+    const bool real = !a.previous_done[e];
     const bool done = a.terminated[i] || a.truncated[i];
-    a.previous_done[i] = done;
+    a.previous_done[e] = done;
     a.real_out[i] = real;
     a.done_out[i] = done;
     a.terminated_out[i] = a.terminated[i] != 0;
     if (real) {
-      a.episode_return[i] += load(a.episode_reward, a.episode_reward_f64, i);
-      a.episode_length[i] += 1;
+      a.episode_return[e] += load(a.episode_reward, a.episode_reward_f64, i);
+      a.episode_length[e] += 1;
     }
     const bool over = a.episode_over ? a.episode_over[i] != 0 : done;
     a.finished[i] = over;
     if (over) {
-      a.finished_return[i] = a.episode_return[i];
-      a.finished_length[i] = a.episode_length[i];
-      a.episode_return[i] = 0.0;
-      a.episode_length[i] = 0;
+      a.finished_return[i] = a.episode_return[e];
+      a.finished_length[i] = a.episode_length[e];
+      a.episode_return[e] = 0.0;
+      a.episode_length[e] = 0;
       ++finished;
     }
   }
@@ -92,11 +93,12 @@ int64_t env_step(const EnvStepArgs& a) {
     double count = 0.0, mean = 0.0, m2 = 0.0;
     for (int64_t i = 0; i < a.N; ++i) {
       if (!a.real_out[i]) continue;
-      a.discounted_return[i] = a.discounted_return[i] * a.gamma + load(a.reward, a.reward_f64, i);
+      const int64_t e = a.env_ids ? a.env_ids[i] : i;
+      a.discounted_return[e] = a.discounted_return[e] * a.gamma + load(a.reward, a.reward_f64, i);
       count += 1.0;
-      const double delta = a.discounted_return[i] - mean;  // Welford over this batch
+      const double delta = a.discounted_return[e] - mean;  // Welford over this batch
       mean += delta / count;
-      m2 += delta * (a.discounted_return[i] - mean);
+      m2 += delta * (a.discounted_return[e] - mean);
     }
     if (a.update_stats) {
       merge(a.return_stats, 0, count, mean, m2);
@@ -106,7 +108,7 @@ int64_t env_step(const EnvStepArgs& a) {
     for (int64_t i = 0; i < a.N; ++i) {
       const double r = load(a.reward, a.reward_f64, i) * inv_std;
       a.reward_out[i] = static_cast<float>(std::clamp(r, -a.clip, a.clip));
-      if (a.done_out[i]) a.discounted_return[i] = 0.0;
+      if (a.done_out[i]) a.discounted_return[a.env_ids ? a.env_ids[i] : i] = 0.0;
     }
   } else {
     for (int64_t i = 0; i < a.N; ++i) a.reward_out[i] = static_cast<float>(load(a.reward, a.reward_f64, i));

@@ -18,7 +18,10 @@ struct RunningStats {
 };
 
 struct EnvStepArgs {
-  int64_t N = 0, obs_dim = 0;
+  int64_t N = 0, obs_dim = 0;  // N: the environments in this step's batch
+  // Which environment each batch position is (EnvPool's async mode hands back a subset in any
+  // order); null: position i is environment i. The per-env state below is indexed by environment.
+  const int32_t* env_ids = nullptr;
   // Inputs from the environment for this step.
   const void* obs = nullptr; int obs_type = 0;  // 0 float32, 1 float64, 2 uint8
   const void* reward = nullptr; bool reward_f64 = false;
