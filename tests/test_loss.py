@@ -390,3 +390,14 @@ def test_bad_input_names_the_argument(changes, kwargs, error, words):
 def test_lazy_torch_import_exposes_the_loss():
     assert fastppo.ppo_loss is ppo_loss
     assert fastppo.PPOLossOutput._fields == ("loss",) + STATS
+
+
+def test_incoming_gradient_scales_the_saved_gradients(device):
+    inputs = batch(300, device=device, seed=31)
+    grads = []
+    for factor in (1.0, -2.5):
+        leaves = {k: (v.detach().clone().requires_grad_() if k in DIFFERENTIABLE else v) for k, v in inputs.items()}
+        out = ppo_loss(**leaves, ent_coef=0.01)
+        grads.append(torch.autograd.grad(out.loss * factor, [leaves[k] for k in DIFFERENTIABLE]))
+    for one, scaled in zip(*grads):
+        torch.testing.assert_close(scaled, -2.5 * one, rtol=1e-12, atol=1e-15)

@@ -105,6 +105,10 @@ def _backward(
     incoming gradient of the loss; the entropy's is -ent_coef times its row's scale. `in_place`
     scales the saved buffers themselves, saving an allocation and a pass over fresh memory."""
     scale = Tensor.mul_ if in_place else Tensor.mul
+    if in_place and grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
+        # loss.backward() on the CPU: the saved gradients are already the answer. Reading a CPU
+        # scalar is a memory read, not a device sync.
+        scale = lambda saved, _: saved  # noqa: E731
     d_logprob = scale(grad_logprob, grad_loss) if needs[0] else None
     d_value = scale(grad_value, grad_loss) if has_value and needs[1] else None
     d_entropy = None
