@@ -542,21 +542,43 @@ def run_mode(args):
     return "tiny" if args.tiny else "quick" if args.quick else "full"
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_parser(description, name, quick_help, tiny_help):
+    """The command line every benchmark script shares; `name` picks the default report file."""
+    parser = argparse.ArgumentParser(description=description)
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="seconds-long smoke run with tiny repeat counts")
-    size.add_argument("--tiny", action="store_true", help="smallest size only, 3 timed calls: a test of the script")
+    size.add_argument("--quick", action="store_true", help=quick_help)
+    size.add_argument("--tiny", action="store_true", help=tiny_help)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, help="torch threads, and OMP_NUM_THREADS for fastppo")
     parser.add_argument(
         "--out",
         type=Path,
-        help="Markdown file to write (default benchmarks/results/gae_<device>.md; "
+        help=f"Markdown file to write (default benchmarks/results/{name}_<device>.md; "
         "--quick and --tiny write only with --out)",
     )
     parser.add_argument("--json", type=Path, help="also write the machine and every row to this JSON file")
-    return parser.parse_args(argv)
+    return parser
+
+
+def write_reports(args, result, name, text, row_document):
+    """Prints the Markdown report, writes it (a full run: to benchmarks/results/ by default) and,
+    with --json, the machine and rows."""
+    out = args.out
+    if out is None and result["mode"] == "full":
+        out = Path(__file__).resolve().parent / "results" / f"{name}_{args.device}.md"
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}", file=sys.stderr)
+    if args.json is not None:
+        write_json(args.json, json_document(result["device"], result["mode"], [row_document]))
+    return 0
+
+
+def parse_args(argv=None):
+    return bench_parser(__doc__.splitlines()[0], "gae", "seconds-long smoke run with tiny repeat counts",
+                        "smallest size only, 3 timed calls: a test of the script").parse_args(argv)
 
 
 def collect(args):
@@ -617,19 +639,7 @@ def collect(args):
 def main(argv=None):
     args = parse_args(argv)
     result = collect(args)
-    out = args.out
-    if out is None and result["mode"] == "full":
-        out = Path(__file__).resolve().parent / "results" / f"gae_{args.device}.md"
-
-    text = report(result)
-    print(text)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"wrote {out}", file=sys.stderr)
-    if args.json is not None:
-        write_json(args.json, json_document(result["device"], result["mode"], [to_json(result)]))
-    return 0
+    return write_reports(args, result, "gae", report(result), to_json(result))
 
 
 if __name__ == "__main__":

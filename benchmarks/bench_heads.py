@@ -34,13 +34,10 @@ gradients match eager's. It prints a Markdown report (machine, tables, ratios, c
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -48,11 +45,13 @@ import numpy as np
 try:  # python -m benchmarks.bench_heads
     from benchmarks import bench_loss
     from benchmarks._timing import median_ms
-    from benchmarks.bench_gae import TIMING, cpu_model, fmt, json_document, json_row, ratio, run_mode, write_json
+    from benchmarks.bench_gae import (TIMING, bench_parser, cpu_model, fmt, json_document, json_row, ratio, run_mode,
+                                      write_json, write_reports)
 except ImportError:  # python benchmarks/bench_heads.py
     import bench_loss
     from _timing import median_ms
-    from bench_gae import TIMING, cpu_model, fmt, json_document, json_row, ratio, run_mode, write_json
+    from bench_gae import (TIMING, bench_parser, cpu_model, fmt, json_document, json_row, ratio, run_mode, write_json,
+                           write_reports)
 
 # bench_loss's helpers; peak_extra_bytes reads bench_loss's module global ``torch``, set in run().
 fmt_bytes = bench_loss.fmt_bytes
@@ -384,39 +383,13 @@ def to_json(result):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="smoke run: 3 small cases and tiny repeat counts")
-    size.add_argument(
-        "--tiny", action="store_true", help="smallest size of each head, 3 timed calls, no torch.compile: a test"
-    )
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--threads", type=int, help="torch threads, and OMP_NUM_THREADS for fastppo")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        help="Markdown file to write (default benchmarks/results/heads_<device>.md; "
-        "--quick and --tiny write only with --out)",
-    )
-    parser.add_argument("--json", type=Path, help="also write the machine and every row to this JSON file")
-    return parser.parse_args(argv)
+    return bench_parser(__doc__.splitlines()[0], "heads", "smoke run: 3 small cases and tiny repeat counts",
+                        "smallest size of each head, 3 timed calls, no torch.compile: a test").parse_args(argv)
 
 
 def collect(args):
     """Runs the benchmark that ``args`` (from parse_args) describes and returns its measurements."""
-    if args.threads is not None:
-        if args.threads < 1:
-            sys.exit("error: --threads must be at least 1")
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    # A cold compile: inductor's on-disk caches start empty, unless the caller chose a cache dir.
-    own_cache = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
-    if own_cache:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_heads_inductor_")
-    try:
-        return measure(args, own_cache)
-    finally:
-        if own_cache:
-            shutil.rmtree(os.environ.pop("TORCHINDUCTOR_CACHE_DIR"), ignore_errors=True)
+    return bench_loss.with_cold_compile_cache(args, "bench_heads_inductor_", measure)
 
 
 def measure(args, own_cache):
@@ -504,19 +477,7 @@ def measure(args, own_cache):
 def main(argv=None):
     args = parse_args(argv)
     result = collect(args)
-    out = args.out
-    if out is None and result["mode"] == "full":
-        out = Path(__file__).resolve().parent / "results" / f"heads_{args.device}.md"
-
-    text = report(result)
-    print(text)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"wrote {out}", file=sys.stderr)
-    if args.json is not None:
-        write_json(args.json, json_document(result["device"], result["mode"], [to_json(result)]))
-    return 0
+    return write_reports(args, result, "heads", report(result), to_json(result))
 
 
 if __name__ == "__main__":
