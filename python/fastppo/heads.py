@@ -43,11 +43,14 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # ------------------------------------------------------------------ categorical: raw calls
 
 
+def _categorical_views(logits: Tensor, actions: Tensor):
+    """``[rows, A]`` logits and ``[rows]`` actions, as views where the strides allow."""
+    return logits.reshape(-1, logits.shape[-1]), actions.reshape(-1)
+
+
 def _categorical_forward(logits: Tensor, actions: Tensor, temperature: float) -> Tuple[Tensor, Tensor, Tensor]:
-    A = logits.shape[-1]
-    rows2d = logits.reshape(-1, A)
-    flat_actions = actions.reshape(-1)
-    rows = rows2d.shape[0]
+    rows2d, flat_actions = _categorical_views(logits, actions)
+    rows, A = rows2d.shape
     acc = _acc_dtype(logits.dtype)
     logprob = torch.empty(rows, dtype=acc, device=logits.device)
     entropy = torch.empty(rows, dtype=acc, device=logits.device)
@@ -62,9 +65,8 @@ def _categorical_forward(logits: Tensor, actions: Tensor, temperature: float) ->
 
 def _categorical_backward(logits: Tensor, actions: Tensor, temperature: float, lse: Tensor, entropy: Tensor,
                           grad_logprob: Optional[Tensor], grad_entropy: Optional[Tensor]) -> Tensor:
-    A = logits.shape[-1]
-    rows2d = logits.reshape(-1, A)
-    flat_actions = actions.reshape(-1)
+    rows2d, flat_actions = _categorical_views(logits, actions)
+    A = rows2d.shape[1]
     grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     g_lp, g_ent = _vector(grad_logprob), _vector(grad_entropy)
     _C.categorical_backward(

@@ -293,6 +293,14 @@ def rollout_advantages(rewards, values, dones, terminated, real, next_value, gam
     return gae(rewards, values, dones | ~real, next_value, terminated=terminated | ~real, gamma=gamma, lam=lam)
 
 
+def episode_bookkeeping(family: str, term, trunc, info) -> dict:
+    """What ``EnvBoundary.step`` needs beyond the step itself. Atari (episodic life): a lost life
+    ends the training episode, but the game, and its unclipped score, go on until game over."""
+    if family != "atari":
+        return {}
+    return dict(episode_reward=info["reward"], episode_over=(np.logical_or(term, trunc) & (info["terminated"] == 1)) | trunc)
+
+
 class AsyncRollout:
     """EnvPool's async mode (``num_envs > batch_size``): each ``recv`` hands back ``B`` of the
     ``N`` environments, in any order, and each gets its next action by ``send``. A rollout is
@@ -319,10 +327,8 @@ class AsyncRollout:
         raw_obs, reward, term, trunc, info = self.envs.recv()
         ids = np.asarray(info["env_id"], np.int64)
         stage_obs, stage_reward, stage_done, stage_term, stage_real = self.stage
-        extra = {}
-        if self.family == "atari":
-            extra = dict(episode_reward=info["reward"], episode_over=(np.logical_or(term, trunc) & (info["terminated"] == 1)) | trunc)
-        self.boundary.step(raw_obs, reward, term, trunc, *self.stage, env_ids=ids, **extra)
+        self.boundary.step(raw_obs, reward, term, trunc, *self.stage, env_ids=ids,
+                           **episode_bookkeeping(self.family, term, trunc, info))
         slots = self.pending[ids]
         done_before = slots >= 0
         for array, values in ((self.reward, stage_reward), (self.done, stage_done), (self.terminated, stage_term),
@@ -355,9 +361,9 @@ class AsyncRollout:
         take = lambda x: torch.as_tensor(x, device=self.device)[idx]  # noqa: E731
         last_value = torch.where(torch.as_tensor(last >= 0, device=self.device),
                                  values[torch.as_tensor(np.maximum(last, 0), device=self.device)], torch.zeros_like(values[:self.N]))
-        not_real = padded | ~take(self.real)
-        adv, ret = gae(take(self.reward).to(values.dtype), values[idx], take(self.done) | not_real, last_value,
-                       terminated=take(self.terminated) | not_real, gamma=gamma, lam=lam)
+        # Padding rows are treated like dummy reset steps: they neither bootstrap nor carry a trace.
+        adv, ret = rollout_advantages(take(self.reward).to(values.dtype), values[idx], take(self.done),
+                                      take(self.terminated), take(self.real) & ~padded, last_value, gamma, lam, gae)
         flat_adv, flat_ret = torch.zeros_like(values), torch.zeros_like(values)
         keep = ~padded
         flat_adv[idx[keep]] = adv[keep]
@@ -540,13 +546,8 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
                 action_log.append(env_action)
                 t1 = time.perf_counter()
                 raw_obs, reward, term, trunc, info = envs.step(env_action)
-                if family == "atari":  # a lost life ends the training episode; the game ends at game over
-                    over = (np.logical_or(term, trunc) & (info["terminated"] == 1)) | trunc
-                    boundary.step(raw_obs, reward, term, trunc, obs_np[step + 1], reward_np[step], done_np[step],
-                                  term_np[step], real_np[step], episode_reward=info["reward"], episode_over=over)
-                else:
-                    boundary.step(raw_obs, reward, term, trunc, obs_np[step + 1], reward_np[step], done_np[step],
-                                  term_np[step], real_np[step])
+                boundary.step(raw_obs, reward, term, trunc, obs_np[step + 1], reward_np[step], done_np[step],
+                              term_np[step], real_np[step], **episode_bookkeeping(family, term, trunc, info))
                 timing["env"] += time.perf_counter() - t1
                 timing["inference"] += t1 - t0
 
@@ -683,15 +684,11 @@ def evaluate(path: str, episodes: int = 10, device: str = "cpu", seed: int = 123
         with torch.no_grad():
             h = agent.features(torch.from_numpy(obs).to(device))
             out = agent.actor(h)
-            action = (out.clamp(-1e9, 1e9) if continuous else out.argmax(-1)).cpu().numpy()
+            action = (out if continuous else out.argmax(-1)).cpu().numpy()
         action = np.clip(action, envs.action_space.low, envs.action_space.high) if continuous else action.astype(np.int32)
         raw_obs, reward, term, trunc, info = envs.step(action)
-        if family == "atari":
-            over = (np.logical_or(term, trunc) & (info["terminated"] == 1)) | trunc
-            finished = boundary.step(raw_obs, reward, term, trunc, obs, *scratch, episode_reward=info["reward"],
-                                     episode_over=over, update_stats=False)
-        else:
-            finished = boundary.step(raw_obs, reward, term, trunc, obs, *scratch, update_stats=False)
+        finished = boundary.step(raw_obs, reward, term, trunc, obs, *scratch, update_stats=False,
+                                 **episode_bookkeeping(family, term, trunc, info))
         returns.extend(r for r, _ in finished)
     envs.close()
     returns = np.array(returns[:episodes])
