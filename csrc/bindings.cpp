@@ -16,6 +16,7 @@
 #include "gae.h"
 #include "heads.h"
 #include "ppo_loss.h"
+#include "rlhf.h"
 
 #if FASTPPO_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -381,6 +382,68 @@ int64_t env_step(int64_t N, int64_t obs_dim, py::object obs, const std::string& 
   return fastppo::env_step(a);
 }
 
+void kl_rewards(int64_t R, int64_t C, const std::string& dtype, Strided2 logprob, Strided2 ref_logprob,
+                py::object mask, const std::string& mask_dtype, py::object scores, double beta, int estimator,
+                double clamp, py::object rewards, py::object kl, py::object last, int device, std::uintptr_t stream) {
+  if (R < 0 || C < 0) throw py::value_error("fastppo._C.kl_rewards: R and C must be >= 0");
+  if (estimator < fastppo::kKlK1 || estimator > fastppo::kKlK3)
+    throw py::value_error("fastppo._C.kl_rewards: estimator must be 0 (k1), 1 (k2) or 2 (k3)");
+  fastppo::KlRewardArgs a;
+  a.R = R;
+  a.C = C;
+  a.is_f64 = float_is_f64(dtype);
+  a.logprob = strided(logprob);
+  a.ref_logprob = strided(ref_logprob);
+  a.mask = optional_strided(mask);
+  if (a.mask.data) a.mask_type = flag_type(mask_dtype, "mask");
+  optional_vector(scores, &a.scores, &a.scores_stride);
+  a.beta = beta;
+  a.estimator = estimator;
+  a.clamp = clamp;
+  a.rewards = optional_address(rewards);
+  a.kl = optional_address(kl);
+  a.last = static_cast<int64_t*>(optional_address(last));
+  if (R > 0 && (!a.last || (C > 0 && (!a.rewards || !a.kl || !a.logprob.data || !a.ref_logprob.data))))
+    throw py::value_error("fastppo._C.kl_rewards: missing input or output buffer");
+  py::gil_scoped_release no_gil;
+  if (device < 0) return fastppo::kl_rewards_cpu(a);
+#if FASTPPO_WITH_CUDA
+  fastppo::kl_rewards_cuda(a, device, stream);
+#else
+  (void)stream;
+  throw std::runtime_error("fastppo._C.kl_rewards: this build of fastppo has no CUDA support");
+#endif
+}
+
+void masked_whiten(int64_t R, int64_t C, const std::string& dtype, Strided2 x, py::object mask,
+                   const std::string& mask_dtype, bool shift_mean, double eps, py::object out, py::object partials,
+                   py::object stats, int device, std::uintptr_t stream) {
+  if (R < 0 || C < 0) throw py::value_error("fastppo._C.masked_whiten: R and C must be >= 0");
+  if (!(eps >= 0.0)) throw py::value_error("fastppo._C.masked_whiten: eps must be >= 0");
+  fastppo::WhitenArgs a;
+  a.R = R;
+  a.C = C;
+  a.is_f64 = float_is_f64(dtype);
+  a.x = strided(x);
+  a.mask = optional_strided(mask);
+  if (a.mask.data) a.mask_type = flag_type(mask_dtype, "mask");
+  a.shift_mean = shift_mean;
+  a.eps = eps;
+  a.out = optional_address(out);
+  a.partials = static_cast<double*>(optional_address(partials));
+  a.stats = static_cast<double*>(optional_address(stats));
+  if (!a.stats || (R * C > 0 && (!a.out || !a.partials || !a.x.data)))
+    throw py::value_error("fastppo._C.masked_whiten: missing input, output or workspace buffer");
+  py::gil_scoped_release no_gil;
+  if (device < 0) return fastppo::masked_whiten_cpu(a);
+#if FASTPPO_WITH_CUDA
+  fastppo::masked_whiten_cuda(a, device, stream);
+#else
+  (void)stream;
+  throw std::runtime_error("fastppo._C.masked_whiten: this build of fastppo has no CUDA support");
+#endif
+}
+
 py::dict build_info() {
   py::dict info;
   info["version"] = FASTPPO_VERSION;
@@ -448,4 +511,16 @@ PYBIND11_MODULE(_C, m) {
         "Fused clipped PPO loss over an [R, C] problem: writes loss, stats[6] (pg, v, entropy, approx_kl, "
         "old_approx_kl, clipfrac), the gradients grad_logprob / grad_value ([R, C], contiguous) "
         "of the loss, and row_scale[R] (d loss / d entropy = -ent_coef * row_scale).");
+  m.attr("WHITEN_CHUNK") = fastppo::kLossChunk;
+  m.def("kl_rewards", &kl_rewards, py::arg("R"), py::arg("C"), py::arg("dtype"), py::arg("logprob"),
+        py::arg("ref_logprob"), py::arg("mask"), py::arg("mask_dtype"), py::arg("scores"), py::arg("beta"),
+        py::arg("estimator"), py::arg("clamp"), py::arg("rewards"), py::arg("kl"), py::arg("last"), py::arg("device"),
+        py::arg("stream"),
+        "Per-token KL estimate vs the reference and shaped rewards -beta*kl (+ score at each row's last selected "
+        "token) over [R, C]: writes contiguous rewards and kl [R, C] and last [R] (int64, -1 for an empty row).");
+  m.def("masked_whiten", &masked_whiten, py::arg("R"), py::arg("C"), py::arg("dtype"), py::arg("x"), py::arg("mask"),
+        py::arg("mask_dtype"), py::arg("shift_mean"), py::arg("eps"), py::arg("out"), py::arg("partials"),
+        py::arg("stats"), py::arg("device"), py::arg("stream"),
+        "Masked whitening over [R, C]: writes contiguous out [R, C] (0 where unselected) and stats[3] "
+        "(count, mean, unbiased variance of the selected elements).");
 }

@@ -1,4 +1,4 @@
-// The CPU kernels that gain from wide vectors (the fused loss, the policy heads), compiled twice:
+// The CPU kernels that gain from wide vectors (the fused loss, the policy heads, the RLHF kernels), compiled twice:
 // for baseline x86-64 and for AVX2 + FMA, picked at run time by what the CPU supports. Only the
 // loops in cpu_kernels.inc are compiled twice; the element math they inline (fastppo_math.h and
 // the kernel headers) is defined once, outside the target region. Contiguous data runs loops the
@@ -11,6 +11,7 @@
 
 #include "heads.h"
 #include "ppo_loss.h"
+#include "rlhf.h"
 
 namespace fastppo {
 
@@ -52,6 +53,8 @@ void categorical_forward_cpu(const CategoricalArgs& args) { FASTPPO_DISPATCH(cat
 void categorical_backward_cpu(const CategoricalArgs& args) { FASTPPO_DISPATCH(categorical_backward, args); }
 void normal_forward_cpu(const NormalArgs& args) { FASTPPO_DISPATCH(normal_forward, args); }
 void normal_backward_cpu(const NormalArgs& args) { FASTPPO_DISPATCH(normal_backward, args); }
+void kl_rewards_cpu(const KlRewardArgs& args) { FASTPPO_DISPATCH(kl_rewards, args); }
+void masked_whiten_cpu(const WhitenArgs& args) { FASTPPO_DISPATCH(masked_whiten, args); }
 
 int64_t categorical_check_actions_cpu(const CategoricalArgs& args) {
   for (int64_t r = 0; r < args.rows; ++r)

@@ -205,6 +205,25 @@ FASTPPO_HD S approx_kl_k3(S ratio, S logratio) {
   return (ratio - S(1)) - logratio;
 }
 
+// Per-token KL estimators of KL(pi || pi_ref) from one token sampled from pi, with
+// d = log pi(x) - log pi_ref(x) (Schulman 2020, "Approximating KL divergence"): k1 = d (unbiased,
+// can be negative), k2 = d^2 / 2 (biased, low variance), k3 = (e^-d - 1) + d (unbiased, >= 0).
+enum KlEstimator : int { kKlK1 = 0, kKlK2 = 1, kKlK3 = 2 };
+
+template <typename S>
+FASTPPO_HD S kl_estimate(S d, int estimator) {
+  if (estimator == kKlK2) return S(0.5) * d * d;
+  if (estimator == kKlK3) return approx_kl_k3(scalar_exp(-d), -d);
+  return d;
+}
+
+// The estimate clamped to [-clamp, clamp] (clamp <= 0: not clamped); NaN stays NaN.
+template <typename S>
+FASTPPO_HD S kl_clamped(S kl, S clamp) {
+  if (!(clamp > S(0))) return kl;
+  return kl > clamp ? clamp : (kl < -clamp ? -clamp : kl);
+}
+
 // Running mean / sum of squared deviations (Welford), merged by Chan et al.'s rule; accumulated
 // in double whatever the input type.
 struct Moments {

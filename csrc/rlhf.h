@@ -1,0 +1,129 @@
+// Token-level RLHF kernels over an [R, C] problem (R responses of C tokens), described by raw
+// pointers and element strides like the fused loss:
+//
+//   kl_rewards:    per token, the KL estimate against the reference policy and the shaped reward
+//                  -beta * kl, with the sequence's score added at its last selected token; one pass.
+//   masked_whiten: (x - mean) / sqrt(var + eps) with the mean and unbiased variance of the selected
+//                  elements; pass 1 takes each chunk's moments, the finish merges them in chunk order
+//                  (the same bits run after run), pass 2 writes the output.
+#pragma once
+
+#include <cstdint>
+
+#include "fastppo_math.h"
+#include "ppo_loss.h"  // Strided, kLossChunk
+
+namespace fastppo {
+
+struct KlRewardArgs {
+  int64_t R = 0, C = 0;
+  bool is_f64 = false;
+  Strided logprob, ref_logprob;
+  Strided mask; int mask_type = kFlagU8;  // data null: every token selected
+  const void* scores = nullptr;           // [R] through scores_stride, or null (no score)
+  int64_t scores_stride = 0;
+  double beta = 0.0, clamp = 0.0;
+  int estimator = kKlK1;
+  // Outputs, contiguous: rewards and kl [R, C] (0 at unselected tokens), last [R] int64: the index
+  // of each row's last selected token, -1 when it has none (its score is then not added).
+  void* rewards = nullptr;
+  void* kl = nullptr;
+  int64_t* last = nullptr;
+
+  FASTPPO_HD bool selected(int64_t r, int64_t c) const {
+    return mask.data == nullptr || load_flag(mask.data, mask_type, r * mask.sr + c * mask.sc);
+  }
+};
+
+// The KL estimate of one token (0 when unselected: padded log-probs may hold anything).
+template <typename S>
+FASTPPO_HD S kl_reward_kl(const KlRewardArgs& a, int64_t r, int64_t c) {
+  if (!a.selected(r, c)) return S(0);
+  const S d = a.logprob.at<S>(r, c) - a.ref_logprob.at<S>(r, c);
+  return kl_clamped(kl_estimate(d, a.estimator), S(a.clamp));
+}
+
+// Writes one token's kl and reward (without the score); returns whether it is selected.
+template <typename S>
+FASTPPO_HD bool kl_reward_element(const KlRewardArgs& a, int64_t r, int64_t c) {
+  const S kl = kl_reward_kl<S>(a, r, c);
+  static_cast<S*>(a.kl)[r * a.C + c] = kl;
+  static_cast<S*>(a.rewards)[r * a.C + c] = -S(a.beta) * kl;
+  return a.selected(r, c);
+}
+
+// After a row's tokens are written: records its last selected token and adds the score there.
+template <typename S>
+FASTPPO_HD void kl_reward_finish_row(const KlRewardArgs& a, int64_t r, int64_t last) {
+  a.last[r] = last;
+  if (last >= 0 && a.scores != nullptr) {
+    const S score = static_cast<const S*>(a.scores)[r * a.scores_stride];
+    static_cast<S*>(a.rewards)[r * a.C + last] = -S(a.beta) * kl_reward_kl<S>(a, r, last) + score;
+  }
+}
+
+struct WhitenArgs {
+  int64_t R = 0, C = 0;
+  bool is_f64 = false;
+  Strided x;
+  Strided mask; int mask_type = kFlagU8;
+  bool shift_mean = true;
+  double eps = 1e-8;
+  void* out = nullptr;         // contiguous [R, C]; 0 at unselected elements
+  double* partials = nullptr;  // [chunks * 3]: each chunk's count, mean, m2
+  double* stats = nullptr;     // [3]: count, mean and unbiased variance of the selected elements
+
+  FASTPPO_HD int64_t chunks_per_row() const { return (C + kLossChunk - 1) / kLossChunk; }
+  FASTPPO_HD int64_t chunks() const { return R * chunks_per_row(); }
+  FASTPPO_HD bool selected(int64_t r, int64_t c) const {
+    return mask.data == nullptr || load_flag(mask.data, mask_type, r * mask.sr + c * mask.sc);
+  }
+  FASTPPO_HD int64_t chunk_row(int64_t k) const { return k / chunks_per_row(); }
+  FASTPPO_HD int64_t chunk_begin(int64_t k) const { return (k % chunks_per_row()) * kLossChunk; }
+  FASTPPO_HD int64_t chunk_end(int64_t k) const {
+    const int64_t end = chunk_begin(k) + kLossChunk;
+    return end < C ? end : C;
+  }
+};
+
+template <typename S>
+FASTPPO_HD Moments whiten_moments_element(const WhitenArgs& a, int64_t r, int64_t c, Moments m) {
+  return a.selected(r, c) ? moments_push(m, static_cast<double>(a.x.at<S>(r, c))) : m;
+}
+
+FASTPPO_HD void whiten_store(const WhitenArgs& a, int64_t k, Moments m) {
+  a.partials[3 * k] = m.count;
+  a.partials[3 * k + 1] = m.mean;
+  a.partials[3 * k + 2] = m.m2;
+}
+
+// Merges the chunks' moments in chunk order. With fewer than two selected elements the variance
+// is 0 (no unbiased estimate exists), so the output is (x - mean) / sqrt(eps).
+FASTPPO_HD void whiten_finish(const WhitenArgs& a) {
+  Moments total{0.0, 0.0, 0.0};
+  for (int64_t k = 0; k < a.chunks(); ++k)
+    total = moments_merge(total, Moments{a.partials[3 * k], a.partials[3 * k + 1], a.partials[3 * k + 2]});
+  a.stats[0] = total.count;
+  a.stats[1] = total.mean;
+  a.stats[2] = total.count >= 2.0 ? total.m2 / (total.count - 1.0) : 0.0;
+}
+
+template <typename S>
+FASTPPO_HD void whiten_element(const WhitenArgs& a, int64_t r, int64_t c) {
+  S* out = static_cast<S*>(a.out);
+  if (!a.selected(r, c)) {
+    out[r * a.C + c] = S(0);
+    return;
+  }
+  const S mean = S(a.stats[1]);
+  const S inv_std = S(1.0 / sqrt(a.stats[2] + a.eps));
+  const S y = (a.x.at<S>(r, c) - mean) * inv_std;
+  out[r * a.C + c] = a.shift_mean ? y : y + mean;
+}
+
+void kl_rewards_cpu(const KlRewardArgs& args);
+void masked_whiten_cpu(const WhitenArgs& args);
+void kl_rewards_cuda(const KlRewardArgs& args, int device, std::uintptr_t stream);
+void masked_whiten_cuda(const WhitenArgs& args, int device, std::uintptr_t stream);
+
+}  // namespace fastppo
