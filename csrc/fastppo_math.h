@@ -62,10 +62,11 @@ FASTPPO_HD S gae_decay(bool done, S gamma_lam) {
   return done ? S(0) : gamma_lam;
 }
 
-// One step of the backward recursion.
+// One step of the backward recursion. Where the episode ended (decay 0) the next advantage is
+// not read at all, so a non-finite one beyond the end (padding after a response) cannot leak back.
 template <typename S>
 FASTPPO_HD S gae_step(S delta, S decay, S next_adv) {
-  return delta + decay * next_adv;
+  return decay == S(0) ? delta : delta + decay * next_adv;
 }
 
 // A run of steps [t0, t1) acts on the advantage after it as an affine map A_{t0} = a + b * A_{t1}.
