@@ -1,4 +1,4 @@
-"""Command line: ``fastppo train ...`` (also ``python -m fastppo train ...``).
+"""Command line: ``fastppo train|eval|rlhf ...`` (also ``python -m fastppo train ...``).
 
 Flags come from the ``Args`` dataclass: each field is a ``--kebab-case`` flag and the docstring
 line under it is its help text, so the dataclass stays the one place settings are defined.
@@ -58,14 +58,19 @@ def parse_dataclass(cls, argv=None, prog=None, description=None):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": "train PPO on an EnvPool task (--resume RUN_DIR continues one)",
-                "eval": "evaluate a saved policy: fastppo eval RUN_DIR --episodes N"}
+                "eval": "evaluate a saved policy: fastppo eval RUN_DIR --episodes N",
+                "rlhf": "RLHF end to end on the offline digits task: SFT, reward model, PPO with a KL penalty"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        usage = "usage: fastppo {train,eval} ...\n\n" + "\n".join(f"  {k:8s}{v}" for k, v in commands.items())
+        usage = "usage: fastppo {train,eval,rlhf} ...\n\n" + "\n".join(f"  {k:8s}{v}" for k, v in commands.items())
         if argv and argv[0] not in ("-h", "--help"):
             print(f"fastppo: unknown command {argv[0]!r}\n{usage}", file=sys.stderr)
             return 2
         print(usage)
         return 0 if argv else 2
+    if argv[0] == "rlhf":
+        from .rlhf import run
+
+        return run.main(argv[1:])
     from . import train
 
     return train.main(argv[1:]) if argv[0] == "train" else train.eval_main(argv[1:])

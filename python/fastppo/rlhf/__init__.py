@@ -1,0 +1,21 @@
+"""RLHF with PPO: the language model is the policy, a reward model trained on rankings scores its
+responses, PPO updates it, and a per-token KL penalty against a frozen reference keeps it close
+to what it knew.
+
+- kernels: :func:`kl_penalty_rewards`, :func:`masked_whiten`, :func:`token_gae`, :func:`masked_mean`
+- models: :class:`TinyGPT`, :class:`ScalarHeadModel` (reward and value models), :func:`lm_forward`
+  (also any transformers causal LM), :func:`bradley_terry_loss`, :func:`frozen_copy`
+- the loop: :class:`PPOConfig`, :class:`PPOTrainer`, :func:`generate`, :func:`truncate_after_eos`
+- the offline demo and CLI: ``fastppo rlhf`` (:mod:`fastppo.rlhf.run`, task in :mod:`fastppo.rlhf.digits`)
+"""
+
+from .kernels import ShapedRewards, kl_penalty_rewards, masked_mean, masked_whiten, token_gae
+from .models import (GPTConfig, ScalarHeadModel, TinyGPT, bradley_terry_loss, frozen_copy, lm_forward,
+                     position_ids_from_mask)
+from .ppo import AdaptiveKLController, PPOConfig, PPOTrainer, Rollout, generate, truncate_after_eos
+
+__all__ = [
+    "AdaptiveKLController", "GPTConfig", "PPOConfig", "PPOTrainer", "Rollout", "ScalarHeadModel", "ShapedRewards",
+    "TinyGPT", "bradley_terry_loss", "frozen_copy", "generate", "kl_penalty_rewards", "lm_forward", "masked_mean",
+    "masked_whiten", "position_ids_from_mask", "token_gae", "truncate_after_eos",
+]

@@ -1,0 +1,294 @@
+"""``fastppo rlhf``: the whole RLHF story on the offline digits task, with checkpoints and resume.
+
+Stages, each saved in the run directory so a resumed run skips what is done:
+
+1. ``stages.pt``: the policy fine-tuned on valid sequences (SFT); ranked pairs of its responses
+   (Bradley-Terry noise around the hidden gold rule); the reward model trained on them, its
+   held-out accuracy against the noise-free ceiling, then normalized to mean 0 / std 1 on
+   reference-policy samples.
+2. ``kl/``: PPO with the per-token KL penalty (``metrics.jsonl``, ``checkpoint.pt``).
+3. ``kl_off/`` (with ``--compare-kl-off``): the same run with beta = 0, which over-optimizes the
+   reward model: its score keeps rising while the hidden gold score falls.
+4. ``rlhf.png``: proxy (reward-model) and gold scores and the KL of both runs per iteration.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import digits as D
+from .models import ScalarHeadModel, TinyGPT, frozen_copy
+from .ppo import PPOConfig, PPOTrainer
+
+
+@dataclass
+class RLHFArgs:
+    """Settings of ``fastppo rlhf`` (every field is a --kebab-case flag)."""
+
+    run_dir: str = "runs/rlhf"
+    """directory for the stages, checkpoints, metrics and plots"""
+    preset: str = "digits"
+    """digits: the built-in TinyGPT; digits-hf: a transformers GPT-2 built from a config (nothing is downloaded)"""
+    seed: int = 1
+    """seed of every stage"""
+    iterations: int = 150
+    """PPO iterations per run"""
+    compare_kl_off: bool = True
+    """also run PPO without the KL penalty, to show reward-model over-optimization"""
+    resume: bool = False
+    """continue the run in run_dir from its stages and checkpoints"""
+    checkpoint_every: int = 10
+    """PPO iterations between checkpoints"""
+    sft_steps: int = 600
+    """fine-tuning steps on valid sequences"""
+    rm_pairs: int = 4000
+    """ranked pairs the reward model is trained on"""
+    rm_heldout_pairs: int = 1000
+    """ranked pairs held out to measure its accuracy"""
+    rm_epochs: int = 4
+    """passes of Bradley-Terry training over the pairs"""
+    kl_coef: float = 0.05
+    """beta of the per-token KL penalty"""
+    kl_estimator: str = "k1"
+    """per-token KL estimator: k1, k2 or k3"""
+    kl_target: Optional[float] = None
+    """adapt beta to this sequence KL (None: fixed beta)"""
+    temperature: float = 0.7
+    """sampling temperature"""
+    batch_size: int = 64
+    """prompts per PPO iteration"""
+    learning_rate: float = 3e-4
+    """PPO learning rate"""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)"""
+    plot: bool = True
+    """write rlhf.png (needs matplotlib)"""
+
+    def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        for name in ("iterations", "checkpoint_every", "sft_steps", "rm_pairs", "rm_heldout_pairs", "rm_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        self.ppo_config().validate()
+
+    def ppo_config(self, kl_off: bool = False) -> PPOConfig:
+        return PPOConfig(batch_size=self.batch_size, response_length=D.RESPONSE_LENGTH, temperature=self.temperature,
+                         learning_rate=self.learning_rate, kl_coef=0.0 if kl_off else self.kl_coef,
+                         kl_estimator=self.kl_estimator, kl_target=None if kl_off else self.kl_target,
+                         micro_batch_size=min(16, self.batch_size // 2) or 1, num_minibatches=2 if self.batch_size > 1 else 1)
+
+
+def _tiny_gpt(seed: int) -> torch.nn.Module:
+    return D.new_policy(seed)
+
+
+def _hf_gpt2(seed: int) -> torch.nn.Module:
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError as err:
+        raise SystemExit("error: --preset digits-hf needs transformers (pip install transformers)") from err
+    torch.manual_seed(seed)
+    cfg = D.model_config()
+    config = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_positions, n_embd=cfg.n_embd,
+                        n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=D.BOS, eos_token_id=D.EOS, pad_token_id=D.PAD)
+    return GPT2LMHeadModel(config).eval()
+
+
+PRESETS = {"digits": _tiny_gpt, "digits-hf": _hf_gpt2}
+
+
+def _save(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash mid-write leaves the last file intact
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def build_stages(args: RLHFArgs, run_dir: Path) -> dict:
+    """SFT, ranked pairs, reward model; loaded from ``stages.pt`` when it exists."""
+    path = run_dir / "stages.pt"
+    make = PRESETS[args.preset]
+    if path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["args"]["preset"] != args.preset or state["args"]["seed"] != args.seed:
+            raise SystemExit(f"error: {path} was made with preset {state['args']['preset']!r} and seed "
+                             f"{state['args']['seed']}, not {args.preset!r} / {args.seed}; use another --run-dir")
+        _log(f"stages loaded from {path}")
+        return state
+    g = torch.Generator().manual_seed(args.seed)
+    policy = make(args.seed)
+    start = time.perf_counter()
+    sft_loss = D.sft(policy, args.sft_steps, 128, 1e-3, g)
+    _log(f"SFT: {args.sft_steps} steps, loss {sft_loss:.3f} ({time.perf_counter() - start:.0f}s)")
+    start = time.perf_counter()
+    pairs = D.ranked_pairs(policy, args.rm_pairs + args.rm_heldout_pairs, g)
+    train_pairs, heldout = pairs.split(args.rm_pairs)
+    rm = ScalarHeadModel(copy.deepcopy(policy))
+    rm_loss = D.train_reward_model(rm, train_pairs, args.rm_epochs, 64, 3e-4, g)
+    report = {
+        "sft_loss": sft_loss,
+        "rm_loss": rm_loss,
+        "rm_train_accuracy": D.pair_accuracy(rm, train_pairs),
+        "rm_heldout_accuracy": D.pair_accuracy(rm, heldout),
+        "rm_heldout_ceiling": D.gold_accuracy(heldout),
+    }
+    ref_scores, ref_gold = D.reference_scores(policy, rm, 1024, g, args.temperature)
+    rm.normalize(ref_scores)
+    report["sft_gold"] = float(ref_gold.mean())
+    _log(f"reward model: held-out accuracy {report['rm_heldout_accuracy']:.3f} (chance 0.5, noise-free ceiling "
+         f"{report['rm_heldout_ceiling']:.3f}); SFT gold score {report['sft_gold']:.3f} "
+         f"({time.perf_counter() - start:.0f}s)")
+    state = {"args": asdict(args), "sft": policy.state_dict(), "rm": rm.state_dict(), "report": report}
+    _save(path, state)
+    return state
+
+
+def _trainer(args: RLHFArgs, stages: dict, kl_off: bool) -> PPOTrainer:
+    make = PRESETS[args.preset]
+    policy = make(args.seed)
+    policy.load_state_dict(stages["sft"])
+    rm = ScalarHeadModel(make(args.seed))
+    rm.load_state_dict(stages["rm"])
+    rm.eval()
+    for p in rm.parameters():
+        p.requires_grad_(False)
+    critic = copy.deepcopy(rm)  # the value model starts as the reward model
+    for p in critic.parameters():
+        p.requires_grad_(True)
+    g = torch.Generator().manual_seed(args.seed + (1000 if kl_off else 0))
+    return PPOTrainer(policy.eval(), frozen_copy(policy), rm, critic, D.prompts, D.EOS, D.PAD,
+                      args.ppo_config(kl_off), {"gold": D.gold_score}, g)
+
+
+class _Progress:
+    """A tqdm bar on a terminal, a printed line every ``every`` iterations otherwise."""
+
+    def __init__(self, name: str, total: int, start: int, every: int = 10):
+        self.name, self.total, self.every, self.bar = name, total, every, None
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=start, desc=name, unit="it", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, iteration: int, m: dict, elapsed: float) -> None:
+        text = (f"score {m['objective/scores']:.3f} | gold {m['objective/gold']:.3f} | kl {m['objective/kl']:.3f} | "
+                f"len {m['val/response_length']:.1f} | {elapsed:.0f}s")
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(text, refresh=True)
+        elif iteration % self.every == 0 or iteration == self.total:
+            _log(f"[{self.name} {iteration}/{self.total}] {text}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_ppo(args: RLHFArgs, stages: dict, out: Path, kl_off: bool) -> list:
+    """PPO iterations with checkpoints every ``checkpoint_every``; resumes from ``out/checkpoint.pt``."""
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = _trainer(args, stages, kl_off)
+    ckpt, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    history, first = [], 1
+    if args.resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        trainer.load_state_dict(state["trainer"])
+        history, first = state["history"], state["iteration"] + 1
+        _log(f"{out.name}: resumed after iteration {state['iteration']}")
+    elif ckpt.exists() and not args.resume:
+        raise SystemExit(f"error: {ckpt} exists; pass --resume to continue it or choose another --run-dir")
+    # metrics.jsonl holds exactly the checkpointed iterations (a killed run may have written more)
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+    progress = _Progress(out.name, args.iterations, first - 1)
+    start = time.perf_counter()
+    try:
+        with metrics_path.open("a") as log:
+            for it in range(first, args.iterations + 1):
+                record = {"iteration": it, **trainer.step()}
+                history.append(record)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                progress.update(it, record, time.perf_counter() - start)
+                if it % args.checkpoint_every == 0 or it == args.iterations:
+                    _save(ckpt, {"trainer": trainer.state_dict(), "history": history, "iteration": it})
+    finally:
+        progress.close()
+    return history
+
+
+def plot(run_dir: Path, runs: dict, sft_gold: float) -> Optional[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _log("matplotlib is not installed: no plot")
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, history in runs.items():
+        it = [r["iteration"] for r in history]
+        axes[0].plot(it, [r["objective/scores"] for r in history], label=name)
+        axes[1].plot(it, [r["objective/gold"] for r in history], label=name)
+        axes[2].plot(it, [r["objective/kl"] for r in history], label=name)
+    axes[1].axhline(sft_gold, color="gray", linestyle=":", label="SFT policy")
+    for ax, title in zip(axes, ("proxy: reward-model score", "hidden gold score", "KL(policy || reference) per response")):
+        ax.set_title(title)
+        ax.set_xlabel("PPO iteration")
+        ax.legend()
+    fig.tight_layout()
+    path = run_dir / "rlhf.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    from ..cli import parse_dataclass
+
+    args = parse_dataclass(RLHFArgs, argv, prog="fastppo rlhf", description=__doc__.splitlines()[0])
+    try:
+        args.validate()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
+    stages = build_stages(args, run_dir)
+    runs = {"KL penalty (beta %g)" % args.kl_coef: run_ppo(args, stages, run_dir / "kl", kl_off=False)}
+    if args.compare_kl_off:
+        runs["no KL penalty"] = run_ppo(args, stages, run_dir / "kl_off", kl_off=True)
+    sft_gold = stages["report"]["sft_gold"]
+    for name, history in runs.items():
+        last = history[-10:]
+        mean = lambda key: sum(r[key] for r in last) / len(last)  # noqa: E731
+        _log(f"{name}: last {len(last)} iterations: score {mean('objective/scores'):.3f}, gold "
+             f"{mean('objective/gold'):.3f} (SFT {sft_gold:.3f}), kl {mean('objective/kl'):.3f}")
+    if args.plot:
+        path = plot(run_dir, runs, sft_gold)
+        if path:
+            _log(f"wrote {path}")
+    summary = {"report": stages["report"], "final": {k: h[-1] for k, h in runs.items()}}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return 0
+
