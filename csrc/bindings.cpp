@@ -23,6 +23,10 @@
 #endif
 
 namespace py = pybind11;
+
+namespace fastppo {
+const char* cpu_isa();  // cpu_kernels.cpp: the instruction set the CPU loops run with
+}  // namespace fastppo
 using fastppo::GaeArgs;
 
 namespace {
@@ -457,6 +461,7 @@ py::dict build_info() {
   info["openmp"] = true;
   info["openmp_version"] = _OPENMP;
   info["openmp_max_threads"] = omp_get_max_threads();
+  info["cpu_isa"] = fastppo::cpu_isa();
   info["cuda"] = static_cast<bool>(FASTPPO_WITH_CUDA);
   info["cuda_architectures"] = FASTPPO_CUDA_ARCHS;
 #if FASTPPO_WITH_CUDA

@@ -1,12 +1,14 @@
-// The CPU kernels that gain from wide vectors (the fused loss, the policy heads, the RLHF kernels), compiled twice:
-// for baseline x86-64 and for AVX2 + FMA, picked at run time by what the CPU supports. Only the
-// loops in cpu_kernels.inc are compiled twice; the element math they inline (fastppo_math.h and
+// The CPU kernels that gain from wide vectors (the fused loss, the policy heads, the RLHF kernels), compiled
+// three times: for baseline x86-64, for AVX2 + FMA and for AVX-512, picked at run time by what the CPU
+// supports. Only the loops in cpu_kernels.inc are compiled per instruction set; the element math they inline (fastppo_math.h and
 // the kernel headers) is defined once, outside the target region. Contiguous data runs loops the
 // compiler vectorizes; other layouts go through the strided element functions.
 #include <omp.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "heads.h"
@@ -27,23 +29,57 @@ namespace avx2 {
 #include "cpu_kernels.inc"
 }  // namespace avx2
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma", "prefer-vector-width=512")
+namespace avx512 {
+#include "cpu_kernels.inc"
+}  // namespace avx512
+#pragma GCC pop_options
 #else
 #define FASTPPO_HAVE_AVX2 0
 #endif
 
 namespace {
-bool use_avx2() {
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+// The widest instruction set this CPU supports, or the one FASTPPO_CPU_ISA names (baseline, avx2,
+// avx512; a wider one than the CPU has is not taken), so tests can run every compiled copy.
+Isa detect_isa() {
 #if FASTPPO_HAVE_AVX2
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
+  Isa best = Isa::kBaseline;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
+  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+    best = Isa::kAvx512;
+  const char* asked = std::getenv("FASTPPO_CPU_ISA");
+  if (asked != nullptr) {
+    const std::string name(asked);
+    const Isa want = name == "baseline" ? Isa::kBaseline : name == "avx2" ? Isa::kAvx2 : Isa::kAvx512;
+    if (static_cast<int>(want) < static_cast<int>(best)) return want;
+  }
+  return best;
 #else
-  return false;
+  return Isa::kBaseline;
 #endif
+}
+
+Isa isa() {
+  static const Isa chosen = detect_isa();
+  return chosen;
 }
 }  // namespace
 
+const char* cpu_isa() {
+  switch (isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
 #if FASTPPO_HAVE_AVX2
-#define FASTPPO_DISPATCH(fn, args) (use_avx2() ? avx2::fn(args) : baseline::fn(args))
+#define FASTPPO_DISPATCH(fn, args) \
+  (isa() == Isa::kAvx512 ? avx512::fn(args) : isa() == Isa::kAvx2 ? avx2::fn(args) : baseline::fn(args))
 #else
 #define FASTPPO_DISPATCH(fn, args) baseline::fn(args)
 #endif

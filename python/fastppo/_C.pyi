@@ -65,3 +65,39 @@ def ppo_loss(
     device: int,
     stream: int,
 ) -> None: ...
+
+WHITEN_CHUNK: int
+
+def kl_rewards(
+    R: int,
+    C: int,
+    dtype: str,
+    logprob: tuple[Data, int, int],
+    ref_logprob: tuple[Data, int, int],
+    mask: tuple[Data, int, int] | None,
+    mask_dtype: str,
+    scores: tuple[Data, int] | None,
+    beta: float,
+    estimator: int,
+    clamp: float,
+    rewards: Data,
+    kl: Data,
+    last: Data,
+    device: int,
+    stream: int,
+) -> None: ...
+def masked_whiten(
+    R: int,
+    C: int,
+    dtype: str,
+    x: tuple[Data, int, int],
+    mask: tuple[Data, int, int] | None,
+    mask_dtype: str,
+    shift_mean: bool,
+    eps: float,
+    out: Data,
+    partials: Data,
+    stats: Data,
+    device: int,
+    stream: int,
+) -> None: ...

@@ -53,7 +53,8 @@ def cuda_available() -> bool:
 
 
 def build_info() -> str:
-    """One line describing the compiled core: version, compiler, OpenMP threads, CUDA architectures."""
+    """One line describing the compiled core: version, compiler, OpenMP threads, the instruction set
+    of the CPU loops (``FASTPPO_CPU_ISA=baseline`` or ``avx2`` picks a narrower one), CUDA."""
     info = _C.build_info()
     cuda = (
         f"CUDA runtime {info['cuda_runtime_version']} for {info['cuda_architectures']}, "
@@ -63,5 +64,5 @@ def build_info() -> str:
     )
     return (
         f"fastppo {info['version']}; compiler {info['compiler']}; "
-        f"OpenMP {info['openmp_version']} with {info['openmp_max_threads']} threads; {cuda}"
+        f"OpenMP {info['openmp_version']} with {info['openmp_max_threads']} threads; CPU loops {info['cpu_isa']}; {cuda}"
     )
