@@ -60,15 +60,20 @@ def gold_score(query: Tensor, response: Tensor, response_mask: Tensor, has_eos: 
     return in_prompt.sum(1).float() - 2.0 * triple.sum(1).float() - (~has_eos).float()
 
 
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def sft(policy: TinyGPT, steps: int, batch_size: int, lr: float, generator: torch.Generator) -> float:
     """Fine-tunes ``policy`` on random valid sequences (next-token loss on the response); returns
     the last loss."""
     opt = torch.optim.AdamW(policy.parameters(), lr=lr)
+    device = _device(policy)
     policy.train()
     loss = torch.zeros(())
     for _ in range(steps):
-        query, qmask = prompts(batch_size, generator)
-        response = sft_responses(batch_size, generator)
+        query, qmask = (x.to(device) for x in prompts(batch_size, generator))
+        response = sft_responses(batch_size, generator).to(device)
         seq = torch.cat([query, response], 1)
         mask = torch.cat([qmask, (response != PAD).long()], 1)
         logits = lm_forward(policy, seq, mask)[0][:, query.shape[1] - 1:-1]
@@ -97,7 +102,7 @@ class Pairs(NamedTuple):
 def ranked_pairs(policy: TinyGPT, n: int, generator: torch.Generator, temperature: float = 1.0) -> Pairs:
     """``n`` pairs of the policy's responses to one prompt, ranked by the gold rule with
     Bradley-Terry noise."""
-    query, qmask = prompts(n, generator)
+    query, qmask = (x.to(_device(policy)) for x in prompts(n, generator))
     sides = []
     for _ in range(2):
         raw = generate(policy, query, qmask, RESPONSE_LENGTH, temperature, EOS, PAD, generator)
@@ -105,7 +110,7 @@ def ranked_pairs(policy: TinyGPT, n: int, generator: torch.Generator, temperatur
         sides.append((torch.cat([query, response], 1), torch.cat([qmask.bool(), rmask], 1).long(),
                       gold_score(query, response, rmask, has_eos)))
     (a, am, ga), (b, bm, gb) = sides
-    a_wins = torch.rand(n, generator=generator) < torch.sigmoid(ga - gb)
+    a_wins = torch.rand(n, generator=generator).to(ga.device) < torch.sigmoid(ga - gb)
     pick = lambda x, y: torch.where(a_wins.view(-1, *([1] * (x.dim() - 1))), x, y)  # noqa: E731
     return Pairs(pick(a, b), pick(am, bm), pick(b, a), pick(bm, am), pick(ga, gb) - pick(gb, ga))
 
@@ -130,7 +135,7 @@ def train_reward_model(rm: ScalarHeadModel, pairs: Pairs, epochs: int, batch_siz
     rm.train()
     loss = torch.zeros(())
     for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator).to(pairs.chosen.device)
         for i in range(0, n - batch_size + 1, batch_size):
             idx = order[i:i + batch_size]
             r_c = rm.score(pairs.chosen[idx], pairs.chosen_mask[idx])
@@ -147,7 +152,7 @@ def train_reward_model(rm: ScalarHeadModel, pairs: Pairs, epochs: int, batch_siz
 def reference_scores(policy: TinyGPT, rm: ScalarHeadModel, n: int, generator: torch.Generator,
                      temperature: float) -> Tuple[Tensor, Tensor]:
     """Reward-model and gold scores ``([n], [n])`` of the policy's responses at ``temperature``."""
-    query, qmask = prompts(n, generator)
+    query, qmask = (x.to(_device(policy)) for x in prompts(n, generator))
     raw = generate(policy, query, qmask, RESPONSE_LENGTH, temperature, EOS, PAD, generator)
     response, rmask, has_eos = truncate_after_eos(raw, EOS, PAD)
     seq, mask = torch.cat([query, response], 1), torch.cat([qmask.bool(), rmask], 1).long()

@@ -128,14 +128,18 @@ class Rollout(NamedTuple):
 def generate(policy: nn.Module, query: Tensor, query_mask: Tensor, max_new_tokens: int, temperature: float,
              eos_id: int, pad_id: int, generator: Optional[torch.Generator] = None) -> Tensor:
     """Samples ``[B, max_new_tokens]`` tokens from ``softmax(logits / temperature)``, stopping early
-    once every row has emitted ``eos_id``; the rest is filled with ``pad_id``."""
+    once every row has emitted ``eos_id``; the rest is filled with ``pad_id``.
+
+    Sampling is Gumbel-max (``argmax(logits / T + Gumbel noise)``, an exact sample of the softmax)
+    with the noise drawn from ``generator`` on the CPU, so one seeded generator serves any device."""
     ids, mask = query, query_mask
     B = query.shape[0]
     tokens = []
     done = torch.zeros(B, dtype=torch.bool, device=query.device)
     for _ in range(max_new_tokens):
         logits = lm_forward(policy, ids, mask)[0][:, -1].float() / temperature
-        tok = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+        u = torch.rand(logits.shape, generator=generator).clamp_(min=torch.finfo(torch.float32).tiny)
+        tok = (logits - torch.log(-torch.log(u)).to(logits.device)).argmax(-1)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         tokens.append(tok)
         ids = torch.cat([ids, tok[:, None]], 1)
@@ -180,7 +184,8 @@ class PPOTrainer:
         reward_model: :class:`ScalarHeadModel` (normalized), read at the last real token.
         value_model: :class:`ScalarHeadModel` to train as the critic; None puts a zero-initialized
             value head on the policy trunk instead (a shared trunk).
-        prompts: ``prompts(batch_size, generator) -> (ids [B, Lq], mask [B, Lq])``, left-padded.
+        prompts: ``prompts(batch_size, generator) -> (ids [B, Lq], mask [B, Lq])``, left-padded (moved
+            to the policy's device).
         eos_id, pad_id: token ids.
         config: :class:`PPOConfig`.
         extra_scores: optional ``{name: fn(query, response, response_mask, has_eos) -> [B]}`` logged
@@ -194,12 +199,13 @@ class PPOTrainer:
                  generator: Optional[torch.Generator] = None):
         config.validate()
         self.policy, self.ref, self.rm, self.critic = disable_dropout(policy), ref_policy, reward_model, value_model
+        self.device = next(policy.parameters()).device  # every model and batch lives here
         self.value_head = None
         if value_model is None:
             self.value_head = nn.Linear(hidden_size(policy), 1)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
-            self.value_head.to(next(policy.parameters()).device)
+            self.value_head.to(self.device)
         self.prompts, self.eos_id, self.pad_id, self.config = prompts, eos_id, pad_id, config
         self.extra_scores = extra_scores or {}
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -230,6 +236,7 @@ class PPOTrainer:
     def rollout(self) -> Rollout:
         cfg = self.config
         query, query_mask = self.prompts(cfg.batch_size, self.generator)
+        query, query_mask = query.to(self.device), query_mask.to(self.device)
         Lq = query.shape[1]
         raw = generate(self.policy, query, query_mask, cfg.response_length, cfg.temperature, self.eos_id,
                        self.pad_id, self.generator)

@@ -68,12 +68,18 @@ class RLHFArgs:
     """prompts per PPO iteration"""
     learning_rate: float = 3e-4
     """PPO learning rate"""
+    device: str = "cpu"
+    """where the four models run: cpu or cuda"""
     threads: int = 0
     """torch CPU threads (0: torch's default)"""
     plot: bool = True
     """write rlhf.png (needs matplotlib)"""
 
     def validate(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda, but torch sees no CUDA device")
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         for name in ("iterations", "checkpoint_every", "sft_steps", "rm_pairs", "rm_heldout_pairs", "rm_epochs"):
@@ -130,7 +136,7 @@ def build_stages(args: RLHFArgs, run_dir: Path) -> dict:
         _log(f"stages loaded from {path}")
         return state
     g = torch.Generator().manual_seed(args.seed)
-    policy = make(args.seed)
+    policy = make(args.seed).to(args.device)
     start = time.perf_counter()
     sft_loss = D.sft(policy, args.sft_steps, 128, 1e-3, g)
     _log(f"SFT: {args.sft_steps} steps, loss {sft_loss:.3f} ({time.perf_counter() - start:.0f}s)")
@@ -159,9 +165,9 @@ def build_stages(args: RLHFArgs, run_dir: Path) -> dict:
 
 def _trainer(args: RLHFArgs, stages: dict, kl_off: bool) -> PPOTrainer:
     make = PRESETS[args.preset]
-    policy = make(args.seed)
+    policy = make(args.seed).to(args.device)
     policy.load_state_dict(stages["sft"])
-    rm = ScalarHeadModel(make(args.seed))
+    rm = ScalarHeadModel(make(args.seed)).to(args.device)
     rm.load_state_dict(stages["rm"])
     rm.eval()
     for p in rm.parameters():
