@@ -1,0 +1,830 @@
+"""Benchmark fastppo's RLHF pieces against TRL's PPO pieces, in time and peak memory.
+
+Run from the repository root:
+
+    python benchmarks/bench_rlhf.py                 # full CPU run, writes benchmarks/results/rlhf_cpu.md
+    python benchmarks/bench_rlhf.py --quick         # smoke run (smaller sizes); prints, writes only with --out
+    python benchmarks/bench_rlhf.py --tiny          # smallest sizes, 3 timed calls (a test); same
+    python benchmarks/bench_rlhf.py --threads 4     # torch.set_num_threads(4) and OMP_NUM_THREADS=4 (fastppo)
+    python benchmarks/bench_rlhf.py --device cuda   # CUDA tensors; writes benchmarks/results/rlhf_cuda.md
+    python benchmarks/bench_rlhf.py --out PATH      # write the Markdown report to PATH
+    python benchmarks/bench_rlhf.py --json PATH     # also write the machine and every row as JSON
+
+Four pieces of a PPO step for language models, each on the same inputs for fastppo and its peers,
+in the same process:
+
+1. log-prob (and entropy) of the sampled tokens from the policy's logits ``[B, T, V]`` at sampling
+   temperature 0.7, forward and backward: ``fastppo.categorical_logprob_entropy(logits, tokens,
+   temperature=0.7)`` against TRL's PPO trainer's way (divide the logits by temperature + 1e-7,
+   ``trl.trainer.utils.selective_log_softmax``, entropy ``logsumexp(x) - sum(softmax(x) * x)``)
+   and against TRL's ``selective_log_softmax_and_entropy(logits, tokens, temperature=0.7)``;
+2. reward shaping: ``fastppo.rlhf.kl_penalty_rewards`` (k1 estimator) against the PPO trainer's
+   lines (padding log-probs filled, kl, ``-kl_coef * kl``, the score added at the last token);
+3. GAE over the response tokens: ``fastppo.rlhf.token_gae`` against the trainer's reversed Python
+   loop over T;
+4. whitening of the advantages: ``fastppo.rlhf.masked_whiten`` against TRL's masked_whiten
+   (masked mean, masked variance with Bessel's correction, ``(x - mean) * rsqrt(var + 1e-8)``).
+
+TRL 1.x no longer ships its PPO trainer nor masked_whiten; the trainer's lines for pieces 2-4 were
+never functions. Those peers are TRL's formulas written out in this script (named so in the
+tables); a masked_whiten found in the installed TRL is used instead of the re-implementation.
+Responses are ragged: each row's length is uniform in [T/4, T], right-padded. Every contender is
+checked against fastppo before it is timed; a mismatch is a warning in the report. It prints a
+Markdown report (machine, median ms per call, speed-ups, peak extra memory, checks, notes) and
+writes it. ``collect(args)`` runs the measurements and returns them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import importlib
+import os
+import platform
+import sys
+import time
+import warnings as pywarnings
+from pathlib import Path
+
+import numpy as np
+
+try:  # python -m benchmarks.bench_rlhf
+    from benchmarks import bench_loss
+    from benchmarks._timing import median_ms
+    from benchmarks.bench_gae import TIMING, bench_parser, cpu_model, fmt, json_row, ratio, run_mode, write_reports
+except ImportError:  # python benchmarks/bench_rlhf.py
+    import bench_loss
+    from _timing import median_ms
+    from bench_gae import TIMING, bench_parser, cpu_model, fmt, json_row, ratio, run_mode, write_reports
+
+# bench_loss's helpers; peak_extra_bytes reads bench_loss's module global ``torch``, set in collect().
+peak_extra_bytes = bench_loss.peak_extra_bytes
+rel_diff = bench_loss.rel_diff
+
+# Imported in collect(), after --threads has set OMP_NUM_THREADS: fastppo's OpenMP runtime reads it
+# once, when the compiled module is loaded.
+torch = None
+fastppo = None
+rlhf = None
+
+LOGPROB = "logprob"
+SHAPING = "shaping"
+GAE = "gae"
+WHITEN = "whiten"
+PIECES = [LOGPROB, SHAPING, GAE, WHITEN]
+TITLES = {
+    LOGPROB: "1. Per-token log-prob and entropy from logits (forward + backward)",
+    SHAPING: "2. Reward shaping: per-token KL penalty plus the score",
+    GAE: "3. GAE over response tokens",
+    WHITEN: "4. Whitening of the advantages",
+}
+KERNELS = {  # fastppo's function for each piece (the JSON rows' "kernel")
+    LOGPROB: "categorical_logprob_entropy",
+    SHAPING: "rlhf.kl_penalty_rewards",
+    GAE: "rlhf.token_gae",
+    WHITEN: "rlhf.masked_whiten",
+}
+
+# (B, T, V) for piece 1; (B, T) for pieces 2-4. float32 logits of B*T*V elements: 1 GiB at the largest.
+SIZES = {
+    LOGPROB: [(2, 512, 32000), (1, 2048, 32000), (1, 512, 128256), (1, 2048, 128256)],
+    **{piece: [(64, 512), (64, 2048), (512, 512), (512, 2048)] for piece in (SHAPING, GAE, WHITEN)},
+}
+QUICK_SIZES = {
+    LOGPROB: [(1, 512, 32000), (1, 128, 128256)],
+    **{piece: [(64, 512), (512, 2048)] for piece in (SHAPING, GAE, WHITEN)},
+}
+TINY_SIZES = {
+    LOGPROB: [(1, 64, 32000)],  # scaled down from the smallest full case, so that --tiny takes seconds
+    **{piece: [min(SIZES[piece], key=lambda s: s[0] * s[1])] for piece in (SHAPING, GAE, WHITEN)},
+}
+CHECK_ONLY_SIZE = (7, 37)  # pieces 2-4 are also checked (not timed) at odd sizes first
+
+TEMPERATURE = 0.7  # TRL's PPO default sampling temperature
+TEMPERATURE_EPS = 1e-7  # TRL's PPO trainer divides by temperature + 1e-7
+ENT_COEF = 0.01  # the entropy term's weight in the loss whose gradient is taken
+BETA = 0.05  # TRL's PPO default kl_coef
+GAMMA = 1.0
+LAM = 0.95
+WHITEN_EPS = 1e-8
+INVALID_LOGPROB = 1.0  # what TRL's PPO trainer writes into padding log-probs (so kl is 0 there)
+TOLERANCE = 1e-4  # relative difference allowed: max |fastppo - peer| / max |peer|
+MEMORY_FACTOR = 8  # piece 1 is skipped unless 8 * B*T*V*4 bytes are available (CPU): the peers' peak
+
+FASTPPO = "fastppo"
+TRL_PPO_WAY = "TRL PPOTrainer way"  # real selective_log_softmax + the trainer's entropy formula
+TRL_SLSE = "TRL selective_log_softmax_and_entropy"
+REIMPL = "TRL formula (re-implemented)"
+TRL_WHITEN = "TRL masked_whiten"
+GRADS = "gradient size"  # bytes of the logits' gradient, B*T*V*4
+
+
+# --- TRL: what the installed version offers -------------------------------------------------------
+
+
+def load_trl():
+    """``(info, functions)``: a line saying which TRL is used, and the TRL functions found.
+
+    functions may hold "selective_log_softmax", "selective_log_softmax_and_entropy" and
+    "masked_whiten"; it is empty when TRL is not installed (or fails to import).
+    """
+    try:
+        import trl
+        import trl.trainer.utils as trl_utils
+    except ImportError:
+        return "not installed", {}
+    except Exception as exc:  # installed but broken: say so in the report rather than crash
+        return f"import failed ({type(exc).__name__})", {}
+    functions = {}
+    for name in ("selective_log_softmax", "selective_log_softmax_and_entropy"):
+        if hasattr(trl_utils, name):
+            functions[name] = getattr(trl_utils, name)
+    # TRL < 1.0 kept masked_whiten in one of these modules; TRL 1.x has none.
+    for module in ("trl.trainer.utils", "trl.core", "trl.trainer.ppo_trainer", "trl.experimental.ppo.ppo_trainer"):
+        try:
+            with pywarnings.catch_warnings():  # importing trl.experimental warns that it is experimental
+                pywarnings.simplefilter("ignore")
+                fn = getattr(importlib.import_module(module), "masked_whiten", None)
+        except Exception:
+            fn = None
+        if fn is not None:
+            functions["masked_whiten"] = fn
+            functions["masked_whiten_module"] = module
+            break
+    return f"trl {trl.__version__}", functions
+
+
+def trl_kernel_path(device):
+    """Which path TRL's log-prob functions take on this device: its Triton kernel or torch ops."""
+    try:
+        import trl.trainer.utils as trl_utils
+    except Exception:
+        return "-"
+    triton = getattr(trl_utils, "is_triton_available", lambda: False)()
+    if device == "cuda" and triton:
+        return "TRL's fused Triton kernel (trl.kernels) for float32 logits on CUDA"
+    return "torch ops (TRL's fallback: Triton " + ("not installed" if not triton else "is GPU-only") + ")"
+
+
+# --- The peers, written out here (TRL's formulas; TRL's code is not copied) -----------------------
+
+
+def gathered_logprob(x, tokens):
+    """log softmax(x)[token] as TRL computes it for float32: x[token] - logsumexp(x), the
+    logsumexp taken one batch row at a time (TRL's loop that bounds its temporary memory)."""
+    picked = x.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    norms = torch.stack([torch.logsumexp(row, dim=-1) for row in x])
+    return picked - norms
+
+
+def ppo_way(selective_log_softmax):
+    """TRL's PPO trainer's training-step log-prob and entropy: logits divided by temperature +
+    1e-7, the sampled tokens' log-prob, entropy = logsumexp(x) - sum_i softmax(x)_i * x_i."""
+
+    def head(logits, tokens):
+        x = logits / (TEMPERATURE + TEMPERATURE_EPS)  # TRL divides in place; a leaf cannot be (see the notes)
+        logprob = selective_log_softmax(x, tokens)
+        probs = torch.softmax(x, dim=-1)
+        entropy = torch.logsumexp(x, dim=-1) - (probs * x).sum(-1)
+        return logprob, entropy
+
+    return head
+
+
+def trl_reward_shaping(logprob, ref_logprob, padding_mask, last_index, scores, beta):
+    """The PPO trainer's rewards: padding log-probs set to INVALID_LOGPROB (kl 0 there), k1 kl,
+    non-score reward -beta * kl, and each response's score added at its last token."""
+    logprob = torch.masked_fill(logprob, padding_mask, INVALID_LOGPROB)
+    ref_logprob = torch.masked_fill(ref_logprob, padding_mask, INVALID_LOGPROB)
+    kl = logprob - ref_logprob
+    rewards = (-beta * kl).clone()  # the trainer keeps -beta * kl as non_score_reward and adds to a copy
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last_index] += scores
+    return rewards, kl
+
+
+def trl_token_gae(rewards, values, padding_mask, gamma, lam):
+    """The PPO trainer's GAE: values zeroed at padding, then a reversed Python loop over the T
+    token columns (no bootstrap after the last column), advantages stacked back into [B, T]."""
+    values = torch.masked_fill(values, padding_mask, 0.0)
+    T = rewards.shape[1]
+    running = 0.0
+    backwards = []
+    for t in range(T - 1, -1, -1):
+        following = values[:, t + 1] if t + 1 < T else 0.0
+        running = rewards[:, t] + gamma * following - values[:, t] + gamma * lam * running
+        backwards.append(running)
+    backwards.reverse()
+    advantages = torch.stack(backwards, dim=1)
+    return advantages, advantages + values
+
+
+def trl_masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum()
+
+
+def trl_masked_var(x, mask):
+    """TRL's unbiased masked variance: the masked mean of the squared deviations times n / (n - 1),
+    after a Python-level check that n is not 0 (a host sync on CUDA)."""
+    deviation = x - trl_masked_mean(x, mask)
+    var = trl_masked_mean(deviation * deviation, mask)
+    n = mask.sum()
+    if n == 0:
+        raise ValueError("masked_var: no selected element")
+    return var * (n / (n - 1))
+
+
+def trl_masked_whiten(x, mask):
+    """TRL's masked_whiten with shift_mean: ``(x - mean) * rsqrt(var + 1e-8)``, the mean and the
+    variance taken by the two helpers above (so the mean is computed twice, as in TRL)."""
+    mean, var = trl_masked_mean(x, mask), trl_masked_var(x, mask)
+    return (x - mean) * torch.rsqrt(var + WHITEN_EPS)
+
+
+# --- Inputs and contenders ------------------------------------------------------------------------
+
+
+def ragged_mask(B, T, g, device):
+    """Right-padded responses: row b holds lengths[b] real tokens, uniform in [T/4, T]."""
+    lengths = torch.randint(T // 4, T + 1, (B,), generator=g)
+    mask = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+    return mask.to(device), (lengths - 1).to(device)
+
+
+def logprob_inputs(B, T, V, device, seed):
+    """Float32 logits 2 N(0, 1) [B, T, V] (a leaf), int64 tokens uniform in [0, V), the mask
+    (as float weights of the loss)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float32).mul_(2.0)
+    tokens = torch.randint(0, V, (B, T), generator=g, dtype=torch.int64)
+    mask, _ = ragged_mask(B, T, g, "cpu")
+    return logits.to(device).requires_grad_(True), tokens.to(device), mask.to(device=device, dtype=torch.float32)
+
+
+def logprob_call(head, inputs):
+    """The timed call: the head, then the gradient of sum(mask * (logprob + 0.01 entropy)) w.r.t. the logits."""
+    logits, tokens, weights = inputs
+
+    def call():
+        logprob, entropy = head(logits, tokens)
+        (grad,) = torch.autograd.grad(((logprob + ENT_COEF * entropy) * weights).sum(), [logits])
+        return {"logprob": logprob.detach(), "entropy": entropy.detach(), "grad logits": grad}
+
+    return call
+
+
+def logprob_contenders(trl_functions):
+    """``{column: head(logits, tokens) -> (logprob, entropy)}``, or ``{column: reason}``."""
+    contenders = {
+        FASTPPO: lambda logits, tokens: fastppo.categorical_logprob_entropy(logits, tokens, temperature=TEMPERATURE)
+    }
+    if "selective_log_softmax" in trl_functions:
+        contenders[TRL_PPO_WAY] = ppo_way(trl_functions["selective_log_softmax"])
+    else:  # TRL is not installed: its formula, written out in this script
+        contenders[REIMPL] = ppo_way(gathered_logprob)
+    if "selective_log_softmax_and_entropy" in trl_functions:
+        fn = trl_functions["selective_log_softmax_and_entropy"]
+        contenders[TRL_SLSE] = lambda logits, tokens: fn(logits, tokens, temperature=TEMPERATURE)
+    else:
+        contenders[TRL_SLSE] = "not in this TRL" if trl_functions else "TRL not installed"
+    return contenders
+
+
+def token_inputs(B, T, device, seed):
+    """The [B, T] float32 tensors of one batch of responses, and the masks every contender needs."""
+    g = torch.Generator().manual_seed(seed)
+    mask, last_index = ragged_mask(B, T, g, device)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float32).to(device)
+
+    logprob = -randn(B, T).abs() * 2  # log-probs of sampled tokens: <= 0
+    ref_logprob = logprob + 0.3 * randn(B, T)
+    values = randn(B, T)
+    scores = randn(B)
+    # Inputs of pieces 3 and 4: shaped rewards (0 at padding) and advantages (0 at padding).
+    rewards = rlhf.kl_penalty_rewards(logprob, ref_logprob, mask, scores, BETA, "k1").rewards
+    advantages = rlhf.token_gae(rewards, values, last_index, GAMMA, LAM)[0]
+    return dict(
+        mask=mask, padding_mask=~mask, last_index=last_index, logprob=logprob, ref_logprob=ref_logprob,
+        values=values, scores=scores, rewards=rewards, advantages=advantages,
+    )
+
+
+def token_contenders(piece, x, trl_functions):
+    """``{column: call}`` for pieces 2-4: each call returns ``{output name: tensor}``, and the
+    output names with ``@real`` are compared at real tokens only."""
+    if piece == SHAPING:
+        def fast():
+            out = rlhf.kl_penalty_rewards(x["logprob"], x["ref_logprob"], x["mask"], x["scores"], BETA, "k1")
+            return {"rewards": out.rewards, "kl": out.kl}
+
+        def peer():
+            rewards, kl = trl_reward_shaping(
+                x["logprob"], x["ref_logprob"], x["padding_mask"], x["last_index"], x["scores"], BETA
+            )
+            return {"rewards": rewards, "kl": kl}
+
+        return {FASTPPO: fast, REIMPL: peer}
+    if piece == GAE:
+        def fast():
+            adv, ret = rlhf.token_gae(x["rewards"], x["values"], x["last_index"], GAMMA, LAM)
+            return {"advantages@real": adv, "returns@real": ret}
+
+        def peer():
+            adv, ret = trl_token_gae(x["rewards"], x["values"], x["padding_mask"], GAMMA, LAM)
+            return {"advantages@real": adv, "returns@real": ret}
+
+        return {FASTPPO: fast, REIMPL: peer}
+
+    def fast():
+        return {"whitened@real": rlhf.masked_whiten(x["advantages"], x["mask"])}
+
+    if "masked_whiten" in trl_functions:
+        fn, column = trl_functions["masked_whiten"], TRL_WHITEN
+    else:
+        fn, column = trl_masked_whiten, REIMPL
+
+    def peer():
+        # As the trainer uses it: whiten over the real tokens, then zero the padding.
+        whitened = fn(x["advantages"], x["mask"])
+        return {"whitened@real": torch.masked_fill(whitened, x["padding_mask"], 0.0)}
+
+    return {FASTPPO: fast, column: peer}
+
+
+def compare(fast_out, peer_out, column, label, mask=None):
+    """Warning lines for each output of fastppo's that differs from the peer's by more than TOLERANCE."""
+    warnings, diffs = [], {}
+    for name, b in peer_out.items():
+        a = fast_out[name]
+        if a.shape != b.shape:
+            warnings.append(f"WARNING {label}: fastppo {name} has shape {tuple(a.shape)}, {column} {tuple(b.shape)}")
+            continue
+        a, b = a.detach().double(), b.detach().double()
+        if name.endswith("@real"):
+            a, b = a[mask], b[mask]
+        diff = rel_diff(a, b)
+        diffs[name.removesuffix("@real")] = diff
+        if not diff <= TOLERANCE:  # also catches NaN
+            warnings.append(
+                f"WARNING {label}: fastppo {name.replace('@real', ' (real tokens)')} differs from {column} "
+                f"by {diff:.3g} relative (tolerance {TOLERANCE:g})"
+            )
+    return warnings, diffs
+
+
+def available_bytes():
+    """MemAvailable from /proc/meminfo, or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+# --- Measurement ----------------------------------------------------------------------------------
+
+
+def measure_case(calls, sync, timing, device, label, warnings, check):
+    """Checks each peer against fastppo (that call is each one's first warm-up), then times each
+    contender and measures its peak extra memory; returns the row."""
+    row = {"memory": {}, "max_rel_diff": {}}
+    fast_out = calls[FASTPPO]()
+    for column, call in calls.items():
+        if column == FASTPPO or isinstance(call, str):
+            continue
+        peer_out = call()
+        w, diffs = check(fast_out, peer_out, column)
+        warnings += w
+        row["max_rel_diff"][column] = diffs
+        del peer_out
+    del fast_out
+    gc.collect()
+    for column, call in calls.items():
+        if isinstance(call, str):
+            row[column] = row["memory"][column] = call
+            continue
+        row[column] = median_ms(call, sync=sync, **timing)
+        row["memory"][column] = peak_extra_bytes(call, device)
+        print(f"{label:30s} {column:40s} {fmt(row[column]):>10s} ms  peak {fmt_bytes(row['memory'][column])}",
+              file=sys.stderr)
+    return row
+
+
+def run_logprob(sizes, device, sync, timing, trl_functions, warnings):
+    rows = {}
+    for B, T, V in sizes:
+        label = f"logprob B={B} T={T} V={V}"
+        need = MEMORY_FACTOR * B * T * V * 4
+        free = available_bytes() if device == "cpu" else None
+        if free is not None and free < need:
+            reason = f"skipped: needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB available"
+            print(f"{label}: {reason}", file=sys.stderr)
+            rows[(B, T, V)] = {"skipped": reason}
+            continue
+        inputs = logprob_inputs(B, T, V, device, seed=B * 1_000_003 + T * 101 + V)
+        heads = logprob_contenders(trl_functions)
+        calls = {c: h if isinstance(h, str) else logprob_call(h, inputs) for c, h in heads.items()}
+
+        def check(fast_out, peer_out, column):
+            return compare(fast_out, peer_out, column, label)
+
+        row = measure_case(calls, sync, timing, device, label, warnings, check)
+        row["grad_bytes"] = B * T * V * 4
+        rows[(B, T, V)] = row
+        del inputs, calls, heads
+        gc.collect()
+    return rows
+
+
+def run_token_piece(piece, sizes, device, sync, timing, trl_functions, warnings):
+    rows = {}
+    columns = None
+    for B, T in [CHECK_ONLY_SIZE] + list(sizes):
+        label = f"{piece} B={B} T={T}"
+        x = token_inputs(B, T, device, seed=B * 1_000_003 + T)
+        calls = token_contenders(piece, x, trl_functions)
+        columns = list(calls)
+
+        def check(fast_out, peer_out, column):
+            return compare(fast_out, peer_out, column, label, mask=x["mask"])
+
+        if (B, T) == CHECK_ONLY_SIZE:  # checked, not timed
+            fast_out = calls[FASTPPO]()
+            for column, call in calls.items():
+                if column != FASTPPO:
+                    warnings += check(fast_out, call(), column)[0]
+            continue
+        rows[(B, T)] = measure_case(calls, sync, timing, device, label, warnings, check)
+    return rows, columns
+
+
+def import_libraries():
+    """Imports torch and fastppo into this module's globals (and bench_loss's, for its helpers)."""
+    global torch, fastppo, rlhf
+    import torch
+    import fastppo
+    import fastppo.rlhf.kernels as rlhf
+
+    bench_loss.torch, bench_loss.fastppo = torch, fastppo
+
+
+def cpu_snapshot():
+    """(wall s, machine busy CPU s from /proc/stat or None, this process's CPU s), to tell how much
+    of the machine other processes used during the run (this machine may be shared)."""
+    busy = None
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    except (OSError, ValueError, IndexError):
+        pass
+    times = os.times()
+    return time.perf_counter(), busy, times.user + times.system
+
+
+def others_cpu_share(start, end):
+    """Fraction of the machine's cores busy with other processes between two cpu_snapshot()s."""
+    if start[1] is None or end[1] is None:
+        return None
+    wall = end[0] - start[0]
+    others = (end[1] - start[1]) - (end[2] - start[2])
+    return max(others, 0.0) / (wall * (os.cpu_count() or 1))
+
+
+def collect(args):
+    """Runs the benchmark that ``args`` (from parse_args) describes and returns its measurements."""
+    if args.threads is not None:
+        if args.threads < 1:
+            sys.exit("error: --threads must be at least 1")
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import_libraries()
+    snapshot = cpu_snapshot()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device, mode = args.device, run_mode(args)
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("error: --device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
+        if not fastppo.cuda_available():
+            sys.exit(f"error: --device cuda, but this fastppo build cannot run on CUDA: {fastppo.build_info()}")
+    sizes = {"full": SIZES, "quick": QUICK_SIZES, "tiny": TINY_SIZES}[mode]
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    timing = TIMING[mode]
+    trl_info, trl_functions = load_trl()
+    print(f"peer: {trl_info}", file=sys.stderr)
+
+    warnings = []
+    pieces = {}
+    rows = run_logprob(sizes[LOGPROB], device, sync, timing, trl_functions, warnings)
+    pieces[LOGPROB] = {"columns": list(logprob_contenders(trl_functions)), "rows": rows}
+    for piece in (SHAPING, GAE, WHITEN):
+        rows, columns = run_token_piece(piece, sizes[piece], device, sync, timing, trl_functions, warnings)
+        pieces[piece] = {"columns": columns, "rows": rows}
+    for w in warnings:
+        print(w, file=sys.stderr)
+    return dict(
+        device=device, mode=mode, sizes=sizes, pieces=pieces, warnings=warnings, trl=trl_info,
+        others_cpu=others_cpu_share(snapshot, cpu_snapshot()),
+        trl_whiten_module=trl_functions.get("masked_whiten_module"), trl_path=trl_kernel_path(device),
+        transformers=_version("transformers"),
+    )
+
+
+def _version(module):
+    mod = sys.modules.get(module)
+    return getattr(mod, "__version__", "-") if mod is not None else "not imported"
+
+
+# --- Report ---------------------------------------------------------------------------------------
+
+
+def fmt_bytes(x):
+    """bench_loss's byte format, with GiB from 1000 MiB on (the logits-sized figures)."""
+    if not isinstance(x, str) and x >= 1000 << 20:
+        return f"{x / (1 << 30):.3g} GiB"
+    return bench_loss.fmt_bytes(x)
+
+
+def key_cells(piece, key):
+    if piece == LOGPROB:
+        B, T, V = key
+        return [str(B), str(T), str(V), str(B * T)]
+    return [str(k) for k in key]
+
+
+def key_header(piece):
+    return ("| B | T | V | tokens | ", "|---:|---:|---:|---:|") if piece == LOGPROB else ("| B | T | ", "|---:|---:|")
+
+
+def machine_lines(result):
+    device = result["device"]
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    lines = [
+        f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores ({usable} usable by this process)",
+    ]
+    if device == "cuda":
+        lines.append(f"- GPU: {torch.cuda.get_device_name()} (torch CUDA {torch.version.cuda})")
+    lines += [
+        f"- Python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), fastppo {fastppo.__version__}",
+        (
+            f"- Peer: {result['trl']} (transformers {result['transformers']}); TRL's log-prob functions ran on "
+            f"{result['trl_path']}"
+            if result["trl"].startswith("trl ")
+            else f"- Peer: TRL {result['trl']}: every TRL column is TRL's formula re-implemented in this script"
+        ),
+        f"- OMP_NUM_THREADS: {os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        f"- fastppo.build_info(): `{fastppo.build_info()}`",
+        "- Other processes' CPU use during the run: "
+        + ("n/a" if result["others_cpu"] is None
+           else f"{100 * result['others_cpu']:.0f}% of the {os.cpu_count()} cores")
+        + " (busy time in /proc/stat minus this process's own CPU time; above a few % the timings are noisy)",
+    ]
+    return lines
+
+
+def report(result):
+    device, mode, pieces, sizes = result["device"], result["mode"], result["pieces"], result["sizes"]
+    warnings = result["warnings"]
+    lines = [f"# fastppo RLHF pieces vs TRL's PPO pieces ({device})", ""]
+    shown = "; ".join(f"{piece} {sizes[piece]}" for piece in PIECES)
+    if mode == "quick":
+        lines += [f"**Quick smoke run (--quick): {shown}, about 20 ms of timed calls per case; not a measurement.**",
+                  ""]
+    elif mode == "tiny":
+        lines += [f"**Tiny run (--tiny): {shown}, 3 timed calls per case; a test of this script, not a "
+                  "measurement.**", ""]
+    lines += ["## Machine", ""] + machine_lines(result) + [""]
+    lines += ["## Median time per call (ms, lower is better)", ""]
+    for piece in PIECES:
+        columns = pieces[piece]["columns"]
+        peers = [c for c in columns if c != FASTPPO]
+        head, rule = key_header(piece)
+        ratio_names = [f"{p} / {FASTPPO}" for p in peers]
+        lines += [
+            f"### {TITLES[piece]}",
+            "",
+            head + " | ".join(columns + ratio_names) + " |",
+            rule + "---:|" * (len(columns) + len(ratio_names)),
+        ]
+        for key, row in pieces[piece]["rows"].items():
+            if "skipped" in row:
+                cells = key_cells(piece, key) + [row["skipped"]] + ["-"] * (len(columns) + len(ratio_names) - 1)
+            else:
+                cells = key_cells(piece, key) + [fmt(row[c]) for c in columns]
+                cells += [ratio(row, p, FASTPPO) for p in peers]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Peak extra memory during one call (lower is better)", ""]
+    for piece in PIECES:
+        columns = pieces[piece]["columns"]
+        peers = [c for c in columns if c != FASTPPO]
+        extra = [GRADS] if piece == LOGPROB else []
+        ratio_cols = ([(f"{FASTPPO} / {GRADS}", FASTPPO, GRADS)] if piece == LOGPROB else []) + [
+            (f"{p} / {FASTPPO}", p, FASTPPO) for p in peers
+        ]
+        head, rule = key_header(piece)
+        lines += [
+            f"### {TITLES[piece]}",
+            "",
+            head + " | ".join(columns + extra + [name for name, _, _ in ratio_cols]) + " |",
+            rule + "---:|" * (len(columns) + len(extra) + len(ratio_cols)),
+        ]
+        for key, row in pieces[piece]["rows"].items():
+            if "skipped" in row:
+                continue
+            mem = dict(row["memory"])
+            if piece == LOGPROB:
+                mem[GRADS] = row["grad_bytes"]
+            cells = key_cells(piece, key) + [fmt_bytes(mem[c]) for c in columns + extra]
+            as_float = {k: float(v) if isinstance(v, int) else v for k, v in mem.items()}
+            cells += [ratio(as_float, num, den) for _, num, den in ratio_cols]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Checks", ""]
+    if warnings:
+        lines += [f"- **{w}**" for w in warnings]
+    else:
+        lines.append(
+            f"- fastppo matched every peer to {TOLERANCE:g} relative (max |fastppo - peer| / max |peer|) at every size "
+            f"above, and at (B, T) = {CHECK_ONLY_SIZE} for pieces 2-4: log-prob, entropy and the logits' gradient; "
+            "rewards and kl (every position); advantages, returns and whitened advantages (at real tokens)."
+        )
+    worst = {}
+    for piece in PIECES:
+        for row in pieces[piece]["rows"].values():
+            for column, diffs in row.get("max_rel_diff", {}).items():
+                for name, diff in diffs.items():
+                    k = (piece, column, name)
+                    worst[k] = max(worst.get(k, 0.0), diff)
+    if worst:
+        lines.append("- Largest relative difference seen, per output: " + "; ".join(
+            f"{name} vs {column} {diff:.2g}" for (piece, column, name), diff in worst.items()
+        ) + ".")
+    lines += [""] + notes(result)
+    return "\n".join(lines) + "\n"
+
+
+def notes(result):
+    device, mode = result["device"], result["mode"]
+    ppo_column = TRL_PPO_WAY if TRL_PPO_WAY in result["pieces"][LOGPROB]["columns"] else REIMPL
+    whiten_column = [c for c in result["pieces"][WHITEN]["columns"] if c != FASTPPO][0]
+    installed = not result["trl"].startswith(("not installed", "import failed"))
+    timing_note = {
+        "full": "the calls that fit in about 0.5 s, but at least 3 (a call of a second or more is timed 3 times), "
+        "after 2 warm-up calls (the check and one more).",
+        "quick": "the calls that fit in about 20 ms (at least 1), after 1 warm-up call (the check).",
+        "tiny": "3 calls, after 1 warm-up call (the check).",
+    }[mode]
+    lines = [
+        "## Notes",
+        "",
+        f"- Peer: {result['trl']}. " + (
+            "TRL 1.x ships no PPO trainer (nor any of its masked_mean / masked_var / masked_whiten helpers): "
+            "the reward shaping, the GAE loop and the whitening were inline lines of `PPOTrainer.train()` (and "
+            "helpers) in TRL before 1.0. The columns named `" + REIMPL + "` are those formulas written out in "
+            "this script (not TRL's code). TRL's own functions are used where the installed TRL has them: "
+            "`trl.trainer.utils.selective_log_softmax` and `selective_log_softmax_and_entropy`"
+            + (f", and `masked_whiten` from `{result['trl_whiten_module']}`" if result["trl_whiten_module"] else "")
+            + "."
+            if installed else
+            "TRL is not installed, so every TRL column is TRL's formula written out in this script "
+            f"(`{REIMPL}`), and `{TRL_SLSE}` is left out."
+        ),
+        "- Inputs are float32. Each case is the median of " + timing_note + " Each contender is timed in its "
+        "own block of consecutive calls, all in this process.",
+        "- Responses are ragged: row b has a length uniform in [T/4, T] and is right-padded; `mask` [B, T] is True "
+        "at real tokens.",
+        "",
+        f"**{TITLES[LOGPROB]}.** float32 logits = 2 N(0, 1) of [B, T, V] (a leaf with requires_grad), int64 "
+        f"tokens uniform in [0, V), temperature {TEMPERATURE}. The timed call is the head, then "
+        f"`torch.autograd.grad(((logprob + {ENT_COEF} * entropy) * mask).sum(), [logits])`, the same for every "
+        "contender (TRL's PPO trainer puts only the log-prob in its loss and computes the entropy for its stats; "
+        "the entropy term here makes every contender differentiate both).",
+        f"- `{FASTPPO}`: `fastppo.categorical_logprob_entropy(logits, tokens, temperature={TEMPERATURE})`: one "
+        "streaming pass per token in forward, saving one log-sum-exp and the entropy per token; backward "
+        "writes the logits' gradient in one more pass.",
+        f"- `{ppo_column}`: what TRL's PPO trainer does in its training step: `x = logits / (temperature + 1e-7)`, "
+        + ("`trl.trainer.utils.selective_log_softmax(x, tokens)` (gather minus a row-by-row logsumexp)"
+           if ppo_column == TRL_PPO_WAY else "the sampled token's `x[token] - logsumexp(x)` (logsumexp row by row)")
+        + ", `entropy = logsumexp(x) - (softmax(x) * x).sum(-1)`. TRL divides the model's output in place "
+        "(`logits /= ...`); here the logits are a leaf, which autograd does not let be modified in place, so "
+        "the division makes one more [B, T, V] tensor, counted in its memory (up to B*T*V*4 bytes more than "
+        "TRL's in-place division). The 1e-7 changes the temperature by 1.4e-7 relative, far below the tolerance.",
+        f"- `{TRL_SLSE}`: TRL 1.x's `selective_log_softmax_and_entropy(logits, tokens, temperature={TEMPERATURE})` "
+        "(what its current trainers call); without Triton (or off CUDA) it divides the logits, takes "
+        "`selective_log_softmax` and `entropy_from_logits` (log_softmax over chunks of 128 rows); on CUDA with "
+        "Triton it runs TRL's fused kernel.",
+        f"- Memory `{GRADS}`: B*T*V*4 bytes, the logits' gradient every contender returns (part of each figure).",
+        "",
+        f"**{TITLES[SHAPING]}.** log-prob = -2|N(0, 1)|, ref log-prob = log-prob + 0.3 N(0, 1), one score "
+        f"N(0, 1) per response, beta (TRL's kl_coef) = {BETA}, the k1 estimator.",
+        f"- `{FASTPPO}`: `fastppo.rlhf.kl_penalty_rewards(logprob, ref_logprob, mask, scores, {BETA}, \"k1\")`: one "
+        "pass writes rewards, kl and each response's last index (it finds the last real token from the mask).",
+        f"- `{REIMPL}`: TRL's PPO trainer's lines: log-prob and ref log-prob filled with INVALID_LOGPROB = 1.0 "
+        "at padding (`masked_fill`), `kl = logprob - ref_logprob`, `-kl_coef * kl`, a copy of that as the "
+        "rewards, the score added at `rewards[arange(B), last_index]`. Its `padding_mask = ~mask` and "
+        "`last_index` (TRL's sequence_lengths) are given, computed before timing, as TRL has them by then.",
+        "- The score's position: TRL's trainer adds it at `sequence_lengths + 1` (the first padding token) when "
+        "that exists and keeps the value estimate there; here both contenders put it at the last real token "
+        "(fastppo's convention), so the outputs can be compared. The work is the same either way.",
+        "",
+        f"**{TITLES[GAE]}.** Inputs: the shaped rewards of piece 2 (0 at padding) and values N(0, 1) [B, T], "
+        f"gamma {GAMMA}, lam {LAM} (TRL's defaults).",
+        f"- `{FASTPPO}`: `fastppo.rlhf.token_gae(rewards, values, last_index, {GAMMA}, {LAM})`: the fused GAE kernel "
+        "over the [T, B] view, each response ending at its last token; 0 at padding.",
+        f"- `{REIMPL}`: TRL's PPO trainer's loop: values zeroed at padding (`masked_fill`), then for t = T-1 "
+        "down to 0 `delta = r[:, t] + gamma * V[:, t+1] - V[:, t]`, `lastgaelam = delta + gamma * lam * "
+        "lastgaelam` (a handful of torch ops on B elements per token column), then `stack` and `returns = "
+        "advantages + values`. (TRL zeroes values only after `sequence_lengths + 1`, matching its score "
+        "position; see piece 2.)",
+        "- Compared at real tokens (advantages and returns).",
+        "",
+        f"**{TITLES[WHITEN]}.** Input: the advantages of piece 3 (0 at padding), whitened over the real tokens.",
+        f"- `{FASTPPO}`: `fastppo.rlhf.masked_whiten(advantages, mask)` (unbiased variance, eps 1e-8, 0 at padding); "
+        "its statistics are reduced in a fixed order in float64.",
+        f"- `{whiten_column}`: "
+        + ("TRL's own masked_whiten" if whiten_column == TRL_WHITEN else "TRL's masked_whiten formula")
+        + ": `masked_mean(x, m) = sum(x * m) / sum(m)`, `masked_var = masked_mean((x - masked_mean(x, m))^2, m) * "
+        "n / (n - 1)` (after a Python check that n != 0, a host sync on CUDA), `(x - masked_mean(x, m)) * "
+        "rsqrt(masked_var + 1e-8)` (the mean is computed twice, as in TRL; the mask is a bool tensor), then "
+        "`masked_fill(padding_mask, 0)` as the trainer does next.",
+        "- Compared at real tokens.",
+        "",
+        (
+            "- Memory (CPU): `torch.profiler.profile(profile_memory=True)` around one call records each allocation "
+            "and free made through torch's CPU allocator; the figure is the largest running sum of those sizes "
+            "in time order, i.e. the peak bytes held above what was held before the call (outputs included). "
+            "Memory a kernel allocates on its own (malloc, std::vector) is not seen."
+            if device == "cpu"
+            else "- Memory (CUDA): `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus "
+            "`memory_allocated()` before the call (tensors from torch's caching allocator, not its reserved pool)."
+        ),
+        (
+            "- fastppo's CPU kernels run on the OpenMP threads shown by build_info(); torch ops use torch's threads."
+            if device == "cpu"
+            else "- CUDA: every timed call is followed by torch.cuda.synchronize(), inside the timed region."
+        ),
+        f"- Piece 1 is skipped at a size where less than {MEMORY_FACTOR} * B*T*V*4 bytes of memory are available "
+        "(CPU), which the table then says.",
+    ]
+    return lines
+
+
+# --- JSON -----------------------------------------------------------------------------------------
+
+
+def to_json(result):
+    """This benchmark's summary and rows (one kernel per piece), for bench_gae's ``json_document``."""
+    rows = []
+    for piece in PIECES:
+        columns = result["pieces"][piece]["columns"]
+        peers = {c: FASTPPO for c in columns if c != FASTPPO}
+        for key, row in result["pieces"][piece]["rows"].items():
+            names = ("B", "T", "V") if piece == LOGPROB else ("B", "T")
+            size = dict(zip(names, key))
+            case = ", ".join(f"{k}={v}" for k, v in size.items())
+            if "skipped" in row:
+                row = {c: row["skipped"] for c in columns}
+                rows.append(json_row(KERNELS[piece], case, size, row, [FASTPPO], peers))
+                continue
+            extra = {"peak_extra_bytes": row["memory"], "max_rel_diff": row["max_rel_diff"]}
+            if piece == LOGPROB:
+                extra["gradient_bytes"] = row["grad_bytes"]
+            rows.append(json_row(KERNELS[piece], case, size, row, [FASTPPO], peers, **extra))
+    return {
+        "name": "rlhf",
+        "title": "fastppo RLHF pieces vs TRL",
+        "script": "benchmarks/bench_rlhf.py",
+        "warnings": result["warnings"],
+        "details": {
+            "peer": result["trl"], "trl_log_prob_path": result["trl_path"], "transformers": result["transformers"],
+            "others_cpu_share": result["others_cpu"],
+            "temperature": TEMPERATURE, "beta": BETA, "gamma": GAMMA, "lam": LAM, "tolerance": TOLERANCE,
+        },
+        "rows": rows,
+    }
+
+
+# --- Main -----------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    return bench_parser(__doc__.splitlines()[0], "rlhf", "smoke run: smaller sizes and tiny repeat counts",
+                        "smallest sizes, 3 timed calls: a test of the script").parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    result = collect(args)
+    return write_reports(args, result, "rlhf", report(result), to_json(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
