@@ -156,6 +156,7 @@ class ScalarHeadModel(nn.Module):
         nn.init.zeros_(self.head.bias)
         self.register_buffer("score_mean", torch.zeros(()))
         self.register_buffer("score_std", torch.ones(()))
+        self.to(next(trunk.parameters()).device)  # the new head joins the trunk's device
 
     def values(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """``[B, L]`` head output at every position (normalized)."""
