@@ -337,20 +337,31 @@ def cpu_model():
     return platform.processor() or "unknown"
 
 
-def machine_lines(device, bandwidth, torchrl_version, sb3_version):
+def machine_head(device, torch_module, fastppo_module, versions="", peer_line=None):
+    """The machine lines every script's report starts with: date, CPU, GPU, versions (``versions``
+    names the peers' libraries, ending with ", "), an optional peer line, threads and the build."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     lines = [
         f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores ({usable} usable by this process)",
     ]
     if device == "cuda":
-        lines.append(f"- GPU: {torch.cuda.get_device_name()} (torch CUDA {torch.version.cuda})")
-    lines += [
-        f"- Python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), torchrl {torchrl_version}, stable-baselines3 {sb3_version}, "
-        f"fastppo {fastppo.__version__}",
+        lines.append(f"- GPU: {torch_module.cuda.get_device_name()} (torch CUDA {torch_module.version.cuda})")
+    lines.append(
+        f"- Python {platform.python_version()}, numpy {np.__version__}, torch {torch_module.__version__} "
+        f"({torch_module.get_num_threads()} threads), {versions}fastppo {fastppo_module.__version__}"
+    )
+    if peer_line is not None:
+        lines.append(peer_line)
+    return lines + [
         f"- OMP_NUM_THREADS: {os.environ.get('OMP_NUM_THREADS', 'unset')}",
-        f"- fastppo.build_info(): `{fastppo.build_info()}`",
+        f"- fastppo.build_info(): `{fastppo_module.build_info()}`",
+    ]
+
+
+def machine_lines(device, bandwidth, torchrl_version, sb3_version):
+    lines = machine_head(device, torch, fastppo, f"torchrl {torchrl_version}, stable-baselines3 {sb3_version}, ")
+    lines += [
         f"- Copy bandwidth: {bandwidth / 1e9:.1f} GB/s "
         + (
             "(np.copyto of a large buffer, one thread, counting read + write)"

@@ -34,23 +34,19 @@ gradients match eager's. It prints a Markdown report (machine, tables, ratios, c
 
 from __future__ import annotations
 
-import datetime
 import os
-import platform
 import sys
-from pathlib import Path
 
-import numpy as np
 
 try:  # python -m benchmarks.bench_heads
     from benchmarks import bench_loss
     from benchmarks._timing import median_ms
-    from benchmarks.bench_gae import (TIMING, bench_parser, cpu_model, fmt, json_document, json_row, ratio, run_mode,
-                                      write_json, write_reports)
+    from benchmarks.bench_gae import (TIMING, bench_parser, machine_head, fmt, json_row, ratio, run_mode,
+                                      write_reports)
 except ImportError:  # python benchmarks/bench_heads.py
     import bench_loss
     from _timing import median_ms
-    from bench_gae import (TIMING, bench_parser, cpu_model, fmt, json_document, json_row, ratio, run_mode, write_json,
+    from bench_gae import (TIMING, bench_parser, machine_head, fmt, json_row, ratio, run_mode,
                            write_reports)
 
 # bench_loss's helpers; peak_extra_bytes reads bench_loss's module global ``torch``, set in run().
@@ -210,18 +206,8 @@ def repay_calls(row):
 
 
 def machine_lines(device, compile_info):
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    lines = [
-        f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores ({usable} usable by this process)",
-    ]
-    if device == "cuda":
-        lines.append(f"- GPU: {torch.cuda.get_device_name()} (torch CUDA {torch.version.cuda})")
+    lines = machine_head(device, torch, fastppo)
     lines += [
-        f"- Python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), fastppo {fastppo.__version__}",
-        f"- OMP_NUM_THREADS: {os.environ.get('OMP_NUM_THREADS', 'unset')}",
-        f"- fastppo.build_info(): `{fastppo.build_info()}`",
         f"- torch.compile: {compile_info}",
     ]
     return lines

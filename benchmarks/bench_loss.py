@@ -26,25 +26,22 @@ returns them; ``python -m benchmarks`` uses it through ``--json`` to run this be
 
 from __future__ import annotations
 
-import datetime
 import gc
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 try:  # python -m benchmarks.bench_loss
     from benchmarks._timing import median_ms
-    from benchmarks.bench_gae import (TIMING, bench_parser, cpu_model, fmt, json_document, json_row, ratio, run_mode,
-                                      write_json, write_reports)
+    from benchmarks.bench_gae import (TIMING, bench_parser, machine_head, fmt, json_row, ratio, run_mode,
+                                      write_reports)
 except ImportError:  # python benchmarks/bench_loss.py
     from _timing import median_ms
-    from bench_gae import (TIMING, bench_parser, cpu_model, fmt, json_document, json_row, ratio, run_mode, write_json,
+    from bench_gae import (TIMING, bench_parser, machine_head, fmt, json_row, ratio, run_mode,
                            write_reports)
 
 # Imported in main(), after --threads has set OMP_NUM_THREADS (fastppo's OpenMP runtime reads it
@@ -270,18 +267,8 @@ def repay_calls(row):
 
 
 def machine_lines(device, bandwidth, compile_info):
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    lines = [
-        f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores ({usable} usable by this process)",
-    ]
-    if device == "cuda":
-        lines.append(f"- GPU: {torch.cuda.get_device_name()} (torch CUDA {torch.version.cuda})")
+    lines = machine_head(device, torch, fastppo)
     lines += [
-        f"- Python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), fastppo {fastppo.__version__}",
-        f"- OMP_NUM_THREADS: {os.environ.get('OMP_NUM_THREADS', 'unset')}",
-        f"- fastppo.build_info(): `{fastppo.build_info()}`",
         f"- torch.compile: {compile_info}",
         f"- Copy bandwidth: {bandwidth / 1e9:.1f} GB/s "
         + (
@@ -496,7 +483,7 @@ def measure(args, own_cache):
         _, warm_ms = timed_first_call(step_call(compile_loss(), warm_inputs), sync)
         print(f"warm-up compile at B={WARMUP_COMPILE_SIZE}: {warm_ms / 1e3:.1f} s", file=sys.stderr)
         compile_info = (
-            f"inductor, dynamic=False, recompiled for each B; "
+            "inductor, dynamic=False, recompiled for each B; "
             + ("fresh (empty) inductor cache dir for this run" if own_cache
                else f"TORCHINDUCTOR_CACHE_DIR={os.environ['TORCHINDUCTOR_CACHE_DIR']} (may be warm)")
             + f"; one-time warm-up compile at B={WARMUP_COMPILE_SIZE}: {warm_ms / 1e3:.1f} s"

@@ -36,26 +36,22 @@ writes it. ``collect(args)`` runs the measurements and returns them.
 
 from __future__ import annotations
 
-import datetime
 import gc
 import importlib
 import os
-import platform
 import sys
 import time
 import warnings as pywarnings
-from pathlib import Path
 
-import numpy as np
 
 try:  # python -m benchmarks.bench_rlhf
     from benchmarks import bench_loss
     from benchmarks._timing import median_ms
-    from benchmarks.bench_gae import TIMING, bench_parser, cpu_model, fmt, json_row, ratio, run_mode, write_reports
+    from benchmarks.bench_gae import TIMING, bench_parser, machine_head, fmt, json_row, ratio, run_mode, write_reports
 except ImportError:  # python benchmarks/bench_rlhf.py
     import bench_loss
     from _timing import median_ms
-    from bench_gae import TIMING, bench_parser, cpu_model, fmt, json_row, ratio, run_mode, write_reports
+    from bench_gae import TIMING, bench_parser, machine_head, fmt, json_row, ratio, run_mode, write_reports
 
 # bench_loss's helpers; peak_extra_bytes reads bench_loss's module global ``torch``, set in collect().
 peak_extra_bytes = bench_loss.peak_extra_bytes
@@ -563,24 +559,14 @@ def key_header(piece):
 
 def machine_lines(result):
     device = result["device"]
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    lines = [
-        f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores ({usable} usable by this process)",
-    ]
-    if device == "cuda":
-        lines.append(f"- GPU: {torch.cuda.get_device_name()} (torch CUDA {torch.version.cuda})")
+    peer = (
+        f"- Peer: {result['trl']} (transformers {result['transformers']}); TRL's log-prob functions ran on "
+        f"{result['trl_path']}"
+        if result["trl"].startswith("trl ")
+        else f"- Peer: TRL {result['trl']}: every TRL column is TRL's formula re-implemented in this script"
+    )
+    lines = machine_head(device, torch, fastppo, peer_line=peer)
     lines += [
-        f"- Python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), fastppo {fastppo.__version__}",
-        (
-            f"- Peer: {result['trl']} (transformers {result['transformers']}); TRL's log-prob functions ran on "
-            f"{result['trl_path']}"
-            if result["trl"].startswith("trl ")
-            else f"- Peer: TRL {result['trl']}: every TRL column is TRL's formula re-implemented in this script"
-        ),
-        f"- OMP_NUM_THREADS: {os.environ.get('OMP_NUM_THREADS', 'unset')}",
-        f"- fastppo.build_info(): `{fastppo.build_info()}`",
         "- Other processes' CPU use during the run: "
         + ("n/a" if result["others_cpu"] is None
            else f"{100 * result['others_cpu']:.0f}% of the {os.cpu_count()} cores")

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from . import digits as D
-from .models import ScalarHeadModel, TinyGPT, frozen_copy
+from .models import ScalarHeadModel, frozen_copy
 from .ppo import PPOConfig, PPOTrainer
 
 
