@@ -5,6 +5,7 @@
 
 
 #include "cuda_launch.h"
+#include "cuda_reduce.cuh"
 #include "ppo_loss.h"
 
 namespace fastppo {
@@ -18,12 +19,7 @@ __global__ void adv_moments_kernel(PpoLossArgs a) {
   const ChunkRange range = chunk_range(a, blockIdx.x);
   Moments m{0.0, 0.0, 0.0};
   for (int64_t c = range.c0 + threadIdx.x; c < range.c1; c += blockDim.x) m = adv_moments_element<S>(a, range.r, c, m);
-  shared[threadIdx.x] = m;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) shared[threadIdx.x] = moments_merge(shared[threadIdx.x], shared[threadIdx.x + stride]);
-    __syncthreads();
-  }
+  block_merge_moments<kThreads>(m, shared);
   if (threadIdx.x == 0) adv_moments_store(a, blockIdx.x, shared[0]);
 }
 

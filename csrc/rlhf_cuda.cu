@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda_launch.h"
+#include "cuda_reduce.cuh"
 #include "rlhf.h"
 
 namespace fastppo {
@@ -35,12 +36,7 @@ __global__ void whiten_moments_kernel(WhitenArgs a) {
   const int64_t k = blockIdx.x, r = a.chunk_row(k), c1 = a.chunk_end(k);
   Moments m{0.0, 0.0, 0.0};
   for (int64_t c = a.chunk_begin(k) + threadIdx.x; c < c1; c += blockDim.x) m = whiten_moments_element<S>(a, r, c, m);
-  shared[threadIdx.x] = m;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) shared[threadIdx.x] = moments_merge(shared[threadIdx.x], shared[threadIdx.x + stride]);
-    __syncthreads();
-  }
+  block_merge_moments<kThreads>(m, shared);
   if (threadIdx.x == 0) whiten_store(a, k, shared[0]);
 }
 
