@@ -169,6 +169,15 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, stages):
     assert [json.loads(x)["iteration"] for x in lines] == [1, 2, 3, 4]
 
 
+def test_shared_critic_trains_a_value_head_on_the_policy_trunk(stages):
+    trainer = _trainer(stages, critic="shared", batch_size=16)
+    assert trainer.critic is None and trainer.value_head is not None
+    assert torch.equal(trainer.value_head.weight, torch.zeros_like(trainer.value_head.weight))
+    metrics = trainer.step()
+    assert trainer.value_head.weight.abs().sum() > 0  # the value loss reached the head
+    assert all(v == v for v in metrics.values())
+
+
 def test_refuses_to_overwrite_a_run_without_resume(tmp_path, stages):
     small = dict(iterations=1, checkpoint_every=1, batch_size=8)
     state = {"args": vars(stages["args"]), "sft": stages["sft"], "rm": stages["rm"], "report": stages["report"]}

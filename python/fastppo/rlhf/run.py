@@ -68,6 +68,8 @@ class RLHFArgs:
     """prompts per PPO iteration"""
     learning_rate: float = 3e-4
     """PPO learning rate"""
+    critic: str = "separate"
+    """value model: separate (a copy of the reward model) or shared (a zero-initialized value head on the policy trunk)"""
     device: str = "cpu"
     """where the four models run: cpu or cuda"""
     threads: int = 0
@@ -76,6 +78,8 @@ class RLHFArgs:
     """write rlhf.png (needs matplotlib)"""
 
     def validate(self) -> None:
+        if self.critic not in ("separate", "shared"):
+            raise ValueError(f"--critic must be separate or shared, got {self.critic!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -172,9 +176,11 @@ def _trainer(args: RLHFArgs, stages: dict, kl_off: bool) -> PPOTrainer:
     rm.eval()
     for p in rm.parameters():
         p.requires_grad_(False)
-    critic = copy.deepcopy(rm)  # the value model starts as the reward model
-    for p in critic.parameters():
-        p.requires_grad_(True)
+    critic = None  # shared: PPOTrainer puts a zero-initialized value head on the policy trunk
+    if args.critic == "separate":
+        critic = copy.deepcopy(rm)  # the value model starts as the reward model
+        for p in critic.parameters():
+            p.requires_grad_(True)
     g = torch.Generator().manual_seed(args.seed + (1000 if kl_off else 0))
     return PPOTrainer(policy.eval(), frozen_copy(policy), rm, critic, D.prompts, D.EOS, D.PAD,
                       args.ppo_config(kl_off), {"gold": D.gold_score}, g)
