@@ -549,6 +549,28 @@ def to_json(result):
 # --- Main ----------------------------------------------------------------------------------------
 
 
+def threads_env(args):
+    """Before torch and fastppo are imported: --threads becomes OMP_NUM_THREADS, which fastppo's
+    OpenMP runtime reads once, when the compiled module loads."""
+    if args.threads is not None:
+        if args.threads < 1:
+            sys.exit("error: --threads must be at least 1")
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+
+
+def setup_device(args, torch_module, fastppo_module):
+    """After the imports: torch's thread count, and a clear exit when --device cuda cannot run.
+    Returns (device, mode)."""
+    if args.threads is not None:
+        torch_module.set_num_threads(args.threads)
+    if args.device == "cuda":
+        if not torch_module.cuda.is_available():
+            sys.exit("error: --device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
+        if not fastppo_module.cuda_available():
+            sys.exit(f"error: --device cuda, but this fastppo build cannot run on CUDA: {fastppo_module.build_info()}")
+    return args.device, run_mode(args)
+
+
 def run_mode(args):
     return "tiny" if args.tiny else "quick" if args.quick else "full"
 
@@ -595,21 +617,11 @@ def parse_args(argv=None):
 def collect(args):
     """Runs the benchmark that ``args`` (from parse_args) describes and returns its measurements."""
     global torch, fastppo
-    if args.threads is not None:
-        if args.threads < 1:
-            sys.exit("error: --threads must be at least 1")
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    threads_env(args)
     import torch
     import fastppo
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device, mode = args.device, run_mode(args)
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            sys.exit("error: --device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
-        if not fastppo.cuda_available():
-            sys.exit(f"error: --device cuda, but this fastppo build cannot run on CUDA: {fastppo.build_info()}")
+    device, mode = setup_device(args, torch, fastppo)
 
     torchrl = load_torchrl()
     torchrl_version = torchrl if isinstance(torchrl, str) else sys.modules["torchrl"].__version__

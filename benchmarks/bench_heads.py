@@ -41,13 +41,12 @@ import sys
 try:  # python -m benchmarks.bench_heads
     from benchmarks import bench_loss
     from benchmarks._timing import median_ms
-    from benchmarks.bench_gae import (TIMING, bench_parser, machine_head, fmt, json_row, ratio, run_mode,
+    from benchmarks.bench_gae import (TIMING, bench_parser, machine_head, setup_device, fmt, json_row, ratio,
                                       write_reports)
 except ImportError:  # python benchmarks/bench_heads.py
     import bench_loss
     from _timing import median_ms
-    from bench_gae import (TIMING, bench_parser, machine_head, fmt, json_row, ratio, run_mode,
-                           write_reports)
+    from bench_gae import TIMING, bench_parser, machine_head, setup_device, fmt, json_row, ratio, write_reports
 
 # bench_loss's helpers; peak_extra_bytes reads bench_loss's module global ``torch``, set in run().
 fmt_bytes = bench_loss.fmt_bytes
@@ -385,14 +384,7 @@ def measure(args, own_cache):
     import fastppo
 
     bench_loss.torch, bench_loss.fastppo = torch, fastppo  # for the helpers borrowed from it
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device, mode = args.device, run_mode(args)
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            sys.exit("error: --device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
-        if not fastppo.cuda_available():
-            sys.exit(f"error: --device cuda, but this fastppo build cannot run on CUDA: {fastppo.build_info()}")
+    device, mode = setup_device(args, torch, fastppo)
     sizes = {"full": SIZES, "quick": QUICK_SIZES, "tiny": TINY_SIZES}[mode]
     compiling = mode != "tiny"
 

@@ -37,11 +37,11 @@ import numpy as np
 
 try:  # python -m benchmarks.bench_loss
     from benchmarks._timing import median_ms
-    from benchmarks.bench_gae import (TIMING, bench_parser, machine_head, fmt, json_row, ratio, run_mode,
-                                      write_reports)
+    from benchmarks.bench_gae import (TIMING, bench_parser, machine_head, setup_device, threads_env, fmt,
+                                      json_row, ratio, write_reports)
 except ImportError:  # python benchmarks/bench_loss.py
     from _timing import median_ms
-    from bench_gae import (TIMING, bench_parser, machine_head, fmt, json_row, ratio, run_mode,
+    from bench_gae import (TIMING, bench_parser, machine_head, setup_device, threads_env, fmt, json_row, ratio,
                            write_reports)
 
 # Imported in main(), after --threads has set OMP_NUM_THREADS (fastppo's OpenMP runtime reads it
@@ -431,10 +431,7 @@ def parse_args(argv=None):
 def with_cold_compile_cache(args, prefix, measure):
     """Applies --threads, then runs ``measure(args, own_cache)`` with inductor's on-disk caches
     starting empty (a cold compile), unless the caller chose TORCHINDUCTOR_CACHE_DIR."""
-    if args.threads is not None:
-        if args.threads < 1:
-            sys.exit("error: --threads must be at least 1")
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    threads_env(args)
     own_cache = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
     if own_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=prefix)
@@ -456,14 +453,7 @@ def measure(args, own_cache):
     import torch._dynamo
     import fastppo
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device, mode = args.device, run_mode(args)
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            sys.exit("error: --device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
-        if not fastppo.cuda_available():
-            sys.exit(f"error: --device cuda, but this fastppo build cannot run on CUDA: {fastppo.build_info()}")
+    device, mode = setup_device(args, torch, fastppo)
     sizes = {"full": SIZES, "quick": QUICK_SIZES, "tiny": TINY_SIZES}[mode]
     compiling = mode != "tiny"
 

@@ -47,11 +47,13 @@ import warnings as pywarnings
 try:  # python -m benchmarks.bench_rlhf
     from benchmarks import bench_loss
     from benchmarks._timing import median_ms
-    from benchmarks.bench_gae import TIMING, bench_parser, machine_head, fmt, json_row, ratio, run_mode, write_reports
+    from benchmarks.bench_gae import (TIMING, bench_parser, machine_head, setup_device, threads_env, fmt,
+                                      json_row, ratio, write_reports)
 except ImportError:  # python benchmarks/bench_rlhf.py
     import bench_loss
     from _timing import median_ms
-    from bench_gae import TIMING, bench_parser, machine_head, fmt, json_row, ratio, run_mode, write_reports
+    from bench_gae import (TIMING, bench_parser, machine_head, setup_device, threads_env, fmt, json_row, ratio,
+                           write_reports)
 
 # bench_loss's helpers; peak_extra_bytes reads bench_loss's module global ``torch``, set in collect().
 peak_extra_bytes = bench_loss.peak_extra_bytes
@@ -494,20 +496,10 @@ def others_cpu_share(start, end):
 
 def collect(args):
     """Runs the benchmark that ``args`` (from parse_args) describes and returns its measurements."""
-    if args.threads is not None:
-        if args.threads < 1:
-            sys.exit("error: --threads must be at least 1")
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    threads_env(args)
     import_libraries()
     snapshot = cpu_snapshot()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device, mode = args.device, run_mode(args)
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            sys.exit("error: --device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
-        if not fastppo.cuda_available():
-            sys.exit(f"error: --device cuda, but this fastppo build cannot run on CUDA: {fastppo.build_info()}")
+    device, mode = setup_device(args, torch, fastppo)
     sizes = {"full": SIZES, "quick": QUICK_SIZES, "tiny": TINY_SIZES}[mode]
     sync = torch.cuda.synchronize if device == "cuda" else None
     timing = TIMING[mode]
