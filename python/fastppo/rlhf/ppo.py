@@ -220,12 +220,10 @@ class PPOTrainer:
 
     # --- forward passes -------------------------------------------------------------------------
 
-    def _response_logits_values(self, sequence: Tensor, mask: Tensor, query_len: int, with_values: bool = True):
+    def _response_logits_values(self, sequence: Tensor, mask: Tensor, query_len: int):
         """Policy logits predicting each response token ``[B, R, V]`` and values before each ``[B, R]``."""
         logits, hidden = lm_forward(self.policy, sequence, mask)
         logits = logits[:, query_len - 1:-1]
-        if not with_values:
-            return logits, None
         if self.critic is None:
             values = self.value_head(hidden[:, query_len - 1:-1]).squeeze(-1)
         else:
