@@ -448,6 +448,36 @@ void masked_whiten(int64_t R, int64_t C, const std::string& dtype, Strided2 x, p
 #endif
 }
 
+void token_gae(int64_t R, int64_t C, const std::string& dtype, Strided2 rewards, Strided2 values, Strided1 last,
+               double gamma, double lam, py::object adv, py::object ret, int device, std::uintptr_t stream) {
+  if (R < 0 || C < 0) throw py::value_error("fastppo._C.token_gae: R and C must be >= 0");
+  if (!(gamma >= 0.0 && gamma <= 1.0)) throw py::value_error("fastppo._C.token_gae: gamma must be in [0, 1]");
+  if (!(lam >= 0.0 && lam <= 1.0)) throw py::value_error("fastppo._C.token_gae: lam must be in [0, 1]");
+  fastppo::TokenGaeArgs a;
+  a.R = R;
+  a.C = C;
+  a.is_f64 = float_is_f64(dtype);
+  a.rewards = strided(rewards);
+  a.values = strided(values);
+  a.last = static_cast<const int64_t*>(pointer(std::get<0>(last)));
+  a.last_stride = std::get<1>(last);
+  a.gamma = gamma;
+  a.lam = lam;
+  a.adv = optional_address(adv);
+  a.ret = optional_address(ret);
+  if (R * C == 0) return;
+  if (!a.rewards.data || !a.values.data || !a.last || !a.adv || !a.ret)
+    throw py::value_error("fastppo._C.token_gae: missing input or output buffer");
+  py::gil_scoped_release no_gil;
+  if (device < 0) return fastppo::token_gae_cpu(a);
+#if FASTPPO_WITH_CUDA
+  fastppo::token_gae_cuda(a, device, stream);
+#else
+  (void)stream;
+  throw std::runtime_error("fastppo._C.token_gae: this build of fastppo has no CUDA support");
+#endif
+}
+
 py::dict build_info() {
   py::dict info;
   info["version"] = FASTPPO_VERSION;
@@ -528,4 +558,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stats"), py::arg("device"), py::arg("stream"),
         "Masked whitening over [R, C]: writes contiguous out [R, C] (0 where unselected) and stats[3] "
         "(count, mean, unbiased variance of the selected elements).");
+  m.def("token_gae", &token_gae, py::arg("R"), py::arg("C"), py::arg("dtype"), py::arg("rewards"), py::arg("values"),
+        py::arg("last"), py::arg("gamma"), py::arg("lam"), py::arg("adv"), py::arg("ret"), py::arg("device"),
+        py::arg("stream"),
+        "GAE along each row of [R, C] tokens, ending at last[r] (no bootstrap): writes contiguous adv and ret, "
+        "0 after the last token.");
 }

@@ -91,6 +91,7 @@ void normal_forward_cpu(const NormalArgs& args) { FASTPPO_DISPATCH(normal_forwar
 void normal_backward_cpu(const NormalArgs& args) { FASTPPO_DISPATCH(normal_backward, args); }
 void kl_rewards_cpu(const KlRewardArgs& args) { FASTPPO_DISPATCH(kl_rewards, args); }
 void masked_whiten_cpu(const WhitenArgs& args) { FASTPPO_DISPATCH(masked_whiten, args); }
+void token_gae_cpu(const TokenGaeArgs& args) { FASTPPO_DISPATCH(token_gae, args); }
 
 int64_t categorical_check_actions_cpu(const CategoricalArgs& args) {
   for (int64_t r = 0; r < args.rows; ++r)

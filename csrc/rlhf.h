@@ -6,6 +6,8 @@
 //   masked_whiten: (x - mean) / sqrt(var + eps) with the mean and unbiased variance of the selected
 //                  elements; pass 1 takes each chunk's moments, the finish merges them in chunk order
 //                  (the same bits run after run), pass 2 writes the output.
+//   token_gae:     GAE along each row, which ends (no bootstrap) at its last real token; one
+//                  backward sweep per row over contiguous tokens, with the GAE step of fastppo_math.h.
 #pragma once
 
 #include <cstdint>
@@ -121,9 +123,48 @@ FASTPPO_HD void whiten_element(const WhitenArgs& a, int64_t r, int64_t c) {
   out[r * a.C + c] = a.shift_mean ? y : y + mean;
 }
 
+struct TokenGaeArgs {
+  int64_t R = 0, C = 0;
+  bool is_f64 = false;
+  Strided rewards, values;
+  const int64_t* last = nullptr;  // [R] through last_stride: each row's last real token (-1: none)
+  int64_t last_stride = 1;
+  double gamma = 1.0, lam = 0.95;
+  void* adv = nullptr;  // contiguous [R, C]; 0 after the last real token
+  void* ret = nullptr;  // contiguous [R, C]
+};
+
+// One row, backwards from its last real token: that token is terminal (no bootstrap, nothing
+// carried back from the padding, which is never read). An index past the end counts as C - 1.
+template <typename S>
+FASTPPO_HD void token_gae_row(const TokenGaeArgs& a, int64_t r) {
+  S* adv = static_cast<S*>(a.adv) + r * a.C;
+  S* ret = static_cast<S*>(a.ret) + r * a.C;
+  int64_t last = a.last[r * a.last_stride];
+  last = last < -1 ? -1 : (last > a.C - 1 ? a.C - 1 : last);
+  for (int64_t c = a.C - 1; c > last; --c) {
+    adv[c] = S(0);
+    ret[c] = S(0);
+  }
+  const S gamma = S(a.gamma), gamma_lam = S(a.gamma * a.lam);
+  S next_adv = S(0), next_value = S(0);
+  for (int64_t c = last; c >= 0; --c) {
+    const bool end = c == last;
+    const S value = a.values.at<S>(r, c);
+    const S delta = gae_delta(a.rewards.at<S>(r, c), value, next_value, end, gamma);
+    const S advantage = gae_step(delta, gae_decay(end, gamma_lam), next_adv);
+    adv[c] = advantage;
+    ret[c] = advantage + value;
+    next_adv = advantage;
+    next_value = value;
+  }
+}
+
 void kl_rewards_cpu(const KlRewardArgs& args);
 void masked_whiten_cpu(const WhitenArgs& args);
 void kl_rewards_cuda(const KlRewardArgs& args, int device, std::uintptr_t stream);
 void masked_whiten_cuda(const WhitenArgs& args, int device, std::uintptr_t stream);
+void token_gae_cpu(const TokenGaeArgs& args);
+void token_gae_cuda(const TokenGaeArgs& args, int device, std::uintptr_t stream);
 
 }  // namespace fastppo

@@ -3,6 +3,7 @@
 //                  the selected indices (a tree in shared memory), then one thread adds the score.
 //   masked_whiten: one block per chunk for the moments (a fixed-shape tree: the same bits every
 //                  run), one thread merges them in chunk order, then one thread per element.
+//   token_gae:     one thread per row.
 #include <cuda_runtime.h>
 
 #include "cuda_launch.h"
@@ -50,6 +51,14 @@ __global__ void whiten_apply_kernel(WhitenArgs a) {
     whiten_element<S>(a, i / a.C, i % a.C);
 }
 
+// One thread per row: each row is a backward recurrence.
+template <typename S>
+__global__ void token_gae_kernel(TokenGaeArgs a) {
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < a.R;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    token_gae_row<S>(a, r);
+}
+
 unsigned grid_for(int64_t n) {
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   return static_cast<unsigned>(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
@@ -68,6 +77,11 @@ void launch_whiten(const WhitenArgs& a, cudaStream_t stream) {
   if (a.R * a.C > 0) whiten_apply_kernel<S><<<grid_for(a.R * a.C), kThreads, 0, stream>>>(a);
 }
 
+template <typename S>
+void launch_token_gae(const TokenGaeArgs& a, cudaStream_t stream) {
+  if (a.R > 0 && a.C > 0) token_gae_kernel<S><<<grid_for(a.R), kThreads, 0, stream>>>(a);
+}
+
 }  // namespace
 
 void kl_rewards_cuda(const KlRewardArgs& args, int device, std::uintptr_t stream_handle) {
@@ -81,6 +95,17 @@ void masked_whiten_cuda(const WhitenArgs& args, int device, std::uintptr_t strea
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   on_device(device, "fastppo.rlhf.masked_whiten", [&] {
     args.is_f64 ? launch_whiten<double>(args, stream) : launch_whiten<float>(args, stream);
+  });
+}
+
+}  // namespace fastppo
+
+namespace fastppo {
+
+void token_gae_cuda(const TokenGaeArgs& args, int device, std::uintptr_t stream_handle) {
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  on_device(device, "fastppo.rlhf.token_gae", [&] {
+    args.is_f64 ? launch_token_gae<double>(args, stream) : launch_token_gae<float>(args, stream);
   });
 }
 

@@ -635,3 +635,15 @@ def test_token_gae_bad_input_names_the_argument(changes, error, match):
     inputs.update(changes)
     with pytest.raises(error, match=match):
         token_gae(**inputs)
+
+
+def test_token_gae_clamps_last_index_into_the_row(device):
+    # An index past the end counts as T - 1; below -1 as -1 (an empty response): nothing is read
+    # or written out of bounds.
+    rewards = torch.randn(3, 6, dtype=torch.float64, device=device)
+    values = torch.randn(3, 6, dtype=torch.float64, device=device)
+    got = token_gae(rewards, values, torch.tensor([6, 100, -7], device=device))
+    want = token_gae(rewards, values, torch.tensor([5, 5, -1], device=device))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert torch.equal(got[0][2], torch.zeros(6, dtype=torch.float64, device=device))

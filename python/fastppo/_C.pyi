@@ -101,3 +101,17 @@ def masked_whiten(
     device: int,
     stream: int,
 ) -> None: ...
+def token_gae(
+    R: int,
+    C: int,
+    dtype: str,
+    rewards: tuple[Data, int, int],
+    values: tuple[Data, int, int],
+    last: tuple[Data, int],
+    gamma: float,
+    lam: float,
+    adv: Data,
+    ret: Data,
+    device: int,
+    stream: int,
+) -> None: ...

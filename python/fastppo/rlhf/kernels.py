@@ -4,7 +4,7 @@
   rewards ``-beta * kl``, with each response's score added at its last real token; one pass.
 - :func:`masked_whiten`: whitening with the mean and variance of the selected tokens only.
 - :func:`token_gae`: GAE over each response's tokens (gamma 1, lam 0.95 by default), a response's
-  last real token ending its episode; the fused :func:`fastppo.gae` on the ``[T, B]`` view.
+  last real token ending its episode; one backward sweep per row over contiguous tokens.
 - :func:`masked_mean`: a mean over selected tokens (a plain torch helper for metrics).
 
 None of them is differentiable: they prepare the data the PPO update reads. All run on the CPU and
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import _C
-from ..advantages import gae
+from .._buffers import require_unit_interval
 
 KL_ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2}
 _FLOATS = (torch.float32, torch.float64)
@@ -187,9 +187,9 @@ def token_gae(
     Args:
         rewards: ``[B, T]`` float32/float64 token rewards (from :func:`kl_penalty_rewards`).
         values: like ``rewards``: the value model's estimate before each token.
-        last_index: ``[B]`` int64: each response's last real token (-1: none), as returned by
-            :func:`kl_penalty_rewards`. Positions after it are padding: they never reach the real
-            tokens' advantages, and come back as 0.
+        last_index: ``[B]`` int64: each response's last real token (-1: none; an index past the
+            end counts as T - 1), as returned by :func:`kl_penalty_rewards`. Positions after it are
+            padding: they are never read, and come back as 0.
         gamma, lam: discount and GAE lambda (RLHF uses gamma 1, lam 0.95).
         mask: optional ``[B, T]`` real-token mask; when given the outputs are 0 outside it.
 
@@ -205,15 +205,19 @@ def token_gae(
             f"{fn}: last_index must be an int64 tensor of shape ({rewards.shape[0]},), got "
             f"{type(last_index).__name__} {getattr(last_index, 'shape', '')} {getattr(last_index, 'dtype', '')}"
         )
-    B, T = rewards.shape
-    positions = torch.arange(T, device=rewards.device)
-    ends = positions.unsqueeze(0) >= last_index.unsqueeze(1)  # [B, T]: the last real token and the padding after it
-    # Time-major [T, B] views, read in place by fastppo.gae; after its last token a response is
-    # "done", so nothing flows back from the padding and nothing is bootstrapped.
-    adv, ret = gae(rewards.T, values.T, ends.T, rewards.new_zeros(B), gamma=gamma, lam=lam)
-    adv, ret = adv.T, ret.T
-    valid = positions.unsqueeze(0) <= last_index.unsqueeze(1)
+    if last_index.device != rewards.device:
+        raise ValueError(f"{fn}: last_index is on {last_index.device} but rewards is on {rewards.device}; expected one device")
+    gamma = require_unit_interval(fn, "gamma", gamma)
+    lam = require_unit_interval(fn, "lam", lam)
     if mask is not None:
-        valid = valid & mask.bool()
-    zero = adv.new_zeros(())
-    return torch.where(valid, adv, zero), torch.where(valid, ret, zero)
+        _check_2d(fn, "mask", mask, rewards, flags=True)
+    device, stream = _device_args(fn, rewards)
+    B, T = rewards.shape
+    adv = torch.empty((B, T), dtype=rewards.dtype, device=rewards.device)
+    ret = torch.empty_like(adv)
+    _C.token_gae(B, T, _NAMES[rewards.dtype], _spec(rewards), _spec(values), (last_index.data_ptr(), last_index.stride(0)),
+                 gamma, lam, adv.data_ptr(), ret.data_ptr(), device, stream)
+    if mask is not None:
+        zero = adv.new_zeros(())
+        adv, ret = torch.where(mask.bool(), adv, zero), torch.where(mask.bool(), ret, zero)
+    return adv, ret
