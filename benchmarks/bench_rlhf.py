@@ -715,8 +715,8 @@ def notes(result):
         "",
         f"**{TITLES[GAE]}.** Inputs: the shaped rewards of piece 2 (0 at padding) and values N(0, 1) [B, T], "
         f"gamma {GAMMA}, lam {LAM} (TRL's defaults).",
-        f"- `{FASTPPO}`: `fastppo.rlhf.token_gae(rewards, values, last_index, {GAMMA}, {LAM})`: the fused GAE kernel "
-        "over the [T, B] view, each response ending at its last token; 0 at padding.",
+        f"- `{FASTPPO}`: `fastppo.rlhf.token_gae(rewards, values, last_index, {GAMMA}, {LAM})`: one backward "
+        "sweep per response over its contiguous tokens, ending (no bootstrap) at its last token; 0 at padding.",
         f"- `{REIMPL}`: TRL's PPO trainer's loop: values zeroed at padding (`masked_fill`), then for t = T-1 "
         "down to 0 `delta = r[:, t] + gamma * V[:, t+1] - V[:, t]`, `lastgaelam = delta + gamma * lam * "
         "lastgaelam` (a handful of torch ops on B elements per token column), then `stack` and `returns = "
