@@ -294,9 +294,11 @@ def copy_bandwidth(device, nbytes, repeats):
         dst = np.ones_like(src)  # written, so the timed copies take no page faults
         ms = median_ms(lambda: np.copyto(dst, src), repeats, warmup=1)
     else:
-        src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-        dst = torch.ones_like(src)
-        ms = median_ms(lambda: dst.copy_(src), repeats, warmup=1, sync=torch.cuda.synchronize)
+        import torch as torch_module  # this module's ``torch`` is set only by its own collect()
+
+        src = torch_module.ones(nbytes // 4, dtype=torch_module.float32, device=device)
+        dst = torch_module.ones_like(src)
+        ms = median_ms(lambda: dst.copy_(src), repeats, warmup=1, sync=torch_module.cuda.synchronize)
     return 2 * nbytes / (ms / 1e3)
 
 

@@ -33,16 +33,14 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 try:  # python -m benchmarks.bench_loss
     from benchmarks._timing import median_ms
-    from benchmarks.bench_gae import (TIMING, bench_parser, machine_head, setup_device, threads_env, fmt,
-                                      json_row, ratio, write_reports)
+    from benchmarks.bench_gae import (TIMING, bench_parser, copy_bandwidth, fmt, json_row, machine_head, ratio,
+                                      setup_device, threads_env, write_reports)
 except ImportError:  # python benchmarks/bench_loss.py
     from _timing import median_ms
-    from bench_gae import (TIMING, bench_parser, machine_head, setup_device, threads_env, fmt, json_row, ratio,
-                           write_reports)
+    from bench_gae import (TIMING, bench_parser, copy_bandwidth, fmt, json_row, machine_head, ratio, setup_device,
+                           threads_env, write_reports)
 
 # Imported in main(), after --threads has set OMP_NUM_THREADS (fastppo's OpenMP runtime reads it
 # once, when the compiled module is loaded) and after TORCHINDUCTOR_CACHE_DIR is chosen.
@@ -233,19 +231,6 @@ def fmt_bytes(x):
 
 
 # --- The floor -----------------------------------------------------------------------------------
-
-
-def copy_bandwidth(device, nbytes, repeats):
-    """Bytes per second moved by a large copy, counting read + write (as bench_gae measures it)."""
-    if device == "cpu":
-        src = np.ones(nbytes // 4, dtype=np.float32)
-        dst = np.ones_like(src)  # written, so the timed copies take no page faults
-        ms = median_ms(lambda: np.copyto(dst, src), repeats, warmup=1)
-    else:
-        src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-        dst = torch.ones_like(src)
-        ms = median_ms(lambda: dst.copy_(src), repeats, warmup=1, sync=torch.cuda.synchronize)
-    return 2 * nbytes / (ms / 1e3)
 
 
 def floor_ms(B, bandwidth):

@@ -253,9 +253,9 @@ class PPOTrainer:
         scores = self.rm.score(sequence, mask).to(logprob.dtype)
         if cfg.missing_eos_penalty is not None:
             scores = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
-        zero = logprob.new_zeros(())
-        logprob, ref_logprob = torch.where(response_mask, logprob, zero), torch.where(response_mask, ref_logprob, zero)
-        value = torch.where(response_mask, value, zero)
+        # Padding is never read by the kernels below; the log-probs are zeroed there for the
+        # entropy metric (a sum over each response).
+        logprob = torch.where(response_mask, logprob, logprob.new_zeros(()))
         shaped = kl_penalty_rewards(logprob, ref_logprob, response_mask, scores, beta=self.beta,
                                     estimator=cfg.kl_estimator, kl_clamp=cfg.kl_clamp)
         rewards = masked_whiten(shaped.rewards, response_mask, shift_mean=False) if cfg.whiten_rewards else shaped.rewards
