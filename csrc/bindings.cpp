@@ -504,6 +504,8 @@ py::dict build_info() {
 
 }  // namespace
 
+void bind_mlp(py::module_& m);  // bindings_mlp.cpp
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastppo compiled kernels over raw buffers (see fastppo for the public API)";
   m.attr("__version__") = FASTPPO_VERSION;
@@ -563,4 +565,5 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream"),
         "GAE along each row of [R, C] tokens, ending at last[r] (no bootstrap): writes contiguous adv and ret, "
         "0 after the last token.");
+  bind_mlp(m);
 }

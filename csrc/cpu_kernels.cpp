@@ -5,6 +5,8 @@
 // compiler vectorizes; other layouts go through the strided element functions.
 #include <omp.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -12,6 +14,7 @@
 #include <vector>
 
 #include "heads.h"
+#include "mlp.h"
 #include "ppo_loss.h"
 #include "rlhf.h"
 
@@ -80,8 +83,12 @@ const char* cpu_isa() {
 #if FASTPPO_HAVE_AVX2
 #define FASTPPO_DISPATCH(fn, args) \
   (isa() == Isa::kAvx512 ? avx512::fn(args) : isa() == Isa::kAvx2 ? avx2::fn(args) : baseline::fn(args))
+#define FASTPPO_DISPATCH_V(fn, ...)                                                         \
+  (isa() == Isa::kAvx512 ? avx512::fn(__VA_ARGS__)                                          \
+                         : isa() == Isa::kAvx2 ? avx2::fn(__VA_ARGS__) : baseline::fn(__VA_ARGS__))
 #else
 #define FASTPPO_DISPATCH(fn, args) baseline::fn(args)
+#define FASTPPO_DISPATCH_V(fn, ...) baseline::fn(__VA_ARGS__)
 #endif
 
 void ppo_loss_cpu(const PpoLossArgs& args) { FASTPPO_DISPATCH(ppo_loss, args); }
@@ -92,6 +99,21 @@ void normal_backward_cpu(const NormalArgs& args) { FASTPPO_DISPATCH(normal_backw
 void kl_rewards_cpu(const KlRewardArgs& args) { FASTPPO_DISPATCH(kl_rewards, args); }
 void masked_whiten_cpu(const WhitenArgs& args) { FASTPPO_DISPATCH(masked_whiten, args); }
 void token_gae_cpu(const TokenGaeArgs& args) { FASTPPO_DISPATCH(token_gae, args); }
+
+void mlp_forward_cpu(const MlpSpec& spec, bool is_f64, int64_t rows, const void* x, int64_t ldx, void* saved) {
+  FASTPPO_DISPATCH_V(mlp_forward, spec, is_f64, rows, x, ldx, saved);
+}
+void mlp_backward_cpu(const MlpSpec& spec, bool is_f64, int64_t rows, const void* x, int64_t ldx, const void* saved,
+                      const void* grad_out, void* grad_x) {
+  FASTPPO_DISPATCH_V(mlp_backward, spec, is_f64, rows, x, ldx, saved, grad_out, grad_x);
+}
+void actor_critic_act_cpu(const ActorCriticSpec& spec, const ActArgs& args) {
+  FASTPPO_DISPATCH_V(actor_critic_act, spec, args);
+}
+void actor_critic_transpose_cpu(const ActorCriticSpec& spec) { FASTPPO_DISPATCH_V(actor_critic_transpose, spec); }
+void actor_critic_update_cpu(const ActorCriticSpec& spec, const UpdateArgs& args) {
+  FASTPPO_DISPATCH_V(actor_critic_update, spec, args);
+}
 
 int64_t categorical_check_actions_cpu(const CategoricalArgs& args) {
   for (int64_t r = 0; r < args.rows; ++r)

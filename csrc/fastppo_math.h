@@ -148,6 +148,8 @@ FASTPPO_HD float scalar_exp(float x) { return expf(x); }
 FASTPPO_HD double scalar_exp(double x) { return exp(x); }
 FASTPPO_HD float scalar_log(float x) { return logf(x); }
 FASTPPO_HD double scalar_log(double x) { return log(x); }
+FASTPPO_HD float scalar_sqrt(float x) { return sqrtf(x); }
+FASTPPO_HD double scalar_sqrt(double x) { return sqrt(x); }
 
 // d max(a, b) given da and db, with torch's tie rule.
 template <typename S>
@@ -352,6 +354,42 @@ template <typename S>
 FASTPPO_HD S normal_grad_log_std(S action, S mean, S inv_var, S g_logprob, S g_entropy) {
   const S z = action - mean;
   return g_logprob * (z * z * inv_var - S(1)) + g_entropy;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused actor-critic MLP: hidden activations (written from the layer's output y, as backward
+// needs them) and the Adam step after a global grad-norm clip.
+
+enum Activation : int { kActTanh = 0, kActRelu = 1 };
+
+// d act / d pre-activation, from the activation's output y: tanh' = 1 - y^2, relu' = [y > 0].
+template <typename S>
+FASTPPO_HD S activation_grad_from_output(S y, int act) {
+  return act == kActRelu ? (y > S(0) ? S(1) : S(0)) : S(1) - y * y;
+}
+
+// torch.nn.utils.clip_grad_norm_'s factor: min(1, max_norm / (norm + 1e-6)).
+FASTPPO_HD double grad_clip_factor(double norm, double max_norm) {
+  const double f = max_norm / (norm + 1e-6);
+  return f < 1.0 ? f : 1.0;
+}
+
+// The per-step scalars of Adam (Kingma & Ba 2015) as torch.optim.Adam computes them at step t >= 1.
+struct AdamStep {
+  double lr, beta1, beta2, eps;
+  double step_size;            // lr / (1 - beta1^t)
+  double bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+};
+
+// One parameter: moments updated in place, returns the new parameter value.
+template <typename S>
+FASTPPO_HD S adam_update(S param, S grad, S* exp_avg, S* exp_avg_sq, const AdamStep& a) {
+  const S m = *exp_avg + (grad - *exp_avg) * S(1.0 - a.beta1);
+  const S v = *exp_avg_sq * S(a.beta2) + S(1.0 - a.beta2) * grad * grad;
+  *exp_avg = m;
+  *exp_avg_sq = v;
+  const S denom = scalar_sqrt(v) / S(a.bias_correction2_sqrt) + S(a.eps);
+  return param - S(a.step_size) * m / denom;
 }
 
 }  // namespace fastppo

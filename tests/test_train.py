@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("envpool")
 
 from fastppo import train as T  # noqa: E402
+from fastppo.evaluate import evaluate  # noqa: E402
 
 
 def run(tmp_path, **changes):
@@ -143,7 +144,7 @@ def test_damaged_or_foreign_checkpoints_are_reported_clearly(tmp_path):
 
 def test_eval_reports_mean_and_std_with_saved_normalization(tmp_path):
     summary = run(tmp_path, env_id="HalfCheetah-v5", total_timesteps=2048)
-    result = T.evaluate(summary["run_dir"], episodes=2)
+    result = evaluate(summary["run_dir"], episodes=2)
     assert result["episodes"] == 2 and np.isfinite(result["mean_return"]) and result["std_return"] >= 0
     out = subprocess.run([sys.executable, "-m", "fastppo", "eval", summary["run_dir"], "--episodes", "1"],
                          capture_output=True, text=True, check=True)

@@ -71,6 +71,6 @@ def main(argv=None) -> int:
         from .rlhf import run
 
         return run.main(argv[1:])
-    from . import train
+    from . import evaluate, train
 
-    return train.main(argv[1:]) if argv[0] == "train" else train.eval_main(argv[1:])
+    return train.main(argv[1:]) if argv[0] == "train" else evaluate.eval_main(argv[1:])

@@ -95,6 +95,56 @@ class EnvBoundary:
             self.episodes += len(finished)
         return finished
 
+    def bind_rollout(self, obs_out: np.ndarray, reward_out: np.ndarray, done_out: np.ndarray,
+                     terminated_out: np.ndarray, real_out: np.ndarray) -> None:
+        """Binds rollout storage ``[T, N, ...]`` (C-contiguous; obs ``[T + 1, N, *obs_shape]``) so that
+        :meth:`step_at` writes row ``t`` by address, checked once here instead of every step."""
+        T = reward_out.shape[0]
+        for name, out, shape in (("obs_out", obs_out, (T + 1, self.N) + self.obs_shape),
+                                 ("reward_out", reward_out, (T, self.N)), ("done_out", done_out, (T, self.N)),
+                                 ("terminated_out", terminated_out, (T, self.N)), ("real_out", real_out, (T, self.N))):
+            if not isinstance(out, np.ndarray) or not out.flags.c_contiguous or out.shape != shape:
+                raise ValueError(f"EnvBoundary.bind_rollout: {name} must be a C-contiguous numpy array of shape {shape}")
+        if reward_out.dtype != np.float32 or any(x.dtype != np.bool_ for x in (done_out, terminated_out, real_out)):
+            raise ValueError("EnvBoundary.bind_rollout: reward_out must be float32 and the flags bool")
+        self._bound = (obs_out, reward_out, done_out, terminated_out, real_out)  # kept alive
+        self._bound_obs = (obs_out.ctypes.data, obs_out.strides[0], obs_out.dtype.name)
+        self._bound_rows = [(x.ctypes.data, x.strides[0]) for x in (reward_out, done_out, terminated_out, real_out)]
+
+    def step_at(self, t: int, obs: np.ndarray, reward: np.ndarray, terminated: np.ndarray,
+                truncated: np.ndarray) -> int:
+        """:meth:`step` for a sync env of a classic-control or MuJoCo task writing into row ``t``
+        of the storage given to :meth:`bind_rollout` (observations into row ``t + 1``): the
+        trainer's per-step call, without per-step argument conversion. Inputs are EnvPool's
+        arrays (C-contiguous; anything else is converted). Returns the number of episodes ended."""
+        if not (type(obs) is np.ndarray and obs.flags.c_contiguous and obs.shape == (self.N,) + self.obs_shape):
+            obs = _contiguous(obs)
+            if obs.shape != (self.N,) + self.obs_shape:
+                raise ValueError(f"EnvBoundary.step_at: obs has shape {obs.shape}; expected {(self.N,) + self.obs_shape}")
+        if not (type(reward) is np.ndarray and reward.dtype == np.float32 and reward.flags.c_contiguous):
+            reward = _contiguous(reward, np.float64 if np.asarray(reward).dtype == np.float64 else np.float32)
+        if not (type(terminated) is np.ndarray and terminated.dtype == np.bool_ and terminated.flags.c_contiguous):
+            terminated = _contiguous(terminated, np.bool_)
+        if not (type(truncated) is np.ndarray and truncated.dtype == np.bool_ and truncated.flags.c_contiguous):
+            truncated = _contiguous(truncated, np.bool_)
+        obs_base, obs_stride, obs_dtype = self._bound_obs
+        (r, rs), (d, ds), (te, ts), (re, res) = self._bound_rows
+        f64 = reward.dtype == np.float64
+        count = _C.env_step(
+            self.N, self.obs_dim, obs, obs.dtype.name, reward, f64, terminated, truncated, reward, f64, None,
+            self.normalize_obs, self.normalize_reward, True, self.gamma, self.clip,
+            self.obs_count, self.obs_mean, self.obs_m2, self.return_count, self.return_mean, self.return_m2,
+            self.discounted_return, self.episode_return, self.episode_length, self.previous_done,
+            obs_base + (t + 1) * obs_stride, obs_dtype, r + t * rs, d + t * ds, te + t * ts, re + t * res,
+            self._finished_return, self._finished_length, self._finished, None,
+        )
+        if count:
+            idx = np.flatnonzero(self._finished)
+            finished = list(zip(self._finished_return[idx].tolist(), self._finished_length[idx].tolist()))
+            self.recent.extend(finished)
+            self.episodes += len(finished)
+        return count
+
     def recent_mean_return(self) -> Optional[float]:
         """Mean return of the recent episodes, None before the first one ends."""
         return float(np.mean([r for r, _ in self.recent])) if self.recent else None

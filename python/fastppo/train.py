@@ -16,21 +16,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 import fastppo
+from fastppo.checkpoint import CheckpointError, _rng_state, _set_rng_state, load_checkpoint, save_checkpoint
+from fastppo.envs import AsyncRollout, env_family, episode_bookkeeping, make_env, rollout_advantages
 from fastppo.envstep import EnvBoundary
+from fastppo.progress import Progress, _tensorboard
+
+__all__ = ["Agent", "Args", "CheckpointError", "Kernels", "PRESETS", "load_checkpoint", "main", "resolve",
+           "rollout_advantages", "save_checkpoint", "train"]
 
 
 @dataclass
@@ -85,6 +89,8 @@ class Args:
     """write a checkpoint every this many iterations (and at the end)"""
     log_every: int = 1
     """without a terminal (logs, CI): print a progress line every this many iterations"""
+    policy_backend: str = "auto"
+    """fused (one C++ call per rollout step and per minibatch update: MLP policies on the CPU), torch (eager PyTorch), or auto (fused where it applies)"""
 
 
 PRESETS = {
@@ -98,56 +104,6 @@ PRESETS = {
     "mujoco": dict(total_timesteps=1_000_000, learning_rate=3e-4, num_envs=1, num_steps=2048,
                    num_minibatches=32, update_epochs=10, clip_coef=0.2, ent_coef=0.0),
 }
-
-
-def _envpool_ids() -> set:
-    import envpool
-
-    return set(envpool.list_all_envs())
-
-
-def env_family(env_id: str) -> str:
-    """classic, atari or mujoco (continuous control): picks the preset and the network."""
-    if env_id in _envpool_ids():
-        import envpool
-
-        spec = envpool.make_spec(env_id)
-        if hasattr(spec.config, "episodic_life") and hasattr(spec.config, "reward_clip"):
-            return "atari"
-        return "mujoco" if len(spec.action_space.shape) > 0 else "classic"
-    import gymnasium as gym
-
-    if env_id in gym.registry:  # the gymnasium vector-env fallback
-        probe = gym.make(env_id)
-        continuous = isinstance(probe.action_space, gym.spaces.Box)
-        probe.close()
-        return "mujoco" if continuous else "classic"
-    close = sorted(e for e in _envpool_ids() if env_id.split("-")[0].lower() in e.lower())[:5]
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise ValueError(f"--env-id {env_id!r} is not an EnvPool or gymnasium task{hint}")
-
-
-class GymnasiumVecEnv:
-    """A gymnasium vector env shown with EnvPool's interface (single-env spaces, reset, step) for
-    tasks EnvPool lacks. Its autoreset is next-step, like EnvPool's."""
-
-    def __init__(self, env_id: str, num_envs: int, seed: int):
-        import gymnasium as gym
-
-        self.envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync",
-                                 vector_kwargs=dict(autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP))
-        self.observation_space = self.envs.single_observation_space
-        self.action_space = self.envs.single_action_space
-        self.seed = seed
-
-    def reset(self):
-        return self.envs.reset(seed=self.seed)
-
-    def step(self, actions):
-        return self.envs.step(actions)
-
-    def close(self):
-        self.envs.close()
 
 
 def resolve(args: Args) -> Args:
@@ -182,26 +138,11 @@ def resolve(args: Args) -> Args:
                              f"({args.async_batch_size} * {args.num_steps})")
     if args.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda, got {args.device!r}")
+    if args.policy_backend not in ("auto", "fused", "torch"):
+        raise ValueError(f"--policy-backend must be auto, fused or torch, got {args.policy_backend!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
     return args
-
-
-def make_env(args: Args, family: str):
-    if args.env_id not in _envpool_ids():
-        if args.async_batch_size is not None:
-            raise ValueError(f"--async-batch-size needs an EnvPool task; {args.env_id!r} runs on gymnasium")
-        return GymnasiumVecEnv(args.env_id, args.num_envs, args.seed)
-    import envpool
-
-    kwargs = dict(env_type="gymnasium", num_envs=args.num_envs, seed=args.seed)
-    if args.async_batch_size is not None:
-        kwargs.update(batch_size=args.async_batch_size)
-    if family == "atari":
-        kwargs.update(episodic_life=True, reward_clip=True)
-    with warnings.catch_warnings():  # gymnasium notes that EnvPool's float64 Box bounds become float32
-        warnings.filterwarnings("ignore", message=".*precision lowered", category=UserWarning)
-        return envpool.make(args.env_id, **kwargs)
 
 
 def layer_init(layer: nn.Module, std: float = math.sqrt(2), bias_const: float = 0.0) -> nn.Module:
@@ -277,166 +218,52 @@ class Agent(nn.Module):
         return action, logprob, entropy, self.critic(h).squeeze(-1)
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Written to a temporary file, then renamed: a crash mid-write leaves the last one intact."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def policy_backend(args: Args, family: str, obs_shape, device: torch.device, kernels: "Kernels") -> str:
+    """The backend ``--policy-backend`` resolves to: ``fused`` runs the MLP actor-critic of the
+    classic and MuJoCo presets as one C++ call per rollout step and per minibatch (sync envs, CPU,
+    fastppo's kernels); everything else (the Atari CNN, async envs, a GPU, the eager baseline's
+    kernels) runs on ``torch``. Asking for ``fused`` where it cannot run is an error that says why."""
+    reasons = []
+    if device.type != "cpu":
+        reasons.append(f"it runs on the CPU (device is {device})")
+    if family == "atari" or len(obs_shape) != 1:
+        reasons.append(f"it runs MLP policies on vector observations (this env's are {tuple(obs_shape)})")
+    if args.async_batch_size is not None:
+        reasons.append("it runs sync environments (--async-batch-size is set)")
+    if kernels != Kernels():
+        reasons.append("it computes with fastppo's kernels (other kernels were given)")
+    if args.policy_backend == "fused" and reasons:
+        raise ValueError("--policy-backend fused: " + "; ".join(reasons))
+    if args.policy_backend == "torch" or reasons:
+        return "torch"
+    return "fused"
 
 
-def rollout_advantages(rewards, values, dones, terminated, real, next_value, gamma, lam, gae=fastppo.gae):
-    """GAE over an EnvPool rollout ``[T, N]``. A step that is not ``real`` is the dummy reset step
-    after an episode ended: it leads from the final observation to a reset one, so it neither
-    bootstraps nor carries the next episode's advantage back (it is masked out of the loss too).
-    The real step before it bootstraps from ``values`` of the final observation unless it
-    terminated, which is what makes truncation exact."""
-    return gae(rewards, values, dones | ~real, next_value, terminated=terminated | ~real, gamma=gamma, lam=lam)
+class RolloutAddresses:
+    """Addresses of row ``step`` of the rollout buffers ``[T, N, ...]``, for the fused policy's
+    per-step call (plain integer arithmetic instead of tensor indexing)."""
 
+    def __init__(self, obs: np.ndarray, noise: torch.Tensor, actions: torch.Tensor, logprobs: torch.Tensor,
+                 values: torch.Tensor):
+        self.obs_row = obs.shape[-1]
+        self._base = [obs.ctypes.data, noise.data_ptr(), actions.data_ptr(), logprobs.data_ptr(), values.data_ptr()]
+        self._step = [obs.strides[0], noise.stride(0) * noise.element_size(), actions.stride(0) * actions.element_size(),
+                      logprobs.stride(0) * logprobs.element_size(), values.stride(0) * values.element_size()]
 
-def episode_bookkeeping(family: str, term, trunc, info) -> dict:
-    """What ``EnvBoundary.step`` needs beyond the step itself. Atari (episodic life): a lost life
-    ends the training episode, but the game, and its unclipped score, go on until game over."""
-    if family != "atari":
-        return {}
-    return dict(episode_reward=info["reward"], episode_over=(np.logical_or(term, trunc) & (info["terminated"] == 1)) | trunc)
+    def obs(self, t: int) -> int:
+        return self._base[0] + t * self._step[0]
 
+    def noise(self, t: int) -> int:
+        return self._base[1] + t * self._step[1]
 
-class AsyncRollout:
-    """EnvPool's async mode (``num_envs > batch_size``): each ``recv`` hands back ``B`` of the
-    ``N`` environments, in any order, and each gets its next action by ``send``. A rollout is
-    ``T`` recv/send rounds stored as ``T * B`` slots with their env id; a slot's reward and done
-    arrive with that env's next recv. The last slot of each env in a rollout is still in flight
-    when learning starts: it is masked out and its value bootstraps the env's previous slot (its
-    outcome, arriving in the next rollout, still counts for the episode statistics)."""
+    def action(self, t: int) -> int:
+        return self._base[2] + t * self._step[2]
 
-    def __init__(self, envs, boundary: EnvBoundary, family: str, T: int, B: int, obs_shape, obs_dtype, device):
-        self.envs, self.boundary, self.family = envs, boundary, family
-        self.T, self.B, self.N, self.device = T, B, boundary.N, device
-        self.obs = np.zeros((T * B,) + tuple(obs_shape), obs_dtype)
-        self.reward = np.zeros(T * B, np.float32)
-        self.done, self.terminated, self.real = (np.zeros(T * B, np.bool_) for _ in range(3))
-        self.env = np.zeros(T * B, np.int64)
-        self.stage = [np.zeros((B,) + tuple(obs_shape), obs_dtype), np.zeros(B, np.float32)] + [
-            np.zeros(B, np.bool_) for _ in range(3)]
-        self.pending = np.full(self.N, -1)  # each env's slot whose outcome has not arrived
-        boundary.previous_done[:] = True  # the reset observations are no transitions
-        envs.async_reset()
+    def logprob(self, t: int) -> int:
+        return self._base[3] + t * self._step[3]
 
-    def recv(self, t: int):
-        """One recv: books the outcomes into their slots and opens slots t*B .. t*B+B-1."""
-        raw_obs, reward, term, trunc, info = self.envs.recv()
-        ids = np.asarray(info["env_id"], np.int64)
-        stage_obs, stage_reward, stage_done, stage_term, stage_real = self.stage
-        self.boundary.step(raw_obs, reward, term, trunc, *self.stage, env_ids=ids,
-                           **episode_bookkeeping(self.family, term, trunc, info))
-        slots = self.pending[ids]
-        done_before = slots >= 0
-        for array, values in ((self.reward, stage_reward), (self.done, stage_done), (self.terminated, stage_term),
-                              (self.real, stage_real)):
-            array[slots[done_before]] = values[done_before]
-        new = np.arange(t * self.B, (t + 1) * self.B)
-        self.obs[new] = stage_obs
-        self.env[new] = ids
-        self.real[new] = False  # until the outcome arrives
-        self.pending[ids] = new
-        return ids, new
-
-    def advantages(self, values: torch.Tensor, gamma: float, lam: float, gae) -> Tuple[torch.Tensor, torch.Tensor]:
-        """GAE per environment over the slots of this rollout: each env's complete slots, in order,
-        right-aligned in an [L, N] layout whose last_value is the value of its in-flight slot."""
-        counts = np.bincount(self.env, minlength=self.N) - 1  # complete slots per env
-        L = max(int(counts.max()), 1)
-        index = np.full((L, self.N), -1)
-        last = np.full(self.N, -1)
-        for e in range(self.N):
-            slots = np.flatnonzero(self.env == e)
-            if len(slots) == 0:
-                continue
-            last[e] = slots[-1]
-            if len(slots) > 1:
-                index[L - len(slots) + 1:, e] = slots[:-1]
-        pad = index < 0
-        idx = torch.as_tensor(np.where(pad, 0, index), device=self.device)
-        padded = torch.as_tensor(pad, device=self.device)
-        take = lambda x: torch.as_tensor(x, device=self.device)[idx]  # noqa: E731
-        last_value = torch.where(torch.as_tensor(last >= 0, device=self.device),
-                                 values[torch.as_tensor(np.maximum(last, 0), device=self.device)], torch.zeros_like(values[:self.N]))
-        # Padding rows are treated like dummy reset steps: they neither bootstrap nor carry a trace.
-        adv, ret = rollout_advantages(take(self.reward).to(values.dtype), values[idx], take(self.done),
-                                      take(self.terminated), take(self.real) & ~padded, last_value, gamma, lam, gae)
-        flat_adv, flat_ret = torch.zeros_like(values), torch.zeros_like(values)
-        keep = ~padded
-        flat_adv[idx[keep]] = adv[keep]
-        flat_ret[idx[keep]] = ret[keep]
-        return flat_adv, flat_ret
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used, with the reason."""
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Loads a checkpoint written by ``train``; a missing, truncated or foreign file is a clear
-    ``CheckpointError`` naming the file."""
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises several types for a damaged zip / pickle
-        raise CheckpointError(f"checkpoint {path} is damaged and cannot be read ({type(err).__name__}: {err})") from err
-    missing = {"model", "optimizer", "boundary", "args", "iteration", "global_step", "rng", "actions"} - set(state)
-    if missing:
-        raise CheckpointError(f"checkpoint {path} is not a fastppo training checkpoint (missing {sorted(missing)})")
-    return state
-
-
-class Progress:
-    """The live status (steps, SPS, recent mean return, ETA, timing sections): a tqdm bar on a
-    terminal, a printed line every ``every`` iterations otherwise (logs, CI)."""
-
-    def __init__(self, total_iterations: int, first_iteration: int, every: int):
-        self.total, self.every = total_iterations, every
-        self.bar = None
-        if sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                tqdm = None
-            if tqdm is not None:
-                self.bar = tqdm(total=total_iterations, initial=first_iteration - 1, unit="it", dynamic_ncols=True)
-
-    @staticmethod
-    def _fields(record: dict, timing: dict) -> str:
-        ret = record["episodic_return"]
-        return (f"step {record['global_step']} | {record['sps']:.0f} SPS | "
-                f"return {'n/a' if ret is None else format(ret, '.1f')} | "
-                + " ".join(f"{k} {v:.1f}s" for k, v in timing.items()))
-
-    def update(self, iteration: int, record: dict, timing: dict) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix_str(self._fields(record, timing), refresh=True)
-            return
-        if iteration % self.every and iteration != self.total:
-            return
-        eta = record["time"] / max(iteration - record["first_iteration"] + 1, 1) * (self.total - iteration)
-        print(f"[{iteration}/{self.total}] {self._fields(record, timing)} | eta {eta:.0f}s", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _rng_state() -> dict:
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    def value(self, t: int) -> int:
+        return self._base[4] + t * self._step[4]
 
 
 def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optional[int] = None,
@@ -472,7 +299,22 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     obs_shape = envs.observation_space.shape
     continuous = len(envs.action_space.shape) > 0
     agent = Agent(obs_shape, envs.action_space, family, kernels).to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    t_setup = time.perf_counter()
+    backend = policy_backend(args, family, obs_shape, device, kernels)
+    fused, optimizer = None, None
+    if backend == "fused":
+        # One C++ call per rollout step and per minibatch (forward, heads, loss, backward, clip, Adam).
+        from fastppo.policy import FusedActorCritic
+
+        fused = FusedActorCritic(agent, lr=args.learning_rate, eps=1e-5, max_grad_norm=args.max_grad_norm,
+                                 clip_coef=args.clip_coef, vf_coef=args.vf_coef, ent_coef=args.ent_coef,
+                                 clip_vloss=args.clip_vloss, norm_adv=args.norm_adv)
+        if continuous:
+            fused.set_action_bounds(envs.action_space.low, envs.action_space.high)
+    else:
+        optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    setup_seconds = time.perf_counter() - t_setup
+    lr_now = args.learning_rate
     mujoco = family == "mujoco"
     boundary = EnvBoundary(args.num_envs, obs_shape, normalize_obs=mujoco, normalize_reward=mujoco, gamma=args.gamma)
 
@@ -489,7 +331,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     action_shape = envs.action_space.shape
     B = args.async_batch_size
     slots = (T, N) if B is None else (T * B,)
-    actions = torch.zeros(slots + action_shape, device=device)
+    actions = torch.zeros(slots + action_shape, dtype=torch.float32 if continuous else torch.int64, device=device)
     logprobs = torch.zeros(slots, device=device)
     values = torch.zeros(slots, device=device)
     action_log: list = []
@@ -498,6 +340,8 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         a = action.cpu().numpy()
         return np.clip(a, envs.action_space.low, envs.action_space.high) if continuous else a.astype(np.int32)
 
+    if fused is not None:
+        boundary.bind_rollout(obs_np, reward_np, done_np, term_np, real_np)
     first_iteration, global_step = 1, 0
     async_rollout = None
     if args.async_batch_size is not None:
@@ -515,8 +359,13 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         if not np.array_equal(np.asarray(raw_obs), checkpoint["raw_obs"]):
             raise CheckpointError(f"replaying {len(logged)} logged steps did not reproduce the environments' state")
         action_log = list(logged)
+        saved_backend = checkpoint.get("policy_backend", "torch")
+        if saved_backend != backend:
+            raise CheckpointError(f"the checkpoint was trained with --policy-backend {saved_backend}; this run would use {backend}")
         agent.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        (fused or optimizer).load_state_dict(checkpoint["optimizer"])
+        if fused is not None:
+            fused.refresh()
         boundary.load_state_dict(checkpoint["boundary"])
         obs_np[0] = checkpoint["next_obs"]
         first_iteration, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
@@ -533,8 +382,26 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     iteration = first_iteration - 1
     for iteration in range(first_iteration, num_iterations + 1):
         if args.anneal_lr:
-            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
-        if async_rollout is None:
+            lr_now = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
+            if optimizer is not None:
+                optimizer.param_groups[0]["lr"] = lr_now
+        if async_rollout is None and fused is not None:
+            # The whole rollout's sampling noise in one call; each step is one call into the fused policy.
+            noise = (torch.randn if continuous else torch.rand)((T, N, fused.n_out))
+            addr = RolloutAddresses(obs_np, noise, actions, logprobs, values)
+            env_action = np.zeros((N,) + action_shape, np.float32 if continuous else np.int32)
+            for step in range(T):
+                global_step += N
+                t0 = time.perf_counter()
+                fused.act_at(N, addr.obs(step), addr.obs_row, addr.noise(step), addr.action(step), addr.logprob(step),
+                             addr.value(step), env_action.ctypes.data)
+                action_log.append(env_action.copy())
+                t1 = time.perf_counter()
+                raw_obs, reward, term, trunc, info = envs.step(env_action)
+                boundary.step_at(step, raw_obs, reward, term, trunc)
+                timing["env"] += time.perf_counter() - t1
+                timing["inference"] += t1 - t0
+        elif async_rollout is None:
             obs_t = torch.from_numpy(obs_np)
             for step in range(T):
                 global_step += N
@@ -551,7 +418,9 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
                 timing["env"] += time.perf_counter() - t1
                 timing["inference"] += t1 - t0
 
+        if async_rollout is None:
             t0 = time.perf_counter()
+            obs_t = torch.from_numpy(obs_np)
             rewards, dones, terminated, real = (torch.from_numpy(x).to(device) for x in (reward_np, done_np, term_np, real_np))
             obs_dev = obs_t.to(device)
             with torch.no_grad():
@@ -588,8 +457,22 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
             b_actions, b_logprobs, b_values = actions, logprobs, values
             b_advantages, b_returns = advantages, returns
             b_real = torch.from_numpy(async_rollout.real).to(device)
+        if fused is not None:
+            # Each minibatch is one call: forward, heads, clipped loss, backward, grad clip and Adam.
+            fused.set_batch(b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values, b_real)
+            stats_np = np.zeros((args.update_epochs * args.num_minibatches, 7))
+            done_updates = 0
+            for epoch in range(args.update_epochs):
+                order = torch.randperm(batch_size)
+                for start_ in range(0, batch_size, minibatch_size):
+                    fused.update_at(minibatch_size, order.data_ptr() + 8 * start_, lr_now,
+                                    stats_np.ctypes.data + stats_np.strides[0] * done_updates)
+                    done_updates += 1
+                if args.target_kl is not None and stats_np[done_updates - 1, 3] > args.target_kl:
+                    break
+            mean_stats = stats_np[:done_updates, :6].mean(0).tolist()
         stats = []
-        for epoch in range(args.update_epochs):
+        for epoch in range(args.update_epochs) if fused is None else ():
             order = torch.randperm(batch_size, device=device)
             for start_ in range(0, batch_size, minibatch_size):
                 mb = order[start_:start_ + minibatch_size]
@@ -608,7 +491,8 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         obs_np[0] = obs_np[T]
         timing["learn"] += time.perf_counter() - t0
 
-        mean_stats = torch.stack(stats).mean(0).tolist()
+        if fused is None:
+            mean_stats = torch.stack(stats).mean(0).tolist()
         y_pred, y_true = b_values[b_real].cpu().numpy(), b_returns[b_real].cpu().numpy()
         var_y = np.var(y_true)
         explained_var = None if var_y == 0 else float(1 - np.var(y_true - y_pred) / var_y)
@@ -616,7 +500,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         record = dict(
             iteration=iteration, global_step=global_step, sps=(iteration - first_iteration + 1) * batch_size / elapsed,
             time=elapsed, first_iteration=first_iteration, episodic_return=boundary.recent_mean_return(),
-            episodes=boundary.episodes, learning_rate=optimizer.param_groups[0]["lr"], explained_variance=explained_var,
+            episodes=boundary.episodes, learning_rate=lr_now, explained_variance=explained_var,
             **dict(zip(("pg_loss", "v_loss", "entropy", "approx_kl", "old_approx_kl", "clipfrac"), mean_stats)),
             **{f"time_{k}": v for k, v in timing.items()},
         )
@@ -629,7 +513,8 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         progress.update(iteration, record, timing)
         if iteration % args.checkpoint_every == 0 or iteration == num_iterations or iteration == stop_after:
             save_checkpoint(run_dir / "checkpoint.pt", dict(
-                model=agent.state_dict(), optimizer=optimizer.state_dict(), boundary=boundary.state_dict(),
+                model=agent.state_dict(), optimizer=(fused or optimizer).state_dict(), policy_backend=backend,
+                boundary=boundary.state_dict(),
                 args=dataclasses.asdict(args), iteration=iteration, global_step=global_step, rng=_rng_state(),
                 actions=np.stack(action_log) if action_log else np.zeros((0, N) + action_shape),
                 raw_obs=None if raw_obs is None else np.asarray(raw_obs), next_obs=obs_np[0].copy(),
@@ -642,58 +527,8 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         writer.close()
     envs.close()
     return dict(global_step=global_step, iterations=iteration, seconds=time.perf_counter() - start,
+                setup_seconds=setup_seconds, policy_backend=backend,
                 episodic_return=boundary.recent_mean_return(), episodes=boundary.episodes, run_dir=str(run_dir))
-
-
-def _tensorboard(run_dir: Path):
-    """A TensorBoard writer when the tensorboard package is installed, else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(run_dir))
-
-
-def evaluate(path: str, episodes: int = 10, device: str = "cpu", seed: int = 12345) -> dict:
-    """Runs the saved policy (greedy for discrete actions, the mean for continuous ones) with the
-    saved normalization statistics, frozen, until ``episodes`` episodes end; returns their mean
-    and std return."""
-    if episodes < 1:
-        raise ValueError(f"--episodes must be >= 1, got {episodes}")
-    state = load_checkpoint(Path(path))
-    args = dataclasses.replace(Args(**state["args"]), seed=seed, num_envs=min(episodes, 8))
-    family = env_family(args.env_id)
-    envs = make_env(args, family)
-    obs_shape = envs.observation_space.shape
-    agent = Agent(obs_shape, envs.action_space, family).to(device)
-    agent.load_state_dict(state["model"])
-    agent.eval()
-    boundary = EnvBoundary(args.num_envs, obs_shape, normalize_obs=family == "mujoco", gamma=args.gamma)
-    saved = state["boundary"]
-    for name in ("obs_count", "obs_mean", "obs_m2"):
-        getattr(boundary, name)[...] = saved[name]
-    obs = np.zeros((args.num_envs,) + obs_shape, np.uint8 if family == "atari" else np.float32)
-    scratch = [np.zeros(args.num_envs, np.float32)] + [np.zeros(args.num_envs, np.bool_) for _ in range(3)]
-    raw_obs, _ = envs.reset()
-    boundary.previous_done[:] = True
-    boundary.step(raw_obs, np.zeros(args.num_envs, np.float32), np.zeros(args.num_envs, bool),
-                  np.zeros(args.num_envs, bool), obs, *scratch, update_stats=False)
-    returns = []
-    continuous = len(envs.action_space.shape) > 0
-    while len(returns) < episodes:
-        with torch.no_grad():
-            h = agent.features(torch.from_numpy(obs).to(device))
-            out = agent.actor(h)
-            action = (out if continuous else out.argmax(-1)).cpu().numpy()
-        action = np.clip(action, envs.action_space.low, envs.action_space.high) if continuous else action.astype(np.int32)
-        raw_obs, reward, term, trunc, info = envs.step(action)
-        finished = boundary.step(raw_obs, reward, term, trunc, obs, *scratch, update_stats=False,
-                                 **episode_bookkeeping(family, term, trunc, info))
-        returns.extend(r for r, _ in finished)
-    envs.close()
-    returns = np.array(returns[:episodes])
-    return dict(env_id=args.env_id, episodes=int(returns.size), mean_return=float(returns.mean()),
-                std_return=float(returns.std()), checkpoint_step=state["global_step"])
 
 
 def main(argv=None) -> int:
@@ -718,23 +553,4 @@ def main(argv=None) -> int:
         print(f"fastppo train: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
-    return 0
-
-
-def eval_main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="fastppo eval", description="Evaluate a saved policy.")
-    parser.add_argument("path", help="a run directory or its checkpoint.pt")
-    parser.add_argument("--episodes", type=int, default=10, help="episodes to run")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--seed", type=int, default=12345, help="seed of the evaluation environments")
-    ns = parser.parse_args(argv)
-    try:
-        result = evaluate(ns.path, ns.episodes, ns.device, ns.seed)
-    except (ValueError, CheckpointError) as err:
-        print(f"fastppo eval: error: {err}", file=sys.stderr)
-        return 2
-    print(f"{result['env_id']}: {result['mean_return']:.2f} +- {result['std_return']:.2f} over {result['episodes']} episodes")
-    print(json.dumps(result))
     return 0

@@ -1,0 +1,227 @@
+// Bindings of the fused actor-critic (mlp.h): mlp_forward / mlp_backward for an autograd op, and
+// ActorCriticPlan, which holds the network's layout and parameter addresses so that the trainer's
+// per-step and per-minibatch calls pass only a few integers. Addresses are Python ints (torch's
+// data_ptr(), numpy's ctypes.data); python/fastppo/policy.py checks shapes, dtypes and devices.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "mlp.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// (weight, bias, grad_weight, grad_bias, in, out); a grad address of 0 means "not needed".
+using LayerSpec = std::tuple<std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t, int64_t>;
+
+template <typename T = void>
+T* ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+bool dtype_is_f64(const std::string& dtype) {
+  if (dtype == "float64") return true;
+  if (dtype == "float32") return false;
+  throw py::type_error("fastppo._C: dtype must be 'float32' or 'float64', got '" + dtype + "'");
+}
+
+int activation_code(const std::string& name) {
+  if (name == "tanh") return fastppo::kActTanh;
+  if (name == "relu") return fastppo::kActRelu;
+  throw py::value_error("fastppo._C: activation must be 'tanh' or 'relu', got '" + name + "'");
+}
+
+fastppo::MlpSpec mlp_spec(const std::vector<LayerSpec>& layers, const std::string& activation, bool last_linear,
+                          bool allow_empty) {
+  fastppo::MlpSpec spec;
+  if (layers.size() > static_cast<size_t>(fastppo::kMaxMlpLayers))
+    throw py::value_error("fastppo._C: at most " + std::to_string(fastppo::kMaxMlpLayers) + " layers per MLP, got " +
+                          std::to_string(layers.size()));
+  if (layers.empty() && !allow_empty) throw py::value_error("fastppo._C: an MLP needs at least one layer");
+  spec.n = static_cast<int>(layers.size());
+  spec.act = activation_code(activation);
+  spec.last_linear = last_linear;
+  for (int i = 0; i < spec.n; ++i) {
+    fastppo::DenseLayer& L = spec.layer[i];
+    std::uintptr_t w, b, gw, gb;
+    std::tie(w, b, gw, gb, L.in, L.out) = layers[i];
+    if (w == 0 || b == 0 || L.in <= 0 || L.out <= 0)
+      throw py::value_error("fastppo._C: layer " + std::to_string(i) + " needs weight and bias and in, out > 0");
+    if (i > 0 && L.in != spec.layer[i - 1].out)
+      throw py::value_error("fastppo._C: layer " + std::to_string(i) + " takes " + std::to_string(L.in) +
+                            " inputs but the layer before gives " + std::to_string(spec.layer[i - 1].out));
+    L.w = ptr(w);
+    L.b = ptr(b);
+    L.grad_w = ptr(gw);
+    L.grad_b = ptr(gb);
+  }
+  return spec;
+}
+
+void mlp_forward(const std::string& dtype, const std::vector<LayerSpec>& layers, const std::string& activation,
+                 bool last_linear, int64_t rows, std::uintptr_t x, int64_t ldx, std::uintptr_t saved) {
+  const fastppo::MlpSpec spec = mlp_spec(layers, activation, last_linear, false);
+  if (rows < 0 || ldx < spec.in_dim()) throw py::value_error("fastppo._C.mlp_forward: bad rows or row stride");
+  if (rows == 0) return;
+  const bool f64 = dtype_is_f64(dtype);
+  py::gil_scoped_release no_gil;
+  fastppo::mlp_forward_cpu(spec, f64, rows, ptr(x), ldx, ptr(saved));
+}
+
+void mlp_backward(const std::string& dtype, const std::vector<LayerSpec>& layers, const std::string& activation,
+                  bool last_linear, int64_t rows, std::uintptr_t x, int64_t ldx, std::uintptr_t saved,
+                  std::uintptr_t grad_out, std::uintptr_t grad_x) {
+  const fastppo::MlpSpec spec = mlp_spec(layers, activation, last_linear, false);
+  if (rows < 0 || ldx < spec.in_dim()) throw py::value_error("fastppo._C.mlp_backward: bad rows or row stride");
+  const bool f64 = dtype_is_f64(dtype);
+  py::gil_scoped_release no_gil;
+  fastppo::mlp_backward_cpu(spec, f64, rows, ptr(x), ldx, ptr(saved), ptr(grad_out), ptr(grad_x));
+}
+
+class ActorCriticPlan {
+ public:
+  ActorCriticPlan(const std::string& dtype, const std::string& activation, const std::vector<LayerSpec>& trunk,
+                  const std::vector<LayerSpec>& actor, const std::vector<LayerSpec>& critic, bool continuous,
+                  std::uintptr_t log_std, std::uintptr_t grad_log_std, std::uintptr_t params, std::uintptr_t grads,
+                  std::uintptr_t exp_avg, std::uintptr_t exp_avg_sq, int64_t n_params) {
+    s_.is_f64 = dtype_is_f64(dtype);
+    s_.trunk = mlp_spec(trunk, activation, false, true);
+    s_.actor = mlp_spec(actor, activation, true, false);
+    s_.critic = mlp_spec(critic, activation, true, false);
+    if (s_.critic.out_dim() != 1) throw py::value_error("fastppo._C.ActorCriticPlan: the critic must end in 1 output");
+    const int64_t features = s_.trunk.n > 0 ? s_.trunk.out_dim() : s_.actor.in_dim();
+    if (s_.actor.in_dim() != features || s_.critic.in_dim() != features)
+      throw py::value_error("fastppo._C.ActorCriticPlan: actor and critic must take the trunk's (or the observation's) width");
+    s_.continuous = continuous;
+    s_.n_out = s_.actor.out_dim();
+    if (continuous && (log_std == 0 || grad_log_std == 0))
+      throw py::value_error("fastppo._C.ActorCriticPlan: a Gaussian policy needs log_std and its gradient");
+    s_.log_std = ptr(log_std);
+    s_.grad_log_std = ptr(grad_log_std);
+    s_.params = ptr(params);
+    s_.grads = ptr(grads);
+    s_.exp_avg = ptr(exp_avg);
+    s_.exp_avg_sq = ptr(exp_avg_sq);
+    s_.n_params = n_params;
+    // Storage of every layer's W^T, for few-row forwards (rollout inference).
+    int64_t total = 0;
+    for (fastppo::MlpSpec* spec : {&s_.trunk, &s_.actor, &s_.critic})
+      for (int i = 0; i < spec->n; ++i) total += spec->layer[i].in * spec->layer[i].out;
+    transposed_.assign(static_cast<size_t>(total), 0.0);  // doubles: room for either dtype
+    const size_t elem = s_.is_f64 ? sizeof(double) : sizeof(float);
+    char* base = reinterpret_cast<char*>(transposed_.data());
+    int64_t offset = 0;
+    for (fastppo::MlpSpec* spec : {&s_.trunk, &s_.actor, &s_.critic})
+      for (int i = 0; i < spec->n; ++i) {
+        spec->layer[i].wt = base + offset * elem;
+        offset += spec->layer[i].in * spec->layer[i].out;
+      }
+    s_.wt_current = true;
+    fastppo::actor_critic_transpose_cpu(s_);
+  }
+
+  // After the parameters were changed from outside (load_state_dict, a torch optimizer step).
+  void refresh() { fastppo::actor_critic_transpose_cpu(s_); }
+
+  int64_t obs_dim() const { return s_.obs_dim(); }
+  int64_t n_out() const { return s_.n_out; }
+
+  void act(int64_t rows, std::uintptr_t obs, int64_t ldobs, std::uintptr_t noise, std::uintptr_t action,
+           std::uintptr_t logprob, std::uintptr_t value, std::uintptr_t env_action, std::uintptr_t low,
+           std::uintptr_t high) {
+    if (rows <= 0) return;
+    fastppo::ActArgs a;
+    a.rows = rows;
+    a.obs = ptr(obs);
+    a.ldobs = ldobs;
+    a.noise = ptr(noise);
+    a.action = ptr(action);
+    a.logprob = ptr(logprob);
+    a.value = ptr(value);
+    a.env_action = ptr(env_action);
+    a.low = ptr<const float>(low);
+    a.high = ptr<const float>(high);
+    if (s_.continuous && a.env_action && (!a.low || !a.high))
+      throw py::value_error("fastppo._C.ActorCriticPlan.act: a continuous env action needs low and high");
+    fastppo::actor_critic_act_cpu(s_, a);
+  }
+
+  void set_batch(std::uintptr_t obs, std::uintptr_t actions, std::uintptr_t old_logprob, std::uintptr_t advantages,
+                 std::uintptr_t returns, std::uintptr_t old_values, std::uintptr_t mask) {
+    u_.obs = ptr(obs);
+    u_.actions = ptr(actions);
+    u_.old_logprob = ptr(old_logprob);
+    u_.advantages = ptr(advantages);
+    u_.returns = ptr(returns);
+    u_.old_values = ptr(old_values);
+    u_.mask = ptr<const uint8_t>(mask);
+  }
+
+  void set_options(double clip_coef, double vf_coef, double ent_coef, double vf_clip_coef, bool clip_vloss,
+                   bool norm_adv, double max_grad_norm, double beta1, double beta2, double eps) {
+    u_.clip_coef = clip_coef;
+    u_.vf_coef = vf_coef;
+    u_.ent_coef = ent_coef;
+    u_.vf_clip_coef = vf_clip_coef;
+    u_.clip_vloss = clip_vloss;
+    u_.norm_adv = norm_adv;
+    u_.max_grad_norm = max_grad_norm;
+    u_.adam.beta1 = beta1;
+    u_.adam.beta2 = beta2;
+    u_.adam.eps = eps;
+  }
+
+  // One minibatch: rows idx[0..M) of the batch; Adam step number `step` (1-based) at rate lr.
+  void update(int64_t M, std::uintptr_t idx, double lr, int64_t step, std::uintptr_t stats) {
+    if (M <= 0) throw py::value_error("fastppo._C.ActorCriticPlan.update: the minibatch is empty");
+    if (step < 1) throw py::value_error("fastppo._C.ActorCriticPlan.update: step must be >= 1");
+    if (!u_.obs || !u_.actions || !u_.old_logprob || !u_.advantages || !u_.returns || !u_.old_values)
+      throw py::value_error("fastppo._C.ActorCriticPlan.update: set_batch first");
+    fastppo::UpdateArgs u = u_;
+    u.M = M;
+    u.idx = ptr<const int64_t>(idx);
+    u.stats = ptr<double>(stats);
+    u.adam.lr = lr;
+    u.adam.step_size = lr / (1.0 - std::pow(u.adam.beta1, static_cast<double>(step)));
+    u.adam.bias_correction2_sqrt = std::sqrt(1.0 - std::pow(u.adam.beta2, static_cast<double>(step)));
+    py::gil_scoped_release no_gil;
+    fastppo::actor_critic_update_cpu(s_, u);
+  }
+
+ private:
+  fastppo::ActorCriticSpec s_;
+  fastppo::UpdateArgs u_;
+  std::vector<double> transposed_;
+};
+
+}  // namespace
+
+void bind_mlp(py::module_& m) {
+  m.def("mlp_forward", &mlp_forward, py::arg("dtype"), py::arg("layers"), py::arg("activation"),
+        py::arg("last_linear"), py::arg("rows"), py::arg("x"), py::arg("ldx"), py::arg("saved"),
+        "Forward of a Linear/activation stack on the CPU; every layer's output lands in `saved`.");
+  m.def("mlp_backward", &mlp_backward, py::arg("dtype"), py::arg("layers"), py::arg("activation"),
+        py::arg("last_linear"), py::arg("rows"), py::arg("x"), py::arg("ldx"), py::arg("saved"), py::arg("grad_out"),
+        py::arg("grad_x"), "Backward of mlp_forward: writes the layers' weight and bias gradients (and d x).");
+  py::class_<ActorCriticPlan>(m, "ActorCriticPlan",
+                              "A fused actor-critic on the CPU: rollout inference and PPO minibatch updates.")
+      .def(py::init<const std::string&, const std::string&, const std::vector<LayerSpec>&,
+                    const std::vector<LayerSpec>&, const std::vector<LayerSpec>&, bool, std::uintptr_t,
+                    std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t>(),
+           py::arg("dtype"), py::arg("activation"), py::arg("trunk"), py::arg("actor"), py::arg("critic"),
+           py::arg("continuous"), py::arg("log_std"), py::arg("grad_log_std"), py::arg("params"), py::arg("grads"),
+           py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("n_params"))
+      .def_property_readonly("obs_dim", &ActorCriticPlan::obs_dim)
+      .def_property_readonly("n_out", &ActorCriticPlan::n_out)
+      .def("act", &ActorCriticPlan::act)
+      .def("refresh", &ActorCriticPlan::refresh)
+      .def("set_batch", &ActorCriticPlan::set_batch)
+      .def("set_options", &ActorCriticPlan::set_options)
+      .def("update", &ActorCriticPlan::update);
+}

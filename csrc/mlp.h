@@ -1,0 +1,122 @@
+// The fused actor-critic MLP: dense layers read in place from torch's parameters (Linear's weight
+// [out, in] row-major and bias [out]), a categorical or diagonal-Gaussian head, and two fused calls
+// that make a PPO step on the CPU:
+//   act:    observations -> sampled action, its log-prob and the value (rollout inference);
+//   update: a minibatch gathered by index -> forward, heads, the clipped loss (fastppo_math.h's
+//           element math, as fastppo.ppo_loss computes it), backward into the parameter
+//           gradients, the global grad-norm clip and Adam, over flat parameter buffers.
+// mlp_forward / mlp_backward are the building blocks, also bound on their own for an autograd op.
+#pragma once
+
+#include <cstdint>
+
+#include "fastppo_math.h"
+#include "ppo_loss.h"
+
+namespace fastppo {
+
+constexpr int kMaxMlpLayers = 16;
+
+// One Linear layer: weight [out, in], bias [out], and where their gradients go (null: not needed).
+struct DenseLayer {
+  const void* w = nullptr;
+  const void* b = nullptr;
+  void* grad_w = nullptr;
+  void* grad_b = nullptr;
+  void* wt = nullptr;  // W^T [in, out], kept by an ActorCriticSpec's owner for few-row forwards
+  int64_t in = 0, out = 0;
+};
+
+// A stack of Linear layers with the activation after each, except after the last one when
+// `last_linear` (an actor's or critic's output layer).
+struct MlpSpec {
+  int n = 0;
+  DenseLayer layer[kMaxMlpLayers];
+  bool last_linear = true;
+  int act = kActTanh;
+
+  int64_t in_dim() const { return layer[0].in; }
+  int64_t out_dim() const { return layer[n - 1].out; }
+  // Elements of the saved outputs of all layers for `rows` rows.
+  int64_t saved_size(int64_t rows) const {
+    int64_t total = 0;
+    for (int i = 0; i < n; ++i) total += rows * layer[i].out;
+    return total;
+  }
+};
+
+// Forward of rows x [rows, in] (row stride ldx): every layer's output is kept in `saved`
+// (layer after layer, [rows, out] each, saved_size(rows) elements); the last one is the output.
+void mlp_forward_cpu(const MlpSpec& spec, bool is_f64, int64_t rows, const void* x, int64_t ldx, void* saved);
+// Backward given d output [rows, out_dim]: writes (not accumulates) every layer's grad_w / grad_b and,
+// when grad_x is not null, d x [rows, in] (contiguous).
+void mlp_backward_cpu(const MlpSpec& spec, bool is_f64, int64_t rows, const void* x, int64_t ldx,
+                      const void* saved, const void* grad_out, void* grad_x);
+
+// The actor-critic: an optional shared trunk, then the actor (-> logits [A] or means [D]) and the
+// critic (-> [1]) on the trunk's output (or on the observation when the trunk is empty).
+struct ActorCriticSpec {
+  bool is_f64 = false;
+  MlpSpec trunk, actor, critic;
+  bool continuous = false;
+  int64_t n_out = 0;                // A or D
+  const void* log_std = nullptr;    // [D], state-independent (continuous)
+  void* grad_log_std = nullptr;
+  // Flat buffers holding every parameter (the layers and log_std point into `params`), their
+  // gradients and Adam's moments, each n_params long.
+  void* params = nullptr;
+  void* grads = nullptr;
+  void* exp_avg = nullptr;
+  void* exp_avg_sq = nullptr;
+  int64_t n_params = 0;
+  // Every layer's `wt` is allocated and holds W^T as of the last update or refresh: rollout
+  // inference multiplies by it, and update refreshes it after its Adam step.
+  bool wt_current = false;
+
+  int64_t obs_dim() const { return trunk.n > 0 ? trunk.in_dim() : actor.in_dim(); }
+};
+
+// Rollout inference for `rows` observations [rows, obs_dim] (row stride ldobs), with noise given by
+// the caller: uniform [rows, A] for the Gumbel-max sample of a categorical, standard normal [rows, D]
+// for a Gaussian. Writes action (int64 [rows] / [rows, D]), log-prob and value [rows], and, when set,
+// the environment's action: int32 [rows], or float32 [rows, D] clipped to [low, high].
+struct ActArgs {
+  int64_t rows = 0;
+  const void* obs = nullptr; int64_t ldobs = 0;
+  const void* noise = nullptr;  // null: the greedy action (argmax / the mean)
+  void* action = nullptr;
+  void* logprob = nullptr;
+  void* value = nullptr;
+  void* env_action = nullptr;
+  const float* low = nullptr;   // [D] (continuous env_action)
+  const float* high = nullptr;
+};
+
+void actor_critic_act_cpu(const ActorCriticSpec& spec, const ActArgs& args);
+// Refreshes the cached W^T of every layer (after the parameters were changed from outside).
+void actor_critic_transpose_cpu(const ActorCriticSpec& spec);
+
+// One minibatch update on rows idx[0..M) of a rollout of B rows (all arrays contiguous over the
+// rollout): obs [B, obs_dim], actions (int64 [B] or [B, D] in the parameters' type), old log-prob,
+// advantages, returns, old values [B], mask (uint8 [B] or null). Loss, options and stats as
+// fastppo.ppo_loss with agg="token-mean".
+struct UpdateArgs {
+  int64_t M = 0;
+  const int64_t* idx = nullptr;
+  const void* obs = nullptr;
+  const void* actions = nullptr;
+  const void* old_logprob = nullptr;
+  const void* advantages = nullptr;
+  const void* returns = nullptr;
+  const void* old_values = nullptr;
+  const uint8_t* mask = nullptr;
+  double clip_coef = 0.2, vf_coef = 0.5, ent_coef = 0.0, vf_clip_coef = 0.2;
+  bool clip_vloss = true, norm_adv = true;
+  double max_grad_norm = 0.5;  // <= 0: no clip
+  AdamStep adam{};
+  double* stats = nullptr;     // out [kLossStats + 1]: pg, v, entropy, approx_kl, old_approx_kl, clipfrac, grad norm
+};
+
+void actor_critic_update_cpu(const ActorCriticSpec& spec, const UpdateArgs& args);
+
+}  // namespace fastppo

@@ -1,0 +1,48 @@
+"""Training checkpoints: written atomically, loaded with a clear error, and the RNG states they carry."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Written to a temporary file, then renamed: a crash mid-write leaves the last one intact."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, with the reason."""
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Loads a checkpoint written by ``train``; a missing, truncated or foreign file is a clear
+    ``CheckpointError`` naming the file."""
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises several types for a damaged zip / pickle
+        raise CheckpointError(f"checkpoint {path} is damaged and cannot be read ({type(err).__name__}: {err})") from err
+    missing = {"model", "optimizer", "boundary", "args", "iteration", "global_step", "rng", "actions"} - set(state)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is not a fastppo training checkpoint (missing {sorted(missing)})")
+    return state
+
+
+def _rng_state() -> dict:
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])

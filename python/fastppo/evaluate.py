@@ -1,0 +1,77 @@
+"""``fastppo eval``: the saved policy run greedily with its frozen normalization statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .train import Agent, Args
+from .envs import env_family, episode_bookkeeping, make_env
+from .envstep import EnvBoundary
+
+
+def evaluate(path: str, episodes: int = 10, device: str = "cpu", seed: int = 12345) -> dict:
+    """Runs the saved policy (greedy for discrete actions, the mean for continuous ones) with the
+    saved normalization statistics, frozen, until ``episodes`` episodes end; returns their mean
+    and std return."""
+    if episodes < 1:
+        raise ValueError(f"--episodes must be >= 1, got {episodes}")
+    state = load_checkpoint(Path(path))
+    args = dataclasses.replace(Args(**state["args"]), seed=seed, num_envs=min(episodes, 8))
+    family = env_family(args.env_id)
+    envs = make_env(args, family)
+    obs_shape = envs.observation_space.shape
+    agent = Agent(obs_shape, envs.action_space, family).to(device)
+    agent.load_state_dict(state["model"])
+    agent.eval()
+    boundary = EnvBoundary(args.num_envs, obs_shape, normalize_obs=family == "mujoco", gamma=args.gamma)
+    saved = state["boundary"]
+    for name in ("obs_count", "obs_mean", "obs_m2"):
+        getattr(boundary, name)[...] = saved[name]
+    obs = np.zeros((args.num_envs,) + obs_shape, np.uint8 if family == "atari" else np.float32)
+    scratch = [np.zeros(args.num_envs, np.float32)] + [np.zeros(args.num_envs, np.bool_) for _ in range(3)]
+    raw_obs, _ = envs.reset()
+    boundary.previous_done[:] = True
+    boundary.step(raw_obs, np.zeros(args.num_envs, np.float32), np.zeros(args.num_envs, bool),
+                  np.zeros(args.num_envs, bool), obs, *scratch, update_stats=False)
+    returns = []
+    continuous = len(envs.action_space.shape) > 0
+    while len(returns) < episodes:
+        with torch.no_grad():
+            h = agent.features(torch.from_numpy(obs).to(device))
+            out = agent.actor(h)
+            action = (out if continuous else out.argmax(-1)).cpu().numpy()
+        action = np.clip(action, envs.action_space.low, envs.action_space.high) if continuous else action.astype(np.int32)
+        raw_obs, reward, term, trunc, info = envs.step(action)
+        finished = boundary.step(raw_obs, reward, term, trunc, obs, *scratch, update_stats=False,
+                                 **episode_bookkeeping(family, term, trunc, info))
+        returns.extend(r for r, _ in finished)
+    envs.close()
+    returns = np.array(returns[:episodes])
+    return dict(env_id=args.env_id, episodes=int(returns.size), mean_return=float(returns.mean()),
+                std_return=float(returns.std()), checkpoint_step=state["global_step"])
+
+
+def eval_main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="fastppo eval", description="Evaluate a saved policy.")
+    parser.add_argument("path", help="a run directory or its checkpoint.pt")
+    parser.add_argument("--episodes", type=int, default=10, help="episodes to run")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--seed", type=int, default=12345, help="seed of the evaluation environments")
+    ns = parser.parse_args(argv)
+    try:
+        result = evaluate(ns.path, ns.episodes, ns.device, ns.seed)
+    except (ValueError, CheckpointError) as err:
+        print(f"fastppo eval: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{result['env_id']}: {result['mean_return']:.2f} +- {result['std_return']:.2f} over {result['episodes']} episodes")
+    print(json.dumps(result))
+    return 0

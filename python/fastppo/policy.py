@@ -1,0 +1,385 @@
+"""The fused actor-critic: PPO's small MLP policies as a few big C++ calls on the CPU.
+
+For the policies PPO mostly trains (two 64-64 tanh MLPs on a few observations) the arithmetic
+of a rollout step is a microsecond or two, while PyTorch's eager dispatch of its ~15 ops costs
+tens of microseconds and a minibatch update (forward, heads, loss, backward, grad clip, Adam)
+about a millisecond. Here each of those is one call into ``fastppo._C`` that reads the torch
+parameters in place:
+
+- :func:`fused_mlp`: a differentiable ``nn.Sequential`` of ``Linear`` and ``Tanh``/``ReLU``
+  layers (forward and backward fused), usable in any training loop;
+- :class:`FusedActorCritic`: an actor-critic module (``actor``, ``critic``, optional shared
+  ``trunk``, ``actor_logstd`` for a Gaussian policy) run as one call per rollout step
+  (:meth:`~FusedActorCritic.act`: action sampling, log-prob and value) and one call per minibatch
+  (:meth:`~FusedActorCritic.update`: ``fastppo.ppo_loss``'s clipped loss, backward into the
+  parameters' gradients, ``clip_grad_norm_`` and Adam as ``torch.optim.Adam`` computes them).
+
+The parameters are moved into one flat buffer (each ``nn.Parameter`` becomes a view of it), so the
+module's ``state_dict``, ``load_state_dict`` and ordinary torch forward passes keep working. Build
+the fused object after moving the module to its device and dtype; CPU float32 and float64 only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import _C
+
+__all__ = ["FusedActorCritic", "NotFusable", "fused_mlp", "mlp_layers"]
+
+_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+_ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
+
+
+class NotFusable(ValueError):
+    """The module is not a stack the fused code runs (it still runs on the torch path)."""
+
+
+def mlp_layers(seq: nn.Module, *, last_linear: bool = True) -> Tuple[List[nn.Linear], Optional[str]]:
+    """The ``Linear`` layers of ``seq`` and its activation name: ``seq`` must alternate ``Linear``
+    and one activation type (``Tanh`` or ``ReLU``), ending with a ``Linear`` when ``last_linear``
+    and with the activation otherwise. A lone ``Linear`` is a one-layer stack. Raises
+    :class:`NotFusable` naming what does not fit."""
+    modules = [seq] if isinstance(seq, nn.Linear) else list(seq.children()) if isinstance(seq, nn.Sequential) else None
+    if not modules:
+        raise NotFusable(f"expected an nn.Sequential of Linear and Tanh/ReLU layers or an nn.Linear, got {type(seq).__name__}")
+    linears, activation = [], None
+    for i, module in enumerate(modules):
+        expect_linear = i % 2 == 0
+        if expect_linear:
+            if not isinstance(module, nn.Linear) or module.bias is None:
+                raise NotFusable(f"layer {i} must be an nn.Linear with a bias, got {module!r}")
+            linears.append(module)
+        else:
+            name = _ACTIVATIONS.get(type(module))
+            if name is None:
+                raise NotFusable(f"layer {i} must be nn.Tanh or nn.ReLU, got {module!r}")
+            if activation not in (None, name):
+                raise NotFusable(f"every activation must be the same; layer {i} is {name}, earlier ones {activation}")
+            activation = name
+    ends_linear = len(modules) % 2 == 1
+    if ends_linear != last_linear:
+        raise NotFusable(f"the stack must end with {'a Linear' if last_linear else 'an activation'}, got {modules[-1]!r}")
+    if len(linears) > 16:
+        raise NotFusable(f"at most 16 Linear layers, got {len(linears)}")
+    for a, b in zip(linears, linears[1:]):
+        if b.in_features != a.out_features:
+            raise NotFusable(f"a Linear with {b.in_features} inputs follows one with {a.out_features} outputs")
+    return linears, activation
+
+
+def _layer_specs(linears: Sequence[nn.Linear], grads: bool) -> list:
+    specs = []
+    for layer in linears:
+        w, b = layer.weight, layer.bias
+        gw = w.grad.data_ptr() if grads and w.grad is not None else 0
+        gb = b.grad.data_ptr() if grads and b.grad is not None else 0
+        specs.append((w.data_ptr(), b.data_ptr(), gw, gb, layer.in_features, layer.out_features))
+    return specs
+
+
+def _check_params(linears: Sequence[nn.Linear], where: str) -> torch.dtype:
+    dtype = linears[0].weight.dtype
+    for layer in linears:
+        for name, p in (("weight", layer.weight), ("bias", layer.bias)):
+            if p.device.type != "cpu":
+                raise NotFusable(f"{where}: the fused MLP runs on the CPU; a {name} is on {p.device}")
+            if p.dtype != dtype or dtype not in _DTYPES:
+                raise NotFusable(f"{where}: parameters must all be float32 or all float64, got {p.dtype}")
+            if not p.is_contiguous():
+                raise NotFusable(f"{where}: a {name} is not contiguous")
+    return dtype
+
+
+# ------------------------------------------------------------------ fused_mlp (autograd)
+
+
+class _FusedMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d: Tensor, linears, activation: str, last_linear: bool, *params: Tensor) -> Tensor:
+        rows = x2d.shape[0]
+        dtype = _DTYPES[x2d.dtype]
+        saved = torch.empty(sum(rows * l.out_features for l in linears), dtype=x2d.dtype)
+        _C.mlp_forward(dtype, _layer_specs(linears, False), activation or "tanh", last_linear, rows,
+                       x2d.data_ptr(), x2d.stride(0), saved.data_ptr())
+        ctx.linears, ctx.activation, ctx.last_linear = linears, activation, last_linear
+        ctx.save_for_backward(x2d, saved, *params)
+        out_features = linears[-1].out_features
+        return saved[saved.numel() - rows * out_features:].view(rows, out_features).clone()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x2d, saved, *params = ctx.saved_tensors
+        linears = ctx.linears
+        rows = x2d.shape[0]
+        grad_out = grad_out.contiguous()
+        grads = [torch.empty_like(p) for p in params]
+        grad_x = torch.empty_like(x2d) if ctx.needs_input_grad[0] else None
+        specs = [(l.weight.data_ptr(), l.bias.data_ptr(), grads[2 * i].data_ptr(), grads[2 * i + 1].data_ptr(),
+                  l.in_features, l.out_features) for i, l in enumerate(linears)]
+        _C.mlp_backward(_DTYPES[x2d.dtype], specs, ctx.activation or "tanh", ctx.last_linear, rows, x2d.data_ptr(),
+                        x2d.stride(0), saved.data_ptr(), grad_out.data_ptr(), 0 if grad_x is None else grad_x.data_ptr())
+        return (grad_x, None, None, None, *grads)
+
+
+def fused_mlp(seq: nn.Module, x: Tensor, *, last_linear: bool = True) -> Tensor:
+    """``seq(x)`` for an ``nn.Sequential`` of ``Linear`` and ``Tanh``/``ReLU`` layers as one fused
+    forward (and one fused backward) on the CPU.
+
+    Args:
+        seq: ``Linear, act, Linear, act, ..., Linear`` (``last_linear=False``: ending with ``act``);
+            CPU parameters, all float32 or all float64.
+        x: ``[..., in_features]``, the parameters' dtype, CPU.
+
+    Returns ``[..., out_features]``, differentiable w.r.t. ``x`` and every parameter of ``seq``;
+    equal to ``seq(x)`` to rounding (tanh is computed from a vectorized exp).
+    """
+    linears, activation = mlp_layers(seq, last_linear=last_linear)
+    dtype = _check_params(linears, "fused_mlp")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"fused_mlp: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != dtype:
+        raise TypeError(f"fused_mlp: x has dtype {x.dtype} but the parameters are {dtype}")
+    if x.device.type != "cpu":
+        raise ValueError(f"fused_mlp: x must be on the CPU, got {x.device}")
+    if x.dim() < 1 or x.shape[-1] != linears[0].in_features:
+        raise ValueError(f"fused_mlp: x must have shape [..., {linears[0].in_features}], got {list(x.shape)}")
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.stride(1) != 1 or x2d.shape[0] == 0:
+        x2d = x2d.contiguous()
+    params = [p for l in linears for p in (l.weight, l.bias)]
+    out = _FusedMLP.apply(x2d, linears, activation, last_linear, *params)
+    return out.reshape(*lead, linears[-1].out_features)
+
+
+# ------------------------------------------------------------------ the actor-critic
+
+
+def _address(x) -> int:
+    return x.data_ptr() if isinstance(x, Tensor) else x.ctypes.data
+
+
+class FusedActorCritic:
+    """One C++ call per rollout step and one per minibatch update for an actor-critic module.
+
+    ``module`` must have ``actor`` (``Linear``/activation stack ending in a ``Linear``: logits
+    ``[A]`` or Gaussian means ``[D]``), ``critic`` (the same, ending in one output) and may have
+    ``trunk`` (a stack ending in its activation, shared by both; ``nn.Identity`` or absent: none)
+    and ``actor_logstd`` (``[D]``, a state-independent Gaussian policy; else categorical). CleanRL's
+    ``Agent`` for classic control and MuJoCo has this shape. Anything else raises
+    :class:`NotFusable` (train it on the torch path).
+
+    The module's parameters are moved into one flat buffer and keep being the module's
+    parameters; Adam's moments live here (:meth:`state_dict`). Arguments are those of
+    ``torch.optim.Adam`` (``lr``, ``betas``, ``eps``) and of ``fastppo.ppo_loss`` with
+    ``agg="token-mean"``, plus ``max_grad_norm`` (``<= 0``: no clip).
+    """
+
+    def __init__(self, module: nn.Module, *, lr: float = 3e-4, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-5, max_grad_norm: float = 0.5, clip_coef: float = 0.2, vf_coef: float = 0.5,
+                 ent_coef: float = 0.0, clip_vloss: bool = True, vf_clip_coef: Optional[float] = None,
+                 norm_adv: bool = True):
+        trunk = getattr(module, "trunk", None)
+        trunk_linears: List[nn.Linear] = []
+        activation = None
+        if trunk is not None and not isinstance(trunk, nn.Identity):
+            trunk_linears, activation = mlp_layers(trunk, last_linear=False)
+        if not hasattr(module, "actor") or not hasattr(module, "critic"):
+            raise NotFusable(f"{type(module).__name__} has no `actor` and `critic` submodules")
+        actor_linears, actor_act = mlp_layers(module.actor)
+        critic_linears, critic_act = mlp_layers(module.critic)
+        acts = {a for a in (activation, actor_act, critic_act) if a is not None}
+        if len(acts) > 1:
+            raise NotFusable(f"trunk, actor and critic must use one activation, got {sorted(acts)}")
+        self.activation = acts.pop() if acts else "tanh"
+        if critic_linears[-1].out_features != 1:
+            raise NotFusable(f"the critic must end in 1 output, got {critic_linears[-1].out_features}")
+        log_std = getattr(module, "actor_logstd", None)
+        self.continuous = isinstance(log_std, Tensor)
+        self.n_out = actor_linears[-1].out_features
+        if self.continuous and log_std.shape != (self.n_out,):
+            raise NotFusable(f"actor_logstd must have shape [{self.n_out}], got {list(log_std.shape)}")
+        linears = trunk_linears + actor_linears + critic_linears
+        dtype = _check_params(linears, type(module).__name__)
+        named = [p for l in linears for p in (l.weight, l.bias)] + ([log_std] if self.continuous else [])
+        if len({id(p) for p in named}) != len(named):
+            raise NotFusable("a parameter is shared between layers")
+        others = {id(p) for p in module.parameters()} - {id(p) for p in named}
+        if others:
+            raise NotFusable(f"{type(module).__name__} has {len(others)} parameter(s) outside trunk/actor/critic/actor_logstd")
+        self.module, self.dtype = module, dtype
+        self.obs_dim = (trunk_linears or actor_linears)[0].in_features
+
+        # One flat buffer for parameters, gradients and Adam's moments; each parameter becomes a view.
+        n = sum(p.numel() for p in named)
+        self.params = torch.empty(n, dtype=dtype)
+        self.grads = torch.zeros(n, dtype=dtype)
+        self.exp_avg = torch.zeros(n, dtype=dtype)
+        self.exp_avg_sq = torch.zeros(n, dtype=dtype)
+        offset = 0
+        with torch.no_grad():
+            for p in named:
+                k = p.numel()
+                self.params[offset:offset + k].copy_(p.reshape(-1))
+                p.data = self.params[offset:offset + k].view_as(p)
+                p.grad = self.grads[offset:offset + k].view_as(p)
+                offset += k
+        self.step = 0
+        self.lr = float(lr)
+        self._plan = _C.ActorCriticPlan(
+            _DTYPES[dtype], self.activation, _layer_specs(trunk_linears, True), _layer_specs(actor_linears, True),
+            _layer_specs(critic_linears, True), self.continuous, log_std.data_ptr() if self.continuous else 0,
+            log_std.grad.data_ptr() if self.continuous else 0, self.params.data_ptr(), self.grads.data_ptr(),
+            self.exp_avg.data_ptr(), self.exp_avg_sq.data_ptr(), n)
+        for name, value in (("lr", lr), ("eps", eps), ("clip_coef", clip_coef), ("vf_coef", vf_coef)):
+            if not value >= 0:
+                raise ValueError(f"FusedActorCritic: {name} must be >= 0, got {value}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"FusedActorCritic: betas must be in [0, 1), got {betas}")
+        self._plan.set_options(clip_coef, vf_coef, ent_coef, clip_coef if vf_clip_coef is None else vf_clip_coef,
+                               clip_vloss, norm_adv, max_grad_norm, betas[0], betas[1], eps)
+        self._batch = None
+        self._low = self._high = None
+
+    # -------------------------------------------------------------- rollout inference
+
+    def set_action_bounds(self, low: np.ndarray, high: np.ndarray) -> None:
+        """Bounds ``[D]`` for the clipped float32 environment actions of a Gaussian policy."""
+        self._low = np.ascontiguousarray(np.broadcast_to(low, (self.n_out,)), np.float32)
+        self._high = np.ascontiguousarray(np.broadcast_to(high, (self.n_out,)), np.float32)
+
+    def act(self, obs, noise=None, *, action=None, logprob=None, value=None, env_action=None):
+        """Samples actions for ``obs [rows, obs_dim]`` (contiguous rows, the parameters' dtype) and
+        writes them with their log-probs and the values; no autograd.
+
+        ``noise``: uniform ``[rows, A]`` in [0, 1) (Gumbel-max sampling of the categorical) or
+        standard normal ``[rows, D]`` (``mean + exp(log_std) * noise``), the parameters' dtype;
+        None takes the greedy action (argmax, or the mean). Outputs, allocated when not given:
+        ``action`` (int64 ``[rows]`` or ``[rows, D]``), ``logprob`` and ``value`` ``[rows]``;
+        ``env_action`` (optional numpy array): int32 ``[rows]``, or float32 ``[rows, D]`` clipped to
+        the bounds of :meth:`set_action_bounds`. Returns ``(action, logprob, value)``.
+        """
+        obs = self._rows(obs, "obs", self.obs_dim)
+        rows = obs.shape[0]
+        self._plan.refresh()
+        if noise is not None:
+            noise = self._rows(noise, "noise", self.n_out)
+            if noise.shape[0] != rows:
+                raise ValueError(f"act: noise has {noise.shape[0]} rows, obs {rows}")
+        if action is None:
+            action = torch.empty((rows, self.n_out) if self.continuous else (rows,),
+                                 dtype=self.dtype if self.continuous else torch.int64)
+        logprob = torch.empty(rows, dtype=self.dtype) if logprob is None else logprob
+        value = torch.empty(rows, dtype=self.dtype) if value is None else value
+        for name, x, dtype in (("action", action, self.dtype if self.continuous else torch.int64),
+                               ("logprob", logprob, self.dtype), ("value", value, self.dtype)):
+            if not isinstance(x, Tensor) or x.dtype != dtype or not x.is_contiguous() or x.shape[0] != rows:
+                raise ValueError(f"act: {name} must be a contiguous {dtype} tensor with {rows} rows")
+        if env_action is not None:
+            want = np.float32 if self.continuous else np.int32
+            if not isinstance(env_action, np.ndarray) or env_action.dtype != want or not env_action.flags.c_contiguous \
+                    or env_action.shape[0] != rows:
+                raise ValueError(f"act: env_action must be a contiguous {np.dtype(want)} numpy array with {rows} rows")
+            if self.continuous and self._low is None:
+                raise ValueError("act: call set_action_bounds before asking for continuous env actions")
+        self.act_at(rows, obs.data_ptr(), obs.stride(0), 0 if noise is None else noise.data_ptr(), action.data_ptr(),
+                    logprob.data_ptr(), value.data_ptr(), 0 if env_action is None else env_action.ctypes.data)
+        return action, logprob, value
+
+    def refresh(self) -> None:
+        """Call after changing the parameters from outside (``load_state_dict``, a torch optimizer):
+        rollout inference reads a transposed copy of the weights that :meth:`update` keeps current."""
+        self._plan.refresh()
+
+    def act_at(self, rows: int, obs: int, ldobs: int, noise: int, action: int, logprob: int, value: int,
+               env_action: int = 0) -> None:
+        """:meth:`act` on raw addresses (the trainer's per-step call: no checks, no allocation; the
+        weights as of the last :meth:`update` or :meth:`refresh`)."""
+        low = self._low.ctypes.data if self._low is not None else 0
+        high = self._high.ctypes.data if self._high is not None else 0
+        self._plan.act(rows, obs, ldobs, noise, action, logprob, value, env_action, low, high)
+
+    def _rows(self, x, name: str, width: int) -> Tensor:
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype}; the parameters are {self.dtype}")
+        if x.device.type != "cpu":
+            raise ValueError(f"{name} must be on the CPU, got {x.device}")
+        if x.dim() != 2 or x.shape[1] != width:
+            raise ValueError(f"{name} must have shape [rows, {width}], got {list(x.shape)}")
+        return x if x.stride(1) == 1 and x.stride(0) >= width else x.contiguous()
+
+    # -------------------------------------------------------------- minibatch updates
+
+    def set_batch(self, obs: Tensor, actions: Tensor, logprobs: Tensor, advantages: Tensor, returns: Tensor,
+                  values: Tensor, mask: Optional[Tensor] = None) -> None:
+        """The rollout ``[B, ...]`` that :meth:`update` draws minibatches from (held by reference:
+        keep the tensors alive and unchanged until the next ``set_batch``). ``obs [B, obs_dim]``,
+        ``actions`` int64 ``[B]`` (categorical) or ``[B, D]``, ``logprobs``, ``advantages``,
+        ``returns``, ``values`` ``[B]`` in the parameters' dtype, ``mask`` bool ``[B]`` (False:
+        left out of every mean, as ``fastppo.ppo_loss``'s mask)."""
+        B = obs.shape[0] if isinstance(obs, Tensor) and obs.dim() == 2 else -1
+        if B < 0 or obs.shape[1] != self.obs_dim:
+            raise ValueError(f"set_batch: obs must have shape [B, {self.obs_dim}], got {list(getattr(obs, 'shape', []))}")
+        act_dtype, act_shape = (self.dtype, (B, self.n_out)) if self.continuous else (torch.int64, (B,))
+        checks = [("obs", obs, self.dtype, (B, self.obs_dim)), ("actions", actions, act_dtype, act_shape)]
+        checks += [(n, x, self.dtype, (B,)) for n, x in (("logprobs", logprobs), ("advantages", advantages),
+                                                          ("returns", returns), ("values", values))]
+        if mask is not None:
+            checks.append(("mask", mask, torch.bool, (B,)))
+        for name, x, dtype, shape in checks:
+            if not isinstance(x, Tensor):
+                raise TypeError(f"set_batch: {name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.dtype != dtype:
+                raise TypeError(f"set_batch: {name} must be {dtype}, got {x.dtype}")
+            if tuple(x.shape) != shape or x.device.type != "cpu" or not x.is_contiguous():
+                raise ValueError(f"set_batch: {name} must be a contiguous CPU tensor of shape {list(shape)}, "
+                                 f"got {list(x.shape)} on {x.device}")
+        self._batch = (obs, actions, logprobs, advantages, returns, values, mask)
+        self._batch_size = B
+        self._plan.set_batch(obs.data_ptr(), actions.data_ptr(), logprobs.data_ptr(), advantages.data_ptr(),
+                             returns.data_ptr(), values.data_ptr(), 0 if mask is None else mask.data_ptr())
+
+    def update(self, idx: Tensor, lr: Optional[float] = None, stats: Optional[np.ndarray] = None) -> np.ndarray:
+        """One minibatch update on rows ``idx`` (int64 ``[M]``, contiguous) of the batch: forward,
+        heads, the clipped loss, backward into the parameters' ``.grad``, the grad-norm clip and one
+        Adam step at ``lr`` (default: the constructor's). Returns ``stats`` (float64 ``[7]``: pg_loss,
+        v_loss, entropy, approx_kl, old_approx_kl, clipfrac, the grad norm before clipping)."""
+        if self._batch is None:
+            raise RuntimeError("update: call set_batch first")
+        if not isinstance(idx, Tensor) or idx.dtype != torch.int64 or idx.dim() != 1 or not idx.is_contiguous():
+            raise TypeError(f"update: idx must be a contiguous int64 [M] tensor, got {getattr(idx, 'dtype', type(idx))}")
+        if idx.numel() == 0:
+            raise ValueError("update: idx is empty")
+        if int(idx.min()) < 0 or int(idx.max()) >= self._batch_size:
+            raise ValueError(f"update: idx must be in [0, {self._batch_size})")
+        if stats is None:
+            stats = np.zeros(7)
+        self.update_at(idx.numel(), idx.data_ptr(), self.lr if lr is None else lr, stats.ctypes.data)
+        return stats
+
+    def update_at(self, M: int, idx: int, lr: float, stats: int) -> None:
+        """:meth:`update` on raw addresses (the trainer's call: indices already checked)."""
+        self.step += 1
+        self._plan.update(M, idx, lr, self.step, stats)
+
+    def state_dict(self) -> dict:
+        """Adam's state (step and moments), for checkpoints."""
+        return dict(step=self.step, exp_avg=self.exp_avg.clone(), exp_avg_sq=self.exp_avg_sq.clone())
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("exp_avg", "exp_avg_sq"):
+            if tuple(state[name].shape) != tuple(self.exp_avg.shape):
+                raise ValueError(f"load_state_dict: {name} has {state[name].numel()} elements, expected {self.exp_avg.numel()}")
+            getattr(self, name).copy_(state[name])
+        self.step = int(state["step"])
+        self.refresh()
