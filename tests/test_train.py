@@ -24,10 +24,13 @@ def run(tmp_path, **changes):
 
 @pytest.mark.parametrize(
     "env_id,steps,preset",
-    [("CartPole-v1", 1024, "classic"), ("HalfCheetah-v5", 2048, "mujoco"), ("Pong-v5", 1024, "atari")],
+    [("CartPole-v1", 1024, "auto"), ("CartPole-v1", 1024, "classic"), ("Acrobot-v1", 1024, "auto"),
+     ("HalfCheetah-v5", 2048, "auto"), ("Pong-v5", 1024, "auto")],
 )
 def test_each_preset_builds_and_runs(tmp_path, env_id, steps, preset):
-    summary = run(tmp_path, env_id=env_id, total_timesteps=steps)
+    summary = run(tmp_path, env_id=env_id, total_timesteps=steps, preset=preset)
+    expected = {"CartPole-v1": "classic-fast", "Acrobot-v1": "classic", "HalfCheetah-v5": "mujoco", "Pong-v5": "atari"}
+    preset = expected[env_id] if preset == "auto" else preset
     assert summary["global_step"] >= steps // 2
     run_dir = tmp_path / "run"
     assert json.loads((run_dir / "config.json").read_text())["preset"] == preset
@@ -43,7 +46,10 @@ def test_each_preset_builds_and_runs(tmp_path, env_id, steps, preset):
     "changes,words",
     [
         (dict(env_id="NotAnEnv-v0"), ["--env-id", "NotAnEnv-v0", "not an EnvPool or gymnasium task"]),
-        (dict(num_minibatches=7), ["--num-minibatches", "(7)", "4 * 128"]),
+        (dict(num_minibatches=7), ["--num-minibatches", "(7)", "8 * 32"]),
+        (dict(num_minibatches=7, preset="classic"), ["--num-minibatches", "(7)", "4 * 128"]),
+        (dict(policy_backend="jit"), ["--policy-backend", "jit"]),
+        (dict(env_id="Pong-v5", policy_backend="fused"), ["--policy-backend fused", "MLP policies"]),
         (dict(clip_coef=-0.1), ["--clip-coef", "> 0"]),
         (dict(gamma=1.5), ["--gamma", "in [0, 1]"]),
         (dict(preset="fast"), ["--preset", "fast"]),
@@ -68,7 +74,7 @@ def test_cli_help_comes_from_the_dataclass_docstrings():
 
 
 def test_cartpole_learns_for_each_of_three_seeds(tmp_path):
-    # The default preset, CPU: mean return of the last 100 episodes >= 195 within 150k steps.
+    # The default preset (classic-fast), CPU: mean return of the last 100 episodes >= 195 within 150k steps.
     for seed in (1, 2, 3):
         summary = run(tmp_path / str(seed), env_id="CartPole-v1", total_timesteps=150_000, seed=seed, device="cpu")
         assert summary["episodic_return"] >= 195, (seed, summary)

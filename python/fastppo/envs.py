@@ -78,7 +78,9 @@ def make_env(args, family: str):
         kwargs.update(episodic_life=True, reward_clip=True)
     with warnings.catch_warnings():  # gymnasium notes that EnvPool's float64 Box bounds become float32
         warnings.filterwarnings("ignore", message=".*precision lowered", category=UserWarning)
-        return envpool.make(args.env_id, **kwargs)
+        envs = envpool.make(args.env_id, **kwargs)
+        envs.observation_space, envs.action_space  # built on first access: inside this block
+        return envs
 
 
 def episode_bookkeeping(family: str, term, trunc, info) -> dict:

@@ -42,7 +42,7 @@ class Args:
     env_id: str = "CartPole-v1"
     """the EnvPool task id (CartPole-v1, Pong-v5, HalfCheetah-v5, ...); other gymnasium ids run on gymnasium's vector env"""
     preset: str = "auto"
-    """hyperparameter preset: classic, atari, mujoco, or auto (chosen from the env id)"""
+    """hyperparameter preset: classic (CleanRL's ppo.py), classic-fast (least wall time to solve CartPole), atari, mujoco, or auto (classic-fast for CartPole, else chosen from the env family)"""
     total_timesteps: Optional[int] = None
     """total environment steps (default: the preset's)"""
     learning_rate: Optional[float] = None
@@ -55,10 +55,10 @@ class Args:
     """EnvPool async mode: step this many of the num_envs environments at a time (fewer than num_envs)"""
     anneal_lr: bool = True
     """anneal the learning rate linearly to 0"""
-    gamma: float = 0.99
-    """discount factor"""
-    gae_lambda: float = 0.95
-    """GAE lambda"""
+    gamma: Optional[float] = None
+    """discount factor (default: the preset's)"""
+    gae_lambda: Optional[float] = None
+    """GAE lambda (default: the preset's)"""
     num_minibatches: Optional[int] = None
     """minibatches per epoch (default: the preset's)"""
     update_epochs: Optional[int] = None
@@ -67,8 +67,8 @@ class Args:
     """normalize advantages per minibatch"""
     clip_coef: Optional[float] = None
     """surrogate clipping coefficient (default: the preset's)"""
-    clip_vloss: bool = True
-    """clip the value loss"""
+    clip_vloss: Optional[bool] = None
+    """clip the value loss (default: the preset's)"""
     ent_coef: Optional[float] = None
     """entropy bonus coefficient (default: the preset's)"""
     vf_coef: float = 0.5
@@ -96,20 +96,33 @@ class Args:
 PRESETS = {
     # CleanRL ppo.py
     "classic": dict(total_timesteps=500_000, learning_rate=2.5e-4, num_envs=4, num_steps=128,
-                    num_minibatches=4, update_epochs=4, clip_coef=0.2, ent_coef=0.01),
+                    num_minibatches=4, update_epochs=4, clip_coef=0.2, ent_coef=0.01, gamma=0.99, gae_lambda=0.95, clip_vloss=True),
+    # Least wall time to solve classic control on a small CPU: rl-baselines3-zoo's CartPole-v1 settings
+    # (8 envs x 32 steps, one 256-sample minibatch, 20 epochs, gamma 0.98, lambda 0.8, lr 1e-3 annealed),
+    # which learn in few steps and leave the fused policy step most of the time
+    # (benchmarks/results/e2e_default.md: time to a mean return of 475).
+    "classic-fast": dict(total_timesteps=150_000, learning_rate=1e-3, num_envs=8, num_steps=32,
+                         num_minibatches=1, update_epochs=20, clip_coef=0.2, ent_coef=0.0, gamma=0.98, gae_lambda=0.8,
+                         clip_vloss=False),
     # CleanRL ppo_atari_envpool.py
     "atari": dict(total_timesteps=10_000_000, learning_rate=2.5e-4, num_envs=8, num_steps=128,
-                  num_minibatches=4, update_epochs=4, clip_coef=0.1, ent_coef=0.01),
+                  num_minibatches=4, update_epochs=4, clip_coef=0.1, ent_coef=0.01, gamma=0.99, gae_lambda=0.95, clip_vloss=True),
     # CleanRL ppo_continuous_action.py
     "mujoco": dict(total_timesteps=1_000_000, learning_rate=3e-4, num_envs=1, num_steps=2048,
-                   num_minibatches=32, update_epochs=10, clip_coef=0.2, ent_coef=0.0),
+                   num_minibatches=32, update_epochs=10, clip_coef=0.2, ent_coef=0.0, gamma=0.99, gae_lambda=0.95, clip_vloss=True),
 }
+
+
+# Tasks whose --preset auto is classic-fast (the settings it takes were tuned for them).
+FAST_PRESET_TASKS = ("CartPole-v0", "CartPole-v1")
 
 
 def resolve(args: Args) -> Args:
     """Fills the preset's values into the fields left at None and checks every value."""
     family = env_family(args.env_id)
-    preset = family if args.preset == "auto" else args.preset
+    preset = args.preset
+    if preset == "auto":  # CartPole: the preset that solves it in the least wall time; else CleanRL's
+        preset = "classic-fast" if args.env_id in FAST_PRESET_TASKS else family
     if preset not in PRESETS:
         raise ValueError(f"--preset must be one of auto, {', '.join(PRESETS)}; got {args.preset!r}")
     values = {k: (v if getattr(args, k) is None else getattr(args, k)) for k, v in PRESETS[preset].items()}
@@ -142,6 +155,7 @@ def resolve(args: Args) -> Args:
         raise ValueError(f"--policy-backend must be auto, fused or torch, got {args.policy_backend!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
+    policy_backend(args, family)  # --policy-backend fused where it cannot run fails here, before any work
     return args
 
 
@@ -218,19 +232,23 @@ class Agent(nn.Module):
         return action, logprob, entropy, self.critic(h).squeeze(-1)
 
 
-def policy_backend(args: Args, family: str, obs_shape, device: torch.device, kernels: "Kernels") -> str:
+def policy_backend(args: Args, family: str, obs_shape=None, device: Optional[torch.device] = None,
+                   kernels: Optional["Kernels"] = None) -> str:
     """The backend ``--policy-backend`` resolves to: ``fused`` runs the MLP actor-critic of the
     classic and MuJoCo presets as one C++ call per rollout step and per minibatch (sync envs, CPU,
     fastppo's kernels); everything else (the Atari CNN, async envs, a GPU, the eager baseline's
     kernels) runs on ``torch``. Asking for ``fused`` where it cannot run is an error that says why."""
     reasons = []
+    if device is None:
+        device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     if device.type != "cpu":
         reasons.append(f"it runs on the CPU (device is {device})")
-    if family == "atari" or len(obs_shape) != 1:
-        reasons.append(f"it runs MLP policies on vector observations (this env's are {tuple(obs_shape)})")
+    if family == "atari" or (obs_shape is not None and len(obs_shape) != 1):
+        what = "Atari frames" if family == "atari" else f"observations of shape {tuple(obs_shape)}"
+        reasons.append(f"it runs MLP policies on vector observations, not {what}")
     if args.async_batch_size is not None:
         reasons.append("it runs sync environments (--async-batch-size is set)")
-    if kernels != Kernels():
+    if kernels is not None and kernels != Kernels():
         reasons.append("it computes with fastppo's kernels (other kernels were given)")
     if args.policy_backend == "fused" and reasons:
         raise ValueError("--policy-backend fused: " + "; ".join(reasons))
