@@ -1,6 +1,8 @@
 """End-to-end: fastppo's trainer against the same trainer with CleanRL's eager torch computations
-(``benchmarks/cleanrl_eager.py``: same envs, network, seeds and hyperparameters) and against
-stable-baselines3's PPO with its published (rl-zoo) hyperparameters where it supports the env.
+(``benchmarks/cleanrl_eager.py``: same envs, network, seeds and hyperparameters, torch policy, no
+compilation), against stable-baselines3's PPO with its published (rl-zoo) hyperparameters where it
+supports the env, and against raw EnvPool stepping with the same number of environments (the
+loop's floor).
 
     python -m benchmarks.e2e                 # CartPole-v1 learning (3 seeds), HalfCheetah-v5 and Pong-v5 SPS
     python -m benchmarks.e2e --quick         # one seed, short budgets (a minute or two)
@@ -35,10 +37,48 @@ SB3_ZOO = {  # rl-baselines3-zoo hyperparams/ppo.yml
 }
 
 
-def fastppo_run(env_id, seed, total, kernels_name, run_root):
+CONTENDERS = {  # name -> (kernels, preset); None: the env's CleanRL preset
+    "fastppo": ("fastppo", None),
+    "fastppo-fast": ("fastppo", "classic-fast"),
+    "eager": ("eager", None),
+}
+CLEANRL_PRESET = {"CartPole-v1": "classic", "HalfCheetah-v5": "mujoco", "Hopper-v5": "mujoco", "Walker2d-v5": "mujoco",
+                  "Pong-v5": "atari", "Breakout-v5": "atari"}
+
+
+def raw_env_run(env_id, num_envs, steps, seed=1):
+    """Raw EnvPool stepping (sync, random actions) with `num_envs` environments: the rate no trainer
+    on these environments can beat."""
+    import warnings
+
+    import envpool
+    import numpy as np
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*precision lowered", category=UserWarning)
+        envs = envpool.make(env_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
+        space = envs.action_space
+    envs.reset()
+    rng = np.random.default_rng(seed)
+    continuous = len(space.shape) > 0
+    actions = [rng.uniform(space.low, space.high, (num_envs,) + space.shape).astype(np.float32) if continuous
+               else rng.integers(0, space.n, num_envs).astype(np.int32) for _ in range(64)]
+    for i in range(32):
+        envs.step(actions[i % 64])
+    n = max(steps // num_envs, 1)
+    start = time.perf_counter()
+    for i in range(n):
+        envs.step(actions[i % 64])
+    seconds = time.perf_counter() - start
+    envs.close()
+    return dict(steps=n * num_envs, seconds=seconds, sps=n * num_envs / seconds, num_envs=num_envs)
+
+
+def fastppo_run(env_id, seed, total, contender, run_root):
     """One trainer run; returns SPS and the learning curve read back from its metrics file."""
     from fastppo import train as T
 
+    kernels_name, preset = CONTENDERS[contender]
     kernels = T.Kernels()
     if kernels_name == "eager":
         try:
@@ -47,14 +87,17 @@ def fastppo_run(env_id, seed, total, kernels_name, run_root):
             from cleanrl_eager import EAGER
         kernels = EAGER
     args = T.Args(env_id=env_id, seed=seed, total_timesteps=total, device="cpu", run_dir=str(run_root),
-                  run_name=f"{kernels_name}-{env_id}-{seed}", log_every=10**9)
+                  run_name=f"{contender}-{env_id}-{seed}", log_every=10**9,
+                  preset=preset or CLEANRL_PRESET.get(env_id, "auto"))
     start = time.perf_counter()
     summary = T.train(args, kernels=kernels)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - summary["setup_seconds"]  # setup (compile, capture) apart
     rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     curve = [(r["global_step"], r["time"], r["episodic_return"]) for r in rows if r["episodic_return"] is not None]
+    config = json.loads((Path(summary["run_dir"]) / "config.json").read_text())
     return dict(steps=summary["global_step"], seconds=seconds, sps=summary["global_step"] / seconds,
-                final_return=summary["episodic_return"], curve=curve)
+                setup_seconds=summary["setup_seconds"], backend=summary["policy_backend"], preset=config["preset"],
+                num_envs=config["num_envs"], final_return=summary["episodic_return"], curve=curve)
 
 
 def sb3_run(env_id, seed, total):
@@ -121,15 +164,18 @@ def plan(mode):
         return [dict(env_id=e, seeds=[1, 2, 3], total=1_000_000, contenders=["fastppo"]) for e in CLEANRL_1M]
     if mode == "tiny":  # seconds: proves the pipeline runs, measures nothing
         return [
-            dict(env_id="CartPole-v1", seeds=[1], total=2_048, contenders=["fastppo", "eager", "sb3"], sb3_total=512),
+            dict(env_id="CartPole-v1", seeds=[1], total=2_048, contenders=["fastppo", "fastppo-fast", "eager", "sb3", "raw"],
+                 sb3_total=512, fast_total=1_024),
             dict(env_id="HalfCheetah-v5", seeds=[1], total=2_048, contenders=["fastppo"]),
         ]
     seeds = [1] if mode == "quick" else [1, 2, 3]
     cartpole = 200_000 if mode == "quick" else 500_000
     return [
-        dict(env_id="CartPole-v1", seeds=seeds, total=cartpole, contenders=["fastppo", "eager", "sb3"], sb3_total=100_000),
-        dict(env_id="HalfCheetah-v5", seeds=[1], total=10_240 if mode == "quick" else 40_960, contenders=["fastppo", "eager"]),
-        dict(env_id="Pong-v5", seeds=[1], total=4_096 if mode == "quick" else 16_384, contenders=["fastppo", "eager"]),
+        dict(env_id="CartPole-v1", seeds=seeds, total=cartpole, contenders=["fastppo", "fastppo-fast", "eager", "sb3", "raw"],
+             sb3_total=100_000, fast_total=150_000),
+        dict(env_id="HalfCheetah-v5", seeds=[1], total=10_240 if mode == "quick" else 40_960,
+             contenders=["fastppo", "eager", "raw"]),
+        dict(env_id="Pong-v5", seeds=[1], total=4_096 if mode == "quick" else 16_384, contenders=["fastppo", "eager", "raw"]),
     ]
 
 
@@ -141,6 +187,13 @@ def run(mode, run_root):
                 print(f"{item['env_id']} {contender} seed {seed} ...", file=sys.stderr, flush=True)
                 if contender == "sb3":
                     out = sb3_run(item["env_id"], seed, item.get("sb3_total", item["total"]))
+                elif contender == "raw":
+                    from fastppo import train as T
+
+                    preset = T.PRESETS[CLEANRL_PRESET[item["env_id"]]]
+                    out = raw_env_run(item["env_id"], preset["num_envs"], min(item["total"], 200_000), seed)
+                elif contender == "fastppo-fast":
+                    out = fastppo_run(item["env_id"], seed, item.get("fast_total", item["total"]), contender, run_root)
                 else:
                     out = fastppo_run(item["env_id"], seed, item["total"], contender, run_root)
                 out.update(env_id=item["env_id"], contender=contender, seed=seed)
@@ -151,7 +204,9 @@ def run(mode, run_root):
     return results
 
 
-NAMES = {"fastppo": "fastppo", "eager": "same trainer, CleanRL's eager torch ops", "sb3": "stable-baselines3 PPO (rl-zoo)"}
+NAMES = {"fastppo": "fastppo (CleanRL's preset)", "fastppo-fast": "fastppo (classic-fast preset)",
+         "eager": "same trainer, CleanRL's eager torch ops", "sb3": "stable-baselines3 PPO (rl-zoo)",
+         "raw": "raw EnvPool stepping, same env count"}
 
 
 def summarize(results, mode):
@@ -164,38 +219,66 @@ def summarize(results, mode):
               f"- CPU: {platform.processor() or 'unknown'}, {os.cpu_count()} cores; torch {torch.__version__}, fastppo {fastppo.__version__}",
               f"- fastppo.build_info(): `{fastppo.build_info()}`", ""]
     lines += ["## Medians over seeds", "",
-              "| env | contender | seeds | SPS | wall time (s) | steps to threshold | time to threshold (s) | final mean return |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+              "| env | contender | seeds | SPS | wall time (s) | setup (s) | steps to threshold | time to threshold (s) | final mean return |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     groups = {}
     for r in results:
         groups.setdefault((r["env_id"], r["contender"]), []).append(r)
-    fastppo_sps = {}
+    sps_of = {}
     for (env_id, contender), rs in groups.items():
         if any("skipped" in r for r in rs):
-            lines.append(f"| {env_id} | {NAMES[contender]} | - | skipped: {rs[0]['skipped']} | | | | |")
+            lines.append(f"| {env_id} | {NAMES[contender]} | - | skipped: {rs[0]['skipped']} | | | | | |")
             continue
         sps = median([r["sps"] for r in rs])
-        if contender == "fastppo":
-            fastppo_sps[env_id] = sps
+        sps_of[env_id, contender] = sps
         reach = [r.get("reach") for r in rs]
         reached = [x for x in reach if x]
         steps = median([x[0] for x in reached]) if reached else None
         secs = median([x[1] for x in reached]) if reached else None
-        thr = f"{steps:.0f}" if steps else ("-" if env_id not in THRESHOLD else f"not reached ({len(reached)}/{len(rs)})")
-        final = median([r["final_return"] for r in rs])
+        thr = "-" if env_id not in THRESHOLD or contender == "raw" else (
+            f"{steps:.0f}" if len(reached) == len(rs) else f"not reached ({len(reached)}/{len(rs)})")
+        final = median([r.get("final_return") for r in rs])
+        setup = median([r.get("setup_seconds") for r in rs])
         lines.append(f"| {env_id} | {NAMES[contender]} | {len(rs)} | {sps:.0f} | {median([r['seconds'] for r in rs]):.1f} | "
-                     f"{thr} | {'-' if secs is None else f'{secs:.1f}'} | {'-' if final is None else f'{final:.1f}'} |")
+                     f"{'-' if setup is None else f'{setup:.3f}'} | {thr} | {'-' if secs is None else f'{secs:.1f}'} | "
+                     f"{'-' if final is None else f'{final:.1f}'} |")
     lines += ["", "## SPS ratios (fastppo / peer, same machine, same run)", ""]
-    for (env_id, contender), rs in groups.items():
-        if contender != "fastppo" and env_id in fastppo_sps and not any("skipped" in r for r in rs):
-            lines.append(f"- {env_id}: fastppo / {NAMES[contender]} = {fastppo_sps[env_id] / median([r['sps'] for r in rs]):.2f}")
+    for (env_id, contender), sps in sps_of.items():
+        if contender not in ("fastppo", "fastppo-fast") and (env_id, "fastppo") in sps_of:
+            lines.append(f"- {env_id}: {NAMES['fastppo']} / {NAMES[contender]} = {sps_of[env_id, 'fastppo'] / sps:.2f}")
+    lines += ["", "## Targets", "", "| measure | measured | target |", "|---|---:|---:|"]
+
+    def ratio(env_id, a, b):
+        return sps_of[env_id, a] / sps_of[env_id, b] if (env_id, a) in sps_of and (env_id, b) in sps_of else None
+
+    for env_id, label, a, b, target in (
+            ("CartPole-v1", "CartPole-v1 SPS, CleanRL settings, vs the eager-ops trainer", "fastppo", "eager", ">= 3x"),
+            ("CartPole-v1", "CartPole-v1 SPS vs raw EnvPool stepping, same env count", "fastppo", "raw", ">= 50%"),
+            ("HalfCheetah-v5", "HalfCheetah-v5 SPS, CleanRL settings, vs the eager-ops trainer", "fastppo", "eager", ">= 2.5x"),
+            ("HalfCheetah-v5", "HalfCheetah-v5 SPS vs raw EnvPool stepping, same env count", "fastppo", "raw", "-"),
+            ("Pong-v5", "Pong-v5 SPS vs the eager-ops trainer (CPU)", "fastppo", "eager", ">= 1.3x")):
+        r = ratio(env_id, a, b)
+        if r is not None:
+            shown = f"{100 * r:.0f}%" if b == "raw" else f"{r:.2f}x"
+            lines.append(f"| {label} | {shown} | {target} |")
+    fast = [r.get("reach") for r in groups.get(("CartPole-v1", "fastppo-fast"), [])]
+    sb3 = [r.get("reach") for r in groups.get(("CartPole-v1", "sb3"), []) if "skipped" not in r]
+    if fast and sb3 and all(sb3):
+        sb3_time = median([x[1] for x in sb3])
+        per_seed = ", ".join("not reached" if x is None else f"{x[1] / sb3_time:.2f}x" for x in fast)
+        lines.append(f"| CartPole-v1 wall time to 475, classic-fast preset vs SB3 rl-zoo (median {sb3_time:.1f} s), "
+                     f"per seed | {per_seed} | <= 0.5x, all seeds |")
     if mode == "long":
         lines += ["", "## Final mean return at 1M steps vs CleanRL's published results", ""]
         for env_id, ref in CLEANRL_1M.items():
             finals = [r["final_return"] for r in results if r["env_id"] == env_id]
             lines.append(f"- {env_id}: fastppo {median(finals):.1f} (seeds: {finals}); CleanRL {ref}")
     lines += ["", "## Notes", "",
-              "- SPS counts environment steps over the whole run (rollout and learning), on the CPU.",
+              "- SPS counts environment steps over the whole run (rollout and learning), on the CPU; setup (building the "
+              "fused policy, compiling, capturing) is excluded from SPS and shown apart. fastppo picks its policy backend "
+              "with --policy-backend auto: fused (one C++ call per rollout step and per minibatch) for the MLP presets, "
+              "torch for Atari's CNN.",
+              "- Raw EnvPool stepping: sync steps with random actions and the CleanRL preset's env count, nothing else.",
               "- Threshold: the mean return of the last 100 episodes (CartPole-v1: 475); SB3's from its episode buffer "
               "(last 100 episodes), read at the end of each rollout.",
               "- The eager baseline is fastppo's trainer with fastppo.gae, fastppo.ppo_loss and the fused heads replaced by "
@@ -215,7 +298,7 @@ def plot(results, path):
     if not curves:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    colors = {"fastppo": "tab:blue", "eager": "tab:orange", "sb3": "tab:green"}
+    colors = {"fastppo": "tab:blue", "fastppo-fast": "tab:purple", "eager": "tab:orange", "sb3": "tab:green"}
     for r in curves:
         steps, secs, rets = zip(*r["curve"])
         label = f"{NAMES[r['contender']]} (seed {r['seed']})"

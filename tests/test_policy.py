@@ -139,8 +139,6 @@ def test_fused_mlp_non_contiguous_inputs(dtype):
         check_fused_mlp(seq, ref, x, dtype)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="BUG: a broadcast x (row stride 0) reaches the C++ as ldx=0 < in and is refused")
 def test_fused_mlp_broadcast_input():
     """An expanded x (stride 0 along the rows) is a valid [rows, in] tensor; seq(x) accepts it."""
     seq, ref, _ = mlp_case([7, 64, 3], nn.Tanh, torch.float64, 1, seed=5)
@@ -238,16 +236,17 @@ def test_fused_mlp_bad_input():
 
 
 class ActorCritic(nn.Module):
-    """CleanRL's MLP agent (separate 64-64 actor and critic), or with `shared` one trunk and two
-    Linear heads; `actor_logstd` for a Gaussian policy."""
+    """CleanRL's MLP agent (separate actor and critic, two hidden layers), or with `shared` one
+    trunk and the heads on it (`head`: their hidden widths, none: a Linear each); `actor_logstd`
+    for a Gaussian policy."""
 
-    def __init__(self, obs_dim, n_out, continuous, act=nn.Tanh, shared=False, hidden=64):
+    def __init__(self, obs_dim, n_out, continuous, act=nn.Tanh, shared=False, hidden=64, head=()):
         super().__init__()
         self.shared = shared
         if shared:
             self.trunk = mlp([obs_dim, hidden, hidden], act, last_linear=False)
-            self.actor = nn.Linear(hidden, n_out)
-            self.critic = nn.Linear(hidden, 1)
+            self.actor = mlp([hidden, *head, n_out], act) if head else nn.Linear(hidden, n_out)
+            self.critic = mlp([hidden, *head, 1], act) if head else nn.Linear(hidden, 1)
         else:
             self.actor = mlp([obs_dim, hidden, hidden, n_out], act)
             self.critic = mlp([obs_dim, hidden, hidden, 1], act)
@@ -257,6 +256,10 @@ class ActorCritic(nn.Module):
     @property
     def continuous(self):
         return hasattr(self, "actor_logstd")
+
+    @property
+    def obs_dim(self):
+        return (self.trunk if self.shared else self.actor)[0].in_features
 
     def forward(self, obs):
         """(actor output, value [rows])."""
@@ -269,9 +272,9 @@ class ActorCritic(nn.Module):
         return fastppo.categorical_logprob_entropy(out, actions)
 
 
-def make_module(obs_dim, n_out, continuous, dtype, act=nn.Tanh, shared=False, seed=0):
+def make_module(obs_dim, n_out, continuous, dtype, act=nn.Tanh, shared=False, seed=0, **kwargs):
     torch.manual_seed(seed)
-    return ActorCritic(obs_dim, n_out, continuous, act, shared).to(dtype)
+    return ActorCritic(obs_dim, n_out, continuous, act, shared, **kwargs).to(dtype)
 
 
 @dataclass
@@ -297,7 +300,7 @@ def make_batch(module, B, seed=0, mask_p=None) -> Batch:
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
-    obs = randn(B, module_obs_dim(module))
+    obs = randn(B, module.obs_dim)
     with torch.no_grad():
         out, value = module(obs)
         if module.continuous:
@@ -309,11 +312,6 @@ def make_batch(module, B, seed=0, mask_p=None) -> Batch:
     mask = None if mask_p is None else torch.rand(B, generator=g) < mask_p
     return Batch(obs.contiguous(), actions.contiguous(), logprob + randn(B, scale=0.3), randn(B) + 0.3,
                  value + randn(B), value + randn(B, scale=0.3), mask)
-
-
-def module_obs_dim(module):
-    first = module.trunk if module.shared else module.actor
-    return first[0].in_features
 
 
 def torch_update(module, optimizer, batch: Batch, idx, opts: dict):
@@ -339,7 +337,7 @@ def fused_and_reference(module, **opts):
                      vf_clip_coef=None, norm_adv=True), **opts)
     ref = copy.deepcopy(module)
     fused = FusedActorCritic(module, **opts)
-    optimizer = torch.optim.Adam(ref.parameters(), lr=opts["lr"], eps=1e-5)
+    optimizer = torch.optim.Adam(ref.parameters(), lr=opts["lr"], betas=opts.get("betas", (0.9, 0.999)), eps=1e-5)
     return fused, ref, optimizer, opts
 
 
@@ -357,10 +355,11 @@ class UpdateCase:
     mask: Optional[str] = None  # None, "random", or "edge" (2nd update: one selected row; 3rd: none)
     clip_vloss: bool = True
     norm_adv: bool = True
-    max_grad_norm: float = 0.1  # small: updates clip; 1e9: none does
+    max_grad_norm: float = 0.02  # small: updates clip; 1e9: none does
     act: type = nn.Tanh
     shared: bool = False
     extra: Optional[dict] = None  # other constructor options
+    widths: Optional[dict] = None  # ActorCritic's hidden / head
 
     def __str__(self):
         parts = [f"{'cont' if self.continuous else 'disc'}{self.n_out}", str(self.dtype)[6:], f"M{self.M}"]
@@ -371,6 +370,7 @@ class UpdateCase:
         parts += ["relu"] if self.act is nn.ReLU else []
         parts += ["trunk"] if self.shared else []
         parts += ["+".join(self.extra)] if self.extra else []
+        parts += ["-".join(f"{k}{v}" for k, v in self.widths.items())] if self.widths else []
         return "-".join(parts)
 
 
@@ -379,7 +379,7 @@ UPDATE_CASES = [
     UpdateCase(False, 2, torch.float64, 64),
     UpdateCase(False, 7, torch.float64, 128, mask="random", clip_vloss=False, max_grad_norm=1e9),
     UpdateCase(False, 7, torch.float64, 1, norm_adv=False),
-    UpdateCase(False, 7, torch.float64, 1, mask="edge"),
+    UpdateCase(False, 7, torch.float64, 1, mask="edge", max_grad_norm=1e-3),
     UpdateCase(False, 2, torch.float64, 1025, mask="edge", norm_adv=False, max_grad_norm=1e9),
     UpdateCase(True, 1, torch.float64, 64, mask="edge", norm_adv=False),
     UpdateCase(True, 6, torch.float64, 128, clip_vloss=False, act=nn.ReLU, extra=dict(vf_clip_coef=0.5, lr=1e-3)),
@@ -392,6 +392,9 @@ UPDATE_CASES = [
     UpdateCase(True, 6, torch.float32, 1025, mask="edge"),
     UpdateCase(True, 6, torch.float32, 64, shared=True, max_grad_norm=1e9, extra=dict(betas=(0.8, 0.95))),
     UpdateCase(False, 2, torch.float32, 64, shared=True, act=nn.ReLU, norm_adv=False),
+    UpdateCase(True, 6, torch.float64, 128, act=nn.ReLU, widths=dict(hidden=97)),
+    UpdateCase(False, 7, torch.float64, 64, mask="random", shared=True, widths=dict(hidden=7, head=(33, 5))),
+    UpdateCase(True, 1, torch.float32, 128, shared=True, widths=dict(hidden=1, head=(16,))),
 ]
 
 
@@ -400,8 +403,8 @@ def minibatches(case: UpdateCase, batch: Batch, seed: int):
     selected, then rows that are all masked out."""
     g = torch.Generator().manual_seed(seed)
     first = torch.randperm(B, generator=g)[:case.M]
-    if case.mask != "edge":
-        return [first] + [torch.randperm(B, generator=g)[:case.M] for _ in range(2)]
+    if case.mask != "edge":  # the last one may repeat rows
+        return [first, torch.randperm(B, generator=g)[:case.M], torch.randint(0, B, (case.M,), generator=g)]
     kept, dropped = batch.mask.nonzero().squeeze(1), (~batch.mask).nonzero().squeeze(1)
     assert dropped.numel() >= case.M
     one = torch.cat([dropped[torch.randperm(dropped.numel(), generator=g)[:case.M - 1]], kept[3:4]])
@@ -415,12 +418,11 @@ def test_update_matches_torch(case: UpdateCase):
     """Three successive updates: parameters, their (clipped) gradients, the stats and the grad norm
     equal those of the torch step on a deep copy of the module."""
     obs_dim = 11
-    module = make_module(obs_dim, case.n_out, case.continuous, case.dtype, case.act, case.shared, seed=case.M)
+    module = make_module(obs_dim, case.n_out, case.continuous, case.dtype, case.act, case.shared, seed=case.M,
+                         **(case.widths or {}))
     batch = make_batch(module, B, seed=case.n_out, mask_p={None: None, "random": 0.7, "edge": 0.4}[case.mask])
     opts = dict(clip_vloss=case.clip_vloss, norm_adv=case.norm_adv, max_grad_norm=case.max_grad_norm)
     fused, ref, optimizer, opts = fused_and_reference(module, **opts, **(case.extra or {}))
-    if "betas" in opts:
-        optimizer = torch.optim.Adam(ref.parameters(), lr=opts["lr"], betas=opts["betas"], eps=1e-5)
     fused.set_batch(*batch.tensors())
     tol = TOL[case.dtype]
     clipped = []
@@ -452,7 +454,8 @@ def test_update_lr_argument_and_zero_grad_step_moves_parameters():
     batch.mask[128:] = False
     fused, ref, optimizer, opts = fused_and_reference(module, lr=1e-3)
     fused.set_batch(*batch.tensors())
-    for k, (idx, lr) in enumerate([(torch.arange(0, 64), 2e-3), (torch.arange(128, 192), 5e-4), (torch.arange(64, 128), None)]):
+    schedule = [(torch.arange(0, 64), 2e-3), (torch.arange(128, 192), 5e-4), (torch.arange(64, 128), None)]
+    for k, (idx, lr) in enumerate(schedule):
         before = fused.params.clone()
         stats = fused.update(idx, lr=lr)
         optimizer.param_groups[0]["lr"] = opts["lr"] if lr is None else lr
@@ -463,6 +466,37 @@ def test_update_lr_argument_and_zero_grad_step_moves_parameters():
             assert stats[6] == 0.0
     out = np.full(7, np.nan)
     assert fused.update(torch.arange(10), stats=out) is out and np.isfinite(out).all()
+
+
+class LinearPolicy(nn.Module):
+    """No hidden layer at all: a linear actor and critic (no activation anywhere)."""
+
+    def __init__(self, obs_dim, n_out):
+        super().__init__()
+        self.actor = nn.Linear(obs_dim, n_out)
+        self.critic = nn.Sequential(nn.Linear(obs_dim, 1))
+        self.shared, self.obs_dim, self.continuous = False, obs_dim, False
+
+    def forward(self, obs):
+        return self.actor(obs), self.critic(obs).squeeze(-1)
+
+    def heads(self, out, actions):
+        return fastppo.categorical_logprob_entropy(out, actions)
+
+
+def test_update_linear_policy():
+    torch.manual_seed(0)
+    module = LinearPolicy(9, 4).double()
+    batch = make_batch(module, 500, seed=1)
+    fused, ref, optimizer, opts = fused_and_reference(module)
+    fused.set_batch(*batch.tensors())
+    for k in range(3):
+        idx = torch.randperm(500)[:200]
+        stats = fused.update(idx)
+        want_stats, want_norm = torch_update(ref, optimizer, batch, idx, opts)
+        close(stats, want_stats + [want_norm], 1e-9, f"update {k}: stats")
+        assert_same_parameters(module, ref, 1e-9, f"update {k}: ")
+    close(fused.act(batch.obs[:7])[2], ref(batch.obs[:7])[1].detach(), 1e-9)
 
 
 def test_train_agent_is_fusable():
@@ -540,6 +574,9 @@ def test_act_matches_torch(continuous, n_out, dtype, act, shared):
     tol = TOL[dtype]
     for rows in (1, 4, 97):
         obs = (torch.randn(rows, 13, generator=g, dtype=torch.float64) * 2).to(dtype)
+        if rows == 4:  # a view with rows 20 apart
+            obs = torch.cat([obs, torch.full((rows, 7), float("nan"), dtype=dtype)], 1)[:, :13]
+            assert obs.stride(0) == 20
         greedy, _, _ = check_act(fused, module, obs, None, tol, low, high)
         if continuous:
             noise = torch.randn(rows, n_out, generator=g, dtype=torch.float64).to(dtype) * 2
@@ -663,7 +700,8 @@ def test_module_stays_a_torch_module():
         assert torch.equal(p, state[name]), name
     # And torch autograd still reaches the parameters.
     module.zero_grad(set_to_none=True)
-    module(obs)[1].sum().backward()
+    out, value = module(obs)
+    (out.sum() + value.sum()).backward()
     assert all(p.grad is not None for n, p in module.named_parameters() if n != "actor_logstd")
 
 
@@ -720,7 +758,8 @@ def relu_critic(m):
         (lambda: with_changes(extra_layer), ["2 parameter", "outside"]),
         (lambda: with_changes(shared_layer), ["shared"]),
         (lambda: with_changes(relu_critic), ["one activation", "relu", "tanh"]),
-        (lambda: with_changes(lambda m: setattr(m, "actor_logstd", nn.Parameter(torch.zeros(2)))), ["actor_logstd", "[3]"]),
+        (lambda: with_changes(lambda m: setattr(m, "actor_logstd", nn.Parameter(torch.zeros(2)))),
+         ["actor_logstd", "[3]"]),
         (lambda: with_changes(lambda m: m.half()), ["float16"]),
         (lambda: CNNActor("actor"), ["Conv2d"]),
         (lambda: CNNActor("trunk"), ["Conv2d"]),
@@ -770,13 +809,14 @@ def test_set_batch_bad_arguments(continuous, name):
         fused.set_batch(**dict(args, **{name: bad_dtype}))
     with pytest.raises((TypeError, ValueError), match=name):
         fused.set_batch(**dict(args, **{name: args[name].numpy()}))
-    for bad_shape in (args[name][:-1], args[name].unsqueeze(-1), args[name].repeat(2, *[1] * (args[name].dim() - 1))):
+    x = args[name]
+    bad_shapes = [x[:, :-1], x.reshape(-1), x.unsqueeze(0)] if name == "obs" else [x[:-1], x.unsqueeze(-1), x[None]]
+    for bad_shape in bad_shapes:
         with pytest.raises(ValueError, match=rf"set_batch: {name} must"):
             fused.set_batch(**dict(args, **{name: bad_shape}))
-    if args[name].dim() == 2:
-        with pytest.raises(ValueError, match=rf"set_batch: {name} must"):
-            fused.set_batch(**dict(args, **{name: args[name].T.contiguous().T}) if name != "obs" else
-                            dict(args, obs=torch.randn(4, 16, dtype=torch.float64).T))
+    if x.dim() == 2:  # the right shape, not contiguous
+        with pytest.raises(ValueError, match=rf"set_batch: {name} must be a contiguous"):
+            fused.set_batch(**dict(args, **{name: x.T.contiguous().T}))
 
 
 def test_update_errors():
@@ -807,9 +847,9 @@ def test_act_bad_arguments():
         fused.act(torch.zeros(2, 4), torch.rand(3, 3))
     with pytest.raises(ValueError, match=r"noise must have shape \[rows, 3\]"):
         fused.act(torch.zeros(2, 4), torch.rand(2, 2))
-    with pytest.raises(ValueError, match="env_action must be a contiguous int32"):
+    with pytest.raises(ValueError, match="env_action must be a C-contiguous int32"):
         fused.act(torch.zeros(2, 4), env_action=np.zeros(2, np.int64))
-    with pytest.raises(ValueError, match="action must be a contiguous torch.int64"):
+    with pytest.raises(ValueError, match="action must be a contiguous CPU torch.int64"):
         fused.act(torch.zeros(2, 4), action=torch.zeros(2, dtype=torch.int32))
 
 
@@ -860,3 +900,54 @@ def test_optimizer_state_round_trips(continuous, dtype):
     assert all(torch.equal(a, b) for a, b in zip(fused_restored.act(obs), fused_first.act(obs)))
     with pytest.raises(ValueError, match="exp_avg has 3 elements"):
         fused_restored.load_state_dict(dict(step=1, exp_avg=torch.zeros(3), exp_avg_sq=torch.zeros(3)))
+
+
+# ------------------------------------------------------------------ bugs found while writing these tests
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_act_noise_with_a_row_stride(continuous):
+    fused = FusedActorCritic(make_module(4, 3, continuous, torch.float64, seed=1))
+    obs = torch.randn(6, 4, dtype=torch.float64)
+    noise = (torch.randn if continuous else torch.rand)(6, 8, dtype=torch.float64)[:, :3]  # rows 8 apart
+    got, want = fused.act(obs, noise), fused.act(obs, noise.contiguous())
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("which", ["action", "env_action", "stats"])
+def test_outputs_too_small_are_refused(which):
+    """Outputs smaller than what the C++ writes must be refused. Each one here is the head of a
+    larger buffer, so that what the unchecked call writes past its end stays in owned memory."""
+    module = make_module(4, 6, True, torch.float32, seed=1)
+    fused = FusedActorCritic(module)
+    fused.set_action_bounds(-1.0, 1.0)
+    obs = torch.randn(5, 4)
+    if which == "action":
+        whole = torch.full((5 * 6,), -7.0)
+        call = lambda: fused.act(obs, action=whole[:5].view(5, 1))  # noqa: E731
+    elif which == "env_action":
+        whole = np.full(5 * 6, -7.0, np.float32)
+        call = lambda: fused.act(obs, env_action=whole[:5].reshape(5, 1))  # noqa: E731
+    else:
+        whole = np.full(14, -7.0, np.float32)
+        fused.set_batch(*make_batch(module, 32, seed=0).tensors())
+        call = lambda: fused.update(torch.arange(8), stats=whole[:7])  # noqa: E731  float32 [7]: 28 of 56 bytes
+    with pytest.raises((TypeError, ValueError)):  # unfixed: DID NOT RAISE, and the tail of `whole` is written
+        call()
+    assert (whole[7:] == -7).all()
+
+
+def test_expanded_log_std_head():
+    """normal_logprob_entropy(mean, log_std.expand_as(mean), actions), the shape-matched call
+    CleanRL-style code makes, backpropagates like the shared [D] call."""
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    log_std = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    actions = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    lp, ent = fastppo.normal_logprob_entropy(mean, log_std.expand_as(mean), actions)
+    got = torch.autograd.grad((lp + 0.3 * ent).sum(), [mean, log_std])
+    lp, ent = fastppo.normal_logprob_entropy(mean, log_std, actions)
+    want = torch.autograd.grad((lp + 0.3 * ent).sum(), [mean, log_std])
+    for a, b in zip(got, want):
+        close(a, b, 1e-12)

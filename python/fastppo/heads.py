@@ -202,6 +202,8 @@ def _normal_specs(mean: Tensor, log_std: Tensor, actions: Tensor):
         ls = log_std
     else:
         ls = log_std.reshape(-1, D)
+        if ls.stride(0) == 0:  # a [D] log_std expanded over rows (CleanRL's expand_as): its gradient is per row
+            ls = torch.empty(ls.shape, dtype=ls.dtype, device=ls.device).copy_(ls)
         ls_spec = (ls.data_ptr(), ls.stride(0), ls.stride(1))
     specs = ((m.data_ptr(), m.stride(0), m.stride(1)), ls_spec, (a.data_ptr(), a.stride(0), a.stride(1)))
     return m.shape[0], D, specs, (m, ls, a)

@@ -151,8 +151,8 @@ def fused_mlp(seq: nn.Module, x: Tensor, *, last_linear: bool = True) -> Tensor:
         raise ValueError(f"fused_mlp: x must have shape [..., {linears[0].in_features}], got {list(x.shape)}")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    if x2d.stride(1) != 1 or x2d.shape[0] == 0:
-        x2d = x2d.contiguous()
+    if x2d.stride(1) != 1 or x2d.stride(0) < x2d.shape[1] or x2d.shape[0] == 0:  # rows must not overlap
+        x2d = torch.empty(x2d.shape, dtype=x2d.dtype).copy_(x2d)
     params = [p for l in linears for p in (l.weight, l.bias)]
     out = _FusedMLP.apply(x2d, linears, activation, last_linear, *params)
     return out.reshape(*lead, linears[-1].out_features)
@@ -168,12 +168,13 @@ def _address(x) -> int:
 class FusedActorCritic:
     """One C++ call per rollout step and one per minibatch update for an actor-critic module.
 
-    ``module`` must have ``actor`` (``Linear``/activation stack ending in a ``Linear``: logits
-    ``[A]`` or Gaussian means ``[D]``), ``critic`` (the same, ending in one output) and may have
-    ``trunk`` (a stack ending in its activation, shared by both; ``nn.Identity`` or absent: none)
-    and ``actor_logstd`` (``[D]``, a state-independent Gaussian policy; else categorical). CleanRL's
-    ``Agent`` for classic control and MuJoCo has this shape. Anything else raises
-    :class:`NotFusable` (train it on the torch path).
+    ``module`` must have ``actor`` or ``actor_mean`` (``Linear``/activation stack ending in a
+    ``Linear``: logits ``[A]`` or Gaussian means ``[D]``), ``critic`` (the same, ending in one
+    output) and may have ``trunk`` (a stack ending in its activation, shared by both;
+    ``nn.Identity`` or absent: none) and ``actor_logstd`` (``[D]`` or ``[1, D]``, a
+    state-independent Gaussian policy; else categorical). CleanRL's ``Agent`` of ``ppo.py`` and
+    ``ppo_continuous_action.py`` and ``fastppo.train.Agent`` for classic control and MuJoCo have
+    this shape. Anything else raises :class:`NotFusable` (train it on the torch path).
 
     The module's parameters are moved into one flat buffer and keep being the module's
     parameters; Adam's moments live here (:meth:`state_dict`). Arguments are those of
@@ -190,9 +191,10 @@ class FusedActorCritic:
         activation = None
         if trunk is not None and not isinstance(trunk, nn.Identity):
             trunk_linears, activation = mlp_layers(trunk, last_linear=False)
-        if not hasattr(module, "actor") or not hasattr(module, "critic"):
-            raise NotFusable(f"{type(module).__name__} has no `actor` and `critic` submodules")
-        actor_linears, actor_act = mlp_layers(module.actor)
+        actor = getattr(module, "actor", getattr(module, "actor_mean", None))  # CleanRL's continuous agent: actor_mean
+        if actor is None or not hasattr(module, "critic"):
+            raise NotFusable(f"{type(module).__name__} has no `actor` (or `actor_mean`) and `critic` submodules")
+        actor_linears, actor_act = mlp_layers(actor)
         critic_linears, critic_act = mlp_layers(module.critic)
         acts = {a for a in (activation, actor_act, critic_act) if a is not None}
         if len(acts) > 1:
@@ -203,8 +205,8 @@ class FusedActorCritic:
         log_std = getattr(module, "actor_logstd", None)
         self.continuous = isinstance(log_std, Tensor)
         self.n_out = actor_linears[-1].out_features
-        if self.continuous and log_std.shape != (self.n_out,):
-            raise NotFusable(f"actor_logstd must have shape [{self.n_out}], got {list(log_std.shape)}")
+        if self.continuous and tuple(log_std.shape) not in ((self.n_out,), (1, self.n_out)):
+            raise NotFusable(f"actor_logstd must have shape [{self.n_out}] or [1, {self.n_out}], got {list(log_std.shape)}")
         linears = trunk_linears + actor_linears + critic_linears
         dtype = _check_params(linears, type(module).__name__)
         named = [p for l in linears for p in (l.weight, l.bias)] + ([log_std] if self.continuous else [])
@@ -230,6 +232,7 @@ class FusedActorCritic:
                 p.data = self.params[offset:offset + k].view_as(p)
                 p.grad = self.grads[offset:offset + k].view_as(p)
                 offset += k
+        self._named, self._grad_views = named, [p.grad for p in named]
         self.step = 0
         self.lr = float(lr)
         self._plan = _C.ActorCriticPlan(
@@ -269,7 +272,7 @@ class FusedActorCritic:
         rows = obs.shape[0]
         self._plan.refresh()
         if noise is not None:
-            noise = self._rows(noise, "noise", self.n_out)
+            noise = self._rows(noise, "noise", self.n_out).contiguous()  # read as packed rows
             if noise.shape[0] != rows:
                 raise ValueError(f"act: noise has {noise.shape[0]} rows, obs {rows}")
         if action is None:
@@ -277,15 +280,20 @@ class FusedActorCritic:
                                  dtype=self.dtype if self.continuous else torch.int64)
         logprob = torch.empty(rows, dtype=self.dtype) if logprob is None else logprob
         value = torch.empty(rows, dtype=self.dtype) if value is None else value
-        for name, x, dtype in (("action", action, self.dtype if self.continuous else torch.int64),
-                               ("logprob", logprob, self.dtype), ("value", value, self.dtype)):
-            if not isinstance(x, Tensor) or x.dtype != dtype or not x.is_contiguous() or x.shape[0] != rows:
-                raise ValueError(f"act: {name} must be a contiguous {dtype} tensor with {rows} rows")
+        action_shape = (rows, self.n_out) if self.continuous else (rows,)
+        for name, x, dtype, shape in (("action", action, self.dtype if self.continuous else torch.int64, action_shape),
+                                      ("logprob", logprob, self.dtype, (rows,)), ("value", value, self.dtype, (rows,))):
+            if not isinstance(x, Tensor) or x.dtype != dtype or not x.is_contiguous() or tuple(x.shape) != shape \
+                    or x.device.type != "cpu":
+                raise ValueError(f"act: {name} must be a contiguous CPU {dtype} tensor of shape {list(shape)}, got "
+                                 f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
         if env_action is not None:
             want = np.float32 if self.continuous else np.int32
             if not isinstance(env_action, np.ndarray) or env_action.dtype != want or not env_action.flags.c_contiguous \
-                    or env_action.shape[0] != rows:
-                raise ValueError(f"act: env_action must be a contiguous {np.dtype(want)} numpy array with {rows} rows")
+                    or env_action.shape != action_shape:
+                raise ValueError(f"act: env_action must be a C-contiguous {np.dtype(want)} numpy array of shape "
+                                 f"{list(action_shape)}, got {getattr(env_action, 'dtype', type(env_action).__name__)} "
+                                 f"{list(getattr(env_action, 'shape', []))}")
             if self.continuous and self._low is None:
                 raise ValueError("act: call set_action_bounds before asking for continuous env actions")
         self.act_at(rows, obs.data_ptr(), obs.stride(0), 0 if noise is None else noise.data_ptr(), action.data_ptr(),
@@ -364,6 +372,13 @@ class FusedActorCritic:
             raise ValueError(f"update: idx must be in [0, {self._batch_size})")
         if stats is None:
             stats = np.zeros(7)
+        elif not (isinstance(stats, np.ndarray) and stats.dtype == np.float64 and stats.shape == (7,)
+                  and stats.flags.c_contiguous):
+            raise ValueError(f"update: stats must be a C-contiguous float64 numpy array of shape [7], got "
+                             f"{getattr(stats, 'dtype', type(stats).__name__)} {list(getattr(stats, 'shape', []))}")
+        for p, view in zip(self._named, self._grad_views):  # module.zero_grad() may have dropped the views
+            if p.grad is None:
+                p.grad = view
         self.update_at(idx.numel(), idx.data_ptr(), self.lr if lr is None else lr, stats.ctypes.data)
         return stats
 
