@@ -152,6 +152,24 @@ class ActorCriticPlan {
     fastppo::actor_critic_act_cpu(s_, a);
   }
 
+  // Rollout storage for act_step: each buffer's address and bytes per step; T steps.
+  void bind_rollout(int64_t rows, std::uintptr_t obs, int64_t obs_step, std::uintptr_t noise, int64_t noise_step,
+                    std::uintptr_t action, int64_t action_step, std::uintptr_t logprob, int64_t logprob_step,
+                    std::uintptr_t value, int64_t value_step, std::uintptr_t env_action, int64_t env_action_step,
+                    std::uintptr_t low, std::uintptr_t high, int64_t T) {
+    rollout_ = Rollout{rows, obs, obs_step, noise, noise_step, action, action_step, logprob, logprob_step,
+                       value, value_step, env_action, env_action_step, low, high, T};
+  }
+
+  // act() on step t of the bound rollout.
+  void act_step(int64_t t) {
+    const Rollout& r = rollout_;
+    if (t < 0 || t >= r.T) throw py::index_error("fastppo._C.ActorCriticPlan.act_step: step out of the bound rollout");
+    act(r.rows, r.obs + t * r.obs_step, s_.obs_dim(), r.noise + t * r.noise_step, r.action + t * r.action_step,
+        r.logprob + t * r.logprob_step, r.value + t * r.value_step, r.env_action + t * r.env_action_step, r.low,
+        r.high);
+  }
+
   void set_batch(std::uintptr_t obs, std::uintptr_t actions, std::uintptr_t old_logprob, std::uintptr_t advantages,
                  std::uintptr_t returns, std::uintptr_t old_values, std::uintptr_t mask) {
     u_.obs = ptr(obs);
@@ -198,6 +216,17 @@ class ActorCriticPlan {
   fastppo::ActorCriticSpec s_;
   fastppo::UpdateArgs u_;
   std::vector<double> transposed_;
+  struct Rollout {
+    int64_t rows = 0;
+    std::uintptr_t obs = 0; int64_t obs_step = 0;
+    std::uintptr_t noise = 0; int64_t noise_step = 0;
+    std::uintptr_t action = 0; int64_t action_step = 0;
+    std::uintptr_t logprob = 0; int64_t logprob_step = 0;
+    std::uintptr_t value = 0; int64_t value_step = 0;
+    std::uintptr_t env_action = 0; int64_t env_action_step = 0;
+    std::uintptr_t low = 0, high = 0;
+    int64_t T = 0;  // 0: nothing bound
+  } rollout_;
 };
 
 }  // namespace
@@ -221,6 +250,8 @@ void bind_mlp(py::module_& m) {
       .def_property_readonly("n_out", &ActorCriticPlan::n_out)
       .def("act", &ActorCriticPlan::act)
       .def("refresh", &ActorCriticPlan::refresh)
+      .def("bind_rollout", &ActorCriticPlan::bind_rollout)
+      .def("act_step", &ActorCriticPlan::act_step, py::arg("t"))
       .def("set_batch", &ActorCriticPlan::set_batch)
       .def("set_options", &ActorCriticPlan::set_options)
       .def("update", &ActorCriticPlan::update);

@@ -102,8 +102,10 @@ def test_dummy_reset_steps_are_masked_and_truncation_bootstraps():
     assert adv_t[2, 0].item() == pytest.approx(3.0 - 0.3)
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
-    settings = dict(env_id="CartPole-v1", total_timesteps=6 * 4 * 64, num_steps=64, checkpoint_every=3, device="cpu")
+@pytest.mark.parametrize("env_id,backend", [("CartPole-v1", "fused"), ("CartPole-v1", "torch"), ("HalfCheetah-v5", "fused")])
+def test_kill_and_resume_equals_uninterrupted(tmp_path, env_id, backend):
+    settings = dict(env_id=env_id, total_timesteps=6 * 4 * 64, num_envs=4, num_steps=64, checkpoint_every=3,
+                    device="cpu", policy_backend=backend)
     whole = T.train(T.Args(run_dir=str(tmp_path), run_name="whole", log_every=1000, **settings))
     T.train(T.Args(run_dir=str(tmp_path), run_name="split", log_every=1000, **settings), stop_after=3)
     resumed = T.train(T.Args(), resume=str(tmp_path / "split"))
@@ -117,6 +119,27 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_another_policy_backend_is_refused(tmp_path):
+    settings = dict(env_id="CartPole-v1", total_timesteps=4 * 4 * 32, num_envs=4, num_steps=32, checkpoint_every=1)
+    T.train(T.Args(run_dir=str(tmp_path), run_name="run", log_every=1000, policy_backend="fused", **settings), stop_after=1)
+    config = tmp_path / "run" / "config.json"
+    config_data = json.loads(config.read_text())
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    state["args"]["policy_backend"] = "torch"
+    torch.save(state, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(T.CheckpointError, match="--policy-backend fused; this run would use torch"):
+        T.train(T.Args(), resume=str(tmp_path / "run"))
+    assert json.loads(config.read_text()) == config_data
+
+
+def test_fused_and_torch_backends_learn_alike(tmp_path):
+    # Same preset and seed, the two backends: both solve CartPole (their sampling noise differs).
+    for backend in ("fused", "torch"):
+        summary = run(tmp_path / backend, env_id="CartPole-v1", total_timesteps=100_000, policy_backend=backend)
+        assert summary["policy_backend"] == backend
+        assert summary["episodic_return"] >= 195, (backend, summary)
 
 
 def test_checkpoint_write_that_dies_leaves_the_last_good_one(tmp_path, monkeypatch):

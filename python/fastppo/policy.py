@@ -313,6 +313,51 @@ class FusedActorCritic:
         high = self._high.ctypes.data if self._high is not None else 0
         self._plan.act(rows, obs, ldobs, noise, action, logprob, value, env_action, low, high)
 
+    def bind_rollout(self, obs: np.ndarray, noise: Tensor, action: Tensor, logprob: Tensor, value: Tensor,
+                     env_action: np.ndarray):
+        """Binds rollout storage for per-step inference and returns ``act_step(t)``, which acts on
+        ``obs[t]`` with ``noise[t]`` and writes ``action[t]``, ``logprob[t]``, ``value[t]`` and
+        ``env_action[t]`` (one call with one integer: the trainer's rollout step).
+
+        ``obs`` ``[>= T, N, obs_dim]`` (numpy or tensor) in the parameters' dtype; ``noise``
+        ``[T, N, n_out]``; ``action`` int64 ``[T, N]`` or ``[T, N, D]``; ``logprob``, ``value``
+        ``[T, N]``; ``env_action`` numpy int32 ``[T, N]`` or float32 ``[T, N, D]``; all C-contiguous
+        CPU memory, kept alive by the caller while ``act_step`` is used."""
+        T, N = value.shape if isinstance(value, Tensor) and value.dim() == 2 else (-1, -1)
+        if T < 0:
+            raise ValueError(f"bind_rollout: value must be a [T, N] tensor, got {list(getattr(value, 'shape', []))}")
+        action_shape = (T, N, self.n_out) if self.continuous else (T, N)
+        want_env = np.float32 if self.continuous else np.int32
+        obs_t = torch.from_numpy(obs) if isinstance(obs, np.ndarray) else obs
+        checks = [("obs", obs_t, self.dtype, None), ("noise", noise, self.dtype, (T, N, self.n_out)),
+                  ("action", action, self.dtype if self.continuous else torch.int64, action_shape),
+                  ("logprob", logprob, self.dtype, (T, N)), ("value", value, self.dtype, (T, N))]
+        for name, x, dtype, shape in checks:
+            if not isinstance(x, Tensor) or x.dtype != dtype or not x.is_contiguous() or x.device.type != "cpu":
+                raise ValueError(f"bind_rollout: {name} must be contiguous CPU {dtype} memory")
+            if shape is not None and tuple(x.shape) != shape:
+                raise ValueError(f"bind_rollout: {name} must have shape {list(shape)}, got {list(x.shape)}")
+        if obs_t.dim() != 3 or obs_t.shape[0] < T or obs_t.shape[1:] != (N, self.obs_dim):
+            raise ValueError(f"bind_rollout: obs must have shape [>= {T}, {N}, {self.obs_dim}], got {list(obs_t.shape)}")
+        if not (isinstance(env_action, np.ndarray) and env_action.dtype == want_env and env_action.flags.c_contiguous
+                and env_action.shape == action_shape):
+            raise ValueError(f"bind_rollout: env_action must be a C-contiguous {np.dtype(want_env)} numpy array of "
+                             f"shape {list(action_shape)}")
+        if self.continuous and self._low is None:
+            raise ValueError("bind_rollout: call set_action_bounds before asking for continuous env actions")
+
+        def row(x) -> Tuple[int, int]:  # (address, bytes per step)
+            if isinstance(x, np.ndarray):
+                return x.ctypes.data, x.strides[0]
+            return x.data_ptr(), x.stride(0) * x.element_size()
+
+        low = self._low.ctypes.data if self._low is not None else 0
+        high = self._high.ctypes.data if self._high is not None else 0
+        self._plan.bind_rollout(N, *row(obs_t), *row(noise), *row(action), *row(logprob), *row(value),
+                                *row(env_action), low, high, T)
+        self._bound = (obs, noise, action, logprob, value, env_action, self._low, self._high)  # kept alive
+        return self._plan.act_step
+
     def _rows(self, x, name: str, width: int) -> Tensor:
         if isinstance(x, np.ndarray):
             x = torch.from_numpy(x)

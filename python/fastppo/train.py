@@ -51,6 +51,8 @@ class Args:
     """parallel environments (default: the preset's)"""
     num_steps: Optional[int] = None
     """steps per environment per rollout (default: the preset's); in async mode, recv rounds per rollout"""
+    env_threads: Optional[int] = None
+    """EnvPool worker threads (default: 1 for classic control, whose steps cost less than handing them to another thread; else EnvPool's default)"""
     async_batch_size: Optional[int] = None
     """EnvPool async mode: step this many of the num_envs environments at a time (fewer than num_envs)"""
     anneal_lr: bool = True
@@ -133,7 +135,7 @@ def resolve(args: Args) -> Args:
         ("num_minibatches", args.num_minibatches > 0, "> 0"), ("update_epochs", args.update_epochs > 0, "> 0"),
         ("clip_coef", args.clip_coef > 0, "> 0"), ("gamma", 0 <= args.gamma <= 1, "in [0, 1]"),
         ("gae_lambda", 0 <= args.gae_lambda <= 1, "in [0, 1]"), ("checkpoint_every", args.checkpoint_every > 0, "> 0"),
-        ("log_every", args.log_every > 0, "> 0"),
+        ("log_every", args.log_every > 0, "> 0"), ("env_threads", args.env_threads is None or args.env_threads > 0, "> 0"),
     ]
     for name, ok, what in checks:
         if not ok:
@@ -257,33 +259,6 @@ def policy_backend(args: Args, family: str, obs_shape=None, device: Optional[tor
     return "fused"
 
 
-class RolloutAddresses:
-    """Addresses of row ``step`` of the rollout buffers ``[T, N, ...]``, for the fused policy's
-    per-step call (plain integer arithmetic instead of tensor indexing)."""
-
-    def __init__(self, obs: np.ndarray, noise: torch.Tensor, actions: torch.Tensor, logprobs: torch.Tensor,
-                 values: torch.Tensor):
-        self.obs_row = obs.shape[-1]
-        self._base = [obs.ctypes.data, noise.data_ptr(), actions.data_ptr(), logprobs.data_ptr(), values.data_ptr()]
-        self._step = [obs.strides[0], noise.stride(0) * noise.element_size(), actions.stride(0) * actions.element_size(),
-                      logprobs.stride(0) * logprobs.element_size(), values.stride(0) * values.element_size()]
-
-    def obs(self, t: int) -> int:
-        return self._base[0] + t * self._step[0]
-
-    def noise(self, t: int) -> int:
-        return self._base[1] + t * self._step[1]
-
-    def action(self, t: int) -> int:
-        return self._base[2] + t * self._step[2]
-
-    def logprob(self, t: int) -> int:
-        return self._base[3] + t * self._step[3]
-
-    def value(self, t: int) -> int:
-        return self._base[4] + t * self._step[4]
-
-
 def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optional[int] = None,
           kernels: Kernels = Kernels()) -> dict:
     """Runs PPO with ``args`` and returns a summary (steps, seconds, recent mean return, run dir).
@@ -329,9 +304,9 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
                                  clip_vloss=args.clip_vloss, norm_adv=args.norm_adv)
         if continuous:
             fused.set_action_bounds(envs.action_space.low, envs.action_space.high)
-    else:
+    setup_seconds = time.perf_counter() - t_setup  # building the fused policy (what compiling would be)
+    if fused is None:
         optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
-    setup_seconds = time.perf_counter() - t_setup
     lr_now = args.learning_rate
     mujoco = family == "mujoco"
     boundary = EnvBoundary(args.num_envs, obs_shape, normalize_obs=mujoco, normalize_reward=mujoco, gamma=args.gamma)
@@ -352,7 +327,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     actions = torch.zeros(slots + action_shape, dtype=torch.float32 if continuous else torch.int64, device=device)
     logprobs = torch.zeros(slots, device=device)
     values = torch.zeros(slots, device=device)
-    action_log: list = []
+    action_log: list = []  # the actions sent to the environments, one [T, N, ...] array per iteration (--resume replays them)
 
     def to_env(action: torch.Tensor) -> np.ndarray:
         a = action.cpu().numpy()
@@ -376,7 +351,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
             raw_obs, *_ = envs.step(a)
         if not np.array_equal(np.asarray(raw_obs), checkpoint["raw_obs"]):
             raise CheckpointError(f"replaying {len(logged)} logged steps did not reproduce the environments' state")
-        action_log = list(logged)
+        action_log = [np.asarray(logged)]
         saved_backend = checkpoint.get("policy_backend", "torch")
         if saved_backend != backend:
             raise CheckpointError(f"the checkpoint was trained with --policy-backend {saved_backend}; this run would use {backend}")
@@ -404,31 +379,33 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
             if optimizer is not None:
                 optimizer.param_groups[0]["lr"] = lr_now
         if async_rollout is None and fused is not None:
-            # The whole rollout's sampling noise in one call; each step is one call into the fused policy.
+            # The whole rollout's sampling noise in one call; each step is one call into the fused policy,
+            # which writes the action, log-prob and value into the rollout and the env's action beside them.
             noise = (torch.randn if continuous else torch.rand)((T, N, fused.n_out))
-            addr = RolloutAddresses(obs_np, noise, actions, logprobs, values)
-            env_action = np.zeros((N,) + action_shape, np.float32 if continuous else np.int32)
+            env_actions = np.zeros((T, N) + action_shape, np.float32 if continuous else np.int32)
+            act_step = fused.bind_rollout(obs_np, noise, actions, logprobs, values, env_actions)
+            env_step, perf_counter = envs.step, time.perf_counter
             for step in range(T):
-                global_step += N
-                t0 = time.perf_counter()
-                fused.act_at(N, addr.obs(step), addr.obs_row, addr.noise(step), addr.action(step), addr.logprob(step),
-                             addr.value(step), env_action.ctypes.data)
-                action_log.append(env_action.copy())
-                t1 = time.perf_counter()
-                raw_obs, reward, term, trunc, info = envs.step(env_action)
+                t0 = perf_counter()
+                act_step(step)
+                t1 = perf_counter()
+                raw_obs, reward, term, trunc, info = env_step(env_actions[step])
                 boundary.step_at(step, raw_obs, reward, term, trunc)
-                timing["env"] += time.perf_counter() - t1
+                timing["env"] += perf_counter() - t1
                 timing["inference"] += t1 - t0
+            global_step += T * N
+            action_log.append(env_actions)
         elif async_rollout is None:
             obs_t = torch.from_numpy(obs_np)
+            env_actions = np.zeros((T, N) + action_shape, np.float32 if continuous else np.int32)
+            action_log.append(env_actions)
             for step in range(T):
                 global_step += N
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     action, logprob, _, value = agent.get_action_and_value(obs_t[step].to(device, non_blocking=True))
                 values[step], actions[step], logprobs[step] = value, action, logprob
-                env_action = to_env(action)
-                action_log.append(env_action)
+                env_action = env_actions[step] = to_env(action)
                 t1 = time.perf_counter()
                 raw_obs, reward, term, trunc, info = envs.step(env_action)
                 boundary.step(raw_obs, reward, term, trunc, obs_np[step + 1], reward_np[step], done_np[step],
@@ -534,7 +511,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
                 model=agent.state_dict(), optimizer=(fused or optimizer).state_dict(), policy_backend=backend,
                 boundary=boundary.state_dict(),
                 args=dataclasses.asdict(args), iteration=iteration, global_step=global_step, rng=_rng_state(),
-                actions=np.stack(action_log) if action_log else np.zeros((0, N) + action_shape),
+                actions=np.concatenate(action_log) if action_log else np.zeros((0, N) + action_shape),
                 raw_obs=None if raw_obs is None else np.asarray(raw_obs), next_obs=obs_np[0].copy(),
             ))
         if iteration == stop_after:
