@@ -71,4 +71,4 @@ def normal_logprob_entropy(mean, log_std, actions):
 
 
 EAGER = Kernels(gae=gae, ppo_loss=ppo_loss, categorical_logprob_entropy=categorical_logprob_entropy,
-                normal_logprob_entropy=normal_logprob_entropy)
+                normal_logprob_entropy=normal_logprob_entropy, channels_last=False)

@@ -176,6 +176,9 @@ class Kernels:
     ppo_loss: Callable = fastppo.ppo_loss
     categorical_logprob_entropy: Callable = fastppo.categorical_logprob_entropy
     normal_logprob_entropy: Callable = fastppo.normal_logprob_entropy
+    channels_last: bool = True
+    """the Atari CNN's weights in channels-last layout (oneDNN's fast convolutions: 1.3-1.5x on its
+    forward and backward here); the eager baseline keeps CleanRL's default layout"""
 
 
 class Agent(nn.Module):
@@ -197,6 +200,8 @@ class Agent(nn.Module):
             self.actor = layer_init(nn.Linear(512, n_out), std=0.01)
             self.critic = layer_init(nn.Linear(512, 1), std=1)
             self.scale = 1.0 / 255.0
+            if kernels.channels_last:
+                self.trunk.to(memory_format=torch.channels_last)
         else:
             n_in = int(np.prod(obs_shape))
             hidden = 64
