@@ -193,10 +193,49 @@ def may_overlap(a: Any, b: Any) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
+class _RecyclingPool:
+    """Memory for large numpy outputs, reused once no array refers to it any more.
+
+    A fresh multi-megabyte ``np.empty`` is new memory from the OS: every page faults on first
+    write, and faults taken by several threads at once serialize in the kernel (at T=1024,
+    N=4096 that made ``gae``'s fresh outputs cost 3-4x its ``out=`` path). torch avoids this with
+    its caching allocator; this is the same idea for numpy. Each block is a byte array owned
+    here; outputs are views of it, and every view of a view refers to the block (numpy collapses
+    ``base``), so the block is free exactly when its reference count is back to the pool's own.
+    Only blocks of at least ``min_bytes`` are pooled, at most ``max_blocks`` of them."""
+
+    def __init__(self, min_bytes: int = 1 << 20, max_blocks: int = 8):
+        self.min_bytes, self.max_blocks = min_bytes, max_blocks
+        self.blocks: list = []
+
+    def empty(self, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if nbytes < self.min_bytes:
+            return np.empty(shape, dtype=dtype)
+        block = None
+        for i in range(len(self.blocks)):
+            candidate = self.blocks[i]
+            # References: the list, `candidate` and getrefcount's argument. More: a live output.
+            if candidate.nbytes == nbytes and sys.getrefcount(candidate) == 3:
+                block = candidate
+                del self.blocks[i]
+                break
+        if block is None:
+            block = np.empty(nbytes, dtype=np.uint8)
+            if len(self.blocks) >= self.max_blocks:
+                del self.blocks[0]  # forgotten here; it lives on while its outputs do
+        self.blocks.append(block)  # most recently used last
+        return block.view(dtype).reshape(shape)
+
+
+_POOL = _RecyclingPool()
+
+
 def empty_like_rows(x: Any, T: int, N: int) -> Any:
-    """A new contiguous ``[T, N]`` array of ``x``'s kind, dtype and device."""
+    """A new contiguous ``[T, N]`` array of ``x``'s kind, dtype and device (large numpy outputs
+    reuse the memory of earlier outputs that are gone, see ``_RecyclingPool``)."""
     if isinstance(x, np.ndarray):
-        return np.empty((T, N), dtype=x.dtype.newbyteorder("="))
+        return _POOL.empty((T, N), x.dtype.newbyteorder("="))
     import torch
 
     return torch.empty((T, N), dtype=x.dtype, device=x.device)

@@ -322,7 +322,9 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     T, N = args.num_steps, args.num_envs
     # Rollout storage in host memory, written by the env boundary; the torch views share it on
     # the CPU and are copied once per rollout to a GPU.
-    obs_np = np.zeros((T + 1, N) + obs_shape, np.uint8 if family == "atari" else np.float32)
+    # On a GPU the observations live in pinned host memory, so the per-step copies are asynchronous.
+    obs_np = torch.zeros((T + 1, N) + obs_shape, dtype=torch.uint8 if family == "atari" else torch.float32,
+                         pin_memory=device.type == "cuda").numpy()
     reward_np = np.zeros((T, N), np.float32)
     done_np, term_np, real_np = (np.zeros((T, N), np.bool_) for _ in range(3))
     scratch = [np.zeros(N, np.float32)] + [np.zeros(N, np.bool_) for _ in range(3)]
