@@ -259,6 +259,25 @@ void categorical_forward(int64_t rows, int64_t A, const std::string& dtype, Stri
   run_on(device, stream, fastppo::categorical_forward_cpu, fastppo::categorical_forward_cuda, a);
 }
 
+// Gumbel-max sample per row (CPU), then the forward pass on the sampled actions: one call.
+void categorical_sample(int64_t rows, int64_t A, const std::string& dtype, Strided2 logits, std::uintptr_t noise,
+                        int64_t noise_sr, double temperature, std::uintptr_t actions, py::object logprob,
+                        py::object entropy, py::object lse) {
+  const Strided1 action_spec{py::int_(actions), 1};
+  fastppo::CategoricalArgs a = categorical_args(rows, A, dtype, logits, action_spec, "int64", temperature);
+  a.logprob = address(logprob);
+  a.entropy = address(entropy);
+  a.lse = address(lse);
+  if (rows == 0) return;
+  if (A <= 0) throw py::value_error("fastppo._C.categorical_sample: A must be >= 1");
+  if (a.dtype != fastppo::kF32 && a.dtype != fastppo::kF64)
+    throw py::type_error("fastppo._C.categorical_sample: logits must be float32 or float64");
+  if (noise == 0 || actions == 0) throw py::value_error("fastppo._C.categorical_sample: null noise or actions");
+  py::gil_scoped_release no_gil;
+  fastppo::categorical_sample_cpu(a, reinterpret_cast<const void*>(noise), noise_sr, reinterpret_cast<int64_t*>(actions));
+  fastppo::categorical_forward_cpu(a);
+}
+
 void categorical_backward(int64_t rows, int64_t A, const std::string& dtype, Strided2 logits, Strided1 actions,
                           const std::string& actions_dtype, double temperature, py::object lse, py::object entropy,
                           py::object grad_logprob, py::object grad_entropy, py::object grad_logits, int device,
@@ -524,6 +543,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("actions"), py::arg("actions_dtype"), py::arg("temperature"), py::arg("logprob"), py::arg("entropy"),
         py::arg("lse"), py::arg("device"), py::arg("stream"),
         "Categorical head forward over [rows, A] logits: writes logprob, entropy and lse ([rows] each).");
+  m.def("categorical_sample", &categorical_sample, py::arg("rows"), py::arg("A"), py::arg("dtype"), py::arg("logits"),
+        py::arg("noise"), py::arg("noise_sr"), py::arg("temperature"), py::arg("actions"), py::arg("logprob"),
+        py::arg("entropy"), py::arg("lse"),
+        "CPU: Gumbel-max sample of one action per row of logits / temperature from uniform noise [rows, A], "
+        "then its log-prob, the entropy and the log-sum-exp: writes actions (int64), logprob, entropy, lse.");
   m.def("categorical_backward", &categorical_backward, py::arg("rows"), py::arg("A"), py::arg("dtype"),
         py::arg("logits"), py::arg("actions"), py::arg("actions_dtype"), py::arg("temperature"), py::arg("lse"),
         py::arg("entropy"), py::arg("grad_logprob"), py::arg("grad_entropy"), py::arg("grad_logits"),

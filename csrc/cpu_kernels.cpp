@@ -94,6 +94,9 @@ const char* cpu_isa() {
 void ppo_loss_cpu(const PpoLossArgs& args) { FASTPPO_DISPATCH(ppo_loss, args); }
 void categorical_forward_cpu(const CategoricalArgs& args) { FASTPPO_DISPATCH(categorical_forward, args); }
 void categorical_backward_cpu(const CategoricalArgs& args) { FASTPPO_DISPATCH(categorical_backward, args); }
+void categorical_sample_cpu(const CategoricalArgs& args, const void* noise, int64_t noise_sr, int64_t* actions_out) {
+  FASTPPO_DISPATCH_V(categorical_sample, args, noise, noise_sr, actions_out);
+}
 void normal_forward_cpu(const NormalArgs& args) { FASTPPO_DISPATCH(normal_forward, args); }
 void normal_backward_cpu(const NormalArgs& args) { FASTPPO_DISPATCH(normal_backward, args); }
 void kl_rewards_cpu(const KlRewardArgs& args) { FASTPPO_DISPATCH(kl_rewards, args); }

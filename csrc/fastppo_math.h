@@ -314,6 +314,15 @@ FASTPPO_HD S categorical_grad(S x, S p, S lse, S entropy, S g_logprob, S g_entro
   return -g_logprob * p + g_entropy * d_entropy;
 }
 
+// Gumbel-max sampling: argmax_j (x_j - log(-log u_j)) over uniform u in (0, 1) is a sample of
+// softmax(x). u = 0 (torch.rand can return it) is taken as the smallest positive value; a -inf
+// logit is never chosen.
+template <typename S>
+FASTPPO_HD S gumbel_score(S x, S u) {
+  const S tiny = sizeof(S) == 4 ? S(1.17549435e-38f) : S(2.2250738585072014e-308);
+  return x - scalar_log(-scalar_log(u > tiny ? u : tiny));
+}
+
 // exp as a function object, for the element functions that take the caller's exp.
 struct ScalarExp {
   template <typename S>

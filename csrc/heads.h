@@ -38,6 +38,12 @@ FASTPPO_HD int64_t categorical_action(const CategoricalArgs& a, int64_t row) {
   return action >= 0 && action < a.A ? action : -1;
 }
 
+// Gumbel-max sampling of one action per row from softmax(logits / temperature): `noise` holds
+// uniform [0, 1) draws ([rows, A], row stride noise_sr, contiguous columns, in the accumulation
+// type); the sampled indices go to actions_out ([rows] int64). The log-prob and entropy of the
+// sample then come from categorical_forward with these actions.
+void categorical_sample_cpu(const CategoricalArgs& args, const void* noise, int64_t noise_sr, int64_t* actions_out);
+
 // Returns the first row whose action is out of range, or -1 (CPU: checked before anything runs).
 int64_t categorical_check_actions_cpu(const CategoricalArgs& args);
 void categorical_forward_cpu(const CategoricalArgs& args);

@@ -44,9 +44,14 @@ def test_e2e_tiny_mode_runs_and_writes_its_report(tmp_path):
                    check=True, capture_output=True, text=True)
     results = json.loads((tmp_path / "e2e_tiny.json").read_text())
     contenders = {(r["env_id"], r["contender"]) for r in results}
-    assert {("CartPole-v1", "fastppo"), ("CartPole-v1", "eager"), ("HalfCheetah-v5", "fastppo")} <= contenders
+    assert {("CartPole-v1", "fastppo"), ("CartPole-v1", "fastppo-fast"), ("CartPole-v1", "eager"),
+            ("CartPole-v1", "raw"), ("HalfCheetah-v5", "fastppo")} <= contenders
+    by = {(r["env_id"], r["contender"]): r for r in results}
+    assert by["CartPole-v1", "fastppo"]["backend"] == "fused" and by["CartPole-v1", "eager"]["backend"] == "torch"
+    assert by["CartPole-v1", "fastppo"]["preset"] == "classic" and by["CartPole-v1", "fastppo-fast"]["preset"] == "classic-fast"
     for r in results:
         assert "skipped" in r or (r["sps"] > 0 and r["steps"] > 0)
     report = (tmp_path / "e2e_tiny.md").read_text()
-    assert "| CartPole-v1 | fastppo |" in report and "SPS ratios" in report
+    assert "| CartPole-v1 | fastppo (CleanRL's preset) |" in report and "SPS ratios" in report
+    assert "| CartPole-v1 SPS vs raw EnvPool stepping, same env count |" in report
     assert (tmp_path / "learning_curves_tiny.png").stat().st_size > 0

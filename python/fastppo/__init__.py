@@ -18,6 +18,7 @@ __all__ = [
     "__version__",
     "build_info",
     "categorical_logprob_entropy",
+    "categorical_sample",
     "cuda_available",
     "gae",
     "normal_logprob_entropy",
@@ -28,6 +29,7 @@ _TORCH_ONLY = {
     "ppo_loss": "loss",
     "PPOLossOutput": "loss",
     "categorical_logprob_entropy": "heads",
+    "categorical_sample": "heads",
     "normal_logprob_entropy": "heads",
 }
 

@@ -190,6 +190,61 @@ def categorical_logprob_entropy(logits: Tensor, actions: Tensor, temperature: fl
         ) from err
 
 
+def categorical_sample(logits: Tensor, temperature: float = 1.0,
+                       generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Samples one action per row of a categorical policy and returns it with its log-prob and the
+    entropy, from one fused call: what ``get_action_and_value`` needs during a rollout, without a
+    ``torch.distributions.Categorical``.
+
+    Args:
+        logits: ``[..., A]`` float32/float64 (bfloat16/float16 on CUDA), CPU or CUDA.
+        temperature: > 0; samples from ``softmax(logits / temperature)``.
+        generator: the ``torch.Generator`` that draws the uniform noise (on the logits' device);
+            None: torch's default generator, so ``torch.manual_seed`` makes runs repeatable.
+
+    Returns:
+        ``(action, logprob, entropy)``: int64 ``[...]``, and ``[...]`` each as
+        :func:`categorical_logprob_entropy` gives them for that action.
+
+    Sampling is Gumbel-max, ``argmax(logits / T - log(-log u))`` with ``u`` uniform ``[..., A]``
+    from ``generator``: one ``torch.rand`` and, on the CPU, one kernel for the argmax, the log-prob
+    and the entropy (on CUDA the argmax is a torch op, then the fused head). When autograd records
+    (``logits.requires_grad``), ``logprob`` and ``entropy`` are differentiable w.r.t. ``logits``
+    exactly as from :func:`categorical_logprob_entropy`.
+    """
+    fn = "fastppo.categorical_sample"
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{fn}: logits must be a torch.Tensor, got {type(logits).__name__}")
+    cuda = logits.device.type == "cuda"
+    if logits.dtype not in (_LOGIT_DTYPES_CUDA if cuda else _LOGIT_DTYPES_CPU):
+        what = "float32, float64, bfloat16 or float16" if cuda else "float32 or float64 on the CPU (bfloat16/float16 on CUDA)"
+        raise TypeError(f"{fn}: logits has dtype {logits.dtype}; expected {what}")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"{fn}: logits must have shape [..., A] with A >= 1, got {tuple(logits.shape)}")
+    _check_device(fn, "logits", logits)
+    temperature = _positive(fn, "temperature", temperature)
+    if generator is not None and (not isinstance(generator, torch.Generator) or generator.device != logits.device):
+        raise ValueError(f"{fn}: generator must be a torch.Generator on {logits.device}, got {generator!r}")
+    acc = _acc_dtype(logits.dtype)
+    noise = torch.rand(logits.shape, generator=generator, dtype=acc, device=logits.device)
+    records = torch.is_grad_enabled() and logits.requires_grad
+    if cuda or records or torch.compiler.is_compiling():
+        with torch.no_grad():
+            scores = logits.to(acc) / temperature - torch.log(-torch.log(noise.clamp_(min=torch.finfo(acc).tiny)))
+            action = scores.argmax(-1)
+        logprob, entropy = categorical_logprob_entropy(logits, action, temperature)
+        return action, logprob, entropy
+    rows2d = logits.detach().reshape(-1, logits.shape[-1])
+    rows, A = rows2d.shape
+    action = torch.empty(rows, dtype=torch.int64)
+    logprob, entropy, lse = (torch.empty(rows, dtype=acc) for _ in range(3))
+    _C.categorical_sample(rows, A, _NAMES[logits.dtype], (rows2d.data_ptr(), rows2d.stride(0), rows2d.stride(1)),
+                          noise.data_ptr(), A, temperature, action.data_ptr(), logprob.data_ptr(), entropy.data_ptr(),
+                          lse.data_ptr())
+    shape = logits.shape[:-1]
+    return action.reshape(shape), logprob.reshape(shape), entropy.reshape(shape)
+
+
 # ------------------------------------------------------------------ diagonal Gaussian
 
 
