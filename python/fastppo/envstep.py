@@ -145,9 +145,11 @@ class EnvBoundary:
             self.episodes += len(finished)
         return count
 
-    def recent_mean_return(self) -> Optional[float]:
-        """Mean return of the recent episodes, None before the first one ends."""
-        return float(np.mean([r for r, _ in self.recent])) if self.recent else None
+    def recent_mean_return(self, last: Optional[int] = None) -> Optional[float]:
+        """Mean return of the recent episodes (of the ``last`` ones, when given), None before the
+        first one ends."""
+        episodes = list(self.recent)[-last:] if last else self.recent
+        return float(np.mean([r for r, _ in episodes])) if episodes else None
 
     def obs_variance(self) -> np.ndarray:
         return self.obs_m2 / self.obs_count[0] if self.obs_count[0] > 0 else np.ones_like(self.obs_m2)

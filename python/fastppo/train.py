@@ -502,6 +502,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         record = dict(
             iteration=iteration, global_step=global_step, sps=(iteration - first_iteration + 1) * batch_size / elapsed,
             time=elapsed, first_iteration=first_iteration, episodic_return=boundary.recent_mean_return(),
+            episodic_return_last10=boundary.recent_mean_return(10),
             episodes=boundary.episodes, learning_rate=lr_now, explained_variance=explained_var,
             **dict(zip(("pg_loss", "v_loss", "entropy", "approx_kl", "old_approx_kl", "clipfrac"), mean_stats)),
             **{f"time_{k}": v for k, v in timing.items()},
@@ -530,7 +531,8 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     envs.close()
     return dict(global_step=global_step, iterations=iteration, seconds=time.perf_counter() - start,
                 setup_seconds=setup_seconds, policy_backend=backend,
-                episodic_return=boundary.recent_mean_return(), episodes=boundary.episodes, run_dir=str(run_dir))
+                episodic_return=boundary.recent_mean_return(), episodic_return_last10=boundary.recent_mean_return(10),
+                episodes=boundary.episodes, run_dir=str(run_dir))
 
 
 def main(argv=None) -> int:

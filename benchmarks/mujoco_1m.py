@@ -1,0 +1,158 @@
+"""Learning quality: MuJoCo tasks at 1M steps with the MuJoCo preset (CleanRL's
+ppo_continuous_action.py settings), several seeds, against CleanRL's published 1M-step returns.
+
+    python -m benchmarks.mujoco_1m --env-id HalfCheetah-v5 --seed 1   # one run (about 3 min here)
+    python -m benchmarks.mujoco_1m --all                              # every missing (env, seed) run
+    python -m benchmarks.mujoco_1m --report                           # table and plot from the runs
+
+Each run is stored as ``benchmarks/results/mujoco_1m/<env>__seed<k>.json`` (learning curve, steps
+per second, the final return = mean of the last 10 training episodes, and the evaluation return of
+the saved policy: ``fastppo eval``'s 10 episodes with the normalization statistics frozen), so runs
+can be made one at a time; ``--report`` writes ``mujoco_1m.md`` and ``mujoco_1m.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = RESULTS / "mujoco_1m"
+# CleanRL's published results for ppo_continuous_action.py at 1M steps (v4 tasks; mean over seeds
+# of the last episodes), from its documentation's benchmark table.
+CLEANRL_1M = {"HalfCheetah-v5": 1442.6, "Hopper-v5": 2382.9, "Walker2d-v5": 2288.0}
+SEEDS = (1, 2, 3)
+
+
+def run_one(env_id: str, seed: int, steps: int, out: Path) -> dict:
+    from fastppo import train as T
+    from fastppo.evaluate import evaluate
+
+    with tempfile.TemporaryDirectory() as root:
+        args = T.Args(env_id=env_id, seed=seed, total_timesteps=steps, preset="mujoco", device="cpu", run_dir=root,
+                      run_name="run", log_every=50, checkpoint_every=10**9)
+        start = time.perf_counter()
+        summary = T.train(args)
+        seconds = time.perf_counter() - start
+        rows = [json.loads(line) for line in (Path(root) / "run" / "metrics.jsonl").read_text().splitlines()]
+        evaluation = evaluate(str(Path(root) / "run"), episodes=10)
+    curve = [(r["global_step"], r["time"], r["episodic_return"]) for r in rows if r["episodic_return"] is not None]
+    result = dict(env_id=env_id, seed=seed, steps=summary["global_step"], seconds=seconds,
+                  sps=summary["global_step"] / seconds, final_return=summary["episodic_return_last10"],
+                  final_return_last100=summary["episodic_return"], episodes=summary["episodes"],
+                  eval_mean=evaluation["mean_return"], eval_std=evaluation["std_return"],
+                  backend=summary["policy_backend"], curve=curve)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result))
+    return result
+
+
+def load_runs() -> list:
+    return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def report(runs: list) -> str:
+    import platform
+
+    import fastppo
+
+    lines = ["# MuJoCo at 1M steps (CPU)", "",
+             f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; {platform.machine()}, "
+             f"fastppo {fastppo.__version__}; `{fastppo.build_info()}`",
+             "- Preset `mujoco` (CleanRL's ppo_continuous_action.py: 1 env x 2048 steps, 32 minibatches, 10 epochs, "
+             "lr 3e-4 annealed, obs and reward normalization, clip 0.2, tanh 64-64 MLPs, state-independent log-std), "
+             "policy backend fused.",
+             "- Final return: mean of the last 10 training episodes of a seed; table: mean +- std over seeds. "
+             "Evaluation: the saved policy's mean action, normalization statistics frozen, 10 episodes per seed.",
+             "- CleanRL: its published 1M-step results for ppo_continuous_action.py (v4 tasks).", "",
+             "| task | seeds | final return | evaluation return | CleanRL | within one seed-std of CleanRL or above | "
+             "steps/s | wall time per run (s) |",
+             "|---|---:|---:|---:|---:|---|---:|---:|"]
+    for env_id, ref in CLEANRL_1M.items():
+        rs = [r for r in runs if r["env_id"] == env_id]
+        if not rs:
+            lines.append(f"| {env_id} | 0 | not run | | {ref} | | | |")
+            continue
+        m, s = mean_std([r["final_return"] for r in rs])
+        em, es = mean_std([r["eval_mean"] for r in rs])
+        ok = "yes" if m is not None and m + s >= ref else "no"
+        per_seed = ", ".join(f"{r['final_return']:.0f}" for r in rs)
+        lines.append(f"| {env_id} | {len(rs)} | {m:.1f} +- {s:.1f} ({per_seed}) | {em:.1f} +- {es:.1f} | {ref} | {ok} | "
+                     f"{statistics.median(r['sps'] for r in rs):.0f} | {statistics.median(r['seconds'] for r in rs):.0f} |")
+    lines += ["", "Curves: `mujoco_1m.png` (mean and min-max over seeds of the mean return of the last 100 "
+              "training episodes, against steps and against wall time; CleanRL's final numbers as dashed lines)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    envs = [e for e in CLEANRL_1M if any(r["env_id"] == e for r in runs)]
+    if not envs:
+        return
+    fig, axes = plt.subplots(2, len(envs), figsize=(4.5 * len(envs), 7), squeeze=False)
+    for col, env_id in enumerate(envs):
+        rs = [r for r in runs if r["env_id"] == env_id]
+        for row, (index, xlabel) in enumerate(((0, "environment steps"), (1, "wall time (s)"))):
+            ax = axes[row][col]
+            grid = np.linspace(0, min(max(c[index] for c in r["curve"]) for r in rs), 200)
+            ys = np.array([np.interp(grid, [c[index] for c in r["curve"]], [c[2] for c in r["curve"]]) for r in rs])
+            ax.plot(grid, ys.mean(0), color="tab:blue", label=f"fastppo, mean of {len(rs)} seeds")
+            ax.fill_between(grid, ys.min(0), ys.max(0), color="tab:blue", alpha=0.2)
+            ax.axhline(CLEANRL_1M[env_id], color="tab:orange", linestyle="--", label="CleanRL at 1M steps")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("mean return (last 100 episodes)")
+            ax.set_title(env_id)
+            ax.grid(alpha=0.3)
+            if row == 0 and col == 0:
+                ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--env-id", choices=list(CLEANRL_1M), help="one run of this task (with --seed)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--all", action="store_true", help="every (task, seed) run not stored yet")
+    parser.add_argument("--steps", type=int, default=1_000_000)
+    parser.add_argument("--report", action="store_true", help="write mujoco_1m.md / .png from the stored runs")
+    args = parser.parse_args(argv)
+    todo = []
+    if args.env_id:
+        todo.append((args.env_id, args.seed))
+    if args.all:
+        todo += [(e, s) for e in CLEANRL_1M for s in SEEDS if not (RUNS / f"{e}__seed{s}.json").exists()]
+    for env_id, seed in todo:
+        print(f"{env_id} seed {seed} ...", file=sys.stderr, flush=True)
+        r = run_one(env_id, seed, args.steps, RUNS / f"{env_id}__seed{seed}.json")
+        print(json.dumps({k: v for k, v in r.items() if k != "curve"}), flush=True)
+    if args.report or not todo:
+        runs = load_runs()
+        text = report(runs)
+        (RESULTS / "mujoco_1m.md").write_text(text)
+        plot(runs, RESULTS / "mujoco_1m.png")
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
