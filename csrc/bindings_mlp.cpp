@@ -248,11 +248,20 @@ void bind_mlp(py::module_& m) {
            py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("n_params"))
       .def_property_readonly("obs_dim", &ActorCriticPlan::obs_dim)
       .def_property_readonly("n_out", &ActorCriticPlan::n_out)
-      .def("act", &ActorCriticPlan::act)
+      .def("act", &ActorCriticPlan::act, py::arg("rows"), py::arg("obs"), py::arg("ldobs"), py::arg("noise"),
+           py::arg("action"), py::arg("logprob"), py::arg("value"), py::arg("env_action"), py::arg("low"),
+           py::arg("high"))
       .def("refresh", &ActorCriticPlan::refresh)
-      .def("bind_rollout", &ActorCriticPlan::bind_rollout)
+      .def("bind_rollout", &ActorCriticPlan::bind_rollout, py::arg("rows"), py::arg("obs"), py::arg("obs_step"),
+           py::arg("noise"), py::arg("noise_step"), py::arg("action"), py::arg("action_step"), py::arg("logprob"),
+           py::arg("logprob_step"), py::arg("value"), py::arg("value_step"), py::arg("env_action"),
+           py::arg("env_action_step"), py::arg("low"), py::arg("high"), py::arg("T"))
       .def("act_step", &ActorCriticPlan::act_step, py::arg("t"))
-      .def("set_batch", &ActorCriticPlan::set_batch)
-      .def("set_options", &ActorCriticPlan::set_options)
-      .def("update", &ActorCriticPlan::update);
+      .def("set_batch", &ActorCriticPlan::set_batch, py::arg("obs"), py::arg("actions"), py::arg("old_logprob"),
+           py::arg("advantages"), py::arg("returns"), py::arg("old_values"), py::arg("mask"))
+      .def("set_options", &ActorCriticPlan::set_options, py::arg("clip_coef"), py::arg("vf_coef"), py::arg("ent_coef"),
+           py::arg("vf_clip_coef"), py::arg("clip_vloss"), py::arg("norm_adv"), py::arg("max_grad_norm"),
+           py::arg("beta1"), py::arg("beta2"), py::arg("eps"))
+      .def("update", &ActorCriticPlan::update, py::arg("M"), py::arg("idx"), py::arg("lr"), py::arg("step"),
+           py::arg("stats"));
 }

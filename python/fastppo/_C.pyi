@@ -115,3 +115,62 @@ def token_gae(
     device: int,
     stream: int,
 ) -> None: ...
+
+# Policy heads (csrc/heads.h). logits: (data, row stride, column stride); actions: (data, stride).
+NORMAL_CHUNK: int
+
+def categorical_forward(
+    rows: int, A: int, dtype: str, logits: tuple[Data, int, int], actions: tuple[Data, int], actions_dtype: str,
+    temperature: float, logprob: Data, entropy: Data, lse: Data, device: int, stream: int,
+) -> None: ...
+def categorical_sample(
+    rows: int, A: int, dtype: str, logits: tuple[Data, int, int], noise: int, noise_sr: int, temperature: float,
+    actions: int, logprob: Data, entropy: Data, lse: Data,
+) -> None: ...
+def categorical_backward(
+    rows: int, A: int, dtype: str, logits: tuple[Data, int, int], actions: tuple[Data, int], actions_dtype: str,
+    temperature: float, lse: Data, entropy: Data, grad_logprob: tuple[Data, int] | None,
+    grad_entropy: tuple[Data, int] | None, grad_logits: Data, device: int, stream: int,
+) -> None: ...
+
+# The fused actor-critic (csrc/mlp.h, csrc/bindings_mlp.cpp). A layer is
+# (weight, bias, grad_weight, grad_bias, in_features, out_features); addresses are ints, 0 = none.
+Layer = tuple[int, int, int, int, int, int]
+
+def mlp_forward(
+    dtype: str, layers: list[Layer], activation: str, last_linear: bool, rows: int, x: int, ldx: int, saved: int,
+) -> None: ...
+def mlp_backward(
+    dtype: str, layers: list[Layer], activation: str, last_linear: bool, rows: int, x: int, ldx: int, saved: int,
+    grad_out: int, grad_x: int,
+) -> None: ...
+
+class ActorCriticPlan:
+    def __init__(
+        self, dtype: str, activation: str, trunk: list[Layer], actor: list[Layer], critic: list[Layer],
+        continuous: bool, log_std: int, grad_log_std: int, params: int, grads: int, exp_avg: int,
+        exp_avg_sq: int, n_params: int,
+    ) -> None: ...
+    @property
+    def obs_dim(self) -> int: ...
+    @property
+    def n_out(self) -> int: ...
+    def act(
+        self, rows: int, obs: int, ldobs: int, noise: int, action: int, logprob: int, value: int, env_action: int,
+        low: int, high: int,
+    ) -> None: ...
+    def refresh(self) -> None: ...
+    def bind_rollout(
+        self, rows: int, obs: int, obs_step: int, noise: int, noise_step: int, action: int, action_step: int,
+        logprob: int, logprob_step: int, value: int, value_step: int, env_action: int, env_action_step: int,
+        low: int, high: int, T: int,
+    ) -> None: ...
+    def act_step(self, t: int) -> None: ...
+    def set_batch(
+        self, obs: int, actions: int, old_logprob: int, advantages: int, returns: int, old_values: int, mask: int,
+    ) -> None: ...
+    def set_options(
+        self, clip_coef: float, vf_coef: float, ent_coef: float, vf_clip_coef: float, clip_vloss: bool,
+        norm_adv: bool, max_grad_norm: float, beta1: float, beta2: float, eps: float,
+    ) -> None: ...
+    def update(self, M: int, idx: int, lr: float, step: int, stats: int) -> None: ...
