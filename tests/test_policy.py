@@ -951,3 +951,24 @@ def test_expanded_log_std_head():
     want = torch.autograd.grad((lp + 0.3 * ent).sum(), [mean, log_std])
     for a, b in zip(got, want):
         close(a, b, 1e-12)
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_update_after_parameters_changed_from_outside(continuous):
+    """The forward pass of an update reads a transposed copy of the weights; update() refreshes it,
+    so parameters changed by the caller between updates are the ones that are trained."""
+    module = make_module(5, 3, continuous, torch.float64)
+    fused, ref, optimizer, opts = fused_and_reference(module)
+    batch = make_batch(module, 256, seed=4)
+    fused.set_batch(*batch.tensors())
+    idx = torch.arange(64)
+    fused.update(idx)
+    torch_update(ref, optimizer, batch, idx, opts)
+    with torch.no_grad():  # the same outside change on both sides
+        for p, q in zip(module.parameters(), ref.parameters()):
+            p.mul_(1.5)
+            q.mul_(1.5)
+    stats = fused.update(idx + 64)
+    want, _ = torch_update(ref, optimizer, batch, idx + 64, opts)
+    close(stats[:6], want, 1e-9, "stats after an outside change")
+    assert_same_parameters(module, ref, 1e-9, "after an outside change")

@@ -424,11 +424,13 @@ class FusedActorCritic:
         for p, view in zip(self._named, self._grad_views):  # module.zero_grad() may have dropped the views
             if p.grad is None:
                 p.grad = view
+        self._plan.refresh()  # the parameters may have been changed from outside since the last update
         self.update_at(idx.numel(), idx.data_ptr(), self.lr if lr is None else lr, stats.ctypes.data)
         return stats
 
     def update_at(self, M: int, idx: int, lr: float, stats: int) -> None:
-        """:meth:`update` on raw addresses (the trainer's call: indices already checked)."""
+        """:meth:`update` on raw addresses (the trainer's call: indices already checked; the forward
+        pass reads the transposed weights as of the last update or :meth:`refresh`)."""
         self.step += 1
         self._plan.update(M, idx, lr, self.step, stats)
 
