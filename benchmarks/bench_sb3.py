@@ -47,11 +47,11 @@ ZOO = {
 TINY_STEPS = {"CartPole-v1": 512, "HalfCheetah-v5": 512}  # two CartPole iterations, one HalfCheetah iteration
 
 
-def plan(mode):
+def plan(mode, seeds=3):
     if mode == "tiny":  # seconds: proves the pipeline runs, measures nothing
         return [dict(env_id=env_id, seeds=[1], total=steps) for env_id, steps in TINY_STEPS.items()]
-    return [dict(env_id="CartPole-v1", seeds=[1, 2, 3], total=100_000),
-            dict(env_id="HalfCheetah-v5", seeds=[1, 2, 3], total=50_000)]
+    return [dict(env_id="CartPole-v1", seeds=list(range(1, seeds + 1)), total=100_000),
+            dict(env_id="HalfCheetah-v5", seeds=list(range(1, seeds + 1)), total=50_000)]
 
 
 def missing_requirement(env_id):
@@ -117,9 +117,9 @@ def one_run(contender, env_id, seed, total):
                 final_return=sum(returns) / len(returns) if returns else None)
 
 
-def run(mode):
+def run(mode, seeds=3):
     results = []
-    for item in plan(mode):
+    for item in plan(mode, seeds):
         reason = missing_requirement(item["env_id"])
         for seed in item["seeds"]:
             for contender in CONTENDERS:  # alternated, so drifting machine load hits both alike
@@ -188,6 +188,7 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true",
                         help="seconds: checks that the pipeline runs (used by the tests)")
     parser.add_argument("--threads", type=int, default=1, help="torch and OpenMP threads for both contenders")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per task (1..K)")
     parser.add_argument("--out-dir", type=Path, help="where the JSON and Markdown go (default benchmarks/results/; "
                                                      "--tiny writes only with --out-dir)")
     args = parser.parse_args(argv)
@@ -197,7 +198,7 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(args.threads)
-    results = run(mode)
+    results = run(mode, args.seeds)
     machine = dict(machine_info("cpu"), stable_baselines3=stable_baselines3.__version__)
     text, ratios = summarize(results, mode, machine, args.threads)
     print(text)

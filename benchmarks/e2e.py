@@ -6,14 +6,12 @@ loop's floor).
 
     python -m benchmarks.e2e                 # CartPole-v1 learning (3 seeds), HalfCheetah-v5 and Pong-v5 SPS
     python -m benchmarks.e2e --quick         # one seed, short budgets (a minute or two)
-    python -m benchmarks.e2e --long          # HalfCheetah-v5 and Hopper-v5, 1M steps x 3 seeds (hours on a CPU)
     python -m benchmarks.e2e --tiny --out-dir DIR   # seconds: checks the pipeline (the tests run this)
 
 Writes ``benchmarks/results/e2e_<mode>.json`` / ``.md`` and ``learning_curves_<mode>.png``
 (CartPole return against steps and against wall time). Reports steps per second over the whole
 run, wall time and steps until the mean return of the last 100 episodes first reaches the
-threshold (CartPole: 475), and for the long mode the final mean return next to CleanRL's
-published 1M-step results.
+threshold (CartPole: 475). Learning quality at 1M steps (MuJoCo) is ``benchmarks/mujoco_1m.py``.
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THRESHOLD = {"CartPole-v1": 475.0}
-CLEANRL_1M = {"HalfCheetah-v5": 1442.6, "Hopper-v5": 2382.9}  # CleanRL's published ppo_continuous_action results
 SB3_ZOO = {  # rl-baselines3-zoo hyperparams/ppo.yml
     "CartPole-v1": dict(n_envs=8, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=20, ent_coef=0.0,
                         learning_rate="lin_0.001", clip_range="lin_0.2"),
@@ -167,8 +164,6 @@ def median(values):
 
 
 def plan(mode):
-    if mode == "long":
-        return [dict(env_id=e, seeds=[1, 2, 3], total=1_000_000, contenders=["fastppo"]) for e in CLEANRL_1M]
     if mode == "tiny":  # seconds: proves the pipeline runs, measures nothing
         return [
             dict(env_id="CartPole-v1", seeds=[1], total=2_048, contenders=["fastppo", "fastppo-fast", "eager", "sb3", "raw"],
@@ -275,11 +270,6 @@ def summarize(results, mode):
         per_seed = ", ".join("not reached" if x is None else f"{x[1] / sb3_time:.2f}x" for x in fast)
         lines.append(f"| CartPole-v1 wall time to 475, classic-fast preset vs SB3 rl-zoo (median {sb3_time:.1f} s), "
                      f"per seed | {per_seed} | <= 0.5x, all seeds |")
-    if mode == "long":
-        lines += ["", "## Final mean return at 1M steps vs CleanRL's published results", ""]
-        for env_id, ref in CLEANRL_1M.items():
-            finals = [r["final_return"] for r in results if r["env_id"] == env_id]
-            lines.append(f"- {env_id}: fastppo {median(finals):.1f} (seeds: {finals}); CleanRL {ref}")
     lines += ["", "## Notes", "",
               "- SPS counts environment steps over the whole run (rollout and learning), on the CPU; setup (building the "
               "fused policy, compiling, capturing) is excluded from SPS and shown apart. fastppo picks its policy backend "
@@ -330,11 +320,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="one seed, short budgets")
-    group.add_argument("--long", action="store_true", help="HalfCheetah-v5 and Hopper-v5, 1M steps x 3 seeds")
     group.add_argument("--tiny", action="store_true", help="seconds: checks that the pipeline runs (used by the tests)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON, Markdown and plot go")
     args = parser.parse_args(argv)
-    mode = "quick" if args.quick else "long" if args.long else "tiny" if args.tiny else "default"
+    mode = "quick" if args.quick else "tiny" if args.tiny else "default"
     with tempfile.TemporaryDirectory() as run_root:
         results = run(mode, run_root)
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,9 @@ RUNS = RESULTS / "mujoco_1m"
 # of the last episodes), from its documentation's benchmark table.
 CLEANRL_1M = {"HalfCheetah-v5": 1442.6, "Hopper-v5": 2382.9, "Walker2d-v5": 2288.0}
 SEEDS = (1, 2, 3)
+# CleanRL's own script timed on this machine (not by this script): ppo_continuous_action.py on
+# HalfCheetah-v4 (gymnasium 1.x compatibility patch only), 20,480 steps, its printed SPS.
+CLEANRL_SPS_HERE = {"HalfCheetah-v5": 649}
 
 
 def run_one(env_id: str, seed: int, steps: int, out: Path) -> dict:
@@ -92,6 +95,13 @@ def report(runs: list) -> str:
         per_seed = ", ".join(f"{r['final_return']:.0f}" for r in rs)
         lines.append(f"| {env_id} | {len(rs)} | {m:.1f} +- {s:.1f} ({per_seed}) | {em:.1f} +- {es:.1f} | {ref} | {ok} | "
                      f"{statistics.median(r['sps'] for r in rs):.0f} | {statistics.median(r['seconds'] for r in rs):.0f} |")
+    for env_id, sps in CLEANRL_SPS_HERE.items():
+        rs = [r for r in runs if r["env_id"] == env_id]
+        if rs:
+            ours = statistics.median(r["seconds"] for r in rs)
+            lines += ["", f"- Wall time: CleanRL's ppo_continuous_action.py ran {env_id.replace('v5', 'v4')} at {sps} steps/s on "
+                          f"this machine (timed by hand over 20,480 steps), about {1_000_000 / sps:.0f} s for 1M steps; fastppo's "
+                          f"median run took {ours:.0f} s ({1_000_000 / sps / ours:.1f}x less)."]
     lines += ["", "Curves: `mujoco_1m.png` (mean and min-max over seeds of the mean return of the last 100 "
               "training episodes, against steps and against wall time; CleanRL's final numbers as dashed lines)."]
     return "\n".join(lines) + "\n"
