@@ -26,7 +26,7 @@ def recipes() -> dict:
     return found
 
 
-def splice(source: str, old: str, new: str, last_line_of_call: str = None) -> str:
+def splice(source: str, old: str, new: str) -> str:
     """Replaces, in ``source``, the lines the ``old`` block names: its lines verbatim, where a
     ``# ...`` line stands for everything between the lines around it (as the README says "from X
     down to and including Y")."""

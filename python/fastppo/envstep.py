@@ -87,12 +87,14 @@ class EnvBoundary:
             obs_out, obs_out.dtype.name, reward_out, done_out, terminated_out, real_out,
             self._finished_return, self._finished_length, self._finished, env_ids,
         )
-        finished = []
-        if count:
-            idx = np.flatnonzero(self._finished[:rows])
-            finished = list(zip(self._finished_return[idx].tolist(), self._finished_length[idx].tolist()))
-            self.recent.extend(finished)
-            self.episodes += len(finished)
+        return self._book_finished(rows) if count else []
+
+    def _book_finished(self, rows: int) -> List[Tuple[float, int]]:
+        """The (return, length) of the episodes the last step ended, added to the recent ones."""
+        idx = np.flatnonzero(self._finished[:rows])
+        finished = list(zip(self._finished_return[idx].tolist(), self._finished_length[idx].tolist()))
+        self.recent.extend(finished)
+        self.episodes += len(finished)
         return finished
 
     def bind_rollout(self, obs_out: np.ndarray, reward_out: np.ndarray, done_out: np.ndarray,
@@ -139,10 +141,7 @@ class EnvBoundary:
             self._finished_return, self._finished_length, self._finished, None,
         )
         if count:
-            idx = np.flatnonzero(self._finished)
-            finished = list(zip(self._finished_return[idx].tolist(), self._finished_length[idx].tolist()))
-            self.recent.extend(finished)
-            self.episodes += len(finished)
+            self._book_finished(self.N)
         return count
 
     def recent_mean_return(self, last: Optional[int] = None) -> Optional[float]:

@@ -239,6 +239,11 @@ class Agent(nn.Module):
         return action, logprob, entropy, self.critic(h).squeeze(-1)
 
 
+def train_device(args: Args) -> torch.device:
+    """The device ``--device`` resolves to (auto: CUDA when torch sees one)."""
+    return torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 def policy_backend(args: Args, family: str, obs_shape=None, device: Optional[torch.device] = None,
                    kernels: Optional["Kernels"] = None) -> str:
     """The backend ``--policy-backend`` resolves to: ``fused`` runs the MLP actor-critic of the
@@ -247,7 +252,7 @@ def policy_backend(args: Args, family: str, obs_shape=None, device: Optional[tor
     kernels) runs on ``torch``. Asking for ``fused`` where it cannot run is an error that says why."""
     reasons = []
     if device is None:
-        device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+        device = train_device(args)
     if device.type != "cpu":
         reasons.append(f"it runs on the CPU (device is {device})")
     if family == "atari" or (obs_shape is not None and len(obs_shape) != 1):
@@ -282,7 +287,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
     args = resolve(args) if envs is None else args
     family = env_family(args.env_id) if envs is None else "classic"
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = train_device(args)
     if checkpoint is None:
         run_name = args.run_name or f"{args.env_id}__seed{args.seed}__{int(time.time())}"
         run_dir = Path(args.run_dir) / run_name
