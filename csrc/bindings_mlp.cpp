@@ -2,19 +2,13 @@
 // ActorCriticPlan, which holds the network's layout and parameter addresses so that the trainer's
 // per-step and per-minibatch calls pass only a few integers. Addresses are Python ints (torch's
 // data_ptr(), numpy's ctypes.data); python/fastppo/policy.py checks shapes, dtypes and devices.
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
-
 #include <cmath>
-#include <cstdint>
-#include <string>
-#include <tuple>
 #include <vector>
 
+#include "bindings_common.h"
 #include "mlp.h"
 
-namespace py = pybind11;
-
+namespace fastppo::bind {
 namespace {
 
 // (weight, bias, grad_weight, grad_bias, in, out); a grad address of 0 means "not needed".
@@ -25,30 +19,24 @@ T* ptr(std::uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
-bool dtype_is_f64(const std::string& dtype) {
-  if (dtype == "float64") return true;
-  if (dtype == "float32") return false;
-  throw py::type_error("fastppo._C: dtype must be 'float32' or 'float64', got '" + dtype + "'");
-}
-
 int activation_code(const std::string& name) {
-  if (name == "tanh") return fastppo::kActTanh;
-  if (name == "relu") return fastppo::kActRelu;
+  if (name == "tanh") return kActTanh;
+  if (name == "relu") return kActRelu;
   throw py::value_error("fastppo._C: activation must be 'tanh' or 'relu', got '" + name + "'");
 }
 
-fastppo::MlpSpec mlp_spec(const std::vector<LayerSpec>& layers, const std::string& activation, bool last_linear,
+MlpSpec mlp_spec(const std::vector<LayerSpec>& layers, const std::string& activation, bool last_linear,
                           bool allow_empty) {
-  fastppo::MlpSpec spec;
-  if (layers.size() > static_cast<size_t>(fastppo::kMaxMlpLayers))
-    throw py::value_error("fastppo._C: at most " + std::to_string(fastppo::kMaxMlpLayers) + " layers per MLP, got " +
+  MlpSpec spec;
+  if (layers.size() > static_cast<size_t>(kMaxMlpLayers))
+    throw py::value_error("fastppo._C: at most " + std::to_string(kMaxMlpLayers) + " layers per MLP, got " +
                           std::to_string(layers.size()));
   if (layers.empty() && !allow_empty) throw py::value_error("fastppo._C: an MLP needs at least one layer");
   spec.n = static_cast<int>(layers.size());
   spec.act = activation_code(activation);
   spec.last_linear = last_linear;
   for (int i = 0; i < spec.n; ++i) {
-    fastppo::DenseLayer& L = spec.layer[i];
+    DenseLayer& L = spec.layer[i];
     std::uintptr_t w, b, gw, gb;
     std::tie(w, b, gw, gb, L.in, L.out) = layers[i];
     if (w == 0 || b == 0 || L.in <= 0 || L.out <= 0)
@@ -66,22 +54,22 @@ fastppo::MlpSpec mlp_spec(const std::vector<LayerSpec>& layers, const std::strin
 
 void mlp_forward(const std::string& dtype, const std::vector<LayerSpec>& layers, const std::string& activation,
                  bool last_linear, int64_t rows, std::uintptr_t x, int64_t ldx, std::uintptr_t saved) {
-  const fastppo::MlpSpec spec = mlp_spec(layers, activation, last_linear, false);
+  const MlpSpec spec = mlp_spec(layers, activation, last_linear, false);
   if (rows < 0 || ldx < spec.in_dim()) throw py::value_error("fastppo._C.mlp_forward: bad rows or row stride");
   if (rows == 0) return;
-  const bool f64 = dtype_is_f64(dtype);
+  const bool f64 = float_is_f64(dtype);
   py::gil_scoped_release no_gil;
-  fastppo::mlp_forward_cpu(spec, f64, rows, ptr(x), ldx, ptr(saved));
+  mlp_forward_cpu(spec, f64, rows, ptr(x), ldx, ptr(saved));
 }
 
 void mlp_backward(const std::string& dtype, const std::vector<LayerSpec>& layers, const std::string& activation,
                   bool last_linear, int64_t rows, std::uintptr_t x, int64_t ldx, std::uintptr_t saved,
                   std::uintptr_t grad_out, std::uintptr_t grad_x) {
-  const fastppo::MlpSpec spec = mlp_spec(layers, activation, last_linear, false);
+  const MlpSpec spec = mlp_spec(layers, activation, last_linear, false);
   if (rows < 0 || ldx < spec.in_dim()) throw py::value_error("fastppo._C.mlp_backward: bad rows or row stride");
-  const bool f64 = dtype_is_f64(dtype);
+  const bool f64 = float_is_f64(dtype);
   py::gil_scoped_release no_gil;
-  fastppo::mlp_backward_cpu(spec, f64, rows, ptr(x), ldx, ptr(saved), ptr(grad_out), ptr(grad_x));
+  mlp_backward_cpu(spec, f64, rows, ptr(x), ldx, ptr(saved), ptr(grad_out), ptr(grad_x));
 }
 
 class ActorCriticPlan {
@@ -90,7 +78,7 @@ class ActorCriticPlan {
                   const std::vector<LayerSpec>& actor, const std::vector<LayerSpec>& critic, bool continuous,
                   std::uintptr_t log_std, std::uintptr_t grad_log_std, std::uintptr_t params, std::uintptr_t grads,
                   std::uintptr_t exp_avg, std::uintptr_t exp_avg_sq, int64_t n_params) {
-    s_.is_f64 = dtype_is_f64(dtype);
+    s_.is_f64 = float_is_f64(dtype);
     s_.trunk = mlp_spec(trunk, activation, false, true);
     s_.actor = mlp_spec(actor, activation, true, false);
     s_.critic = mlp_spec(critic, activation, true, false);
@@ -111,23 +99,23 @@ class ActorCriticPlan {
     s_.n_params = n_params;
     // Storage of every layer's W^T, for few-row forwards (rollout inference).
     int64_t total = 0;
-    for (fastppo::MlpSpec* spec : {&s_.trunk, &s_.actor, &s_.critic})
+    for (MlpSpec* spec : {&s_.trunk, &s_.actor, &s_.critic})
       for (int i = 0; i < spec->n; ++i) total += spec->layer[i].in * spec->layer[i].out;
     transposed_.assign(static_cast<size_t>(total), 0.0);  // doubles: room for either dtype
     const size_t elem = s_.is_f64 ? sizeof(double) : sizeof(float);
     char* base = reinterpret_cast<char*>(transposed_.data());
     int64_t offset = 0;
-    for (fastppo::MlpSpec* spec : {&s_.trunk, &s_.actor, &s_.critic})
+    for (MlpSpec* spec : {&s_.trunk, &s_.actor, &s_.critic})
       for (int i = 0; i < spec->n; ++i) {
         spec->layer[i].wt = base + offset * elem;
         offset += spec->layer[i].in * spec->layer[i].out;
       }
     s_.wt_current = true;
-    fastppo::actor_critic_transpose_cpu(s_);
+    actor_critic_transpose_cpu(s_);
   }
 
   // After the parameters were changed from outside (load_state_dict, a torch optimizer step).
-  void refresh() { fastppo::actor_critic_transpose_cpu(s_); }
+  void refresh() { actor_critic_transpose_cpu(s_); }
 
   int64_t obs_dim() const { return s_.obs_dim(); }
   int64_t n_out() const { return s_.n_out; }
@@ -136,7 +124,7 @@ class ActorCriticPlan {
            std::uintptr_t logprob, std::uintptr_t value, std::uintptr_t env_action, std::uintptr_t low,
            std::uintptr_t high) {
     if (rows <= 0) return;
-    fastppo::ActArgs a;
+    ActArgs a;
     a.rows = rows;
     a.obs = ptr(obs);
     a.ldobs = ldobs;
@@ -149,7 +137,7 @@ class ActorCriticPlan {
     a.high = ptr<const float>(high);
     if (s_.continuous && a.env_action && (!a.low || !a.high))
       throw py::value_error("fastppo._C.ActorCriticPlan.act: a continuous env action needs low and high");
-    fastppo::actor_critic_act_cpu(s_, a);
+    actor_critic_act_cpu(s_, a);
   }
 
   // Rollout storage for act_step: each buffer's address and bytes per step; T steps.
@@ -201,7 +189,7 @@ class ActorCriticPlan {
     if (step < 1) throw py::value_error("fastppo._C.ActorCriticPlan.update: step must be >= 1");
     if (!u_.obs || !u_.actions || !u_.old_logprob || !u_.advantages || !u_.returns || !u_.old_values)
       throw py::value_error("fastppo._C.ActorCriticPlan.update: set_batch first");
-    fastppo::UpdateArgs u = u_;
+    UpdateArgs u = u_;
     u.M = M;
     u.idx = ptr<const int64_t>(idx);
     u.stats = ptr<double>(stats);
@@ -209,12 +197,12 @@ class ActorCriticPlan {
     u.adam.step_size = lr / (1.0 - std::pow(u.adam.beta1, static_cast<double>(step)));
     u.adam.bias_correction2_sqrt = std::sqrt(1.0 - std::pow(u.adam.beta2, static_cast<double>(step)));
     py::gil_scoped_release no_gil;
-    fastppo::actor_critic_update_cpu(s_, u);
+    actor_critic_update_cpu(s_, u);
   }
 
  private:
-  fastppo::ActorCriticSpec s_;
-  fastppo::UpdateArgs u_;
+  ActorCriticSpec s_;
+  UpdateArgs u_;
   std::vector<double> transposed_;
   struct Rollout {
     int64_t rows = 0;
@@ -265,3 +253,5 @@ void bind_mlp(py::module_& m) {
       .def("update", &ActorCriticPlan::update, py::arg("M"), py::arg("idx"), py::arg("lr"), py::arg("step"),
            py::arg("stats"));
 }
+
+}  // namespace fastppo::bind

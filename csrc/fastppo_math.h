@@ -16,6 +16,16 @@ namespace fastppo {
 // Element types of the 0/1 flag arrays (`dones`, `terminated`). bool is stored as one byte.
 enum FlagType : int { kFlagU8 = 0, kFlagI8 = 1, kFlagI32 = 2, kFlagI64 = 3, kFlagF32 = 4, kFlagF64 = 5 };
 
+// A read-only [R, C] array seen through element strides; null when the argument is absent.
+struct Strided {
+  const void* data = nullptr;
+  int64_t sr = 0, sc = 0;
+  template <typename S>
+  FASTPPO_HD S at(int64_t r, int64_t c) const {
+    return static_cast<const S*>(data)[r * sr + c * sc];
+  }
+};
+
 // Bytes per element of a flag type.
 FASTPPO_HD int64_t flag_size(int type) {
   switch (type) {

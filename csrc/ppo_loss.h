@@ -27,16 +27,6 @@ enum LossSum : int { kSumCount = 0, kSumPg, kSumV, kSumEnt, kSumKl, kSumOldKl, k
 enum LossStat : int { kStatPg = 0, kStatV, kStatEnt, kStatKl, kStatOldKl, kStatClip, kLossStats };
 enum LossAgg : int { kAggTokenMean = 0, kAggSeqMeanTokenMean = 1, kAggSeqMeanTokenSum = 2 };
 
-// A read-only [R, C] array seen through element strides; null when the argument is absent.
-struct Strided {
-  const void* data = nullptr;
-  int64_t sr = 0, sc = 0;
-  template <typename S>
-  FASTPPO_HD S at(int64_t r, int64_t c) const {
-    return static_cast<const S*>(data)[r * sr + c * sc];
-  }
-};
-
 struct PpoLossArgs {
   int64_t R = 0, C = 0;
   bool is_f64 = false;

@@ -13,7 +13,7 @@
 #include <cstdint>
 
 #include "fastppo_math.h"
-#include "ppo_loss.h"  // Strided, kLossChunk
+#include "ppo_loss.h"  // kLossChunk
 
 namespace fastppo {
 

@@ -50,6 +50,13 @@ class EnvBoundary:
         self._finished_return = np.zeros(num_envs)
         self._finished_length = np.zeros(num_envs, np.int64)
         self._finished = np.zeros(num_envs, np.bool_)
+        # The compiled stepper holds the state arrays above by address: they are updated in place,
+        # never rebound.
+        self._stepper = _C.EnvStepper(
+            num_envs, self.obs_dim, normalize_obs, normalize_reward, gamma, clip, self.obs_count, self.obs_mean,
+            self.obs_m2, self.return_count, self.return_mean, self.return_m2, self.discounted_return,
+            self.episode_return, self.episode_length, self.previous_done, self._finished_return,
+            self._finished_length, self._finished)
 
     def step(self, obs, reward, terminated, truncated, obs_out: np.ndarray, reward_out: np.ndarray,
              done_out: np.ndarray, terminated_out: np.ndarray, real_out: np.ndarray,
@@ -77,15 +84,10 @@ class EnvBoundary:
                 raise ValueError(f"EnvBoundary.step: {name} must be a C-contiguous numpy array of shape {shape}")
         if obs.shape != (rows,) + self.obs_shape:
             raise ValueError(f"EnvBoundary.step: obs has shape {obs.shape}; expected {(rows,) + self.obs_shape}")
-        count = _C.env_step(
-            rows, self.obs_dim, obs, obs.dtype.name, reward, reward.dtype == np.float64,
-            _contiguous(terminated, np.bool_), _contiguous(truncated, np.bool_), episode_reward,
-            episode_reward.dtype == np.float64, None if episode_over is None else _contiguous(episode_over, np.bool_),
-            self.normalize_obs, self.normalize_reward, update_stats, self.gamma, self.clip,
-            self.obs_count, self.obs_mean, self.obs_m2, self.return_count, self.return_mean, self.return_m2,
-            self.discounted_return, self.episode_return, self.episode_length, self.previous_done,
-            obs_out, obs_out.dtype.name, reward_out, done_out, terminated_out, real_out,
-            self._finished_return, self._finished_length, self._finished, env_ids,
+        count = self._stepper.step(
+            rows, obs, reward, _contiguous(terminated, np.bool_), _contiguous(truncated, np.bool_), episode_reward,
+            None if episode_over is None else _contiguous(episode_over, np.bool_), update_stats,
+            obs_out, reward_out, done_out, terminated_out, real_out, env_ids,
         )
         return self._book_finished(rows) if count else []
 
@@ -110,8 +112,9 @@ class EnvBoundary:
         if reward_out.dtype != np.float32 or any(x.dtype != np.bool_ for x in (done_out, terminated_out, real_out)):
             raise ValueError("EnvBoundary.bind_rollout: reward_out must be float32 and the flags bool")
         self._bound = (obs_out, reward_out, done_out, terminated_out, real_out)  # kept alive
-        self._bound_obs = (obs_out.ctypes.data, obs_out.strides[0], obs_out.dtype.name)
-        self._bound_rows = [(x.ctypes.data, x.strides[0]) for x in (reward_out, done_out, terminated_out, real_out)]
+        self._stepper.bind_rollout(obs_out.ctypes.data, obs_out.strides[0], obs_out,
+                                   *(v for x in (reward_out, done_out, terminated_out, real_out)
+                                     for v in (x.ctypes.data, x.strides[0])))
 
     def step_at(self, t: int, obs: np.ndarray, reward: np.ndarray, terminated: np.ndarray,
                 truncated: np.ndarray) -> int:
@@ -129,17 +132,7 @@ class EnvBoundary:
             terminated = _contiguous(terminated, np.bool_)
         if not (type(truncated) is np.ndarray and truncated.dtype == np.bool_ and truncated.flags.c_contiguous):
             truncated = _contiguous(truncated, np.bool_)
-        obs_base, obs_stride, obs_dtype = self._bound_obs
-        (r, rs), (d, ds), (te, ts), (re, res) = self._bound_rows
-        f64 = reward.dtype == np.float64
-        count = _C.env_step(
-            self.N, self.obs_dim, obs, obs.dtype.name, reward, f64, terminated, truncated, reward, f64, None,
-            self.normalize_obs, self.normalize_reward, True, self.gamma, self.clip,
-            self.obs_count, self.obs_mean, self.obs_m2, self.return_count, self.return_mean, self.return_m2,
-            self.discounted_return, self.episode_return, self.episode_length, self.previous_done,
-            obs_base + (t + 1) * obs_stride, obs_dtype, r + t * rs, d + t * ds, te + t * ts, re + t * res,
-            self._finished_return, self._finished_length, self._finished, None,
-        )
+        count = self._stepper.step_at(t, obs, reward, terminated, truncated)
         if count:
             self._book_finished(self.N)
         return count

@@ -277,12 +277,12 @@ def _normal_backward(mean: Tensor, log_std: Tensor, actions: Tensor, grad_logpro
     rows, D, specs, _views = _normal_specs(mean, log_std, actions)
     grad_mean = torch.empty(mean.shape, dtype=mean.dtype, device=mean.device)
     grad_log_std = torch.empty(log_std.shape, dtype=mean.dtype, device=mean.device)
-    chunks = max(1, (rows + _C.NORMAL_CHUNK - 1) // _C.NORMAL_CHUNK)
-    partials = torch.empty(chunks * D, dtype=torch.float64, device=mean.device) if log_std.dim() == 1 else None
+    size = _C.normal_backward_workspace(rows, D, log_std.dim() == 1)
+    workspace = torch.empty(size, dtype=torch.float64, device=mean.device) if size else None
     g_lp, g_ent = _vector(grad_logprob), _vector(grad_entropy)
     _C.normal_backward(
         rows, D, _NAMES[mean.dtype], *specs, None if g_lp is None else g_lp[0], None if g_ent is None else g_ent[0],
-        grad_mean.data_ptr(), grad_log_std.data_ptr(), None if partials is None else partials.data_ptr(),
+        grad_mean.data_ptr(), grad_log_std.data_ptr(), None if workspace is None else workspace.data_ptr(),
         *_device_args(mean),
     )
     return grad_mean, grad_log_std

@@ -67,8 +67,7 @@ def _forward(
     grad_logprob = torch.empty(shape, dtype=new_logprob.dtype, device=device)
     grad_value = torch.empty(shape, dtype=new_logprob.dtype, device=device) if new_value is not None else stats.new_empty(0)
     row_scale = stats.new_empty(R)
-    chunks = R * ((C + _C.LOSS_CHUNK - 1) // _C.LOSS_CHUNK)
-    workspace = torch.empty(max(chunks, 1) * _C.LOSS_SUMS + 2, dtype=torch.float64, device=device)
+    workspace = torch.empty(_C.ppo_loss_workspace(R, C), dtype=torch.float64, device=device)
     views = []  # keeps any reshaped copy alive until the kernel has read it
 
     def spec(x: Optional[Tensor]):
@@ -84,14 +83,13 @@ def _forward(
         device_index, stream = device.index, torch.cuda.current_stream(device).cuda_stream
     else:
         device_index, stream = -1, 0
-    workspace_ptr = workspace.data_ptr()
     _C.ppo_loss(
         R, C, _DTYPE_NAMES[new_logprob.dtype],
         spec(new_logprob), spec(old_logprob), spec(advantages), spec(new_value), spec(old_value), spec(returns),
         spec(entropy), spec(mask), "" if mask is None else _DTYPE_NAMES[mask.dtype],
         clip_coef, vf_coef, ent_coef, vf_clip_coef, dual_clip, clip_vloss, norm_adv, agg,
         grad_logprob.data_ptr(), grad_value.data_ptr() if new_value is not None else None,
-        loss.data_ptr(), stats.data_ptr(), row_scale.data_ptr(), workspace_ptr, workspace_ptr + 8 * max(chunks, 1) * _C.LOSS_SUMS,
+        loss.data_ptr(), stats.data_ptr(), row_scale.data_ptr(), workspace.data_ptr(),
         device_index, stream,
     )
     return loss, stats, grad_logprob, grad_value, row_scale

@@ -158,12 +158,10 @@ def masked_whiten(x: Tensor, mask: Optional[Tensor] = None, shift_mean: bool = T
     device, stream = _device_args(fn, x)
     B, T = x.shape
     out = torch.empty((B, T), dtype=x.dtype, device=x.device)
-    chunks = B * ((T + _C.WHITEN_CHUNK - 1) // _C.WHITEN_CHUNK)
-    workspace = torch.empty(3 * max(chunks, 1) + 3, dtype=torch.float64, device=x.device)
+    workspace = torch.empty(_C.masked_whiten_workspace(B, T), dtype=torch.float64, device=x.device)
     _C.masked_whiten(
         B, T, _NAMES[x.dtype], _spec(x), _spec(mask), "" if mask is None else _NAMES[mask.dtype],
-        bool(shift_mean), float(eps), out.data_ptr(), workspace.data_ptr(),
-        workspace.data_ptr() + 8 * 3 * max(chunks, 1), device, stream,
+        bool(shift_mean), float(eps), out.data_ptr(), workspace.data_ptr(), device, stream,
     )
     return out
 

@@ -1,0 +1,162 @@
+// Bindings of the fused policy heads (heads.h): categorical and diagonal Gaussian log-prob and
+// entropy, forward and backward, and the Gumbel-max sampler.
+#include "bindings_common.h"
+#include "heads.h"
+
+namespace fastppo::bind {
+namespace {
+
+int scalar_type(const std::string& dtype, const char* name) {
+  if (dtype == "float32") return kF32;
+  if (dtype == "float64") return kF64;
+  if (dtype == "bfloat16") return kBF16;
+  if (dtype == "float16") return kF16;
+  throw py::type_error(std::string("fastppo._C: ") + name +
+                       " dtype must be float32, float64, bfloat16 or float16, got '" + dtype + "'");
+}
+
+CategoricalArgs categorical_args(int64_t rows, int64_t A, const std::string& dtype, Strided2 logits,
+                                 Strided1 actions, const std::string& actions_dtype, double temperature) {
+  require(rows >= 0 && A >= 1, "categorical", "rows must be >= 0 and A >= 1");
+  require(temperature > 0.0, "categorical", "temperature must be > 0");
+  CategoricalArgs a;
+  a.rows = rows;
+  a.A = A;
+  a.dtype = scalar_type(dtype, "logits");
+  const Strided l = strided(logits);
+  a.logits = l.data, a.logits_sr = l.sr, a.logits_sc = l.sc;
+  a.actions = address(std::get<0>(actions));
+  a.actions_s = std::get<1>(actions);
+  if (actions_dtype == "int64") {
+    a.actions_type = kFlagI64;
+  } else if (actions_dtype == "int32") {
+    a.actions_type = kFlagI32;
+  } else {
+    throw py::type_error("fastppo._C.categorical: actions dtype must be int64 or int32, got '" + actions_dtype + "'");
+  }
+  a.inv_temperature = 1.0 / temperature;
+  return a;
+}
+
+void categorical_forward(int64_t rows, int64_t A, const std::string& dtype, Strided2 logits, Strided1 actions,
+                         const std::string& actions_dtype, double temperature, py::object logprob, py::object entropy,
+                         py::object lse, int device, std::uintptr_t stream) {
+  CategoricalArgs a = categorical_args(rows, A, dtype, logits, actions, actions_dtype, temperature);
+  a.logprob = address(logprob);
+  a.entropy = address(entropy);
+  a.lse = address(lse);
+  if (rows == 0) return;
+  if (device < 0 && a.dtype != kF32 && a.dtype != kF64)
+    throw py::type_error("fastppo._C.categorical: bfloat16 / float16 logits run on CUDA only");
+  if (device < 0) {
+    const int64_t bad = categorical_check_actions_cpu(a);
+    if (bad >= 0) throw py::index_error("fastppo._C.categorical: row " + std::to_string(bad) + " has an action out of range");
+  }
+  dispatch("categorical_forward", device, stream, categorical_forward_cpu,
+           FASTPPO_CUDA_LAUNCHER(categorical_forward_cuda), a);
+}
+
+// Gumbel-max sample per row (CPU), then the forward pass on the sampled actions: one call.
+void categorical_sample(int64_t rows, int64_t A, const std::string& dtype, Strided2 logits, std::uintptr_t noise,
+                        int64_t noise_sr, double temperature, std::uintptr_t actions, py::object logprob,
+                        py::object entropy, py::object lse) {
+  CategoricalArgs a = categorical_args(rows, A, dtype, logits, Strided1{py::int_(actions), 1}, "int64", temperature);
+  a.logprob = address(logprob);
+  a.entropy = address(entropy);
+  a.lse = address(lse);
+  if (rows == 0) return;
+  if (a.dtype != kF32 && a.dtype != kF64)
+    throw py::type_error("fastppo._C.categorical_sample: logits must be float32 or float64");
+  require(noise != 0 && actions != 0, "categorical_sample", "null noise or actions");
+  py::gil_scoped_release no_gil;
+  categorical_sample_cpu(a, reinterpret_cast<const void*>(noise), noise_sr, reinterpret_cast<int64_t*>(actions));
+  categorical_forward_cpu(a);
+}
+
+void categorical_backward(int64_t rows, int64_t A, const std::string& dtype, Strided2 logits, Strided1 actions,
+                          const std::string& actions_dtype, double temperature, py::object lse, py::object entropy,
+                          py::object grad_logprob, py::object grad_entropy, py::object grad_logits, int device,
+                          std::uintptr_t stream) {
+  CategoricalArgs a = categorical_args(rows, A, dtype, logits, actions, actions_dtype, temperature);
+  a.lse = address(lse);
+  a.entropy = address(entropy);
+  optional_vector(grad_logprob, &a.grad_logprob, &a.grad_logprob_s);
+  optional_vector(grad_entropy, &a.grad_entropy, &a.grad_entropy_s);
+  a.grad_logits = address(grad_logits);
+  if (rows == 0) return;
+  dispatch("categorical_backward", device, stream, categorical_backward_cpu,
+           FASTPPO_CUDA_LAUNCHER(categorical_backward_cuda), a);
+}
+
+NormalArgs normal_args(int64_t rows, int64_t D, const std::string& dtype, Strided2 mean, Strided2 log_std,
+                       Strided2 actions) {
+  require(rows >= 0 && D >= 1, "normal", "rows must be >= 0 and D >= 1");
+  NormalArgs a;
+  a.rows = rows;
+  a.D = D;
+  a.is_f64 = float_is_f64(dtype);
+  const Strided mu = strided(mean), ls = strided(log_std), x = strided(actions);
+  a.mean = mu.data, a.mean_sr = mu.sr, a.mean_sc = mu.sc;
+  a.log_std = ls.data, a.log_std_sr = ls.sr, a.log_std_sc = ls.sc;
+  a.actions = x.data, a.actions_sr = x.sr, a.actions_sc = x.sc;
+  return a;
+}
+
+// float64 elements of normal_backward's workspace: per chunk of rows, the partial gradient of a
+// log_std shared by all rows (none when each row has its own).
+int64_t normal_backward_workspace(int64_t rows, int64_t D, bool shared_log_std) {
+  require(rows >= 0 && D >= 1, "normal_backward_workspace", "rows must be >= 0 and D >= 1");
+  return shared_log_std ? std::max<int64_t>(1, (rows + kNormalChunk - 1) / kNormalChunk) * D : 0;
+}
+
+void normal_forward(int64_t rows, int64_t D, const std::string& dtype, Strided2 mean, Strided2 log_std,
+                    Strided2 actions, py::object logprob, py::object entropy, int device, std::uintptr_t stream) {
+  NormalArgs a = normal_args(rows, D, dtype, mean, log_std, actions);
+  a.logprob = address(logprob);
+  a.entropy = address(entropy);
+  if (rows == 0) return;
+  dispatch("normal_forward", device, stream, normal_forward_cpu, FASTPPO_CUDA_LAUNCHER(normal_forward_cuda), a);
+}
+
+void normal_backward(int64_t rows, int64_t D, const std::string& dtype, Strided2 mean, Strided2 log_std,
+                     Strided2 actions, py::object grad_logprob, py::object grad_entropy, py::object grad_mean,
+                     py::object grad_log_std, py::object workspace, int device, std::uintptr_t stream) {
+  NormalArgs a = normal_args(rows, D, dtype, mean, log_std, actions);
+  optional_vector(grad_logprob, &a.grad_logprob, &a.grad_logprob_s);
+  optional_vector(grad_entropy, &a.grad_entropy, &a.grad_entropy_s);
+  a.grad_mean = address(grad_mean);
+  a.grad_log_std = address(grad_log_std);
+  a.partials = static_cast<double*>(optional_address(workspace));
+  require(a.log_std_sr != 0 || a.partials, "normal_backward", "a shared log_std needs a workspace");
+  dispatch("normal_backward", device, stream, normal_backward_cpu, FASTPPO_CUDA_LAUNCHER(normal_backward_cuda), a);
+}
+
+}  // namespace
+
+void bind_heads(py::module_& m) {
+  m.def("categorical_forward", &categorical_forward, py::arg("rows"), py::arg("A"), py::arg("dtype"), py::arg("logits"),
+        py::arg("actions"), py::arg("actions_dtype"), py::arg("temperature"), py::arg("logprob"), py::arg("entropy"),
+        py::arg("lse"), py::arg("device"), py::arg("stream"),
+        "Categorical head forward over [rows, A] logits: writes logprob, entropy and lse ([rows] each).");
+  m.def("categorical_sample", &categorical_sample, py::arg("rows"), py::arg("A"), py::arg("dtype"), py::arg("logits"),
+        py::arg("noise"), py::arg("noise_sr"), py::arg("temperature"), py::arg("actions"), py::arg("logprob"),
+        py::arg("entropy"), py::arg("lse"),
+        "CPU: Gumbel-max sample of one action per row of logits / temperature from uniform noise [rows, A], "
+        "then its log-prob, the entropy and the log-sum-exp: writes actions (int64), logprob, entropy, lse.");
+  m.def("categorical_backward", &categorical_backward, py::arg("rows"), py::arg("A"), py::arg("dtype"),
+        py::arg("logits"), py::arg("actions"), py::arg("actions_dtype"), py::arg("temperature"), py::arg("lse"),
+        py::arg("entropy"), py::arg("grad_logprob"), py::arg("grad_entropy"), py::arg("grad_logits"),
+        py::arg("device"), py::arg("stream"), "Categorical head backward: writes contiguous [rows, A] grad_logits.");
+  m.def("normal_forward", &normal_forward, py::arg("rows"), py::arg("D"), py::arg("dtype"), py::arg("mean"),
+        py::arg("log_std"), py::arg("actions"), py::arg("logprob"), py::arg("entropy"), py::arg("device"),
+        py::arg("stream"), "Diagonal Gaussian head forward: writes logprob and entropy ([rows] each).");
+  m.def("normal_backward_workspace", &normal_backward_workspace, py::arg("rows"), py::arg("D"),
+        py::arg("shared_log_std"), "float64 elements of the workspace normal_backward needs (0: pass None).");
+  m.def("normal_backward", &normal_backward, py::arg("rows"), py::arg("D"), py::arg("dtype"), py::arg("mean"),
+        py::arg("log_std"), py::arg("actions"), py::arg("grad_logprob"), py::arg("grad_entropy"),
+        py::arg("grad_mean"), py::arg("grad_log_std"), py::arg("workspace"), py::arg("device"), py::arg("stream"),
+        "Diagonal Gaussian head backward: writes grad_mean [rows, D] and grad_log_std ([rows, D], or [D] when "
+        "shared). workspace: float64 [normal_backward_workspace(rows, D, shared)], or None when that is 0.");
+}
+
+}  // namespace fastppo::bind

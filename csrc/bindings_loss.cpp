@@ -1,0 +1,81 @@
+// Bindings of the fused clipped PPO loss (ppo_loss.h).
+#include "bindings_common.h"
+#include "ppo_loss.h"
+
+namespace fastppo::bind {
+namespace {
+
+// float64 elements of ppo_loss's workspace: each chunk's partial sums, then the advantages'
+// (mean, 1/(std+eps)).
+int64_t ppo_loss_workspace(int64_t R, int64_t C) {
+  require(R >= 0 && C >= 0, "ppo_loss_workspace", "R and C must be >= 0");
+  PpoLossArgs a;
+  a.R = R;
+  a.C = C;
+  return std::max<int64_t>(a.chunks(), 1) * kLossSums + 2;
+}
+
+void ppo_loss(int64_t R, int64_t C, const std::string& dtype, Strided2 new_logprob, Strided2 old_logprob,
+              Strided2 advantages, py::object new_value, py::object old_value, py::object returns,
+              py::object entropy, py::object mask, const std::string& mask_dtype, double clip_coef,
+              double vf_coef, double ent_coef, double vf_clip_coef, double dual_clip, bool clip_vloss,
+              bool norm_adv, int agg, py::object grad_logprob, py::object grad_value, py::object loss, py::object stats,
+              py::object row_scale, py::object workspace, int device, std::uintptr_t stream) {
+  require(R >= 0 && C >= 0, "ppo_loss", "R and C must be >= 0");
+  require(agg >= kAggTokenMean && agg <= kAggSeqMeanTokenSum, "ppo_loss", "agg must be 0, 1 or 2");
+  PpoLossArgs a;
+  a.R = R;
+  a.C = C;
+  a.is_f64 = float_is_f64(dtype);
+  a.new_logprob = strided(new_logprob);
+  a.old_logprob = strided(old_logprob);
+  a.advantages = strided(advantages);
+  a.new_value = optional_strided(new_value);
+  a.old_value = optional_strided(old_value);
+  a.returns = optional_strided(returns);
+  a.entropy = optional_strided(entropy);
+  a.mask = optional_strided(mask);
+  if (a.mask.data) a.mask_type = flag_type(mask_dtype, "mask");
+  a.clip_coef = clip_coef;
+  a.vf_coef = vf_coef;
+  a.ent_coef = ent_coef;
+  a.vf_clip_coef = vf_clip_coef;
+  a.dual_clip = dual_clip;
+  a.clip_vloss = clip_vloss;
+  a.norm_adv = norm_adv;
+  a.agg = agg;
+  a.grad_logprob = optional_address(grad_logprob);
+  a.grad_value = optional_address(grad_value);
+  a.loss = optional_address(loss);
+  a.stats = optional_address(stats);
+  a.row_scale = optional_address(row_scale);
+  a.partials = static_cast<double*>(optional_address(workspace));
+  if (a.partials) a.adv_stats = a.partials + std::max<int64_t>(a.chunks(), 1) * kLossSums;
+  require(!a.new_value.data || (a.returns.data && (!clip_vloss || a.old_value.data)), "ppo_loss",
+          "new_value needs returns (and old_value when clip_vloss)");
+  require(a.loss && a.stats && a.row_scale && a.partials && (R * C == 0 || a.grad_logprob) &&
+              (!a.new_value.data || R * C == 0 || a.grad_value),
+          "ppo_loss", "missing output or workspace buffer");
+  dispatch("ppo_loss", device, stream, ppo_loss_cpu, FASTPPO_CUDA_LAUNCHER(ppo_loss_cuda), a);
+}
+
+}  // namespace
+
+void bind_loss(py::module_& m) {
+  m.attr("LOSS_STATS") = static_cast<int>(kLossStats);
+  m.def("ppo_loss_workspace", &ppo_loss_workspace, py::arg("R"), py::arg("C"),
+        "float64 elements of the workspace ppo_loss needs for an [R, C] problem.");
+  m.def("ppo_loss", &ppo_loss, py::arg("R"), py::arg("C"), py::arg("dtype"), py::arg("new_logprob"),
+        py::arg("old_logprob"), py::arg("advantages"), py::arg("new_value"), py::arg("old_value"),
+        py::arg("returns"), py::arg("entropy"), py::arg("mask"), py::arg("mask_dtype"), py::arg("clip_coef"),
+        py::arg("vf_coef"), py::arg("ent_coef"), py::arg("vf_clip_coef"), py::arg("dual_clip"),
+        py::arg("clip_vloss"), py::arg("norm_adv"), py::arg("agg"), py::arg("grad_logprob"),
+        py::arg("grad_value"), py::arg("loss"), py::arg("stats"), py::arg("row_scale"), py::arg("workspace"),
+        py::arg("device"), py::arg("stream"),
+        "Fused clipped PPO loss over an [R, C] problem: writes loss, stats[6] (pg, v, entropy, approx_kl, "
+        "old_approx_kl, clipfrac), the gradients grad_logprob / grad_value ([R, C], contiguous) "
+        "of the loss, and row_scale[R] (d loss / d entropy = -ent_coef * row_scale). workspace: float64 "
+        "[ppo_loss_workspace(R, C)].");
+}
+
+}  // namespace fastppo::bind
