@@ -203,6 +203,7 @@ def test_cli_end_to_end_tiny(tmp_path):
 def test_cli_help_and_bad_flags():
     help_text = subprocess.run([sys.executable, "-m", "fastppo", "rlhf", "--help"], capture_output=True, text=True).stdout
     assert "--kl-coef" in help_text and "beta of the per-token KL penalty" in help_text
+    assert "--no-compare-kl-off" in help_text and "--kl-target FLOAT" in help_text
     bad = subprocess.run([sys.executable, "-m", "fastppo", "rlhf", "--preset", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--preset" in bad.stderr
 

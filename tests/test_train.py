@@ -14,6 +14,8 @@ import torch
 pytest.importorskip("envpool")
 
 from fastppo import train as T  # noqa: E402
+from fastppo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from fastppo.envs import AsyncRollout, rollout_advantages  # noqa: E402
 from fastppo.evaluate import evaluate  # noqa: E402
 
 
@@ -68,6 +70,7 @@ def test_cli_help_comes_from_the_dataclass_docstrings():
     out = subprocess.run([sys.executable, "-m", "fastppo", "train", "--help"], capture_output=True, text=True, check=True)
     assert "--env-id" in out.stdout and "the EnvPool task id" in out.stdout
     assert "--num-minibatches" in out.stdout and "minibatches per epoch" in out.stdout
+    assert "--no-anneal-lr" in out.stdout and "--no-clip-vloss" in out.stdout and "the preset's" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "fastppo", "train", "--num-minibatches", "7", "--run-dir", "/nonexistent"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "must divide" in bad.stderr
@@ -90,7 +93,7 @@ def test_dummy_reset_steps_are_masked_and_truncation_bootstraps():
     terminated = torch.zeros(6, 1, dtype=torch.bool)
     real = torch.tensor([[1], [1], [1], [0], [1], [1]], dtype=torch.bool)
     next_value = torch.tensor([0.05], dtype=torch.float64)
-    adv, _ = T.rollout_advantages(rewards, values, dones, terminated, real, next_value, g, lam)
+    adv, _ = rollout_advantages(rewards, values, dones, terminated, real, next_value, g, lam)
     a5 = 6.0 + g * 0.05 - 0.1
     a4 = (5.0 + g * 0.1 - 0.2) + g * lam * a5
     a2 = 3.0 + g * 7.0 - 0.3  # truncated: bootstraps from the final observation's value
@@ -98,7 +101,7 @@ def test_dummy_reset_steps_are_masked_and_truncation_bootstraps():
     a0 = (1.0 + g * 0.4 - 0.5) + g * lam * a1
     torch.testing.assert_close(adv[[0, 1, 2, 4, 5], 0], torch.tensor([a0, a1, a2, a4, a5], dtype=torch.float64))
     # Terminated instead: no bootstrap.
-    adv_t, _ = T.rollout_advantages(rewards, values, dones, dones, real, next_value, g, lam)
+    adv_t, _ = rollout_advantages(rewards, values, dones, dones, real, next_value, g, lam)
     assert adv_t[2, 0].item() == pytest.approx(3.0 - 0.3)
 
 
@@ -129,7 +132,7 @@ def test_resume_with_another_policy_backend_is_refused(tmp_path):
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     state["args"]["policy_backend"] = "torch"
     torch.save(state, tmp_path / "run" / "checkpoint.pt")
-    with pytest.raises(T.CheckpointError, match="--policy-backend fused; this run would use torch"):
+    with pytest.raises(CheckpointError, match="--policy-backend fused; this run would use torch"):
         T.train(T.Args(), resume=str(tmp_path / "run"))
     assert json.loads(config.read_text()) == config_data
 
@@ -144,7 +147,7 @@ def test_fused_and_torch_backends_learn_alike(tmp_path):
 
 def test_checkpoint_write_that_dies_leaves_the_last_good_one(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    T.save_checkpoint(path, {"step": 1})
+    save_checkpoint(path, {"step": 1})
 
     def dying_save(obj, f):
         with open(f, "wb") as handle:
@@ -153,20 +156,20 @@ def test_checkpoint_write_that_dies_leaves_the_last_good_one(tmp_path, monkeypat
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        T.save_checkpoint(path, {"step": 2})
+        save_checkpoint(path, {"step": 2})
     assert torch.load(path, weights_only=False) == {"step": 1}
 
 
 def test_damaged_or_foreign_checkpoints_are_reported_clearly(tmp_path):
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(b"\x00garbage")
-    with pytest.raises(T.CheckpointError, match=r"checkpoint .*checkpoint.pt is damaged"):
-        T.load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match=r"checkpoint .*checkpoint.pt is damaged"):
+        load_checkpoint(tmp_path)
     torch.save({"model": {}}, bad)
-    with pytest.raises(T.CheckpointError, match="not a fastppo training checkpoint"):
-        T.load_checkpoint(bad)
-    with pytest.raises(T.CheckpointError, match="no checkpoint at"):
-        T.load_checkpoint(tmp_path / "elsewhere")
+    with pytest.raises(CheckpointError, match="not a fastppo training checkpoint"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "elsewhere")
     out = subprocess.run([sys.executable, "-m", "fastppo", "eval", str(bad)], capture_output=True, text=True)
     assert out.returncode == 2 and "not a fastppo training checkpoint" in out.stderr
 
@@ -248,7 +251,7 @@ def test_async_rollout_advantages_follow_each_env():
     schedule = [[0, 1], [2, 0], [1, 2], [0, 1], [2, 0], [1, 2], [0, 2]]
     ends = {(1, 2), (0, 2)}
     envs = _ScriptedAsyncEnvs(schedule, ends)
-    rollout = T.AsyncRollout(envs, EnvBoundary(3, (1,)), "classic", len(schedule), 2, (1,), np.float32, "cpu")
+    rollout = AsyncRollout(envs, EnvBoundary(3, (1,)), "classic", len(schedule), 2, (1,), np.float32, "cpu")
     for t in range(len(schedule)):
         rollout.recv(t)
     values = torch.arange(len(schedule) * 2, dtype=torch.float64) * 0.1 + 0.05
@@ -280,7 +283,23 @@ def test_async_mode_trains(tmp_path):
     summary = run(tmp_path, env_id="CartPole-v1", num_envs=8, async_batch_size=4, total_timesteps=50_000, device="cpu")
     assert summary["global_step"] >= 49_000
     assert summary["episodic_return"] >= 100  # a random policy averages about 22
-    with pytest.raises(T.CheckpointError, match="async-mode run cannot be resumed"):
+    with pytest.raises(CheckpointError, match="async-mode run cannot be resumed"):
         T.train(T.Args(), resume=summary["run_dir"])
     with pytest.raises(ValueError, match="--async-batch-size must be in"):
         run(tmp_path, env_id="CartPole-v1", num_envs=4, async_batch_size=4)
+
+
+def test_cli_resume_takes_a_run_directory_and_nothing_else(capsys):
+    assert T.main(["--resume"]) == 2 and T.main(["--seed", "2", "--resume", "runs/x"]) == 2
+    assert "--resume takes a run directory and no other flag" in capsys.readouterr().err
+
+
+def test_progress_without_a_terminal_prints_every_nth_line_with_its_eta(capsys):
+    from fastppo.progress import Progress
+
+    progress = Progress(total=5, done=1, every=2, name="kl")  # resumed after iteration 1
+    for iteration in range(2, 6):
+        progress.update(iteration, "score 1.0")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" score")[0] for line in lines] == ["[kl 2/5]", "[kl 4/5]", "[kl 5/5]"]
+    assert all(line.endswith("s") and "| eta " in line for line in lines)

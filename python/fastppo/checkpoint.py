@@ -1,4 +1,4 @@
-"""Training checkpoints: written atomically, loaded with a clear error, and the RNG states they carry."""
+"""Checkpoints written atomically (train and rlhf); a training checkpoint loaded with a clear error; RNG states."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Written to a temporary file, then renamed: a crash mid-write leaves the last one intact."""
+    """``torch.save`` to a temporary file, then a rename: a crash mid-write leaves the last one intact."""
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -38,11 +38,11 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

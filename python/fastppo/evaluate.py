@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import tyro
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .train import Agent, Args
@@ -19,7 +20,14 @@ from .envstep import EnvBoundary
 def evaluate(path: str, episodes: int = 10, device: str = "cpu", seed: int = 12345) -> dict:
     """Runs the saved policy (greedy for discrete actions, the mean for continuous ones) with the
     saved normalization statistics, frozen, until ``episodes`` episodes end; returns their mean
-    and std return."""
+    and std return.
+
+    Args:
+        path: a run directory or its checkpoint.pt
+        episodes: episodes to run
+        device: cpu or cuda
+        seed: seed of the evaluation environments
+    """
     if episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
     state = load_checkpoint(Path(path))
@@ -59,16 +67,10 @@ def evaluate(path: str, episodes: int = 10, device: str = "cpu", seed: int = 123
 
 
 def eval_main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="fastppo eval", description="Evaluate a saved policy.")
-    parser.add_argument("path", help="a run directory or its checkpoint.pt")
-    parser.add_argument("--episodes", type=int, default=10, help="episodes to run")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--seed", type=int, default=12345, help="seed of the evaluation environments")
-    ns = parser.parse_args(argv)
+    """``fastppo eval RUN_DIR --episodes N``: the flags are :func:`evaluate`'s arguments."""
     try:
-        result = evaluate(ns.path, ns.episodes, ns.device, ns.seed)
+        result = tyro.cli(evaluate, args=argv, prog="fastppo eval", description="Evaluate a saved policy.",
+                          config=(tyro.conf.PositionalRequiredArgs, tyro.conf.PositionalMetavarFromFieldName))
     except (ValueError, CheckpointError) as err:
         print(f"fastppo eval: error: {err}", file=sys.stderr)
         return 2

@@ -1,8 +1,8 @@
 """PPO on EnvPool batched environments, shaped like CleanRL's ppo.py.
 
-The loop reads top to bottom: an ``Args`` dataclass (a docstring line under every field becomes
-``--help``), ``make_env``, an ``Agent`` with ``get_value`` / ``get_action_and_value``, then
-rollout -> GAE -> epochs of shuffled minibatches. fastppo's kernels replace lines of that loop
+The loop reads top to bottom: an ``Args`` dataclass (tyro makes each field a flag and the docstring
+line under it its help), ``make_env``, an ``Agent`` with ``get_value`` / ``get_action_and_value``,
+then rollout -> GAE -> epochs of shuffled minibatches. fastppo's kernels replace lines of that loop
 (advantages, the clipped loss, the policy heads); they do not hide it.
 
 EnvPool resets an environment on the step *after* it ends: that step ignores the action and
@@ -21,20 +21,26 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Annotated, Callable, Optional, TypeVar
 
 import numpy as np
 import torch
 import torch.nn as nn
+import tyro
 
 import fastppo
-from fastppo.checkpoint import CheckpointError, _rng_state, _set_rng_state, load_checkpoint, save_checkpoint
+from fastppo.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastppo.envs import AsyncRollout, env_family, episode_bookkeeping, make_env, rollout_advantages
 from fastppo.envstep import EnvBoundary
-from fastppo.progress import Progress, _tensorboard
+from fastppo.progress import Progress, tensorboard_writer
 
-__all__ = ["Agent", "Args", "CheckpointError", "Kernels", "PRESETS", "load_checkpoint", "main", "resolve",
-           "rollout_advantages", "save_checkpoint", "train"]
+__all__ = ["Agent", "Args", "Kernels", "PRESETS", "main", "resolve", "train"]
+
+_T = TypeVar("_T")
+# A setting that resolve() takes from the preset when it is left at None.
+FromPreset = Annotated[Optional[_T], tyro.conf.arg(help_behavior_hint="(default: the preset's)")]
+# A minibatch update's stats by name: PPOLossOutput's fields after the loss, FusedActorCritic.update's row (+ grad norm).
+UPDATE_STATS = ("pg_loss", "v_loss", "entropy", "approx_kl", "old_approx_kl", "clipfrac")
 
 
 @dataclass
@@ -43,36 +49,36 @@ class Args:
     """the EnvPool task id (CartPole-v1, Pong-v5, HalfCheetah-v5, ...); other gymnasium ids run on gymnasium's vector env"""
     preset: str = "auto"
     """hyperparameter preset: classic (CleanRL's ppo.py), classic-fast (least wall time to solve CartPole), atari, mujoco, or auto (classic-fast for CartPole, else chosen from the env family)"""
-    total_timesteps: Optional[int] = None
-    """total environment steps (default: the preset's)"""
-    learning_rate: Optional[float] = None
-    """Adam learning rate (default: the preset's)"""
-    num_envs: Optional[int] = None
-    """parallel environments (default: the preset's)"""
-    num_steps: Optional[int] = None
-    """steps per environment per rollout (default: the preset's); in async mode, recv rounds per rollout"""
+    total_timesteps: FromPreset[int] = None
+    """total environment steps"""
+    learning_rate: FromPreset[float] = None
+    """Adam learning rate"""
+    num_envs: FromPreset[int] = None
+    """parallel environments"""
+    num_steps: FromPreset[int] = None
+    """steps per environment per rollout; in async mode, recv rounds per rollout"""
     env_threads: Optional[int] = None
-    """EnvPool worker threads (default: 1 for classic control, whose steps cost less than handing them to another thread; else EnvPool's default)"""
+    """EnvPool worker threads (unset: 1 for classic control, whose steps cost less than handing them to another thread; else EnvPool's default)"""
     async_batch_size: Optional[int] = None
     """EnvPool async mode: step this many of the num_envs environments at a time (fewer than num_envs)"""
     anneal_lr: bool = True
     """anneal the learning rate linearly to 0"""
-    gamma: Optional[float] = None
-    """discount factor (default: the preset's)"""
-    gae_lambda: Optional[float] = None
-    """GAE lambda (default: the preset's)"""
-    num_minibatches: Optional[int] = None
-    """minibatches per epoch (default: the preset's)"""
-    update_epochs: Optional[int] = None
-    """epochs over each rollout (default: the preset's)"""
+    gamma: FromPreset[float] = None
+    """discount factor"""
+    gae_lambda: FromPreset[float] = None
+    """GAE lambda"""
+    num_minibatches: FromPreset[int] = None
+    """minibatches per epoch"""
+    update_epochs: FromPreset[int] = None
+    """epochs over each rollout"""
     norm_adv: bool = True
     """normalize advantages per minibatch"""
-    clip_coef: Optional[float] = None
-    """surrogate clipping coefficient (default: the preset's)"""
-    clip_vloss: Optional[bool] = None
-    """clip the value loss (default: the preset's)"""
-    ent_coef: Optional[float] = None
-    """entropy bonus coefficient (default: the preset's)"""
+    clip_coef: FromPreset[float] = None
+    """surrogate clipping coefficient"""
+    clip_vloss: FromPreset[bool] = None
+    """clip the value loss"""
+    ent_coef: FromPreset[float] = None
+    """entropy bonus coefficient"""
     vf_coef: float = 0.5
     """value loss coefficient"""
     max_grad_norm: float = 0.5
@@ -86,7 +92,7 @@ class Args:
     run_dir: str = "runs"
     """directory under which the run's folder (metrics, checkpoints) is made"""
     run_name: Optional[str] = None
-    """name of the run's folder (default: env id, seed and time)"""
+    """name of the run's folder (unset: env id, seed and time)"""
     checkpoint_every: int = 50
     """write a checkpoint every this many iterations (and at the end)"""
     log_every: int = 1
@@ -374,14 +380,14 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         boundary.load_state_dict(checkpoint["boundary"])
         obs_np[0] = checkpoint["next_obs"]
         first_iteration, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
-        _set_rng_state(checkpoint["rng"])
+        set_rng_state(checkpoint["rng"])
     elif async_rollout is None:
         boundary.previous_done[:] = True  # the reset observation is no transition: nothing is booked
         boundary.step(raw_obs, np.zeros(N, np.float32), np.zeros(N, bool), np.zeros(N, bool), obs_np[0], *scratch)
 
     metrics_file = open(run_dir / "metrics.jsonl", "a")
-    writer = _tensorboard(run_dir)
-    progress = Progress(num_iterations, first_iteration, args.log_every)
+    writer = tensorboard_writer(run_dir)
+    progress = Progress(num_iterations, first_iteration - 1, args.log_every)
     start = time.perf_counter()
     timing = dict(env=0.0, inference=0.0, gae=0.0, learn=0.0)
     iteration = first_iteration - 1
@@ -467,7 +473,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         if fused is not None:
             # Each minibatch is one call: forward, heads, clipped loss, backward, grad clip and Adam.
             fused.set_batch(b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values, b_real)
-            stats_np = np.zeros((args.update_epochs * args.num_minibatches, 7))
+            stats_np = np.zeros((args.update_epochs * args.num_minibatches, len(UPDATE_STATS) + 1))
             done_updates = 0
             for epoch in range(args.update_epochs):
                 order = torch.randperm(batch_size)
@@ -475,9 +481,9 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
                     fused.update_at(minibatch_size, order.data_ptr() + 8 * start_, lr_now,
                                     stats_np.ctypes.data + stats_np.strides[0] * done_updates)
                     done_updates += 1
-                if args.target_kl is not None and stats_np[done_updates - 1, 3] > args.target_kl:
+                if args.target_kl is not None and stats_np[done_updates - 1, UPDATE_STATS.index("approx_kl")] > args.target_kl:
                     break
-            mean_stats = stats_np[:done_updates, :6].mean(0).tolist()
+            mean_stats = stats_np[:done_updates, :len(UPDATE_STATS)].mean(0).tolist()
         stats = []
         for epoch in range(args.update_epochs) if fused is None else ():
             order = torch.randperm(batch_size, device=device)
@@ -492,8 +498,8 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
                 out.loss.backward()
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
-                stats.append(torch.stack(out[1:]))
-            if args.target_kl is not None and stats[-1][3].item() > args.target_kl:
+                stats.append(torch.stack([getattr(out, name) for name in UPDATE_STATS]))
+            if args.target_kl is not None and out.approx_kl.item() > args.target_kl:
                 break
         obs_np[0] = obs_np[T]
         timing["learn"] += time.perf_counter() - t0
@@ -509,7 +515,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
             time=elapsed, first_iteration=first_iteration, episodic_return=boundary.recent_mean_return(),
             episodic_return_last10=boundary.recent_mean_return(10),
             episodes=boundary.episodes, learning_rate=lr_now, explained_variance=explained_var,
-            **dict(zip(("pg_loss", "v_loss", "entropy", "approx_kl", "old_approx_kl", "clipfrac"), mean_stats)),
+            **dict(zip(UPDATE_STATS, mean_stats)),
             **{f"time_{k}": v for k, v in timing.items()},
         )
         metrics_file.write(json.dumps(record) + "\n")
@@ -518,12 +524,14 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("iteration", "global_step", "first_iteration"):
                     writer.add_scalar(key, value, global_step)
-        progress.update(iteration, record, timing)
+        ret = "n/a" if record["episodic_return"] is None else f"{record['episodic_return']:.1f}"
+        progress.update(iteration, f"step {global_step} | {record['sps']:.0f} SPS | return {ret} | "
+                        + " ".join(f"{k} {v:.1f}s" for k, v in timing.items()))
         if iteration % args.checkpoint_every == 0 or iteration == num_iterations or iteration == stop_after:
             save_checkpoint(run_dir / "checkpoint.pt", dict(
                 model=agent.state_dict(), optimizer=(fused or optimizer).state_dict(), policy_backend=backend,
                 boundary=boundary.state_dict(),
-                args=dataclasses.asdict(args), iteration=iteration, global_step=global_step, rng=_rng_state(),
+                args=dataclasses.asdict(args), iteration=iteration, global_step=global_step, rng=rng_state(),
                 actions=np.concatenate(action_log) if action_log else np.zeros((0, N) + action_shape),
                 raw_obs=None if raw_obs is None else np.asarray(raw_obs), next_obs=obs_np[0].copy(),
             ))
@@ -541,21 +549,17 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
 
 
 def main(argv=None) -> int:
-    from .cli import parse_dataclass
-
+    """``fastppo train``: a flag per ``Args`` field, or ``--resume RUN_DIR`` alone."""
     argv = list(sys.argv[1:] if argv is None else argv)
     resume = None
-    if "--resume" in argv:
-        i = argv.index("--resume")
-        if i + 1 >= len(argv):
-            print("fastppo train: error: --resume needs a run directory", file=sys.stderr)
+    if "--resume" in argv:  # a run continues with its saved settings: nothing else may change
+        if len(argv) != 2 or argv[0] != "--resume":
+            print(f"fastppo train: error: --resume takes a run directory and no other flag, got {argv}", file=sys.stderr)
             return 2
-        resume = argv[i + 1]
-        del argv[i:i + 2]
-        if argv:
-            print(f"fastppo train: error: --resume continues a run with its saved settings; drop {argv}", file=sys.stderr)
-            return 2
-    args = parse_dataclass(Args, argv, prog="fastppo train", description=__doc__.splitlines()[0])
+        resume = argv[1]
+    args = Args() if resume else tyro.cli(
+        Args, args=argv, prog="fastppo train", config=(tyro.conf.DisallowNone,),
+        description=__doc__.splitlines()[0] + " --resume RUN_DIR (alone) continues a run with its saved settings.")
     try:
         summary = train(args, resume=resume)
     except (ValueError, CheckpointError) as err:

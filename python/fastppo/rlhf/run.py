@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -24,7 +23,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import tyro
 
+from ..checkpoint import save_checkpoint
+from ..progress import Progress
 from . import digits as D
 from .models import ScalarHeadModel, frozen_copy
 from .ppo import PPOConfig, PPOTrainer
@@ -61,7 +63,7 @@ class RLHFArgs:
     kl_estimator: str = "k1"
     """per-token KL estimator: k1, k2 or k3"""
     kl_target: Optional[float] = None
-    """adapt beta to this sequence KL (None: fixed beta)"""
+    """adapt beta to this sequence KL (unset: fixed beta)"""
     temperature: float = 0.7
     """sampling temperature"""
     batch_size: int = 64
@@ -118,12 +120,6 @@ def _hf_gpt2(seed: int) -> torch.nn.Module:
 PRESETS = {"digits": _tiny_gpt, "digits-hf": _hf_gpt2}
 
 
-def _save(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash mid-write leaves the last file intact
-
-
 def _log(msg: str) -> None:
     print(msg, flush=True)
 
@@ -163,7 +159,7 @@ def build_stages(args: RLHFArgs, run_dir: Path) -> dict:
          f"{report['rm_heldout_ceiling']:.3f}); SFT gold score {report['sft_gold']:.3f} "
          f"({time.perf_counter() - start:.0f}s)")
     state = {"args": asdict(args), "sft": policy.state_dict(), "rm": rm.state_dict(), "report": report}
-    _save(path, state)
+    save_checkpoint(path, state)
     return state
 
 
@@ -186,33 +182,6 @@ def _trainer(args: RLHFArgs, stages: dict, kl_off: bool) -> PPOTrainer:
                       args.ppo_config(kl_off), {"gold": D.gold_score}, g)
 
 
-class _Progress:
-    """A tqdm bar on a terminal, a printed line every ``every`` iterations otherwise."""
-
-    def __init__(self, name: str, total: int, start: int, every: int = 10):
-        self.name, self.total, self.every, self.bar = name, total, every, None
-        if sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, initial=start, desc=name, unit="it", dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def update(self, iteration: int, m: dict, elapsed: float) -> None:
-        text = (f"score {m['objective/scores']:.3f} | gold {m['objective/gold']:.3f} | kl {m['objective/kl']:.3f} | "
-                f"len {m['val/response_length']:.1f} | {elapsed:.0f}s")
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix_str(text, refresh=True)
-        elif iteration % self.every == 0 or iteration == self.total:
-            _log(f"[{self.name} {iteration}/{self.total}] {text}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def run_ppo(args: RLHFArgs, stages: dict, out: Path, kl_off: bool) -> list:
     """PPO iterations with checkpoints every ``checkpoint_every``; resumes from ``out/checkpoint.pt``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -228,8 +197,7 @@ def run_ppo(args: RLHFArgs, stages: dict, out: Path, kl_off: bool) -> list:
         raise SystemExit(f"error: {ckpt} exists; pass --resume to continue it or choose another --run-dir")
     # metrics.jsonl holds exactly the checkpointed iterations (a killed run may have written more)
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
-    progress = _Progress(out.name, args.iterations, first - 1)
-    start = time.perf_counter()
+    progress = Progress(args.iterations, first - 1, every=10, name=out.name)
     try:
         with metrics_path.open("a") as log:
             for it in range(first, args.iterations + 1):
@@ -237,9 +205,11 @@ def run_ppo(args: RLHFArgs, stages: dict, out: Path, kl_off: bool) -> list:
                 history.append(record)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-                progress.update(it, record, time.perf_counter() - start)
+                progress.update(it, f"score {record['objective/scores']:.3f} | gold {record['objective/gold']:.3f} | "
+                                f"kl {record['objective/kl']:.3f} | len {record['val/response_length']:.1f} | "
+                                f"{time.perf_counter() - progress.start:.0f}s")
                 if it % args.checkpoint_every == 0 or it == args.iterations:
-                    _save(ckpt, {"trainer": trainer.state_dict(), "history": history, "iteration": it})
+                    save_checkpoint(ckpt, {"trainer": trainer.state_dict(), "history": history, "iteration": it})
     finally:
         progress.close()
     return history
@@ -273,9 +243,9 @@ def plot(run_dir: Path, runs: dict, sft_gold: float) -> Optional[Path]:
 
 
 def main(argv=None) -> int:
-    from ..cli import parse_dataclass
-
-    args = parse_dataclass(RLHFArgs, argv, prog="fastppo rlhf", description=__doc__.splitlines()[0])
+    """``fastppo rlhf``: a flag per ``RLHFArgs`` field."""
+    args = tyro.cli(RLHFArgs, args=argv, prog="fastppo rlhf", config=(tyro.conf.DisallowNone,),
+                    description="The whole RLHF story on the offline digits task, with checkpoints and resume.")
     try:
         args.validate()
     except ValueError as err:
