@@ -1,4 +1,4 @@
-// The CPU kernels that gain from wide vectors (the fused loss, the policy heads, the RLHF kernels), compiled
+// The CPU kernels (GAE, the fused loss, the policy heads, the RLHF kernels, the fused MLP), compiled
 // three times: for baseline x86-64, for AVX2 + FMA and for AVX-512, picked at run time by what the CPU
 // supports. Only the loops in cpu_kernels.inc are compiled per instruction set; the element math they inline (fastppo_math.h and
 // the kernel headers) is defined once, outside the target region. Contiguous data runs loops the
@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "gae.h"
 #include "heads.h"
 #include "mlp.h"
 #include "ppo_loss.h"
@@ -91,6 +92,9 @@ const char* cpu_isa() {
 #define FASTPPO_DISPATCH_V(fn, ...) baseline::fn(__VA_ARGS__)
 #endif
 
+void gae_cpu(const GaeArgs& args) {
+  if (args.T > 0 && args.N > 0) FASTPPO_DISPATCH(gae, args);
+}
 void ppo_loss_cpu(const PpoLossArgs& args) { FASTPPO_DISPATCH(ppo_loss, args); }
 void categorical_forward_cpu(const CategoricalArgs& args) { FASTPPO_DISPATCH(categorical_forward, args); }
 void categorical_backward_cpu(const CategoricalArgs& args) { FASTPPO_DISPATCH(categorical_backward, args); }

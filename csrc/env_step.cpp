@@ -6,6 +6,8 @@
 #include <cmath>
 #include <vector>
 
+#include "fastppo_math.h"
+
 namespace fastppo {
 namespace {
 
@@ -21,15 +23,19 @@ double load_obs(const EnvStepArgs& a, int64_t i) {
   }
 }
 
-// Merges the moments of a batch (count n, mean, m2) into running stats (Chan et al.).
-void merge(const RunningStats& s, int64_t d, double n, double mean, double m2) {
-  if (n == 0.0) return;
-  const double count = *s.count, total = count + n, delta = mean - s.mean[d];
-  s.mean[d] += delta * n / total;
-  s.m2[d] += m2 + delta * delta * count * n / total;
+Moments running(const RunningStats& s, int64_t d) { return Moments{*s.count, s.mean[d], s.m2[d]}; }
+
+// Merges a batch's moments into feature d of the running stats (their shared count is advanced
+// by the caller once all features are merged).
+void merge(const RunningStats& s, int64_t d, Moments batch) {
+  const Moments total = moments_merge(running(s, d), batch);
+  s.mean[d] = total.mean;
+  s.m2[d] = total.m2;
 }
 
-double variance(const RunningStats& s, int64_t d) { return *s.count > 0.0 ? s.m2[d] / *s.count : 1.0; }
+double inv_std(const RunningStats& s, int64_t d, double eps) {
+  return inv_std_eps(moments_population_var(running(s, d)), eps);
+}
 
 }  // namespace
 
@@ -64,20 +70,18 @@ int64_t env_step(const EnvStepArgs& a) {
   if (a.normalize_obs) {
     if (a.update_stats && a.N > 0) {
       for (int64_t d = 0; d < D; ++d) {
-        double mean = 0.0, m2 = 0.0;
-        for (int64_t i = 0; i < a.N; ++i) mean += load_obs(a, i * D + d);
-        mean /= static_cast<double>(a.N);
-        for (int64_t i = 0; i < a.N; ++i) m2 += (load_obs(a, i * D + d) - mean) * (load_obs(a, i * D + d) - mean);
-        merge(a.obs_stats, d, static_cast<double>(a.N), mean, m2);
+        Moments batch{0.0, 0.0, 0.0};
+        for (int64_t i = 0; i < a.N; ++i) batch = moments_push(batch, load_obs(a, i * D + d));
+        merge(a.obs_stats, d, batch);
       }
       *a.obs_stats.count += static_cast<double>(a.N);
     }
-    std::vector<double> inv_std(D);
-    for (int64_t d = 0; d < D; ++d) inv_std[d] = 1.0 / std::sqrt(variance(a.obs_stats, d) + a.eps);
+    std::vector<double> scale(D);
+    for (int64_t d = 0; d < D; ++d) scale[d] = inv_std(a.obs_stats, d, a.eps);
     float* out = static_cast<float*>(a.obs_out);
     for (int64_t i = 0; i < a.N; ++i)
       for (int64_t d = 0; d < D; ++d) {
-        const double z = (load_obs(a, i * D + d) - a.obs_stats.mean[d]) * inv_std[d];
+        const double z = whiten(load_obs(a, i * D + d), a.obs_stats.mean[d], scale[d], 0.0);
         out[i * D + d] = static_cast<float>(std::clamp(z, -a.clip, a.clip));
       }
   } else if (a.obs_out_type == 2) {
@@ -90,23 +94,20 @@ int64_t env_step(const EnvStepArgs& a) {
 
   // Rewards: scaled by the running std of the discounted return over real steps, clipped.
   if (a.normalize_reward) {
-    double count = 0.0, mean = 0.0, m2 = 0.0;
+    Moments batch{0.0, 0.0, 0.0};
     for (int64_t i = 0; i < a.N; ++i) {
       if (!a.real_out[i]) continue;
       const int64_t e = a.env_ids ? a.env_ids[i] : i;
       a.discounted_return[e] = a.discounted_return[e] * a.gamma + load(a.reward, a.reward_f64, i);
-      count += 1.0;
-      const double delta = a.discounted_return[e] - mean;  // Welford over this batch
-      mean += delta / count;
-      m2 += delta * (a.discounted_return[e] - mean);
+      batch = moments_push(batch, a.discounted_return[e]);
     }
     if (a.update_stats) {
-      merge(a.return_stats, 0, count, mean, m2);
-      *a.return_stats.count += count;
+      merge(a.return_stats, 0, batch);
+      *a.return_stats.count += batch.count;
     }
-    const double inv_std = 1.0 / std::sqrt(variance(a.return_stats, 0) + a.eps);
+    const double scale = inv_std(a.return_stats, 0, a.eps);
     for (int64_t i = 0; i < a.N; ++i) {
-      const double r = load(a.reward, a.reward_f64, i) * inv_std;
+      const double r = load(a.reward, a.reward_f64, i) * scale;
       a.reward_out[i] = static_cast<float>(std::clamp(r, -a.clip, a.clip));
       if (a.done_out[i]) a.discounted_return[a.env_ids ? a.env_ids[i] : i] = 0.0;
     }

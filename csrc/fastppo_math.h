@@ -237,6 +237,17 @@ FASTPPO_HD S kl_clamped(S kl, S clamp) {
   return kl > clamp ? clamp : (kl < -clamp ? -clamp : kl);
 }
 
+// One token's KL penalty term: the clamped estimate from log pi - log pi_ref, and its reward -beta * kl.
+template <typename S>
+FASTPPO_HD S kl_token(S logprob, S ref_logprob, int estimator, S clamp) {
+  return kl_clamped(kl_estimate(logprob - ref_logprob, estimator), clamp);
+}
+
+template <typename S>
+FASTPPO_HD S kl_reward(S kl, S beta) {
+  return -beta * kl;
+}
+
 // Running mean / sum of squared deviations (Welford), merged by Chan et al.'s rule; accumulated
 // in double whatever the input type.
 struct Moments {
@@ -260,13 +271,28 @@ FASTPPO_HD Moments moments_merge(Moments a, Moments b) {
   return Moments{n, a.mean + d * (b.count / n), a.m2 + b.m2 + d * d * (a.count * b.count / n)};
 }
 
+// Moments' unbiased variance (0 with fewer than two elements) and their population variance
+// (1 before any element: running normalization starts as the identity).
+FASTPPO_HD double moments_unbiased_var(Moments m) { return m.count >= 2.0 ? m.m2 / (m.count - 1.0) : 0.0; }
+FASTPPO_HD double moments_population_var(Moments m) { return m.count > 0.0 ? m.m2 / m.count : 1.0; }
+
 // Advantage normalization (A - mean) / (std + 1e-8) with the unbiased std; with fewer than two
 // elements the std is taken as 0 (torch would give NaN), so a lone advantage normalizes to 0.
 constexpr double kAdvEps = 1e-8;
 
 FASTPPO_HD double moments_inv_std(Moments m) {
-  const double var = m.count >= 2.0 ? m.m2 / (m.count - 1.0) : 0.0;
+  const double var = moments_unbiased_var(m);
   return 1.0 / (sqrt(var > 0.0 ? var : 0.0) + kAdvEps);
+}
+
+// 1 / sqrt(var + eps): the scale of whitening (RLHF) and of running observation / reward
+// normalization.
+FASTPPO_HD double inv_std_eps(double var, double eps) { return 1.0 / sqrt(var + eps); }
+
+// (x - mean) * inv_std, plus `shift` (the mean again when only the scale is to change).
+template <typename S>
+FASTPPO_HD S whiten(S x, S mean, S inv_std, S shift) {
+  return (x - mean) * inv_std + shift;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -341,6 +367,12 @@ struct ScalarExp {
   }
 };
 
+// log p_a of the action's logit x_a (unscaled) at temperature 1 / inv_temperature.
+template <typename S>
+FASTPPO_HD S categorical_logprob(S x_a, S inv_temperature, S lse) {
+  return x_a * inv_temperature - lse;
+}
+
 // p_j = exp(x_j - lse) with the given exp; 0 for a -inf logit.
 template <typename S, typename Exp>
 FASTPPO_HD S softmax_prob(S x, S lse, Exp exp_fn) {
@@ -351,6 +383,12 @@ FASTPPO_HD S softmax_prob(S x, S lse, Exp exp_fn) {
 // Diagonal Gaussian head, one dimension: log N(a; mu, sigma) and the entropy, sigma = exp(log_std).
 
 constexpr double kHalfLog2Pi = 0.91893853320467274178;
+
+// 1 / sigma^2 = exp(-2 log_std), with the caller's exp (the CPU loops pass their vectorizable one).
+template <typename S, typename Exp = ScalarExp>
+FASTPPO_HD S normal_inv_var(S log_std, Exp exp_fn = Exp{}) {
+  return exp_fn(S(-2) * log_std);
+}
 
 template <typename S>
 FASTPPO_HD S normal_logprob(S action, S mean, S log_std, S inv_var) {

@@ -9,6 +9,7 @@
 
 
 #include "cuda_launch.h"
+#include "cuda_reduce.cuh"
 #include "heads.h"
 
 namespace fastppo {
@@ -26,9 +27,14 @@ template <> __device__ __forceinline__ float from_acc<float>(float x) { return x
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half(x); }
 
+// Logit j of row r in the accumulation type, unscaled and at the temperature.
+template <typename T, typename S>
+__device__ __forceinline__ S raw_logit(const CategoricalArgs& a, int64_t r, int64_t j) {
+  return to_acc(static_cast<const T*>(a.logits)[r * a.logits_sr + j * a.logits_sc]);
+}
 template <typename T, typename S>
 __device__ __forceinline__ S logit(const CategoricalArgs& a, int64_t r, int64_t j) {
-  return to_acc(static_cast<const T*>(a.logits)[r * a.logits_sr + j * a.logits_sc]) * S(a.inv_temperature);
+  return raw_logit<T, S>(a, r, j) * S(a.inv_temperature);
 }
 
 template <typename T, typename S>
@@ -37,19 +43,14 @@ __global__ void categorical_forward_kernel(CategoricalArgs a) {
   const int64_t r = blockIdx.x;
   SoftmaxState<S> state = softmax_empty<S>();
   for (int64_t j = threadIdx.x; j < a.A; j += blockDim.x) state = softmax_push(state, logit<T, S>(a, r, j));
-  shared[threadIdx.x] = state;
-  __syncthreads();
-  for (int stride = kRowThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) shared[threadIdx.x] = softmax_merge(shared[threadIdx.x], shared[threadIdx.x + stride]);
-    __syncthreads();
-  }
+  const SoftmaxState<S> total = block_reduce<kRowThreads>(state, shared, MergeSoftmax{});
   if (threadIdx.x == 0) {
     const int64_t action = categorical_action(a, r);
-    const S lse = softmax_lse(shared[0]);
+    const S lse = softmax_lse(total);
     const S nan = S(NAN);
     static_cast<S*>(a.lse)[r] = action < 0 ? nan : lse;
-    static_cast<S*>(a.entropy)[r] = action < 0 ? nan : softmax_entropy(shared[0]);
-    static_cast<S*>(a.logprob)[r] = action < 0 ? nan : logit<T, S>(a, r, action) - lse;
+    static_cast<S*>(a.entropy)[r] = action < 0 ? nan : softmax_entropy(total);
+    static_cast<S*>(a.logprob)[r] = action < 0 ? nan : categorical_logprob(raw_logit<T, S>(a, r, action), S(a.inv_temperature), lse);
   }
 }
 
@@ -124,7 +125,7 @@ __global__ void normal_forward_kernel(NormalArgs a) {
   S logprob = 0, entropy = 0;
   for (int64_t d = 0; d < a.D; ++d) {
     const S log_std = normal_at<S>(a.log_std, a.log_std_sr, a.log_std_sc, r, d);
-    const S inv_var = scalar_exp(S(-2) * log_std);
+    const S inv_var = normal_inv_var(log_std);
     logprob += normal_logprob(normal_at<S>(a.actions, a.actions_sr, a.actions_sc, r, d),
                               normal_at<S>(a.mean, a.mean_sr, a.mean_sc, r, d), log_std, inv_var);
     entropy += normal_entropy(log_std);
@@ -143,7 +144,7 @@ __global__ void normal_backward_kernel(NormalArgs a) {
   for (int64_t d = 0; d < a.D; ++d) {
     const S action = normal_at<S>(a.actions, a.actions_sr, a.actions_sc, r, d);
     const S mean = normal_at<S>(a.mean, a.mean_sr, a.mean_sc, r, d);
-    const S inv_var = scalar_exp(S(-2) * normal_at<S>(a.log_std, a.log_std_sr, a.log_std_sc, r, d));
+    const S inv_var = normal_inv_var(normal_at<S>(a.log_std, a.log_std_sr, a.log_std_sc, r, d));
     static_cast<S*>(a.grad_mean)[r * a.D + d] = normal_grad_mean(action, mean, inv_var, g_logprob);
     if (a.log_std_sr != 0)
       static_cast<S*>(a.grad_log_std)[r * a.D + d] = normal_grad_log_std(action, mean, inv_var, g_logprob, g_entropy);
@@ -157,7 +158,7 @@ __global__ void normal_shared_partials_kernel(NormalArgs a, int64_t chunks) {
   if (i >= chunks * a.D) return;
   const int64_t k = i / a.D, d = i % a.D;
   const int64_t r1 = (k + 1) * kNormalChunk < a.rows ? (k + 1) * kNormalChunk : a.rows;
-  const S inv_var = scalar_exp(S(-2) * normal_at<S>(a.log_std, 0, a.log_std_sc, 0, d));
+  const S inv_var = normal_inv_var(normal_at<S>(a.log_std, 0, a.log_std_sc, 0, d));
   double sum = 0.0;
   for (int64_t r = k * kNormalChunk; r < r1; ++r) {
     const S g_logprob = a.grad_logprob ? static_cast<const S*>(a.grad_logprob)[r * a.grad_logprob_s] : S(0);

@@ -19,8 +19,8 @@ __global__ void adv_moments_kernel(PpoLossArgs a) {
   const ChunkRange range = chunk_range(a, blockIdx.x);
   Moments m{0.0, 0.0, 0.0};
   for (int64_t c = range.c0 + threadIdx.x; c < range.c1; c += blockDim.x) m = adv_moments_element<S>(a, range.r, c, m);
-  block_merge_moments<kThreads>(m, shared);
-  if (threadIdx.x == 0) adv_moments_store(a, blockIdx.x, shared[0]);
+  const Moments total = block_reduce<kThreads>(m, shared, MergeMoments{});
+  if (threadIdx.x == 0) adv_moments_store(a, blockIdx.x, total);
 }
 
 template <typename S>
@@ -28,18 +28,12 @@ __global__ void loss_pass1_finish_kernel(PpoLossArgs a) { loss_pass1_finish<S>(a
 
 template <typename S>
 __global__ void ppo_loss_kernel(PpoLossArgs a) {
-  __shared__ double shared[kLossSums][kThreads];
+  __shared__ Sums<kLossSums> shared[kThreads];
   const ChunkRange range = chunk_range(a, blockIdx.x);
-  double sums[kLossSums] = {0, 0, 0, 0, 0, 0, 0};
-  for (int64_t c = range.c0 + threadIdx.x; c < range.c1; c += blockDim.x) ppo_loss_element<S>(a, range.r, c, sums);
-  for (int s = 0; s < kLossSums; ++s) shared[s][threadIdx.x] = sums[s];
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride)
-      for (int s = 0; s < kLossSums; ++s) shared[s][threadIdx.x] += shared[s][threadIdx.x + stride];
-    __syncthreads();
-  }
-  if (threadIdx.x < kLossSums) a.partials[blockIdx.x * kLossSums + threadIdx.x] = shared[threadIdx.x][0];
+  Sums<kLossSums> sums = {};
+  for (int64_t c = range.c0 + threadIdx.x; c < range.c1; c += blockDim.x) ppo_loss_element<S>(a, range.r, c, sums.v);
+  const Sums<kLossSums> total = block_reduce<kThreads>(sums, shared, AddSums{});
+  if (threadIdx.x < kLossSums) a.partials[blockIdx.x * kLossSums + threadIdx.x] = total.v[threadIdx.x];
 }
 
 template <typename S>

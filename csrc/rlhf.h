@@ -41,8 +41,7 @@ struct KlRewardArgs {
 template <typename S>
 FASTPPO_HD S kl_reward_kl(const KlRewardArgs& a, int64_t r, int64_t c) {
   if (!a.selected(r, c)) return S(0);
-  const S d = a.logprob.at<S>(r, c) - a.ref_logprob.at<S>(r, c);
-  return kl_clamped(kl_estimate(d, a.estimator), S(a.clamp));
+  return kl_token(a.logprob.at<S>(r, c), a.ref_logprob.at<S>(r, c), a.estimator, S(a.clamp));
 }
 
 // Writes one token's kl and reward (without the score); returns whether it is selected.
@@ -50,7 +49,7 @@ template <typename S>
 FASTPPO_HD bool kl_reward_element(const KlRewardArgs& a, int64_t r, int64_t c) {
   const S kl = kl_reward_kl<S>(a, r, c);
   static_cast<S*>(a.kl)[r * a.C + c] = kl;
-  static_cast<S*>(a.rewards)[r * a.C + c] = -S(a.beta) * kl;
+  static_cast<S*>(a.rewards)[r * a.C + c] = kl_reward(kl, S(a.beta));
   return a.selected(r, c);
 }
 
@@ -60,7 +59,7 @@ FASTPPO_HD void kl_reward_finish_row(const KlRewardArgs& a, int64_t r, int64_t l
   a.last[r] = last;
   if (last >= 0 && a.scores != nullptr) {
     const S score = static_cast<const S*>(a.scores)[r * a.scores_stride];
-    static_cast<S*>(a.rewards)[r * a.C + last] = -S(a.beta) * kl_reward_kl<S>(a, r, last) + score;
+    static_cast<S*>(a.rewards)[r * a.C + last] = kl_reward(kl_reward_kl<S>(a, r, last), S(a.beta)) + score;
   }
 }
 
@@ -107,7 +106,7 @@ FASTPPO_HD void whiten_finish(const WhitenArgs& a) {
     total = moments_merge(total, Moments{a.partials[3 * k], a.partials[3 * k + 1], a.partials[3 * k + 2]});
   a.stats[0] = total.count;
   a.stats[1] = total.mean;
-  a.stats[2] = total.count >= 2.0 ? total.m2 / (total.count - 1.0) : 0.0;
+  a.stats[2] = moments_unbiased_var(total);
 }
 
 template <typename S>
@@ -118,9 +117,7 @@ FASTPPO_HD void whiten_element(const WhitenArgs& a, int64_t r, int64_t c) {
     return;
   }
   const S mean = S(a.stats[1]);
-  const S inv_std = S(1.0 / sqrt(a.stats[2] + a.eps));
-  const S y = (a.x.at<S>(r, c) - mean) * inv_std;
-  out[r * a.C + c] = a.shift_mean ? y : y + mean;
+  out[r * a.C + c] = whiten(a.x.at<S>(r, c), mean, S(inv_std_eps(a.stats[2], a.eps)), a.shift_mean ? S(0) : mean);
 }
 
 struct TokenGaeArgs {

@@ -22,13 +22,9 @@ __global__ void kl_rewards_kernel(KlRewardArgs a) {
   int64_t mine = -1;
   for (int64_t c = threadIdx.x; c < a.C; c += blockDim.x)
     if (kl_reward_element<S>(a, r, c)) mine = c;
-  last[threadIdx.x] = mine;
-  __syncthreads();  // also makes this block's writes to rewards visible to thread 0
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride && last[threadIdx.x + stride] > last[threadIdx.x]) last[threadIdx.x] = last[threadIdx.x + stride];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) kl_reward_finish_row<S>(a, r, last[0]);
+  // The reduction's barriers also make this block's writes to rewards visible to thread 0.
+  const int64_t row_last = block_reduce<kThreads>(mine, last, Max{});
+  if (threadIdx.x == 0) kl_reward_finish_row<S>(a, r, row_last);
 }
 
 template <typename S>
@@ -37,8 +33,8 @@ __global__ void whiten_moments_kernel(WhitenArgs a) {
   const int64_t k = blockIdx.x, r = a.chunk_row(k), c1 = a.chunk_end(k);
   Moments m{0.0, 0.0, 0.0};
   for (int64_t c = a.chunk_begin(k) + threadIdx.x; c < c1; c += blockDim.x) m = whiten_moments_element<S>(a, r, c, m);
-  block_merge_moments<kThreads>(m, shared);
-  if (threadIdx.x == 0) whiten_store(a, k, shared[0]);
+  const Moments total = block_reduce<kThreads>(m, shared, MergeMoments{});
+  if (threadIdx.x == 0) whiten_store(a, k, total);
 }
 
 __global__ void whiten_finish_kernel(WhitenArgs a) { whiten_finish(a); }
