@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "fastppo_math.h"
+#include "ppo_loss.h"
 
 namespace fastppo::bind {
 
@@ -75,6 +76,34 @@ inline void require(bool ok, const char* op, const std::string& what) {
 
 // Launchers of an op over its argument struct; Args is deduced from the struct alone, so a null
 // CUDA launcher can be passed.
+inline void require_unit_interval(double x, const char* op, const char* name) {
+  require(x >= 0.0 && x <= 1.0, op, std::string(name) + " must be in [0, 1]");
+}
+
+// The argument struct of an [R, C] op with its size and float type filled in.
+template <typename Args>
+Args rows_cols_args(const char* op, int64_t R, int64_t C, const std::string& dtype) {
+  require(R >= 0 && C >= 0, op, "R and C must be >= 0");
+  Args a;
+  a.R = R;
+  a.C = C;
+  a.is_f64 = float_is_f64(dtype);
+  return a;
+}
+
+inline LossOptions loss_options(double clip_coef, double vf_coef, double ent_coef, double vf_clip_coef,
+                                double dual_clip, bool clip_vloss, bool norm_adv) {
+  LossOptions o;
+  o.clip_coef = clip_coef;
+  o.vf_coef = vf_coef;
+  o.ent_coef = ent_coef;
+  o.vf_clip_coef = vf_clip_coef;
+  o.dual_clip = dual_clip;
+  o.clip_vloss = clip_vloss;
+  o.norm_adv = norm_adv;
+  return o;
+}
+
 template <typename Args>
 struct Launchers {
   using Cpu = void (*)(const Args&);

@@ -10,8 +10,8 @@ void gae(int64_t T, int64_t N, const std::string& dtype, Strided2 rewards, Strid
          Strided1 last_value, py::object adv, py::object ret, double gamma, double lam, int device,
          std::uintptr_t stream) {
   require(T >= 0 && N >= 0, "gae", "T and N must be >= 0");
-  require(gamma >= 0.0 && gamma <= 1.0, "gae", "gamma must be in [0, 1]");
-  require(lam >= 0.0 && lam <= 1.0, "gae", "lam must be in [0, 1]");
+  require_unit_interval(gamma, "gae", "gamma");
+  require_unit_interval(lam, "gae", "lam");
   GaeArgs a;
   a.T = T;
   a.N = N;

@@ -21,12 +21,8 @@ void ppo_loss(int64_t R, int64_t C, const std::string& dtype, Strided2 new_logpr
               double vf_coef, double ent_coef, double vf_clip_coef, double dual_clip, bool clip_vloss,
               bool norm_adv, int agg, py::object grad_logprob, py::object grad_value, py::object loss, py::object stats,
               py::object row_scale, py::object workspace, int device, std::uintptr_t stream) {
-  require(R >= 0 && C >= 0, "ppo_loss", "R and C must be >= 0");
   require(agg >= kAggTokenMean && agg <= kAggSeqMeanTokenSum, "ppo_loss", "agg must be 0, 1 or 2");
-  PpoLossArgs a;
-  a.R = R;
-  a.C = C;
-  a.is_f64 = float_is_f64(dtype);
+  PpoLossArgs a = rows_cols_args<PpoLossArgs>("ppo_loss", R, C, dtype);
   a.new_logprob = strided(new_logprob);
   a.old_logprob = strided(old_logprob);
   a.advantages = strided(advantages);
@@ -36,13 +32,7 @@ void ppo_loss(int64_t R, int64_t C, const std::string& dtype, Strided2 new_logpr
   a.entropy = optional_strided(entropy);
   a.mask = optional_strided(mask);
   if (a.mask.data) a.mask_type = flag_type(mask_dtype, "mask");
-  a.clip_coef = clip_coef;
-  a.vf_coef = vf_coef;
-  a.ent_coef = ent_coef;
-  a.vf_clip_coef = vf_clip_coef;
-  a.dual_clip = dual_clip;
-  a.clip_vloss = clip_vloss;
-  a.norm_adv = norm_adv;
+  static_cast<LossOptions&>(a) = loss_options(clip_coef, vf_coef, ent_coef, vf_clip_coef, dual_clip, clip_vloss, norm_adv);
   a.agg = agg;
   a.grad_logprob = optional_address(grad_logprob);
   a.grad_value = optional_address(grad_value);

@@ -171,12 +171,7 @@ class ActorCriticPlan {
 
   void set_options(double clip_coef, double vf_coef, double ent_coef, double vf_clip_coef, bool clip_vloss,
                    bool norm_adv, double max_grad_norm, double beta1, double beta2, double eps) {
-    u_.clip_coef = clip_coef;
-    u_.vf_coef = vf_coef;
-    u_.ent_coef = ent_coef;
-    u_.vf_clip_coef = vf_clip_coef;
-    u_.clip_vloss = clip_vloss;
-    u_.norm_adv = norm_adv;
+    static_cast<LossOptions&>(u_) = loss_options(clip_coef, vf_coef, ent_coef, vf_clip_coef, 0.0, clip_vloss, norm_adv);
     u_.max_grad_norm = max_grad_norm;
     u_.adam.beta1 = beta1;
     u_.adam.beta2 = beta2;

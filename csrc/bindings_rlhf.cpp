@@ -9,12 +9,8 @@ namespace {
 void kl_rewards(int64_t R, int64_t C, const std::string& dtype, Strided2 logprob, Strided2 ref_logprob,
                 py::object mask, const std::string& mask_dtype, py::object scores, double beta, int estimator,
                 double clamp, py::object rewards, py::object kl, py::object last, int device, std::uintptr_t stream) {
-  require(R >= 0 && C >= 0, "kl_rewards", "R and C must be >= 0");
   require(estimator >= kKlK1 && estimator <= kKlK3, "kl_rewards", "estimator must be 0 (k1), 1 (k2) or 2 (k3)");
-  KlRewardArgs a;
-  a.R = R;
-  a.C = C;
-  a.is_f64 = float_is_f64(dtype);
+  KlRewardArgs a = rows_cols_args<KlRewardArgs>("kl_rewards", R, C, dtype);
   a.logprob = strided(logprob);
   a.ref_logprob = strided(ref_logprob);
   a.mask = optional_strided(mask);
@@ -44,12 +40,8 @@ int64_t masked_whiten_workspace(int64_t R, int64_t C) {
 void masked_whiten(int64_t R, int64_t C, const std::string& dtype, Strided2 x, py::object mask,
                    const std::string& mask_dtype, bool shift_mean, double eps, py::object out, py::object workspace,
                    int device, std::uintptr_t stream) {
-  require(R >= 0 && C >= 0, "masked_whiten", "R and C must be >= 0");
   require(eps >= 0.0, "masked_whiten", "eps must be >= 0");
-  WhitenArgs a;
-  a.R = R;
-  a.C = C;
-  a.is_f64 = float_is_f64(dtype);
+  WhitenArgs a = rows_cols_args<WhitenArgs>("masked_whiten", R, C, dtype);
   a.x = strided(x);
   a.mask = optional_strided(mask);
   if (a.mask.data) a.mask_type = flag_type(mask_dtype, "mask");
@@ -65,13 +57,9 @@ void masked_whiten(int64_t R, int64_t C, const std::string& dtype, Strided2 x, p
 
 void token_gae(int64_t R, int64_t C, const std::string& dtype, Strided2 rewards, Strided2 values, Strided1 last,
                double gamma, double lam, py::object adv, py::object ret, int device, std::uintptr_t stream) {
-  require(R >= 0 && C >= 0, "token_gae", "R and C must be >= 0");
-  require(gamma >= 0.0 && gamma <= 1.0, "token_gae", "gamma must be in [0, 1]");
-  require(lam >= 0.0 && lam <= 1.0, "token_gae", "lam must be in [0, 1]");
-  TokenGaeArgs a;
-  a.R = R;
-  a.C = C;
-  a.is_f64 = float_is_f64(dtype);
+  require_unit_interval(gamma, "token_gae", "gamma");
+  require_unit_interval(lam, "token_gae", "lam");
+  TokenGaeArgs a = rows_cols_args<TokenGaeArgs>("token_gae", R, C, dtype);
   a.rewards = strided(rewards);
   a.values = strided(values);
   a.last = static_cast<const int64_t*>(address(std::get<0>(last)));

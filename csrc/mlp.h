@@ -100,7 +100,7 @@ void actor_critic_transpose_cpu(const ActorCriticSpec& spec);
 // rollout): obs [B, obs_dim], actions (int64 [B] or [B, D] in the parameters' type), old log-prob,
 // advantages, returns, old values [B], mask (uint8 [B] or null). Loss, options and stats as
 // fastppo.ppo_loss with agg="token-mean".
-struct UpdateArgs {
+struct UpdateArgs : LossOptions {
   int64_t M = 0;
   const int64_t* idx = nullptr;
   const void* obs = nullptr;
@@ -110,8 +110,6 @@ struct UpdateArgs {
   const void* returns = nullptr;
   const void* old_values = nullptr;
   const uint8_t* mask = nullptr;
-  double clip_coef = 0.2, vf_coef = 0.5, ent_coef = 0.0, vf_clip_coef = 0.2;
-  bool clip_vloss = true, norm_adv = true;
   double max_grad_norm = 0.5;  // <= 0: no clip
   AdamStep adam{};
   double* stats = nullptr;     // out [kLossStats + 1]: pg, v, entropy, approx_kl, old_approx_kl, clipfrac, grad norm

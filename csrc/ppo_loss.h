@@ -27,13 +27,17 @@ enum LossSum : int { kSumCount = 0, kSumPg, kSumV, kSumEnt, kSumKl, kSumOldKl, k
 enum LossStat : int { kStatPg = 0, kStatV, kStatEnt, kStatKl, kStatOldKl, kStatClip, kLossStats };
 enum LossAgg : int { kAggTokenMean = 0, kAggSeqMeanTokenMean = 1, kAggSeqMeanTokenSum = 2 };
 
-struct PpoLossArgs {
+// The loss's coefficients and switches (ppo_loss's keyword arguments; dual_clip 0: off).
+struct LossOptions {
+  double clip_coef = 0.2, vf_coef = 0.5, ent_coef = 0.0, vf_clip_coef = 0.2, dual_clip = 0.0;
+  bool clip_vloss = true, norm_adv = true;
+};
+
+struct PpoLossArgs : LossOptions {
   int64_t R = 0, C = 0;
   bool is_f64 = false;
   Strided new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy;
   Strided mask; int mask_type = kFlagU8;  // data null: every element selected
-  double clip_coef = 0.2, vf_coef = 0.5, ent_coef = 0.0, vf_clip_coef = 0.2, dual_clip = 0.0;
-  bool clip_vloss = true, norm_adv = true;
   int agg = kAggTokenMean;
   // Outputs, all allocated by the caller. grad_* are contiguous [R, C] (grad_value only with
   // new_value); loss is one element; stats is [kLossStats]; row_scale is [R].
@@ -74,7 +78,7 @@ struct LossCoefs {
 };
 
 template <typename S>
-FASTPPO_HD LossCoefs<S> loss_coefs(const PpoLossArgs& a) {
+FASTPPO_HD LossCoefs<S> loss_coefs(const LossOptions& a) {
   return LossCoefs<S>{S(a.clip_coef), S(a.dual_clip), S(a.vf_clip_coef), a.clip_vloss};
 }
 
