@@ -1,14 +1,8 @@
 """Benchmark fastppo's fused policy heads against torch.distributions in eager and under torch.compile.
 
-Run from the repository root:
-
-    python benchmarks/bench_heads.py                 # full CPU run, writes benchmarks/results/heads_cpu.md
-    python benchmarks/bench_heads.py --quick         # smoke run (3 small cases); prints, writes only with --out
-    python benchmarks/bench_heads.py --tiny          # smallest size of each head, no torch.compile (a test); same
-    python benchmarks/bench_heads.py --threads 4     # torch.set_num_threads(4) and OMP_NUM_THREADS=4 (fastppo)
-    python benchmarks/bench_heads.py --device cuda   # CUDA tensors; writes benchmarks/results/heads_cuda.md
-    python benchmarks/bench_heads.py --out PATH      # write the Markdown report to PATH
-    python benchmarks/bench_heads.py --json PATH     # also write the machine and every row as JSON
+Run from the repository root: ``python -m benchmarks.bench_heads`` writes benchmarks/results/heads_cpu.md;
+``--quick`` (3 small cases), ``--tiny`` (smallest size of each head, no torch.compile), ``--threads``,
+``--device cuda``, ``--out`` and ``--json`` as every bench script takes them (see benchmarks/_common.py).
 
 Two heads, each returning ``(logprob, entropy)`` per row:
 
@@ -27,35 +21,20 @@ function in eager; the same function under ``torch.compile`` (inductor, ``dynami
 compiled afresh for each size, its first call, the compile, reported in its own table). It also
 reports each contender's peak extra memory during one call next to the size of the input
 gradients, and checks once per size that fastppo's (and the compiled function's) outputs and
-gradients match eager's. It prints a Markdown report (machine, tables, ratios, checks) and writes it.
-``collect(args)`` runs the measurements and returns them; ``python -m benchmarks`` uses it through
-``--json`` to run this benchmark with the others.
+gradients match eager's.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
+try:
+    from benchmarks import _common as common  # python -m benchmarks.bench_heads
+except ImportError:
+    import _common as common  # python benchmarks/bench_heads.py
 
-try:  # python -m benchmarks.bench_heads
-    from benchmarks import bench_loss
-    from benchmarks._timing import median_ms
-    from benchmarks.bench_gae import (TIMING, bench_parser, machine_head, setup_device, fmt, json_row, ratio,
-                                      write_reports)
-except ImportError:  # python benchmarks/bench_heads.py
-    import bench_loss
-    from _timing import median_ms
-    from bench_gae import TIMING, bench_parser, machine_head, setup_device, fmt, json_row, ratio, write_reports
-
-# bench_loss's helpers; peak_extra_bytes reads bench_loss's module global ``torch``, set in run().
-fmt_bytes = bench_loss.fmt_bytes
-peak_extra_bytes = bench_loss.peak_extra_bytes
-rel_diff = bench_loss.rel_diff
-timed_first_call = bench_loss.timed_first_call
-
-# Imported in main(), after --threads has set OMP_NUM_THREADS (fastppo's OpenMP runtime reads it
-# once, when the compiled module is loaded) and after TORCHINDUCTOR_CACHE_DIR is chosen.
+# Imported by import_libraries(), after --threads has set OMP_NUM_THREADS and after
+# TORCHINDUCTOR_CACHE_DIR is chosen.
 torch = None
 fastppo = None
 
@@ -65,8 +44,11 @@ SIZES = {  # (rows, A) for the categorical head, (rows, D) for the Gaussian head
     CATEGORICAL: [(4096, 6), (4096, 18), (2048, 32000), (256, 131072)],
     GAUSSIAN: [(4096, 6), (4096, 17)],
 }
-QUICK_SIZES = {CATEGORICAL: [(4096, 6), (64, 32000)], GAUSSIAN: [(4096, 6)]}
-TINY_SIZES = {head: [min(sizes, key=lambda size: size[0] * size[1])] for head, sizes in SIZES.items()}
+MODE_SIZES = {
+    "full": SIZES,
+    "quick": {CATEGORICAL: [(4096, 6), (64, 32000)], GAUSSIAN: [(4096, 6)]},
+    "tiny": {head: [min(sizes, key=lambda size: size[0] * size[1])] for head, sizes in SIZES.items()},
+}
 WARMUP_COMPILE_SIZE = (8, 4)  # compiled once per head first, untimed in the tables
 TOLERANCE = 1e-4  # relative difference allowed between fastppo's outputs / gradients and eager's
 
@@ -75,7 +57,6 @@ EAGER = "torch.distributions eager"
 COMPILED = "torch.distributions torch.compile"
 CONTENDERS = [FASTPPO, EAGER, COMPILED]
 PEER_BASELINES = {EAGER: FASTPPO, COMPILED: FASTPPO}  # each peer and the column its speed-up is taken against
-NOT_COMPILED = "not run (--tiny)"  # --tiny leaves torch.compile out
 KERNELS = {CATEGORICAL: "categorical_logprob_entropy", GAUSSIAN: "normal_logprob_entropy"}  # fastppo's names
 GRADS = "gradient size"  # bytes of the returned gradients: rows*A*4, or rows*D*4 + D*4
 
@@ -151,140 +132,66 @@ def make_inputs(head, rows, n, device, seed):
     return args, params, w1, w2
 
 
-def step_call(head_fn, inputs):
+def step_call(head, head_fn, inputs):
     """The timed call: the head, then the gradients of the weighted sum w.r.t. its leaves."""
     args, params, w1, w2 = inputs
 
     def call():
         logprob, entropy = head_fn(*args)
         grads = torch.autograd.grad((logprob * w1 + entropy * w2).sum(), params)
-        return logprob.detach(), entropy.detach(), grads
+        return {"logprob": logprob.detach(), "entropy": entropy.detach(), **dict(zip(GRAD_NAMES[head], grads))}
 
     return call
 
 
-def check(column, outputs, reference, head, label):
-    """Compares (logprob, entropy, grads) with the eager reference; returns warning lines."""
-    names = ["logprob", "entropy"] + GRAD_NAMES[head]
-    got = [outputs[0], outputs[1]] + list(outputs[2])
-    ref = [reference[0], reference[1]] + list(reference[2])
-    warnings = []
-    for name, a, b in zip(names, got, ref):
-        if a.shape != b.shape:
-            warnings.append(f"WARNING {label}: {column} {name} has shape {tuple(a.shape)}, {EAGER} {tuple(b.shape)}")
-            continue
-        diff = rel_diff(a.detach().double(), b.detach().double())
-        if not diff <= TOLERANCE:  # also catches NaN
-            warnings.append(
-                f"WARNING {label}: {column} {name} differs from {EAGER} by {diff:.3g} relative (tolerance {TOLERANCE:g})"
-            )
-    return warnings
-
-
-def compile_head(fn):
-    """A fresh compiled function; dynamo's caches are cleared first, so the next call compiles."""
-    torch._dynamo.reset()
-    return torch.compile(fn, dynamic=False)
-
-
-def grad_bytes(inputs):
-    return sum(p.numel() * p.element_size() for p in inputs[1])
+def case_contenders(head, rows, n, device, compiling):
+    """The case's contenders, and the bytes of the gradients they return."""
+    inputs = make_inputs(head, rows, n, device, seed=rows * 1_000_003 + n)
+    calls = {FASTPPO: step_call(head, FASTPPO_FNS[head], inputs), EAGER: step_call(head, PEERS[head], inputs),
+             COMPILED: step_call(head, common.compile_fresh(PEERS[head]), inputs) if compiling else common.NOT_COMPILED}
+    return common.Contenders(calls, EAGER, TOLERANCE), sum(p.numel() * p.element_size() for p in inputs[1])
 
 
 # --- Report --------------------------------------------------------------------------------------
 
 
-def repay_calls(row):
-    """Calls after which compiling has paid for itself against eager, or a reason it never does."""
-    first, eager, compiled = row.get("compile"), row.get(EAGER), row.get(COMPILED)
-    if not all(isinstance(x, float) for x in (first, eager, compiled)):
-        return "-"
-    if compiled >= eager:
-        return "never"
-    return f"{max(first - eager, 0.0) / (eager - compiled):.0f}"
-
-
-def machine_lines(device, compile_info):
-    lines = machine_head(device, torch, fastppo)
-    lines += [
-        f"- torch.compile: {compile_info}",
-    ]
-    return lines
+def key_cells(key):
+    head, n_rows, n = key
+    return [head, str(n_rows), str(n)]
 
 
 def reference_line(head, rows, n):
     eager, compiled = REFERENCE_MS[(head, rows, n)]
-    text = f"{head} ({rows}, {n}): eager {fmt(eager)} ms"
-    return text + (f", torch.compile {fmt(compiled)} ms" if compiled is not None else "")
+    text = f"{head} ({rows}, {n}): eager {common.fmt(eager)} ms"
+    return text + (f", torch.compile {common.fmt(compiled)} ms" if compiled is not None else "")
 
 
 def report(result):
     rows, device, mode, sizes = result["rows"], result["device"], result["mode"], result["sizes"]
-    warnings = result["warnings"]
-    key_header = "| head | rows | A or D | "
-    key_rule = "|:---|---:|---:|"
-
-    def key_cells(key):
-        head, n_rows, n = key
-        return [head, str(n_rows), str(n)]
-
+    key_header, key_rule = ["head", "rows", "A or D"], "|:---|---:|---:|"
     ratio_columns = [(f"{EAGER} / {FASTPPO}", EAGER, FASTPPO), (f"{COMPILED} / {FASTPPO}", COMPILED, FASTPPO)]
-    lines = [f"# fastppo policy heads benchmark ({device})", ""]
+    mem_ratio_columns = [(f"{FASTPPO} / {GRADS}", FASTPPO, GRADS)] + ratio_columns
     shown = "; ".join(f"{head} (rows, {'A' if head == CATEGORICAL else 'D'}) in {s}" for head, s in sizes.items())
-    if mode == "quick":
-        lines += [f"**Quick smoke run (--quick): {shown}, about 20 ms of timed calls per case; not a measurement.**", ""]
-    elif mode == "tiny":
-        lines += [f"**Tiny run (--tiny): {shown}, 3 timed calls per case, no torch.compile; a test of this script, "
-                  "not a measurement.**", ""]
-    lines += ["## Machine", ""] + machine_lines(device, result["compile_info"]) + [""]
-    lines += [
-        "## Median time per forward + backward call (ms, lower is better)",
-        "",
-        key_header + " | ".join(CONTENDERS + [name for name, _, _ in ratio_columns]) + " |",
+    lines = [f"# fastppo policy heads benchmark ({device})", ""] + common.mode_banner(mode, shown, compiles=True)
+    lines += ["## Machine", ""] + common.machine_head(result["machine"])
+    lines += [f"- torch.compile: {result['compile_info']}", ""]
+    lines += ["## Median time per forward + backward call (ms, lower is better)", ""] + common.table(
+        key_header + CONTENDERS + [name for name, _, _ in ratio_columns],
         key_rule + "---:|" * (len(CONTENDERS) + len(ratio_columns)),
-    ]
-    for key, row in rows.items():
-        cells = key_cells(key) + [fmt(row[c]) for c in CONTENDERS]
-        cells += [ratio(row, num, den) for _, num, den in ratio_columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += [""]
-    lines += [f"**{w}**" for w in warnings] or [
-        "Checks: at every size, fastppo's "
-        + ("" if mode == "tiny" else "and the compiled function's ")
-        + f"log-prob, entropy and gradients matched "
-        f"{EAGER}'s to {TOLERANCE:g} relative (max |difference| / max |eager|)."
-    ]
-    lines += [
-        "",
-        f"## {COMPILED}: compile time (first call at each size, not in the table above)",
-        "",
-        key_header + "first call (s) | later calls (ms) | calls until compiling repays vs eager |",
-        key_rule + "---:|---:|---:|",
-    ]
-    for key, row in rows.items():
-        first = row["compile"]
-        cells = key_cells(key) + [
-            fmt(first / 1e3) if isinstance(first, float) else first, fmt(row[COMPILED]), repay_calls(row)
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    mem_ratio_columns = [
-        (f"{FASTPPO} / {GRADS}", FASTPPO, GRADS),
-        (f"{EAGER} / {FASTPPO}", EAGER, FASTPPO),
-        (f"{COMPILED} / {FASTPPO}", COMPILED, FASTPPO),
-    ]
-    lines += [
-        "",
-        "## Peak extra memory during one forward + backward call (lower is better)",
-        "",
-        key_header + " | ".join(CONTENDERS + [GRADS] + [name for name, _, _ in mem_ratio_columns]) + " |",
+        [key_cells(key) + [common.fmt(row[c]) for c in CONTENDERS]
+         + [common.ratio(row, num, den) for _, num, den in ratio_columns] for key, row in rows.items()])
+    lines += [""] + ([f"**{w}**" for w in result["warnings"]] or [
+        "Checks: at every size, fastppo's " + ("" if mode == "tiny" else "and the compiled function's ")
+        + f"log-prob, entropy and gradients matched {EAGER}'s to {TOLERANCE:g} relative (max |difference| / "
+        "max |eager|)."])
+    lines += ["", f"## {COMPILED}: compile time (first call at each size, not in the table above)", ""]
+    lines += common.compile_table(rows, key_cells, key_header, key_rule, EAGER, COMPILED)
+    memory = {key: dict(row["memory"], **{GRADS: row["grad_bytes"]}) for key, row in rows.items()}
+    lines += ["", "## Peak extra memory during one forward + backward call (lower is better)", ""] + common.table(
+        key_header + CONTENDERS + [GRADS] + [name for name, _, _ in mem_ratio_columns],
         key_rule + "---:|" * (len(CONTENDERS) + 1 + len(mem_ratio_columns)),
-    ]
-    for key, row in rows.items():
-        mem = dict(row["memory"], **{GRADS: row["grad_bytes"]})
-        cells = key_cells(key) + [fmt_bytes(mem[c]) for c in CONTENDERS + [GRADS]]
-        cells += [ratio({k: float(v) if isinstance(v, int) else v for k, v in mem.items()}, num, den)
-                  for _, num, den in mem_ratio_columns]
-        lines.append("| " + " | ".join(cells) + " |")
+        [key_cells(key) + [common.fmt_bytes(mem[c]) for c in CONTENDERS + [GRADS]]
+         + [common.ratio(mem, num, den) for _, num, den in mem_ratio_columns] for key, mem in memory.items()])
     lines += [
         "",
         "## Notes",
@@ -299,13 +206,7 @@ def report(result):
         "- Timed call: the head's forward (log-prob and entropy per row; the Gaussian's summed over D), then "
         "`torch.autograd.grad((logprob * w1 + entropy * w2).sum(), [logits])` (or `[mean, log_std]`); the weighted "
         "sum runs in eager for every contender. Each contender is timed in its own block of consecutive calls; each "
-        "case is the median of "
-        + {
-            "full": "the calls that fit in about 0.5 s, but at least 3 (a call of a second or more is timed "
-            "3 times), after 2 warm-up calls.",
-            "quick": "the calls that fit in about 20 ms (at least 1), after 1 warm-up call.",
-            "tiny": "3 calls, after 1 warm-up call.",
-        }[mode],
+        "case is the median of " + common.TIMING_NOTES[mode],
         f"- `{FASTPPO}`: `fastppo.categorical_logprob_entropy(logits, actions)` (temperature 1) and "
         "`fastppo.normal_logprob_entropy(mean, log_std, actions)`.",
         f"- `{EAGER}`: `Categorical(logits=logits)` with `.log_prob(actions)`, `.entropy()`; "
@@ -318,21 +219,8 @@ def report(result):
         "in use while it is timed. Its first call at each size (the compile, measured with time.perf_counter) is "
         "the compile table's column; a one-time warm-up compile of each head at (rows, A or D) = "
         f"{WARMUP_COMPILE_SIZE} first absorbs process-wide setup (imports, compile workers).",
-        (
-            "- fastppo's CPU kernels run on the OpenMP threads shown by build_info(); eager torch ops and "
-            "inductor's C++ kernels use torch's threads."
-            if device == "cpu"
-            else "- CUDA: every timed call is followed by torch.cuda.synchronize(), inside the timed region."
-        ),
-        (
-            "- Memory (CPU): `torch.profiler.profile(profile_memory=True)` around one call records each allocation "
-            "and free made through torch's CPU allocator; the figure is the largest running sum of those sizes "
-            "in time order, i.e. the peak bytes held above what was held before the call. Memory a kernel "
-            "allocates on its own (malloc, std::vector) is not seen."
-            if device == "cpu"
-            else "- Memory (CUDA): `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus "
-            "`memory_allocated()` before the call (tensors from torch's caching allocator, not its reserved pool)."
-        ),
+        common.threads_note(device, "eager torch ops and inductor's C++ kernels use torch's threads"),
+        common.memory_note(device),
         f"- `{GRADS}`: the bytes of the returned gradients, rows * A * 4 for the logits' gradient (rows * D * 4 + "
         "D * 4 for mean's and log_std's); they are part of every contender's figure. fastppo's target is no more "
         f"than this plus O(rows) (its two outputs and the weighted sum's arrays of rows elements): "
@@ -341,121 +229,67 @@ def report(result):
     return "\n".join(lines) + "\n"
 
 
-# --- JSON ----------------------------------------------------------------------------------------
+def size_of(head, n_rows, n):
+    """``(case, size)`` as the JSON rows name them."""
+    n_name = "A" if head == CATEGORICAL else "D"
+    return f"rows={n_rows}, {n_name}={n}", {"rows": n_rows, n_name: n}
 
 
 def to_json(result):
-    """This benchmark's summary and rows (one kernel per head), for bench_gae's ``json_document``."""
-    rows = []
-    for (head, n_rows, n), row in result["rows"].items():
-        n_name = "A" if head == CATEGORICAL else "D"
-        case, size = f"rows={n_rows}, {n_name}={n}", {"rows": n_rows, n_name: n}
-        rows.append(json_row(
-            KERNELS[head], case, size, row, [FASTPPO], PEER_BASELINES,
-            compile_first_call_ms=row["compile"], peak_extra_bytes=row["memory"], gradient_bytes=row["grad_bytes"],
-        ))
-    return {
-        "name": "heads",
-        "title": "fastppo policy heads (forward + backward)",
-        "script": "benchmarks/bench_heads.py",
-        "warnings": result["warnings"],
-        "details": {"torch_compile": result["compile_info"], "tolerance": TOLERANCE},
-        "rows": rows,
-    }
+    """This benchmark's summary and rows (one kernel per head), for the --json file (``common.write_reports``)."""
+    rows = [common.json_row(KERNELS[key[0]], *size_of(*key), row, [FASTPPO], PEER_BASELINES,
+                            compile_first_call_ms=row["compile"], peak_extra_bytes=row["memory"],
+                            gradient_bytes=row["grad_bytes"])
+            for key, row in result["rows"].items()]
+    return {"name": "heads", "title": "fastppo policy heads (forward + backward)", "script": "benchmarks/bench_heads.py",
+            "warnings": result["warnings"], "rows": rows,
+            "details": {"torch_compile": result["compile_info"], "tolerance": TOLERANCE}}
 
 
 # --- Main ----------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None):
-    return bench_parser(__doc__.splitlines()[0], "heads", "smoke run: 3 small cases and tiny repeat counts",
-                        "smallest size of each head, 3 timed calls, no torch.compile: a test").parse_args(argv)
+def import_libraries():
+    global torch, fastppo
+    import torch
+    import fastppo
 
 
-def collect(args):
-    """Runs the benchmark that ``args`` (from parse_args) describes and returns its measurements."""
-    return bench_loss.with_cold_compile_cache(args, "bench_heads_inductor_", measure)
+def benchmark_cases(mode, device):
+    """The pytest benchmarks' cases (benchmarks/test_kernels.py)."""
+    import_libraries()
+    vs = {FASTPPO: None, **PEER_BASELINES}
+    return [common.Case("heads", KERNELS[head], *size_of(head, rows, n), vs,
+                        lambda head=head, rows=rows, n=n: case_contenders(head, rows, n, device, mode != "tiny")[0])
+            for head, sizes in MODE_SIZES[mode].items() for rows, n in sizes]
 
 
 def measure(args, own_cache):
-    global torch, fastppo
-    import torch
-    import torch._dynamo
-    import fastppo
-
-    bench_loss.torch, bench_loss.fastppo = torch, fastppo  # for the helpers borrowed from it
-    device, mode = setup_device(args, torch, fastppo)
-    sizes = {"full": SIZES, "quick": QUICK_SIZES, "tiny": TINY_SIZES}[mode]
+    import_libraries()
+    device, mode, sync = common.setup_device(args)
     compiling = mode != "tiny"
-
-    sync = torch.cuda.synchronize if device == "cuda" else None
-    # Each contender is called once (checked, and for torch.compile, compiled) before it is timed:
-    # that call is its first warm-up. A full run times about 0.5 s per case but never fewer than 3
-    # calls, so a call of over a second (eager at the large vocabularies) is timed 3 times.
-    timing = TIMING[mode]
-
+    compile_info = common.NOT_COMPILED
     if compiling:
-        # One-time costs of the first compile in a process (imports, worker pool), kept out of the tables.
-        warm = []
-        for head, peer in PEERS.items():
-            warm_inputs = make_inputs(head, *WARMUP_COMPILE_SIZE, device, seed=0)
-            _, warm_ms = timed_first_call(step_call(compile_head(peer), warm_inputs), sync)
-            print(f"warm-up compile, {head} at {WARMUP_COMPILE_SIZE}: {warm_ms / 1e3:.1f} s", file=sys.stderr)
-            warm.append(f"{head} {warm_ms / 1e3:.1f} s")
-        compile_info = (
-            "inductor, dynamic=False, recompiled for each size; "
-            + ("fresh (empty) inductor cache dir for this run" if own_cache
-               else f"TORCHINDUCTOR_CACHE_DIR={os.environ['TORCHINDUCTOR_CACHE_DIR']} (may be warm)")
-            + f"; one-time warm-up compiles at {WARMUP_COMPILE_SIZE}: " + ", ".join(warm)
-        )
-        if device == "cuda":
-            try:
-                import triton
-
-                compile_info += f"; triton {triton.__version__}"
-            except ImportError:
-                pass
-    else:
-        compile_info = NOT_COMPILED
-
+        warm_inputs = {head: make_inputs(head, *WARMUP_COMPILE_SIZE, device, seed=0) for head in PEERS}
+        warm_calls = {head: step_call(head, common.compile_fresh(peer), warm_inputs[head]) for head, peer in PEERS.items()}
+        compile_info = common.compile_info(device, own_cache, "size", WARMUP_COMPILE_SIZE, warm_calls, sync)
     warnings = []
     rows = {}
-    for head, head_sizes in sizes.items():
+    for head, head_sizes in MODE_SIZES[mode].items():
         for n_rows, n in head_sizes:
-            label = f"{head} ({n_rows}, {n})"
-            inputs = make_inputs(head, n_rows, n, device, seed=n_rows * 1_000_003 + n)
-            calls = {FASTPPO: step_call(FASTPPO_FNS[head], inputs), EAGER: step_call(PEERS[head], inputs)}
-            reference = calls[EAGER]()
-            warnings += check(FASTPPO, calls[FASTPPO](), reference, head, label)
-            row = {"compile": NOT_COMPILED, "grad_bytes": grad_bytes(inputs)}
-            if compiling:
-                calls[COMPILED] = step_call(compile_head(PEERS[head]), inputs)
-                compiled_out, row["compile"] = timed_first_call(calls[COMPILED], sync)
-                warnings += check(COMPILED, compiled_out, reference, head, label)
-                del compiled_out
-                print(f"{label:26s} {'compile (first call)':34s} {fmt(row['compile']):>10s} ms", file=sys.stderr)
-            del reference
-            for column in CONTENDERS:
-                row[column] = median_ms(calls[column], sync=sync, **timing) if column in calls else NOT_COMPILED
-                print(f"{label:26s} {column:34s} {fmt(row[column]):>10s} ms", file=sys.stderr)
-            row["memory"] = {
-                column: peak_extra_bytes(calls[column], device) if column in calls else NOT_COMPILED
-                for column in CONTENDERS
-            }
-            print(f"{label:26s} peak extra memory: "
-                  + ", ".join(f"{c} {fmt_bytes(m)}" for c, m in row["memory"].items())
-                  + f" ({GRADS} {fmt_bytes(row['grad_bytes'])})", file=sys.stderr)
-            rows[(head, n_rows, n)] = row
-            del calls, inputs
-    for w in warnings:
-        print(w, file=sys.stderr)
-    return dict(device=device, mode=mode, sizes=sizes, rows=rows, compile_info=compile_info, warnings=warnings)
+            contenders, grad_bytes = case_contenders(head, n_rows, n, device, compiling)
+            rows[(head, n_rows, n)] = row = common.measure_case(contenders, device, f"{head} ({n_rows}, {n})", sync,
+                                                                common.TIMING[mode], warnings)
+            row.update(compile=row["first_call_ms"].get(COMPILED, common.NOT_COMPILED), grad_bytes=grad_bytes)
+            del contenders
+    return dict(device=device, mode=mode, machine=common.machine_info(device), sizes=MODE_SIZES[mode], rows=rows,
+                compile_info=compile_info, warnings=warnings)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    result = collect(args)
-    return write_reports(args, result, "heads", report(result), to_json(result))
+    args = common.bench_parser(__doc__.splitlines()[0], "heads").parse_args(argv)
+    result = common.with_cold_compile_cache(args, "bench_heads_inductor_", measure)
+    return common.write_reports(args, result, "heads", report(result), to_json(result))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,8 @@
 """Benchmark fastppo's RLHF pieces against TRL's PPO pieces, in time and peak memory.
 
-Run from the repository root:
-
-    python benchmarks/bench_rlhf.py                 # full CPU run, writes benchmarks/results/rlhf_cpu.md
-    python benchmarks/bench_rlhf.py --quick         # smoke run (smaller sizes); prints, writes only with --out
-    python benchmarks/bench_rlhf.py --tiny          # smallest sizes, 3 timed calls (a test); same
-    python benchmarks/bench_rlhf.py --threads 4     # torch.set_num_threads(4) and OMP_NUM_THREADS=4 (fastppo)
-    python benchmarks/bench_rlhf.py --device cuda   # CUDA tensors; writes benchmarks/results/rlhf_cuda.md
-    python benchmarks/bench_rlhf.py --out PATH      # write the Markdown report to PATH
-    python benchmarks/bench_rlhf.py --json PATH     # also write the machine and every row as JSON
+Run from the repository root: ``python -m benchmarks.bench_rlhf`` writes benchmarks/results/rlhf_cpu.md;
+``--quick`` (smaller sizes), ``--tiny`` (smallest sizes), ``--threads``, ``--device cuda``, ``--out``
+and ``--json`` as every bench script takes them (see benchmarks/_common.py).
 
 Four pieces of a PPO step for language models, each on the same inputs for fastppo and its peers,
 in the same process:
@@ -29,9 +23,7 @@ TRL 1.x no longer ships its PPO trainer nor masked_whiten; the trainer's lines f
 never functions. Those peers are TRL's formulas written out in this script (named so in the
 tables); a masked_whiten found in the installed TRL is used instead of the re-implementation.
 Responses are ragged: each row's length is uniform in [T/4, T], right-padded. Every contender is
-checked against fastppo before it is timed; a mismatch is a warning in the report. It prints a
-Markdown report (machine, median ms per call, speed-ups, peak extra memory, checks, notes) and
-writes it. ``collect(args)`` runs the measurements and returns them.
+checked against fastppo before it is timed; a mismatch is a warning in the report.
 """
 
 from __future__ import annotations
@@ -43,24 +35,12 @@ import sys
 import time
 import warnings as pywarnings
 
+try:
+    from benchmarks import _common as common  # python -m benchmarks.bench_rlhf
+except ImportError:
+    import _common as common  # python benchmarks/bench_rlhf.py
 
-try:  # python -m benchmarks.bench_rlhf
-    from benchmarks import bench_loss
-    from benchmarks._timing import median_ms
-    from benchmarks.bench_gae import (TIMING, bench_parser, machine_head, setup_device, threads_env, fmt,
-                                      json_row, ratio, write_reports)
-except ImportError:  # python benchmarks/bench_rlhf.py
-    import bench_loss
-    from _timing import median_ms
-    from bench_gae import (TIMING, bench_parser, machine_head, setup_device, threads_env, fmt, json_row, ratio,
-                           write_reports)
-
-# bench_loss's helpers; peak_extra_bytes reads bench_loss's module global ``torch``, set in collect().
-peak_extra_bytes = bench_loss.peak_extra_bytes
-rel_diff = bench_loss.rel_diff
-
-# Imported in collect(), after --threads has set OMP_NUM_THREADS: fastppo's OpenMP runtime reads it
-# once, when the compiled module is loaded.
+# Imported by import_libraries(), after --threads has set OMP_NUM_THREADS.
 torch = None
 fastppo = None
 rlhf = None
@@ -126,13 +106,11 @@ def load_trl():
     functions may hold "selective_log_softmax", "selective_log_softmax_and_entropy" and
     "masked_whiten"; it is empty when TRL is not installed (or fails to import).
     """
-    try:
-        import trl
-        import trl.trainer.utils as trl_utils
-    except ImportError:
-        return "not installed", {}
-    except Exception as exc:  # installed but broken: say so in the report rather than crash
-        return f"import failed ({type(exc).__name__})", {}
+    trl_utils = common.import_peer("trl.trainer.utils")
+    if isinstance(trl_utils, str):
+        return trl_utils, {}
+    import trl
+
     functions = {}
     for name in ("selective_log_softmax", "selective_log_softmax_and_entropy"):
         if hasattr(trl_utils, name):
@@ -309,9 +287,15 @@ def token_inputs(B, T, device, seed):
     )
 
 
+def logprob_case(inputs, trl_functions):
+    heads = logprob_contenders(trl_functions)
+    calls = {c: h if isinstance(h, str) else logprob_call(h, inputs) for c, h in heads.items()}
+    return common.Contenders(calls, FASTPPO, TOLERANCE)
+
+
 def token_contenders(piece, x, trl_functions):
-    """``{column: call}`` for pieces 2-4: each call returns ``{output name: tensor}``, and the
-    output names with ``@real`` are compared at real tokens only."""
+    """The contenders of pieces 2-4: each call returns ``{output name: tensor}``; the outputs whose
+    names end with ``@real`` are compared at real tokens only."""
     if piece == SHAPING:
         def fast():
             out = rlhf.kl_penalty_rewards(x["logprob"], x["ref_logprob"], x["mask"], x["scores"], BETA, "k1")
@@ -323,7 +307,7 @@ def token_contenders(piece, x, trl_functions):
             )
             return {"rewards": rewards, "kl": kl}
 
-        return {FASTPPO: fast, REIMPL: peer}
+        return token_case({FASTPPO: fast, REIMPL: peer}, x["mask"])
     if piece == GAE:
         def fast():
             adv, ret = rlhf.token_gae(x["rewards"], x["values"], x["last_index"], GAMMA, LAM)
@@ -333,7 +317,7 @@ def token_contenders(piece, x, trl_functions):
             adv, ret = trl_token_gae(x["rewards"], x["values"], x["padding_mask"], GAMMA, LAM)
             return {"advantages@real": adv, "returns@real": ret}
 
-        return {FASTPPO: fast, REIMPL: peer}
+        return token_case({FASTPPO: fast, REIMPL: peer}, x["mask"])
 
     def fast():
         return {"whitened@real": rlhf.masked_whiten(x["advantages"], x["mask"])}
@@ -348,127 +332,94 @@ def token_contenders(piece, x, trl_functions):
         whitened = fn(x["advantages"], x["mask"])
         return {"whitened@real": torch.masked_fill(whitened, x["padding_mask"], 0.0)}
 
-    return {FASTPPO: fast, column: peer}
+    return token_case({FASTPPO: fast, column: peer}, x["mask"])
 
 
-def compare(fast_out, peer_out, column, label, mask=None):
-    """Warning lines for each output of fastppo's that differs from the peer's by more than TOLERANCE."""
-    warnings, diffs = [], {}
-    for name, b in peer_out.items():
-        a = fast_out[name]
-        if a.shape != b.shape:
-            warnings.append(f"WARNING {label}: fastppo {name} has shape {tuple(a.shape)}, {column} {tuple(b.shape)}")
-            continue
-        a, b = a.detach().double(), b.detach().double()
-        if name.endswith("@real"):
-            a, b = a[mask], b[mask]
-        diff = rel_diff(a, b)
-        diffs[name.removesuffix("@real")] = diff
-        if not diff <= TOLERANCE:  # also catches NaN
-            warnings.append(
-                f"WARNING {label}: fastppo {name.replace('@real', ' (real tokens)')} differs from {column} "
-                f"by {diff:.3g} relative (tolerance {TOLERANCE:g})"
-            )
-    return warnings, diffs
+def token_case(calls, mask):
+    def outputs_of(column, out):
+        return {name.removesuffix("@real"): x[mask] if name.endswith("@real") else x for name, x in out.items()}
+
+    return common.Contenders(calls, FASTPPO, TOLERANCE, outputs_of=outputs_of)
 
 
-def available_bytes():
-    """MemAvailable from /proc/meminfo, or None where it cannot be read."""
+def memory_shortfall(B, T, V, device):
+    """Why piece 1 cannot run at (B, T, V) here: on the CPU it needs MEMORY_FACTOR * B*T*V*4 bytes
+    of MemAvailable (/proc/meminfo); None when it can (or when that cannot be read)."""
+    if device != "cpu":
+        return None
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, StopIteration):
+        return None
+    need = MEMORY_FACTOR * B * T * V * 4
+    return f"skipped: needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB available" if free < need else None
+
+
+def piece_columns(piece, trl_functions):
+    """A piece's columns, fastppo's first."""
+    if piece == LOGPROB:
+        return list(logprob_contenders(trl_functions))
+    return [FASTPPO, TRL_WHITEN if piece == WHITEN and "masked_whiten" in trl_functions else REIMPL]
+
+
+def case_contenders(piece, key, device, trl_functions):
+    """The contenders of one piece at one size: (B, T, V) for piece 1, (B, T) for the others."""
+    if piece != LOGPROB:
+        B, T = key
+        return token_contenders(piece, token_inputs(B, T, device, seed=B * 1_000_003 + T), trl_functions)
+    B, T, V = key
+    reason = memory_shortfall(B, T, V, device)
+    if reason is not None:
+        return common.Contenders(dict.fromkeys(piece_columns(piece, trl_functions), reason), FASTPPO, TOLERANCE)
+    return logprob_case(logprob_inputs(B, T, V, device, seed=B * 1_000_003 + T * 101 + V), trl_functions)
+
+
+def case_name(piece, key):
+    return ", ".join(f"{k}={v}" for k, v in zip(("B", "T", "V") if piece == LOGPROB else ("B", "T"), key))
 
 
 # --- Measurement ----------------------------------------------------------------------------------
 
 
-def measure_case(calls, sync, timing, device, label, warnings, check):
-    """Checks each peer against fastppo (that call is each one's first warm-up), then times each
-    contender and measures its peak extra memory; returns the row."""
-    row = {"memory": {}, "max_rel_diff": {}}
-    fast_out = calls[FASTPPO]()
-    for column, call in calls.items():
-        if column == FASTPPO or isinstance(call, str):
-            continue
-        peer_out = call()
-        w, diffs = check(fast_out, peer_out, column)
-        warnings += w
-        row["max_rel_diff"][column] = diffs
-        del peer_out
-    del fast_out
-    gc.collect()
-    for column, call in calls.items():
-        if isinstance(call, str):
-            row[column] = row["memory"][column] = call
-            continue
-        row[column] = median_ms(call, sync=sync, **timing)
-        row["memory"][column] = peak_extra_bytes(call, device)
-        print(f"{label:30s} {column:40s} {fmt(row[column]):>10s} ms  peak {fmt_bytes(row['memory'][column])}",
-              file=sys.stderr)
-    return row
-
-
-def run_logprob(sizes, device, sync, timing, trl_functions, warnings):
+def run_piece(piece, sizes, device, sync, timing, trl_functions, warnings):
+    """``{key: row}``: each size checked (every peer against fastppo; that call is each one's first
+    warm-up), then each contender timed and its peak extra memory measured. Pieces 2-4 are first
+    checked, not timed, at CHECK_ONLY_SIZE."""
     rows = {}
-    for B, T, V in sizes:
-        label = f"logprob B={B} T={T} V={V}"
-        need = MEMORY_FACTOR * B * T * V * 4
-        free = available_bytes() if device == "cpu" else None
-        if free is not None and free < need:
-            reason = f"skipped: needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB available"
-            print(f"{label}: {reason}", file=sys.stderr)
-            rows[(B, T, V)] = {"skipped": reason}
-            continue
-        inputs = logprob_inputs(B, T, V, device, seed=B * 1_000_003 + T * 101 + V)
-        heads = logprob_contenders(trl_functions)
-        calls = {c: h if isinstance(h, str) else logprob_call(h, inputs) for c, h in heads.items()}
-
-        def check(fast_out, peer_out, column):
-            return compare(fast_out, peer_out, column, label)
-
-        row = measure_case(calls, sync, timing, device, label, warnings, check)
-        row["grad_bytes"] = B * T * V * 4
-        rows[(B, T, V)] = row
-        del inputs, calls, heads
+    for i, key in enumerate(([] if piece == LOGPROB else [CHECK_ONLY_SIZE]) + list(sizes)):
+        label = f"{piece} {case_name(piece, key)}"
+        contenders = case_contenders(piece, key, device, trl_functions)
+        if not contenders.runnable():
+            rows[key] = {"skipped": contenders.calls[FASTPPO]}
+            print(f"{label}: {rows[key]['skipped']}", file=sys.stderr)
+        elif piece != LOGPROB and i == 0:
+            warnings += contenders.check(label)[0]
+        else:
+            rows[key] = common.measure_case(contenders, device, label, sync, timing, warnings)
+            if piece == LOGPROB:
+                rows[key]["grad_bytes"] = key[0] * key[1] * key[2] * 4
+        del contenders
         gc.collect()
     return rows
 
 
-def run_token_piece(piece, sizes, device, sync, timing, trl_functions, warnings):
-    rows = {}
-    columns = None
-    for B, T in [CHECK_ONLY_SIZE] + list(sizes):
-        label = f"{piece} B={B} T={T}"
-        x = token_inputs(B, T, device, seed=B * 1_000_003 + T)
-        calls = token_contenders(piece, x, trl_functions)
-        columns = list(calls)
-
-        def check(fast_out, peer_out, column):
-            return compare(fast_out, peer_out, column, label, mask=x["mask"])
-
-        if (B, T) == CHECK_ONLY_SIZE:  # checked, not timed
-            fast_out = calls[FASTPPO]()
-            for column, call in calls.items():
-                if column != FASTPPO:
-                    warnings += check(fast_out, call(), column)[0]
-            continue
-        rows[(B, T)] = measure_case(calls, sync, timing, device, label, warnings, check)
-    return rows, columns
-
-
 def import_libraries():
-    """Imports torch and fastppo into this module's globals (and bench_loss's, for its helpers)."""
     global torch, fastppo, rlhf
     import torch
     import fastppo
     import fastppo.rlhf.kernels as rlhf
 
-    bench_loss.torch, bench_loss.fastppo = torch, fastppo
+
+def benchmark_cases(mode, device):
+    """The pytest benchmarks' cases (benchmarks/test_kernels.py)."""
+    import_libraries()
+    trl_functions = load_trl()[1]
+    sizes = {"full": SIZES, "quick": QUICK_SIZES, "tiny": TINY_SIZES}[mode]
+    return [common.Case("rlhf", KERNELS[piece], case_name(piece, key), dict(zip(("B", "T", "V"), key)),
+                        {c: None if c == FASTPPO else FASTPPO for c in piece_columns(piece, trl_functions)},
+                        lambda piece=piece, key=key: case_contenders(piece, key, device, trl_functions))
+            for piece in PIECES for key in sizes[piece]]
 
 
 def cpu_snapshot():
@@ -495,158 +446,100 @@ def others_cpu_share(start, end):
 
 
 def collect(args):
-    """Runs the benchmark that ``args`` (from parse_args) describes and returns its measurements."""
-    threads_env(args)
+    """Runs the benchmark that ``args`` describes and returns its measurements."""
+    common.threads_env(args)
     import_libraries()
     snapshot = cpu_snapshot()
-    device, mode = setup_device(args, torch, fastppo)
+    device, mode, sync = common.setup_device(args)
     sizes = {"full": SIZES, "quick": QUICK_SIZES, "tiny": TINY_SIZES}[mode]
-    sync = torch.cuda.synchronize if device == "cuda" else None
-    timing = TIMING[mode]
     trl_info, trl_functions = load_trl()
     print(f"peer: {trl_info}", file=sys.stderr)
-
     warnings = []
-    pieces = {}
-    rows = run_logprob(sizes[LOGPROB], device, sync, timing, trl_functions, warnings)
-    pieces[LOGPROB] = {"columns": list(logprob_contenders(trl_functions)), "rows": rows}
-    for piece in (SHAPING, GAE, WHITEN):
-        rows, columns = run_token_piece(piece, sizes[piece], device, sync, timing, trl_functions, warnings)
-        pieces[piece] = {"columns": columns, "rows": rows}
-    for w in warnings:
-        print(w, file=sys.stderr)
+    timing = common.TIMING[mode]
+    pieces = {piece: {"columns": piece_columns(piece, trl_functions),
+                      "rows": run_piece(piece, sizes[piece], device, sync, timing, trl_functions, warnings)}
+              for piece in PIECES}
+    transformers = sys.modules.get("transformers")
     return dict(
-        device=device, mode=mode, sizes=sizes, pieces=pieces, warnings=warnings, trl=trl_info,
+        device=device, mode=mode, machine=common.machine_info(device), sizes=sizes, pieces=pieces, warnings=warnings,
+        trl=trl_info,
         others_cpu=others_cpu_share(snapshot, cpu_snapshot()),
         trl_whiten_module=trl_functions.get("masked_whiten_module"), trl_path=trl_kernel_path(device),
-        transformers=_version("transformers"),
+        transformers="not imported" if transformers is None else getattr(transformers, "__version__", "-"),
     )
-
-
-def _version(module):
-    mod = sys.modules.get(module)
-    return getattr(mod, "__version__", "-") if mod is not None else "not imported"
 
 
 # --- Report ---------------------------------------------------------------------------------------
 
 
-def fmt_bytes(x):
-    """bench_loss's byte format, with GiB from 1000 MiB on (the logits-sized figures)."""
-    if not isinstance(x, str) and x >= 1000 << 20:
-        return f"{x / (1 << 30):.3g} GiB"
-    return bench_loss.fmt_bytes(x)
-
-
 def key_cells(piece, key):
-    if piece == LOGPROB:
-        B, T, V = key
-        return [str(B), str(T), str(V), str(B * T)]
-    return [str(k) for k in key]
+    return [str(k) for k in key] + ([str(key[0] * key[1])] if piece == LOGPROB else [])  # with piece 1's tokens
 
 
 def key_header(piece):
-    return ("| B | T | V | tokens | ", "|---:|---:|---:|---:|") if piece == LOGPROB else ("| B | T | ", "|---:|---:|")
+    return (["B", "T", "V", "tokens"], "|---:|---:|---:|---:|") if piece == LOGPROB else (["B", "T"], "|---:|---:|")
 
 
 def machine_lines(result):
-    device = result["device"]
     peer = (
         f"- Peer: {result['trl']} (transformers {result['transformers']}); TRL's log-prob functions ran on "
         f"{result['trl_path']}"
         if result["trl"].startswith("trl ")
         else f"- Peer: TRL {result['trl']}: every TRL column is TRL's formula re-implemented in this script"
     )
-    lines = machine_head(device, torch, fastppo, peer_line=peer)
-    lines += [
+    return common.machine_head(result["machine"], peer_line=peer) + [
         "- Other processes' CPU use during the run: "
         + ("n/a" if result["others_cpu"] is None
            else f"{100 * result['others_cpu']:.0f}% of the {os.cpu_count()} cores")
         + " (busy time in /proc/stat minus this process's own CPU time; above a few % the timings are noisy)",
     ]
-    return lines
 
 
 def report(result):
     device, mode, pieces, sizes = result["device"], result["mode"], result["pieces"], result["sizes"]
-    warnings = result["warnings"]
     lines = [f"# fastppo RLHF pieces vs TRL's PPO pieces ({device})", ""]
-    shown = "; ".join(f"{piece} {sizes[piece]}" for piece in PIECES)
-    if mode == "quick":
-        lines += [f"**Quick smoke run (--quick): {shown}, about 20 ms of timed calls per case; not a measurement.**",
-                  ""]
-    elif mode == "tiny":
-        lines += [f"**Tiny run (--tiny): {shown}, 3 timed calls per case; a test of this script, not a "
-                  "measurement.**", ""]
-    lines += ["## Machine", ""] + machine_lines(result) + [""]
-    lines += ["## Median time per call (ms, lower is better)", ""]
+    lines += common.mode_banner(mode, "; ".join(f"{piece} {sizes[piece]}" for piece in PIECES))
+    lines += ["## Machine", ""] + machine_lines(result) + ["", "## Median time per call (ms, lower is better)", ""]
     for piece in PIECES:
-        columns = pieces[piece]["columns"]
-        peers = [c for c in columns if c != FASTPPO]
-        head, rule = key_header(piece)
-        ratio_names = [f"{p} / {FASTPPO}" for p in peers]
-        lines += [
-            f"### {TITLES[piece]}",
-            "",
-            head + " | ".join(columns + ratio_names) + " |",
-            rule + "---:|" * (len(columns) + len(ratio_names)),
-        ]
+        columns, (header, rule) = pieces[piece]["columns"], key_header(piece)
+        ratio_columns = [(f"{p} / {FASTPPO}", p, FASTPPO) for p in columns if p != FASTPPO]
+        cells = []
         for key, row in pieces[piece]["rows"].items():
             if "skipped" in row:
-                cells = key_cells(piece, key) + [row["skipped"]] + ["-"] * (len(columns) + len(ratio_names) - 1)
+                cells.append(key_cells(piece, key) + [row["skipped"]] + ["-"] * (len(columns) + len(ratio_columns) - 1))
             else:
-                cells = key_cells(piece, key) + [fmt(row[c]) for c in columns]
-                cells += [ratio(row, p, FASTPPO) for p in peers]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+                cells.append(key_cells(piece, key) + [common.fmt(row[c]) for c in columns]
+                             + [common.ratio(row, num, den) for _, num, den in ratio_columns])
+        lines += [f"### {TITLES[piece]}", ""] + common.table(
+            header + columns + [name for name, _, _ in ratio_columns],
+            rule + "---:|" * (len(columns) + len(ratio_columns)), cells) + [""]
     lines += ["## Peak extra memory during one call (lower is better)", ""]
     for piece in PIECES:
-        columns = pieces[piece]["columns"]
-        peers = [c for c in columns if c != FASTPPO]
+        columns, (header, rule) = pieces[piece]["columns"], key_header(piece)
         extra = [GRADS] if piece == LOGPROB else []
-        ratio_cols = ([(f"{FASTPPO} / {GRADS}", FASTPPO, GRADS)] if piece == LOGPROB else []) + [
-            (f"{p} / {FASTPPO}", p, FASTPPO) for p in peers
-        ]
-        head, rule = key_header(piece)
-        lines += [
-            f"### {TITLES[piece]}",
-            "",
-            head + " | ".join(columns + extra + [name for name, _, _ in ratio_cols]) + " |",
-            rule + "---:|" * (len(columns) + len(extra) + len(ratio_cols)),
-        ]
-        for key, row in pieces[piece]["rows"].items():
-            if "skipped" in row:
-                continue
-            mem = dict(row["memory"])
-            if piece == LOGPROB:
-                mem[GRADS] = row["grad_bytes"]
-            cells = key_cells(piece, key) + [fmt_bytes(mem[c]) for c in columns + extra]
-            as_float = {k: float(v) if isinstance(v, int) else v for k, v in mem.items()}
-            cells += [ratio(as_float, num, den) for _, num, den in ratio_cols]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += ["## Checks", ""]
-    if warnings:
-        lines += [f"- **{w}**" for w in warnings]
-    else:
-        lines.append(
-            f"- fastppo matched every peer to {TOLERANCE:g} relative (max |fastppo - peer| / max |peer|) at every size "
-            f"above, and at (B, T) = {CHECK_ONLY_SIZE} for pieces 2-4: log-prob, entropy and the logits' gradient; "
-            "rewards and kl (every position); advantages, returns and whitened advantages (at real tokens)."
-        )
+        ratio_columns = [(f"{FASTPPO} / {GRADS}", FASTPPO, GRADS)] if piece == LOGPROB else []
+        ratio_columns += [(f"{p} / {FASTPPO}", p, FASTPPO) for p in columns if p != FASTPPO]
+        memory = {key: dict(row["memory"], **({GRADS: row["grad_bytes"]} if extra else {}))
+                  for key, row in pieces[piece]["rows"].items() if "skipped" not in row}
+        lines += [f"### {TITLES[piece]}", ""] + common.table(
+            header + columns + extra + [name for name, _, _ in ratio_columns],
+            rule + "---:|" * (len(columns) + len(extra) + len(ratio_columns)),
+            [key_cells(piece, key) + [common.fmt_bytes(mem[c]) for c in columns + extra]
+             + [common.ratio(mem, num, den) for _, num, den in ratio_columns] for key, mem in memory.items()]) + [""]
+    lines += ["## Checks", ""] + ([f"- **{w}**" for w in result["warnings"]] or [
+        f"- fastppo matched every peer to {TOLERANCE:g} relative (max |fastppo - peer| / max |fastppo|) at every size "
+        f"above, and at (B, T) = {CHECK_ONLY_SIZE} for pieces 2-4: log-prob, entropy and the logits' gradient; "
+        "rewards and kl (every position); advantages, returns and whitened advantages (at real tokens)."])
     worst = {}
     for piece in PIECES:
         for row in pieces[piece]["rows"].values():
             for column, diffs in row.get("max_rel_diff", {}).items():
                 for name, diff in diffs.items():
-                    k = (piece, column, name)
-                    worst[k] = max(worst.get(k, 0.0), diff)
+                    worst[(column, name)] = max(worst.get((column, name), 0.0), diff)
     if worst:
         lines.append("- Largest relative difference seen, per output: " + "; ".join(
-            f"{name} vs {column} {diff:.2g}" for (piece, column, name), diff in worst.items()
-        ) + ".")
-    lines += [""] + notes(result)
-    return "\n".join(lines) + "\n"
+            f"{name} vs {column} {diff:.2g}" for (column, name), diff in worst.items()) + ".")
+    return "\n".join(lines + [""] + notes(result)) + "\n"
 
 
 def notes(result):
@@ -654,12 +547,6 @@ def notes(result):
     ppo_column = TRL_PPO_WAY if TRL_PPO_WAY in result["pieces"][LOGPROB]["columns"] else REIMPL
     whiten_column = [c for c in result["pieces"][WHITEN]["columns"] if c != FASTPPO][0]
     installed = not result["trl"].startswith(("not installed", "import failed"))
-    timing_note = {
-        "full": "the calls that fit in about 0.5 s, but at least 3 (a call of a second or more is timed 3 times), "
-        "after 2 warm-up calls (the check and one more).",
-        "quick": "the calls that fit in about 20 ms (at least 1), after 1 warm-up call (the check).",
-        "tiny": "3 calls, after 1 warm-up call (the check).",
-    }[mode]
     lines = [
         "## Notes",
         "",
@@ -675,8 +562,8 @@ def notes(result):
             "TRL is not installed, so every TRL column is TRL's formula written out in this script "
             f"(`{REIMPL}`), and `{TRL_SLSE}` is left out."
         ),
-        "- Inputs are float32. Each case is the median of " + timing_note + " Each contender is timed in its "
-        "own block of consecutive calls, all in this process.",
+        "- Inputs are float32. Each case is the median of " + common.TIMING_NOTES[mode]
+        + " Each contender is timed in its own block of consecutive calls, all in this process.",
         "- Responses are ragged: row b has a length uniform in [T/4, T] and is right-padded; `mask` [B, T] is True "
         "at real tokens.",
         "",
@@ -735,20 +622,8 @@ def notes(result):
         "`masked_fill(padding_mask, 0)` as the trainer does next.",
         "- Compared at real tokens.",
         "",
-        (
-            "- Memory (CPU): `torch.profiler.profile(profile_memory=True)` around one call records each allocation "
-            "and free made through torch's CPU allocator; the figure is the largest running sum of those sizes "
-            "in time order, i.e. the peak bytes held above what was held before the call (outputs included). "
-            "Memory a kernel allocates on its own (malloc, std::vector) is not seen."
-            if device == "cpu"
-            else "- Memory (CUDA): `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus "
-            "`memory_allocated()` before the call (tensors from torch's caching allocator, not its reserved pool)."
-        ),
-        (
-            "- fastppo's CPU kernels run on the OpenMP threads shown by build_info(); torch ops use torch's threads."
-            if device == "cpu"
-            else "- CUDA: every timed call is followed by torch.cuda.synchronize(), inside the timed region."
-        ),
+        common.memory_note(device),
+        common.threads_note(device, "torch ops use torch's threads"),
         f"- Piece 1 is skipped at a size where less than {MEMORY_FACTOR} * B*T*V*4 bytes of memory are available "
         "(CPU), which the table then says.",
     ]
@@ -759,49 +634,32 @@ def notes(result):
 
 
 def to_json(result):
-    """This benchmark's summary and rows (one kernel per piece), for bench_gae's ``json_document``."""
+    """This benchmark's summary and rows (one kernel per piece), for the --json file (``common.write_reports``)."""
     rows = []
     for piece in PIECES:
         columns = result["pieces"][piece]["columns"]
         peers = {c: FASTPPO for c in columns if c != FASTPPO}
         for key, row in result["pieces"][piece]["rows"].items():
-            names = ("B", "T", "V") if piece == LOGPROB else ("B", "T")
-            size = dict(zip(names, key))
-            case = ", ".join(f"{k}={v}" for k, v in size.items())
+            size = dict(zip(("B", "T", "V"), key))
+            extra = {}
             if "skipped" in row:
-                row = {c: row["skipped"] for c in columns}
-                rows.append(json_row(KERNELS[piece], case, size, row, [FASTPPO], peers))
-                continue
-            extra = {"peak_extra_bytes": row["memory"], "max_rel_diff": row["max_rel_diff"]}
-            if piece == LOGPROB:
-                extra["gradient_bytes"] = row["grad_bytes"]
-            rows.append(json_row(KERNELS[piece], case, size, row, [FASTPPO], peers, **extra))
-    return {
-        "name": "rlhf",
-        "title": "fastppo RLHF pieces vs TRL",
-        "script": "benchmarks/bench_rlhf.py",
-        "warnings": result["warnings"],
-        "details": {
-            "peer": result["trl"], "trl_log_prob_path": result["trl_path"], "transformers": result["transformers"],
-            "others_cpu_share": result["others_cpu"],
-            "temperature": TEMPERATURE, "beta": BETA, "gamma": GAMMA, "lam": LAM, "tolerance": TOLERANCE,
-        },
-        "rows": rows,
-    }
-
-
-# --- Main -----------------------------------------------------------------------------------------
-
-
-def parse_args(argv=None):
-    return bench_parser(__doc__.splitlines()[0], "rlhf", "smoke run: smaller sizes and tiny repeat counts",
-                        "smallest sizes, 3 timed calls: a test of the script").parse_args(argv)
+                row = dict.fromkeys(columns, row["skipped"])
+            else:
+                extra = {"peak_extra_bytes": row["memory"], "max_rel_diff": row["max_rel_diff"]}
+                if piece == LOGPROB:
+                    extra["gradient_bytes"] = row["grad_bytes"]
+            rows.append(common.json_row(KERNELS[piece], case_name(piece, key), size, row, [FASTPPO], peers, **extra))
+    details = {"peer": result["trl"], "trl_log_prob_path": result["trl_path"], "transformers": result["transformers"],
+               "others_cpu_share": result["others_cpu"], "temperature": TEMPERATURE, "beta": BETA, "gamma": GAMMA,
+               "lam": LAM, "tolerance": TOLERANCE}
+    return {"name": "rlhf", "title": "fastppo RLHF pieces vs TRL", "script": "benchmarks/bench_rlhf.py",
+            "warnings": result["warnings"], "details": details, "rows": rows}
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = common.bench_parser(__doc__.splitlines()[0], "rlhf").parse_args(argv)
     result = collect(args)
-    return write_reports(args, result, "rlhf", report(result), to_json(result))
+    return common.write_reports(args, result, "rlhf", report(result), to_json(result))
 
 
 if __name__ == "__main__":

@@ -27,13 +27,10 @@ import time
 from pathlib import Path
 
 try:  # python -m benchmarks.bench_sb3
-    from benchmarks.bench_gae import machine_info
-    from benchmarks.e2e import median
+    from benchmarks._common import RESULTS, machine_info, median
 except ImportError:  # python benchmarks/bench_sb3.py
-    from bench_gae import machine_info
-    from e2e import median
+    from _common import RESULTS, machine_info, median
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CONTENDERS = {"sb3": "stable-baselines3 PPO", "fastppo.sb3": "fastppo.sb3.PPO"}
 
 # rl-baselines3-zoo hyperparams/ppo.yml; "lin_x" is a linear schedule from x to 0.

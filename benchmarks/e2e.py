@@ -20,13 +20,16 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+try:
+    from benchmarks._common import RESULTS, cpu_model, median, pyplot  # python -m benchmarks.e2e
+except ImportError:
+    from _common import RESULTS, cpu_model, median, pyplot  # python benchmarks/e2e.py
+
 THRESHOLD = {"CartPole-v1": 475.0}
 SB3_ZOO = {  # rl-baselines3-zoo hyperparams/ppo.yml
     "CartPole-v1": dict(n_envs=8, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=20, ent_coef=0.0,
@@ -155,14 +158,6 @@ def first_reach(curve, threshold):
     return None
 
 
-def median(values):
-    values = sorted(v for v in values if v is not None)
-    if not values:
-        return None
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
-
-
 def plan(mode):
     if mode == "tiny":  # seconds: proves the pipeline runs, measures nothing
         return [
@@ -218,7 +213,7 @@ def summarize(results, mode):
     import fastppo
 
     lines += [f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-              f"- CPU: {platform.processor() or 'unknown'}, {os.cpu_count()} cores; torch {torch.__version__}, fastppo {fastppo.__version__}",
+              f"- CPU: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}, fastppo {fastppo.__version__}",
               f"- fastppo.build_info(): `{fastppo.build_info()}`", ""]
     lines += ["## Medians over seeds", "",
               "| env | contender | seeds | SPS | wall time (s) | setup (s) | steps to threshold | time to threshold (s) | final mean return |",
@@ -287,11 +282,7 @@ def summarize(results, mode):
 
 
 def plot(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     curves = [r for r in results if r["env_id"] == "CartPole-v1" and r.get("curve")]
     if not curves:
         return False

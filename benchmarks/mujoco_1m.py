@@ -22,7 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+try:
+    from benchmarks._common import RESULTS, pyplot  # python -m benchmarks.mujoco_1m
+except ImportError:
+    from _common import RESULTS, pyplot  # python benchmarks/mujoco_1m.py
+
 RUNS = RESULTS / "mujoco_1m"
 # CleanRL's published results for ppo_continuous_action.py at 1M steps (v4 tasks; mean over seeds
 # of the last episodes), from its documentation's benchmark table.
@@ -108,11 +112,9 @@ def report(runs: list) -> str:
 
 
 def plot(runs: list, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot()
 
     envs = [e for e in CLEANRL_1M if any(r["env_id"] == e for r in runs)]
     if not envs:

@@ -7,6 +7,7 @@ Run from the repository root:
     python -m benchmarks --tiny --out-dir DIR     # seconds-long: smallest size of each kernel, 3 timed calls,
                                                   # no torch.compile (a test of the suite, not a measurement)
     python -m benchmarks --device cuda            # CUDA tensors; the file names end in _cuda
+    python -m benchmarks --from-json PATH         # the tables and chart of a pytest-benchmark run (below)
 
 Each benchmark script (bench_gae.py, bench_loss.py, bench_heads.py) runs in its own Python process,
 exactly as it runs on its own: fastppo and that kernel's peers are measured on the same inputs in
@@ -21,6 +22,11 @@ suite writes:
 - ``speedups_<device>.png``: the speed-ups as bars, one panel per kernel;
 - ``gae_<device>.md``, ``loss_<device>.md``, ``heads_<device>.md``: each script's own full report
   (notes, checks, compile times, memory tables).
+
+The same cases (and bench_rlhf.py's) also run under pytest-benchmark, one test per (kernel, size,
+contender): ``pytest benchmarks --benchmark-only --benchmark-json PATH``. ``--from-json PATH`` then
+writes ``suite_<device>.json`` / ``.md`` / ``speedups_<device>.png`` from that file (each cell the
+median of pytest-benchmark's rounds) instead of running the scripts.
 """
 
 from __future__ import annotations
@@ -32,11 +38,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.bench_gae import fmt, machine_info
-from benchmarks.plots import plot_speedups
+from benchmarks._common import (RESULTS, document_from_pytest, fmt, kernel_groups, machine_head, machine_info,
+                                plot_speedups)
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # (name used in the file names, module run with python -m)
 BENCHMARKS = [
@@ -50,28 +55,26 @@ MODE_BANNERS = {
     "not a measurement.**",
     "tiny": "**Tiny run (--tiny): the smallest size of each kernel, 3 timed calls per case, no torch.compile; "
     "a test of the suite, not a measurement.**",
+    "pytest-benchmark": "**Timed by pytest-benchmark (`pytest benchmarks --benchmark-only`): each cell is the median "
+    "of its rounds; a contender whose test was skipped names the reason.**",
 }
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks", description="Run fastppo's micro-benchmarks as one suite."
-    )
+    parser = argparse.ArgumentParser(prog="python -m benchmarks",
+                                     description="Run fastppo's micro-benchmarks as one suite.")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument(
-        "--quick", action="store_true", help="each script's quick smoke run (fewer sizes, tiny repeat counts)"
-    )
-    size.add_argument(
-        "--tiny",
-        action="store_true",
-        help="smallest size of each kernel, 3 timed calls, no torch.compile (for tests; needs --out-dir to write)",
-    )
+    size.add_argument("--quick", action="store_true",
+                      help="each script's quick smoke run (fewer sizes, tiny repeat counts)")
+    size.add_argument("--tiny", action="store_true",
+                      help="smallest size of each kernel, 3 timed calls, no torch.compile (for tests; needs "
+                      "--out-dir to write)")
+    size.add_argument("--from-json", type=Path, metavar="PATH",
+                      help="build the tables and chart from pytest-benchmark's --benchmark-json file instead of "
+                      "running the scripts (the device is the one that run used)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument(
-        "--out-dir",
-        type=Path,
-        help="folder for the results (default benchmarks/results/; --quick and --tiny write only with --out-dir)",
-    )
+    parser.add_argument("--out-dir", type=Path, help="folder for the results (default benchmarks/results/; "
+                        "--quick and --tiny write only with --out-dir)")
     return parser.parse_args(argv)
 
 
@@ -128,17 +131,7 @@ def markdown(document, plot_name):
     lines += [
         "## Machine",
         "",
-        f"- Date: {machine['date']}",
-        f"- CPU: {machine['cpu']}, {machine['logical_cores']} logical cores "
-        f"({machine['usable_cores']} usable by this process)",
-    ]
-    if device == "cuda":
-        lines.append(f"- GPU: {machine['gpu']} (torch CUDA {machine['torch_cuda']})")
-    lines += [
-        f"- Python {machine['python']}, numpy {machine['numpy']}, torch {machine['torch']} "
-        f"({machine['torch_threads']} threads), fastppo {machine['fastppo']}",
-        f"- OMP_NUM_THREADS: {machine['omp_num_threads'] or 'unset'}",
-        f"- fastppo.build_info(): `{machine['fastppo_build_info']}`",
+        *machine_head(machine),
         "",
         "## Median time per call and speed-ups",
         "",
@@ -147,9 +140,8 @@ def markdown(document, plot_name):
         "reason instead. Each benchmark measures fastppo and its peers on the same inputs in one process; "
         "each script's own report says exactly what each call does.",
     ]
-    for kernel in dict.fromkeys(r["kernel"] for r in document["rows"]):
-        rows = [r for r in document["rows"] if r["kernel"] == kernel]
-        lines += ["", f"### fastppo.{kernel}", ""] + kernel_table(rows)
+    for title, rows in kernel_groups(document["rows"]):
+        lines += ["", f"### {title}", ""] + kernel_table(rows)
     lines += ["", "## Benchmarks", ""]
     for bench in document["benchmarks"]:
         if "failed" in bench:
@@ -169,11 +161,8 @@ def markdown(document, plot_name):
 # --- Main ----------------------------------------------------------------------------------------
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
-    device = args.device
-    out_dir = args.out_dir if args.out_dir is not None or mode != "full" else RESULTS
+def run_scripts(device, mode, out_dir):
+    """Runs each benchmark script; returns the suite's document and the names of those that failed."""
     flags = ["--device", device] + ({"full": [], "quick": ["--quick"], "tiny": ["--tiny"]}[mode])
     if device == "cuda":
         import torch
@@ -182,7 +171,6 @@ def main(argv=None):
         if not (torch.cuda.is_available() and fastppo.cuda_available()):
             sys.exit("error: --device cuda, but torch sees no CUDA device or this fastppo build cannot use one: "
                      f"torch.cuda.is_available() is {torch.cuda.is_available()}; {fastppo.build_info()}")
-
     document = {"machine": machine_info(device), "device": device, "mode": mode, "benchmarks": [], "rows": []}
     failed = []
     with tempfile.TemporaryDirectory(prefix="fastppo_suite_") as tmp:
@@ -200,12 +188,22 @@ def main(argv=None):
                 bench["report"] = None if report_path is None else report_path.name
             document["benchmarks"] += part["benchmarks"]
             document["rows"] += part["rows"]
+    return document, failed
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    out_dir = args.out_dir if args.out_dir is not None or mode != "full" else RESULTS
+    if args.from_json is not None:
+        document, failed = document_from_pytest(json.loads(args.from_json.read_text())), []
+    else:
+        document, failed = run_scripts(args.device, mode, out_dir)
+    device = document["device"]
     plot_name = None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        json_path = out_dir / f"suite_{device}.json"
-        json_path.write_text(json.dumps(document, indent=1) + "\n")
+        (out_dir / f"suite_{device}.json").write_text(json.dumps(document, indent=1) + "\n")
         if document["rows"]:
             plot_name = f"speedups_{device}.png"
             plot_speedups(document, out_dir / plot_name)

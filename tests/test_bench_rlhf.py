@@ -60,25 +60,24 @@ def test_tiny_run_writes_every_piece(tmp_path):
 def test_reimplemented_trl_formulas_match_fastppo():
     sys.path.insert(0, str(ROOT))
     from benchmarks import bench_rlhf as bench
+    from benchmarks._common import compare
 
     bench.import_libraries()
     no_trl = {}  # as if TRL were not installed: every peer is the script's own formula
-    heads = bench.logprob_contenders(no_trl)
-    assert isinstance(heads[bench.TRL_SLSE], str)
-    inputs = bench.logprob_inputs(2, 9, 50, "cpu", seed=0)
-    fast = bench.logprob_call(heads[bench.FASTPPO], inputs)()
-    peer = bench.logprob_call(heads[bench.REIMPL], inputs)()
-    warnings, diffs = bench.compare(fast, peer, bench.REIMPL, "logprob")
-    assert warnings == [] and set(diffs) == {"logprob", "entropy", "grad logits"}
+    contenders = bench.logprob_case(bench.logprob_inputs(2, 9, 50, "cpu", seed=0), no_trl)
+    assert list(contenders.calls) == [bench.FASTPPO, bench.REIMPL, bench.TRL_SLSE]
+    assert isinstance(contenders.calls[bench.TRL_SLSE], str)
+    warnings, diffs = contenders.check("logprob")
+    assert warnings == [] and set(diffs[bench.REIMPL]) == {"logprob", "entropy", "grad logits"}
 
     for piece in (bench.SHAPING, bench.GAE, bench.WHITEN):
-        x = bench.token_inputs(5, 23, "cpu", seed=1)
-        calls = bench.token_contenders(piece, x, no_trl)
-        assert list(calls) == [bench.FASTPPO, bench.REIMPL]
-        warnings, diffs = bench.compare(calls[bench.FASTPPO](), calls[bench.REIMPL](), bench.REIMPL, piece, x["mask"])
-        assert warnings == [] and diffs, piece
+        contenders = bench.token_contenders(piece, bench.token_inputs(5, 23, "cpu", seed=1), no_trl)
+        assert list(contenders.calls) == [bench.FASTPPO, bench.REIMPL]
+        warnings, diffs = contenders.check(piece)
+        assert warnings == [] and diffs[bench.REIMPL], piece
 
     # A mismatch is reported, not swallowed.
     t = torch.ones(3)
-    warnings, _ = bench.compare({"rewards": t + 1e-2}, {"rewards": t}, bench.REIMPL, "perturbed")
+    warnings, _ = compare({"rewards": t + 1e-2}, {"rewards": t}, bench.REIMPL, bench.FASTPPO, "perturbed",
+                          bench.TOLERANCE)
     assert len(warnings) == 1 and "rewards" in warnings[0]

@@ -1,5 +1,7 @@
 """The benchmark suite runs end to end: ``python -m benchmarks --tiny`` measures every kernel against
-its peers (smallest size, a few calls, no torch.compile) and writes its JSON, Markdown and plot."""
+its peers (smallest size, a few calls, no torch.compile) and writes its JSON, Markdown and plot; and
+the same cases under pytest-benchmark (``pytest benchmarks --benchmark-only``) give a JSON file from
+which ``python -m benchmarks --from-json`` writes the same tables and plot."""
 
 from __future__ import annotations
 
@@ -10,17 +12,33 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = {"gae", "ppo_loss", "categorical_logprob_entropy", "normal_logprob_entropy"}
+RLHF_KERNELS = {"rlhf.kl_penalty_rewards", "rlhf.token_gae", "rlhf.masked_whiten"}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def run(*args, timeout=300):
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+
+def check_rows(rows):
+    """Every row has fastppo's medians and, for each peer, a median and speed-up or a reason; the
+    torch.compile peers are left out in tiny mode, and say so."""
+    for row in rows:
+        assert row["fastppo_ms"] and all(ms > 0 for ms in row["fastppo_ms"].values()), row
+        assert row["peers"], row
+        for peer in row["peers"]:
+            if "skipped" in peer:
+                assert isinstance(peer["skipped"], str) and peer["skipped"], peer
+            else:
+                assert peer["median_ms"] > 0 and peer["speedup"] > 0, peer
+                assert peer["vs"] in row["fastppo_ms"], peer
+    compiled = [p for row in rows for p in row["peers"] if "torch.compile" in p["name"]]
+    assert compiled and all("--tiny" in p["skipped"] for p in compiled)
 
 
 def test_tiny_suite_writes_every_kernel_and_peer(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--tiny", "--out-dir", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run("-m", "benchmarks", "--tiny", "--out-dir", str(tmp_path))
 
     document = json.loads((tmp_path / "suite_cpu.json").read_text())
     assert document["mode"] == "tiny" and document["device"] == "cpu"
@@ -33,24 +51,36 @@ def test_tiny_suite_writes_every_kernel_and_peer(tmp_path):
 
     rows = document["rows"]
     assert {row["kernel"] for row in rows} == KERNELS
-    for row in rows:
-        assert row["fastppo_ms"] and all(ms > 0 for ms in row["fastppo_ms"].values()), row
-        assert row["peers"], row
-        for peer in row["peers"]:
-            if "skipped" in peer:
-                assert isinstance(peer["skipped"], str) and peer["skipped"], peer
-            else:
-                assert peer["median_ms"] > 0 and peer["speedup"] > 0, peer
-                assert peer["vs"] in row["fastppo_ms"], peer
-    # --tiny leaves torch.compile out, and says so.
-    compiled = [p for row in rows for p in row["peers"] if "torch.compile" in p["name"]]
-    assert compiled and all("--tiny" in p["skipped"] for p in compiled)
-
+    check_rows(rows)
     summary = (tmp_path / "suite_cpu.md").read_text()
     for kernel in KERNELS:
         assert f"### fastppo.{kernel}" in summary
     for row in rows:
         assert f"| {row['case']} |" in summary
-    assert (tmp_path / "speedups_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "speedups_cpu.png").read_bytes()[:8] == PNG
     for name in ("gae", "loss", "heads"):  # each script's own report
         assert (tmp_path / f"{name}_cpu.md").exists()
+
+
+def test_pytest_benchmark_json_feeds_the_suite_tables(tmp_path):
+    pytest_json = tmp_path / "pytest_benchmark.json"
+    run("-m", "pytest", "benchmarks", "--benchmark-only", "--bench-sizes", "tiny", "--benchmark-min-rounds=1",
+        "--benchmark-max-time=0.01", f"--benchmark-json={pytest_json}", "-q", "-p", "no:cacheprovider")
+    report = json.loads(pytest_json.read_text())
+    assert report["machine_info"]["fastppo"]["device"] == "cpu"
+    assert all(b["extra_info"]["kernel"] and b["stats"]["median"] > 0 for b in report["benchmarks"])
+    assert report["skipped"] and all(s["reason"] for s in report["skipped"])  # the torch.compile peers, at least
+
+    out = tmp_path / "suite"
+    run("-m", "benchmarks", "--from-json", str(pytest_json), "--out-dir", str(out))
+    document = json.loads((out / "suite_cpu.json").read_text())
+    assert document["mode"] == "pytest-benchmark" and document["device"] == "cpu"
+    rows = document["rows"]
+    assert {row["kernel"] for row in rows} == KERNELS | RLHF_KERNELS
+    check_rows(rows)
+    summary = (out / "suite_cpu.md").read_text()
+    # heads and rlhf both time categorical_logprob_entropy: one table each
+    for title in ("gae", "ppo_loss", "categorical_logprob_entropy (heads)", "categorical_logprob_entropy (rlhf)",
+                  "normal_logprob_entropy", *RLHF_KERNELS):
+        assert f"### fastppo.{title}\n" in summary, title
+    assert (out / "speedups_cpu.png").read_bytes()[:8] == PNG
