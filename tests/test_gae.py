@@ -293,12 +293,12 @@ def test_mixed_devices_are_refused():
 
 
 def test_cuda_tensor_on_a_build_without_cuda_is_refused(monkeypatch):
-    class CudaTensor:  # the two attributes the device check reads
-        device = "cuda:0"
+    class CudaTensor:  # the attributes the device check reads
+        device, is_cpu, is_cuda = "cuda:0", False, True
 
     monkeypatch.setattr(_C, "WITH_CUDA", False)
     with pytest.raises(ValueError, match=r"rewards is on cuda:0 but this build of fastppo has no CUDA support"):
-        _buffers.device_index("fastppo.gae", {"rewards": CudaTensor()})
+        _buffers.check_device("fastppo.gae", "rewards", CudaTensor())
 
 
 # ---------------------------------------------------------------- CUDA specifics

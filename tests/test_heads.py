@@ -181,7 +181,7 @@ def test_normal_shared_log_std_gradient_is_the_same_bits_every_run(device):
 
 def test_normal_bad_input():
     mean, log_std, actions = torch.zeros(4, 3), torch.zeros(3), torch.zeros(4, 3)
-    with pytest.raises(ValueError, match=r"log_std has shape \(2,\); expected \(3,\) \(shared\) or \(4, 3\)"):
+    with pytest.raises(ValueError, match=r"log_std has shape \(2,\); expected \(3,\), mean.shape\[-1:\] \(shared by every row\)"):
         normal_logprob_entropy(mean, torch.zeros(2), actions)
     with pytest.raises(ValueError, match=r"actions has shape \(4, 2\)"):
         normal_logprob_entropy(mean, log_std, torch.zeros(4, 2))

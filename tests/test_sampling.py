@@ -112,5 +112,5 @@ def test_bad_input_is_named():
         fastppo.categorical_sample(torch.zeros(3, 0))
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         fastppo.categorical_sample(torch.zeros(3, 4), temperature=0.0)
-    with pytest.raises(ValueError, match="generator must be a torch.Generator"):
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         fastppo.categorical_sample(torch.zeros(3, 4), generator="seed")

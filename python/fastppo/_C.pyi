@@ -1,153 +1,122 @@
-# Typed stub of the compiled core (csrc/bindings.cpp). Strides are in elements; a buffer's data
-# is an integer address or a numpy array (whose address is read in C++).
-from typing import Any, Union
+# Typed stub of the compiled core (csrc/bindings*.cpp; tests/test_stub.py keeps it in step with the
+# module). Strides are in elements. A buffer's data is an integer address or a numpy array (whose
+# address is read in C++); device is -1 for the CPU, else a CUDA device index, and stream the
+# caller's CUDA stream there (0 on the CPU). A workspace is float64 memory of the size the matching
+# *_workspace function gives.
+from typing import Any, Sequence
 
 import numpy as np
 
-Data = Union[int, np.ndarray]
+_Data = int | np.ndarray
+_Strided1 = tuple[_Data, int]  # (data, stride)
+_Strided2 = tuple[_Data, int, int]  # (data, row stride, column stride)
 
 __version__: str
 WITH_CUDA: bool
 
 def build_info() -> dict[str, Any]: ...
 def cuda_device_count() -> int: ...
+
+# GAE (csrc/bindings_gae.cpp)
 def gae(
-    T: int,
-    N: int,
-    dtype: str,
-    rewards: tuple[Data, int, int],
-    values: tuple[Data, int, int],
-    dones: tuple[Data, int, int],
-    dones_dtype: str,
-    terminated: tuple[Data, int, int],
-    terminated_dtype: str,
-    last_value: tuple[Data, int],
-    adv: Data,
-    ret: Data,
-    gamma: float,
-    lam: float,
-    device: int,
-    stream: int,
+    T: int, N: int, dtype: str, rewards: _Strided2, values: _Strided2, dones: _Strided2, dones_dtype: str,
+    terminated: _Strided2, terminated_dtype: str, last_value: _Strided1, adv: _Data, ret: _Data, gamma: float,
+    lam: float, device: int, stream: int,
 ) -> None: ...
 
-LOSS_CHUNK: int
-LOSS_SUMS: int
+# PPO loss (csrc/bindings_loss.cpp)
 LOSS_STATS: int
 
+def ppo_loss_workspace(R: int, C: int) -> int: ...
 def ppo_loss(
-    R: int,
-    C: int,
-    dtype: str,
-    new_logprob: tuple[Data, int, int],
-    old_logprob: tuple[Data, int, int],
-    advantages: tuple[Data, int, int],
-    new_value: tuple[Data, int, int] | None,
-    old_value: tuple[Data, int, int] | None,
-    returns: tuple[Data, int, int] | None,
-    entropy: tuple[Data, int, int] | None,
-    mask: tuple[Data, int, int] | None,
-    mask_dtype: str,
-    clip_coef: float,
-    vf_coef: float,
-    ent_coef: float,
-    vf_clip_coef: float,
-    dual_clip: float,
-    clip_vloss: bool,
-    norm_adv: bool,
-    agg: int,
-    grad_logprob: Data,
-    grad_value: Data | None,
-    loss: Data,
-    stats: Data,
-    row_scale: Data,
-    partials: Data,
-    adv_stats: Data,
-    device: int,
-    stream: int,
+    R: int, C: int, dtype: str, new_logprob: _Strided2, old_logprob: _Strided2, advantages: _Strided2,
+    new_value: _Strided2 | None, old_value: _Strided2 | None, returns: _Strided2 | None,
+    entropy: _Strided2 | None, mask: _Strided2 | None, mask_dtype: str, clip_coef: float, vf_coef: float,
+    ent_coef: float, vf_clip_coef: float, dual_clip: float, clip_vloss: bool, norm_adv: bool, agg: int,
+    grad_logprob: _Data | None, grad_value: _Data | None, loss: _Data, stats: _Data, row_scale: _Data,
+    workspace: _Data, device: int, stream: int,
 ) -> None: ...
 
-WHITEN_CHUNK: int
-
-def kl_rewards(
-    R: int,
-    C: int,
-    dtype: str,
-    logprob: tuple[Data, int, int],
-    ref_logprob: tuple[Data, int, int],
-    mask: tuple[Data, int, int] | None,
-    mask_dtype: str,
-    scores: tuple[Data, int] | None,
-    beta: float,
-    estimator: int,
-    clamp: float,
-    rewards: Data,
-    kl: Data,
-    last: Data,
-    device: int,
-    stream: int,
-) -> None: ...
-def masked_whiten(
-    R: int,
-    C: int,
-    dtype: str,
-    x: tuple[Data, int, int],
-    mask: tuple[Data, int, int] | None,
-    mask_dtype: str,
-    shift_mean: bool,
-    eps: float,
-    out: Data,
-    partials: Data,
-    stats: Data,
-    device: int,
-    stream: int,
-) -> None: ...
-def token_gae(
-    R: int,
-    C: int,
-    dtype: str,
-    rewards: tuple[Data, int, int],
-    values: tuple[Data, int, int],
-    last: tuple[Data, int],
-    gamma: float,
-    lam: float,
-    adv: Data,
-    ret: Data,
-    device: int,
-    stream: int,
-) -> None: ...
-
-# Policy heads (csrc/heads.h). logits: (data, row stride, column stride); actions: (data, stride).
-NORMAL_CHUNK: int
-
+# Policy heads (csrc/bindings_heads.cpp)
 def categorical_forward(
-    rows: int, A: int, dtype: str, logits: tuple[Data, int, int], actions: tuple[Data, int], actions_dtype: str,
-    temperature: float, logprob: Data, entropy: Data, lse: Data, device: int, stream: int,
+    rows: int, A: int, dtype: str, logits: _Strided2, actions: _Strided1, actions_dtype: str, temperature: float,
+    logprob: _Data, entropy: _Data, lse: _Data, device: int, stream: int,
 ) -> None: ...
 def categorical_sample(
-    rows: int, A: int, dtype: str, logits: tuple[Data, int, int], noise: int, noise_sr: int, temperature: float,
-    actions: int, logprob: Data, entropy: Data, lse: Data,
+    rows: int, A: int, dtype: str, logits: _Strided2, noise: int, noise_sr: int, temperature: float, actions: int,
+    logprob: _Data, entropy: _Data, lse: _Data,
 ) -> None: ...
 def categorical_backward(
-    rows: int, A: int, dtype: str, logits: tuple[Data, int, int], actions: tuple[Data, int], actions_dtype: str,
-    temperature: float, lse: Data, entropy: Data, grad_logprob: tuple[Data, int] | None,
-    grad_entropy: tuple[Data, int] | None, grad_logits: Data, device: int, stream: int,
+    rows: int, A: int, dtype: str, logits: _Strided2, actions: _Strided1, actions_dtype: str, temperature: float,
+    lse: _Data, entropy: _Data, grad_logprob: _Strided1 | None, grad_entropy: _Strided1 | None, grad_logits: _Data,
+    device: int, stream: int,
+) -> None: ...
+def normal_forward(
+    rows: int, D: int, dtype: str, mean: _Strided2, log_std: _Strided2, actions: _Strided2, logprob: _Data,
+    entropy: _Data, device: int, stream: int,
+) -> None: ...
+def normal_backward_workspace(rows: int, D: int, shared_log_std: bool) -> int: ...
+def normal_backward(
+    rows: int, D: int, dtype: str, mean: _Strided2, log_std: _Strided2, actions: _Strided2,
+    grad_logprob: _Strided1 | None, grad_entropy: _Strided1 | None, grad_mean: _Data, grad_log_std: _Data,
+    workspace: _Data | None, device: int, stream: int,
 ) -> None: ...
 
-# The fused actor-critic (csrc/mlp.h, csrc/bindings_mlp.cpp). A layer is
+# RLHF kernels over [R, C] token rows (csrc/bindings_rlhf.cpp)
+def kl_rewards(
+    R: int, C: int, dtype: str, logprob: _Strided2, ref_logprob: _Strided2, mask: _Strided2 | None, mask_dtype: str,
+    scores: _Strided1 | None, beta: float, estimator: int, clamp: float, rewards: _Data, kl: _Data, last: _Data,
+    device: int, stream: int,
+) -> None: ...
+def masked_whiten_workspace(R: int, C: int) -> int: ...
+def masked_whiten(
+    R: int, C: int, dtype: str, x: _Strided2, mask: _Strided2 | None, mask_dtype: str, shift_mean: bool, eps: float,
+    out: _Data, workspace: _Data, device: int, stream: int,
+) -> None: ...
+def token_gae(
+    R: int, C: int, dtype: str, rewards: _Strided2, values: _Strided2, last: _Strided1, gamma: float, lam: float,
+    adv: _Data, ret: _Data, device: int, stream: int,
+) -> None: ...
+
+# The environment step (csrc/bindings_env_step.cpp): the running state arrays are held by address
+# and updated in place. Steps given to bind_rollout are in bytes.
+class EnvStepper:
+    def __init__(
+        self, N: int, obs_dim: int, normalize_obs: bool, normalize_reward: bool, gamma: float, clip: float,
+        obs_count: np.ndarray, obs_mean: np.ndarray, obs_m2: np.ndarray, return_count: np.ndarray,
+        return_mean: np.ndarray, return_m2: np.ndarray, discounted_return: np.ndarray, episode_return: np.ndarray,
+        episode_length: np.ndarray, previous_done: np.ndarray, finished_return: np.ndarray,
+        finished_length: np.ndarray, finished: np.ndarray,
+    ) -> None: ...
+    def step(
+        self, rows: int, obs: np.ndarray, reward: np.ndarray, terminated: np.ndarray, truncated: np.ndarray,
+        episode_reward: np.ndarray, episode_over: np.ndarray | None, update_stats: bool, obs_out: np.ndarray,
+        reward_out: np.ndarray, done_out: np.ndarray, terminated_out: np.ndarray, real_out: np.ndarray,
+        env_ids: np.ndarray | None,
+    ) -> int: ...
+    def bind_rollout(
+        self, obs_out: int, obs_step: int, obs_like: np.ndarray, reward_out: int, reward_step: int, done_out: int,
+        done_step: int, terminated_out: int, terminated_step: int, real_out: int, real_step: int,
+    ) -> None: ...
+    def step_at(
+        self, t: int, obs: np.ndarray, reward: np.ndarray, terminated: np.ndarray, truncated: np.ndarray,
+    ) -> int: ...
+
+# The fused actor-critic (csrc/bindings_mlp.cpp). A layer is
 # (weight, bias, grad_weight, grad_bias, in_features, out_features); addresses are ints, 0 = none.
-Layer = tuple[int, int, int, int, int, int]
+_Layer = tuple[int, int, int, int, int, int]
 
 def mlp_forward(
-    dtype: str, layers: list[Layer], activation: str, last_linear: bool, rows: int, x: int, ldx: int, saved: int,
+    dtype: str, layers: Sequence[_Layer], activation: str, last_linear: bool, rows: int, x: int, ldx: int, saved: int,
 ) -> None: ...
 def mlp_backward(
-    dtype: str, layers: list[Layer], activation: str, last_linear: bool, rows: int, x: int, ldx: int, saved: int,
+    dtype: str, layers: Sequence[_Layer], activation: str, last_linear: bool, rows: int, x: int, ldx: int, saved: int,
     grad_out: int, grad_x: int,
 ) -> None: ...
 
 class ActorCriticPlan:
     def __init__(
-        self, dtype: str, activation: str, trunk: list[Layer], actor: list[Layer], critic: list[Layer],
+        self, dtype: str, activation: str, trunk: Sequence[_Layer], actor: Sequence[_Layer], critic: Sequence[_Layer],
         continuous: bool, log_std: int, grad_log_std: int, params: int, grads: int, exp_avg: int,
         exp_avg_sq: int, n_params: int,
     ) -> None: ...

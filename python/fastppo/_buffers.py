@@ -1,14 +1,19 @@
-"""Turning numpy arrays and torch tensors into the raw buffers that ``fastppo._C`` reads.
+"""The one layer between fastppo's Python wrappers and ``fastppo._C``.
 
-``fastppo._C`` knows nothing of numpy or torch: it takes a data pointer, strides in elements,
-a dtype name, a device index (-1 for the CPU) and a CUDA stream. This module produces those
-from the caller's arrays, checks them with messages that name the argument, and allocates
-outputs in the caller's framework. torch is never imported here: a tensor can only reach us
-if the caller already imported it.
+``fastppo._C`` knows nothing of numpy or torch: it takes data pointers, strides in elements, dtype
+names, a device index (-1 for the CPU) and a CUDA stream. Every wrapper gets those here, checks its
+arguments here, and allocates numpy outputs here. torch is never imported here: a tensor can only
+reach us if the caller already imported it.
+
+One error policy: ``TypeError`` for the wrong kind of object or the wrong dtype, ``ValueError`` for a
+wrong shape, device or value. Each message starts with the public function's name and says which
+argument, what it got and what was expected. Messages are built only on failure: these checks run
+on every call.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import sys
 from typing import Any, NamedTuple, Sequence
@@ -17,8 +22,187 @@ import numpy as np
 
 from . import _C
 
+# ------------------------------------------------------------------ dtypes
+
 FLOAT_DTYPES = ("float32", "float64")
 FLAG_DTYPES = ("bool", "uint8", "int8", "int32", "int64", "float32", "float64")
+INDEX_DTYPES = ("int64", "int32")
+_DTYPES_WHAT = {
+    FLOAT_DTYPES: "float32 or float64",
+    FLAG_DTYPES: "bool, or 0/1 as uint8, int8, int32, int64, float32 or float64",
+    INDEX_DTYPES: "int64 or int32 (use .long())",
+}
+
+
+class _DtypeNames(dict):
+    """numpy or torch dtype -> the name ``fastppo._C`` takes (``"float32"``, ``"bool"``): a plain dict
+    lookup once a dtype has been seen (numpy's ``dtype.name`` costs microseconds)."""
+
+    def __missing__(self, dtype: Any) -> str:
+        name = dtype.name if isinstance(dtype, np.dtype) else str(dtype).removeprefix("torch.")
+        self[dtype] = name
+        return name
+
+
+DTYPE_NAMES = _DtypeNames()
+
+
+def _dtypes_what(dtypes: Sequence[str]) -> str:
+    known = _DTYPES_WHAT.get(tuple(dtypes))
+    if known:
+        return known
+    *head, last = dtypes
+    return f"{', '.join(head)} or {last}" if head else last
+
+
+def _dtype_text(x: Any) -> str:
+    """A dtype as messages show it: ``torch.float32`` for a tensor, ``float32`` for numpy."""
+    return x.dtype.name if isinstance(x, np.ndarray) else str(x.dtype)
+
+
+def _bad_dtype(fn: str, name: str, x: Any, what: str) -> TypeError:
+    return TypeError(f"{fn}: {name} has dtype {_dtype_text(x)}; expected {what}")
+
+
+# ------------------------------------------------------------------ kinds of array
+
+
+def kind_of(x: Any) -> str | None:
+    """``"numpy"``, ``"torch"`` or None for anything else."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return "torch"
+    return None
+
+
+_KIND_NAMES = {"numpy": "numpy.ndarray", "torch": "torch.Tensor", None: "numpy.ndarray or a torch.Tensor"}
+
+
+def describe(x: Any) -> str:
+    """How an argument is shown in an error message."""
+    kind = kind_of(x)
+    if kind is None:
+        return type(x).__name__
+    device = "cpu" if kind == "numpy" else x.device
+    return f"{_KIND_NAMES[kind]} of shape {tuple(x.shape)}, dtype {DTYPE_NAMES[x.dtype]}, on {device}"
+
+
+# ------------------------------------------------------------------ argument checks
+
+
+def require_array(fn: str, name: str, x: Any, kind: str | None = None, dtypes: Sequence[str] | None = None,
+                  what: str | None = None) -> str:
+    """``x`` must be a numpy array or a dense torch tensor (of ``kind`` when given) and, when
+    ``dtypes`` is given, of one of those dtypes (``what`` describes them). Returns its kind."""
+    torch = sys.modules.get("torch")  # kind_of, inlined: this runs on every call
+    if torch is not None and isinstance(x, torch.Tensor):
+        got = "torch"
+    else:
+        got = "numpy" if isinstance(x, np.ndarray) else None
+    if got is None or (kind is not None and got != kind):
+        raise TypeError(f"{fn}: {name} must be a {_KIND_NAMES[kind]}, got {describe(x)}")
+    if got == "torch" and x.layout is not torch.strided:
+        raise TypeError(f"{fn}: {name} must be a dense (strided) tensor, got layout {x.layout}")
+    if dtypes is not None and DTYPE_NAMES[x.dtype] not in dtypes:
+        raise _bad_dtype(fn, name, x, what or _dtypes_what(dtypes))
+    return got
+
+
+def require_dtype(fn: str, name: str, x: Any, dtypes: Sequence[str], what: str | None = None) -> None:
+    """``x`` must be of one of ``dtypes`` (``what`` describes them)."""
+    if DTYPE_NAMES[x.dtype] not in dtypes:
+        raise _bad_dtype(fn, name, x, what or _dtypes_what(dtypes))
+
+
+def require_like(fn: str, name: str, x: Any, like: Any, like_name: str, dtypes: Sequence[str] | None = None,
+                 shape: tuple | None = None, shape_what: str | None = None) -> None:
+    """``x`` must be an array of ``like``'s kind and device (dense, for a tensor), of its dtype (of
+    one of ``dtypes`` when given) and of its shape (of ``shape`` when given; ``shape_what`` says
+    what that shape is)."""
+    if type(x) is not type(like) and kind_of(x) != kind_of(like):  # a subclass (nn.Parameter) is of its kind
+        raise TypeError(f"{fn}: {name} must be a {_KIND_NAMES[kind_of(like)]} like {like_name}, got {describe(x)}")
+    if dtypes is None:
+        if x.dtype != like.dtype and DTYPE_NAMES[x.dtype] != DTYPE_NAMES[like.dtype]:  # numpy: any byte order
+            raise _bad_dtype(fn, name, x, f"{_dtype_text(like)}, the dtype of {like_name}")
+    elif DTYPE_NAMES[x.dtype] not in dtypes:
+        raise _bad_dtype(fn, name, x, _dtypes_what(dtypes))
+    if x.shape != (like.shape if shape is None else shape):
+        expected = tuple(like.shape if shape is None else shape)
+        raise ValueError(f"{fn}: {name} has shape {tuple(x.shape)}; expected {expected}, "
+                         f"{shape_what or 'the shape of ' + like_name}")
+    if not isinstance(x, np.ndarray) and (x.device != like.device or x.layout is not like.layout):
+        if x.device != like.device:
+            raise ValueError(f"{fn}: {name} is on {x.device} but {like_name} is on {like.device}; expected one device")
+        raise TypeError(f"{fn}: {name} must be a dense (strided) tensor, got layout {x.layout}")
+
+
+def require_contiguous(fn: str, name: str, x: Any, kind: str, dtypes: Sequence[str] | None,
+                       shape: tuple | None = None) -> None:
+    """``x`` must be C-contiguous CPU memory that compiled code reads or writes by address: a
+    ``kind`` array of one of ``dtypes`` (any when None) and of ``shape`` (a tuple; any when None)."""
+    require_array(fn, name, x, kind, dtypes)
+    if shape is not None and x.shape != shape:
+        raise ValueError(f"{fn}: {name} has shape {tuple(x.shape)}; expected {tuple(shape)}")
+    if not (x.flags.c_contiguous if kind == "numpy" else x.is_contiguous()):
+        raise ValueError(f"{fn}: {name} must be C-contiguous, got strides {strides_of(x)}")
+    if kind == "torch" and not x.is_cpu:
+        raise ValueError(f"{fn}: {name} is on {x.device}; expected the CPU")
+
+
+def require_real(fn: str, name: str, value: Any, what: str, low: float = -math.inf, high: float = math.inf,
+                 open_low: bool = False, finite: bool = True) -> float:
+    """``value`` as a float: a real number (not a bool) in ``[low, high]`` (``(low, high]`` when
+    ``open_low``), finite unless ``finite`` is False; ``what`` says that in words (``"a finite
+    number > 0"``)."""
+    if type(value) is not float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{fn}: {name} must be {what}, got {type(value).__name__} {value!r}")
+        value = float(value)
+    if not ((value > low if open_low else value >= low) and value <= high) or (finite and not math.isfinite(value)):
+        raise ValueError(f"{fn}: {name} must be {what}, got {value!r}")  # NaN fails every comparison
+    return value
+
+
+def check_device(fn: str, name: str, x: Any) -> None:
+    """``x`` must be on the CPU, or on a CUDA device with a build of fastppo that has CUDA."""
+    if isinstance(x, np.ndarray) or x.is_cpu:
+        return
+    if not x.is_cuda:
+        raise ValueError(f"{fn}: {name} is on {x.device}; fastppo runs on cpu and cuda devices")
+    if not _C.WITH_CUDA:
+        raise ValueError(
+            f"{fn}: {name} is on {x.device} but this build of fastppo has no CUDA support (it was compiled "
+            "without a CUDA compiler); move the tensors to the CPU or install a CUDA build"
+        )
+
+
+# ------------------------------------------------------------------ what fastppo._C takes
+
+
+def device_stream(x: Any) -> tuple[int, int]:
+    """The ``(device, stream)`` pair of a ``fastppo._C`` call on ``x``'s memory: ``(-1, 0)`` on the
+    CPU; on CUDA the device index and the caller's current stream there (kernels run on it)."""
+    if isinstance(x, np.ndarray) or not x.is_cuda:
+        return -1, 0
+    device = x.device
+    return device.index, sys.modules["torch"].cuda.current_stream(device).cuda_stream
+
+
+def spec(x: Any) -> tuple | None:
+    """A tensor as ``fastppo._C`` reads it: ``(data_ptr, stride)`` of a 1-D tensor,
+    ``(data_ptr, row stride, column stride)`` of a 2-D one (strides in elements); None for None."""
+    return None if x is None else (x.data_ptr(), *x.stride())
+
+
+def row_spec(x: Any) -> tuple | None:
+    """``(data_ptr, row stride, column stride)`` of a 1-D or 2-D tensor read as rows: a 1-D tensor
+    is one row (row stride 0: every row reads it). None for None."""
+    if x is None:
+        return None
+    strides = x.stride()
+    return (x.data_ptr(), 0, *strides) if len(strides) == 1 else (x.data_ptr(), *strides)
 
 
 class Buffer(NamedTuple):
@@ -28,115 +212,6 @@ class Buffer(NamedTuple):
     data: Any  # what fastppo._C reads the address from: the numpy array itself, or an int
     strides: tuple[int, int]  # in elements
     dtype: str
-
-
-def _torch_tensor_type() -> type | None:
-    torch = sys.modules.get("torch")
-    return None if torch is None else torch.Tensor
-
-
-def kind_of(x: Any) -> str | None:
-    """``"numpy"``, ``"torch"`` or None for anything else."""
-    if isinstance(x, np.ndarray):
-        return "numpy"
-    tensor = _torch_tensor_type()
-    if tensor is not None and isinstance(x, tensor):
-        return "torch"
-    return None
-
-
-_dtype_names: dict = {}  # dtype object -> name; numpy's dtype.name costs microseconds
-
-
-def dtype_name(x: Any) -> str:
-    dtype = x.dtype
-    name = _dtype_names.get(dtype)
-    if name is None:
-        name = dtype.name if isinstance(x, np.ndarray) else str(dtype).removeprefix("torch.")
-        _dtype_names[dtype] = name
-    return name
-
-
-def device_name(x: Any) -> str:
-    return "cpu" if isinstance(x, np.ndarray) else str(x.device)
-
-
-def describe(x: Any) -> str:
-    """How an argument is shown in an error message."""
-    kind = kind_of(x)
-    if kind is None:
-        return type(x).__name__
-    shape = tuple(x.shape)
-    return f"{'numpy.ndarray' if kind == 'numpy' else 'torch.Tensor'} of shape {shape}, dtype {dtype_name(x)}, on {device_name(x)}"
-
-
-def require_array(fn: str, name: str, x: Any, kind: str | None = None) -> str:
-    """Checks that ``x`` is a numpy array or a strided torch tensor (of ``kind`` when given)."""
-    got = kind_of(x)
-    if got is None:
-        raise TypeError(f"{fn}: {name} must be a numpy.ndarray or a torch.Tensor, got {describe(x)}")
-    if kind is not None and got != kind:
-        expected = "numpy.ndarray" if kind == "numpy" else "torch.Tensor"
-        raise TypeError(
-            f"{fn}: {name} is a {'numpy.ndarray' if got == 'numpy' else 'torch.Tensor'} but the other "
-            f"arguments are {expected}s; pass every array as one kind"
-        )
-    if got == "torch" and str(x.layout) != "torch.strided":
-        raise TypeError(f"{fn}: {name} must be a dense (strided) tensor, got layout {x.layout}")
-    return got
-
-
-def require_dtype(fn: str, name: str, x: Any, allowed: Sequence[str], what: str) -> str:
-    dtype = dtype_name(x)
-    if dtype not in allowed:
-        raise TypeError(f"{fn}: {name} has dtype {dtype}; expected {what}")
-    return dtype
-
-
-def require_shape(fn: str, name: str, x: Any, shape: tuple[int, ...], what: str) -> None:
-    if tuple(x.shape) != shape:
-        raise ValueError(f"{fn}: {name} has shape {tuple(x.shape)}; expected {shape}, {what}")
-
-
-def require_unit_interval(fn: str, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{fn}: {name} must be a real number in [0, 1], got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise ValueError(f"{fn}: {name} must be in [0, 1], got {value!r}")
-    return value
-
-
-def device_index(fn: str, arrays: dict[str, Any]) -> int:
-    """The one device all ``arrays`` live on: -1 for the CPU, else the CUDA device index."""
-    items = list(arrays.items())
-    first_name, first = items[0]
-    first_device = first.device if not isinstance(first, np.ndarray) else "cpu"
-    for name, x in items[1:]:
-        dev = x.device if not isinstance(x, np.ndarray) else "cpu"
-        if dev != first_device:
-            raise ValueError(
-                f"{fn}: {name} is on {device_name(x)} but {first_name} is on {device_name(first)}; "
-                "expected every array on one device"
-            )
-    kind = device_name(first) if isinstance(first_device, str) else first_device.type
-    if kind == "cpu":
-        return -1
-    if not kind.startswith("cuda"):
-        raise ValueError(f"{fn}: {first_name} is on {device_name(first)}; fastppo runs on cpu and cuda devices")
-    if not _C.WITH_CUDA:
-        raise ValueError(
-            f"{fn}: {first_name} is on {device_name(first)} but this build of fastppo has no CUDA support "
-            "(it was compiled without a CUDA compiler); move the tensors to the CPU or install a CUDA build"
-        )
-    return first.device.index
-
-
-def cuda_stream(x: Any) -> int:
-    """The caller's current CUDA stream on ``x``'s device, as an integer handle."""
-    import torch
-
-    return torch.cuda.current_stream(x.device).cuda_stream
 
 
 def _numpy_readable(x: np.ndarray) -> np.ndarray:
@@ -159,7 +234,7 @@ def rows(x: Any, T: int, N: int) -> Buffer:
     else:
         view = x if x.shape == (T, N) else x.detach().reshape(T, N)  # a view when the strides allow it
         strides = (view.stride(0), view.stride(1))
-    return Buffer(view, data_arg(view), strides, dtype_name(view))
+    return Buffer(view, data_arg(view), strides, DTYPE_NAMES[view.dtype])
 
 
 def data_arg(x: Any) -> Any:
@@ -191,6 +266,9 @@ def may_overlap(a: Any, b: Any) -> bool:
     if a.numel() == 0 or b.numel() == 0:
         return False
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+# ------------------------------------------------------------------ numpy outputs
 
 
 class _RecyclingPool:
@@ -236,15 +314,11 @@ def empty_like_rows(x: Any, T: int, N: int) -> Any:
     reuse the memory of earlier outputs that are gone, see ``_RecyclingPool``)."""
     if isinstance(x, np.ndarray):
         return _POOL.empty((T, N), x.dtype.newbyteorder("="))
-    import torch
-
-    return torch.empty((T, N), dtype=x.dtype, device=x.device)
+    return sys.modules["torch"].empty((T, N), dtype=x.dtype, device=x.device)
 
 
 def full_like_scalar(x: Any, value: float) -> Any:
     """A one-element array of ``x``'s kind, dtype and device holding ``value``."""
     if isinstance(x, np.ndarray):
         return np.full((1,), value, dtype=x.dtype.newbyteorder("="))
-    import torch
-
-    return torch.full((1,), value, dtype=x.dtype, device=x.device)
+    return sys.modules["torch"].full((1,), value, dtype=x.dtype, device=x.device)

@@ -9,7 +9,6 @@ from . import _C
 from . import _buffers as B
 
 _FN = "fastppo.gae"
-_FLAG_WHAT = "bool, or 0/1 values as uint8, int8, int32, int64, float32 or float64"
 
 
 def gae(
@@ -64,7 +63,7 @@ def gae(
 
     CUDA tensors are processed on the current stream of their device, without a host sync.
     """
-    kind = B.require_array(_FN, "rewards", rewards)
+    kind = B.require_array(_FN, "rewards", rewards, dtypes=B.FLOAT_DTYPES)
     if rewards.ndim == 0:
         raise ValueError(f"{_FN}: rewards must have a time dimension [T, ...], got a 0-d array")
     shape = tuple(rewards.shape)
@@ -72,54 +71,39 @@ def gae(
     N = 1
     for d in trailing:
         N *= d
-    dtype = B.require_dtype(_FN, "rewards", rewards, B.FLOAT_DTYPES, "float32 or float64")
-
-    B.require_array(_FN, "values", values, kind)
-    B.require_dtype(_FN, "values", values, (dtype,), f"{dtype}, the dtype of rewards")
-    B.require_shape(_FN, "values", values, shape, "the shape of rewards")
-    B.require_array(_FN, "dones", dones, kind)
-    B.require_dtype(_FN, "dones", dones, B.FLAG_DTYPES, _FLAG_WHAT)
-    B.require_shape(_FN, "dones", dones, shape, "the shape of rewards")
+    B.require_like(_FN, "values", values, rewards, "rewards")
+    B.require_like(_FN, "dones", dones, rewards, "rewards", B.FLAG_DTYPES)
     if terminated is None:
         terminated = dones
     else:
-        B.require_array(_FN, "terminated", terminated, kind)
-        B.require_dtype(_FN, "terminated", terminated, B.FLAG_DTYPES, _FLAG_WHAT)
-        B.require_shape(_FN, "terminated", terminated, shape, "the shape of rewards")
+        B.require_like(_FN, "terminated", terminated, rewards, "rewards", B.FLAG_DTYPES)
     if isinstance(last_value, numbers.Real) and not isinstance(last_value, bool):
         last = B.full_like_scalar(rewards, float(last_value))
         last_stride = 0  # one value read for every env
     else:
-        B.require_array(_FN, "last_value", last_value, kind)
-        B.require_dtype(_FN, "last_value", last_value, (dtype,), f"{dtype}, the dtype of rewards")
-        B.require_shape(
-            _FN, "last_value", last_value, trailing,
-            "rewards.shape[1:] (the value of the observation after the last step)",
-        )
+        B.require_like(_FN, "last_value", last_value, rewards, "rewards", shape=trailing,
+                       shape_what="rewards.shape[1:] (the value of the observation after the last step)")
         last = last_value
         last_stride = None
-    gamma = B.require_unit_interval(_FN, "gamma", gamma)
-    lam = B.require_unit_interval(_FN, "lam", lam)
-    device = B.device_index(
-        _FN, {"rewards": rewards, "values": values, "dones": dones, "terminated": terminated, "last_value": last}
-    )
+    gamma = B.require_real(_FN, "gamma", gamma, "a number in [0, 1]", 0.0, 1.0)
+    lam = B.require_real(_FN, "lam", lam, "a number in [0, 1]", 0.0, 1.0)
+    B.check_device(_FN, "rewards", rewards)
 
     if out is None:
         adv, ret = B.empty_like_rows(rewards, T, N), B.empty_like_rows(rewards, T, N)
     else:
-        adv, ret = _check_out(out, kind, dtype, shape, rewards, (rewards, values, dones, terminated, last))
+        adv, ret = _check_out(out, rewards, (rewards, values, dones, terminated, last))
     r, v, d, m = (B.rows(x, T, N) for x in (rewards, values, dones, terminated))
     if last_stride is None and last.ndim == 1 and kind == "torch":
-        last_buf = B.Buffer(last, B.data_arg(last), (0, B.strides_of(last)[0]), dtype)
+        last_buf = B.Buffer(last, B.data_arg(last), (0, B.strides_of(last)[0]), r.dtype)
     else:
         last_buf = B.rows(last, 1, N if last_stride is None else 1)
     if last_stride is None:
         last_stride = last_buf.strides[1]
-    stream = B.cuda_stream(rewards) if device >= 0 else 0
     _C.gae(
-        T, N, dtype, (r.data, *r.strides), (v.data, *v.strides), (d.data, *d.strides), d.dtype,
+        T, N, r.dtype, (r.data, *r.strides), (v.data, *v.strides), (d.data, *d.strides), d.dtype,
         (m.data, *m.strides), m.dtype, (last_buf.data, last_stride), B.data_arg(adv), B.data_arg(ret),
-        gamma, lam, device, stream,
+        gamma, lam, *B.device_stream(rewards),
     )
     if out is not None:
         return out[0], out[1]
@@ -128,14 +112,11 @@ def gae(
     return adv, ret
 
 
-def _check_out(out: Any, kind: str, dtype: str, shape: tuple, rewards: Any, inputs: tuple) -> Tuple[Any, Any]:
+def _check_out(out: Any, rewards: Any, inputs: tuple) -> Tuple[Any, Any]:
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise TypeError(f"{_FN}: out must be an (advantages, returns) pair of arrays, got {B.describe(out)}")
     for name, x in zip(("out[0]", "out[1]"), out):
-        B.require_array(_FN, name, x, kind)
-        B.require_dtype(_FN, name, x, (dtype,), f"{dtype}, the dtype of rewards")
-        B.require_shape(_FN, name, x, shape, "the shape of rewards")
-        B.device_index(_FN, {"rewards": rewards, name: x})
+        B.require_like(_FN, name, x, rewards, "rewards")
         if not B.is_c_contiguous(x):
             raise ValueError(f"{_FN}: {name} must be C-contiguous, got strides {B.strides_of(x)}")
         if any(B.may_overlap(x, i) for i in inputs):

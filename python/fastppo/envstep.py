@@ -1,4 +1,4 @@
-"""The environment boundary: one ``fastppo._C.env_step`` call per environment step.
+"""The environment boundary: one ``fastppo._C.EnvStepper`` call per environment step.
 
 ``EnvBoundary.step`` takes what a batched environment returned and, in compiled code, marks the
 dummy reset steps (EnvPool resets an environment on the step after it ended), tracks each env's
@@ -15,6 +15,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from . import _C
+from . import _buffers as B
 
 
 def _contiguous(x, dtype=None) -> np.ndarray:
@@ -103,14 +104,14 @@ class EnvBoundary:
                      terminated_out: np.ndarray, real_out: np.ndarray) -> None:
         """Binds rollout storage ``[T, N, ...]`` (C-contiguous; obs ``[T + 1, N, *obs_shape]``) so that
         :meth:`step_at` writes row ``t`` by address, checked once here instead of every step."""
+        B.require_array("EnvBoundary.bind_rollout", "reward_out", reward_out, "numpy")
         T = reward_out.shape[0]
-        for name, out, shape in (("obs_out", obs_out, (T + 1, self.N) + self.obs_shape),
-                                 ("reward_out", reward_out, (T, self.N)), ("done_out", done_out, (T, self.N)),
-                                 ("terminated_out", terminated_out, (T, self.N)), ("real_out", real_out, (T, self.N))):
-            if not isinstance(out, np.ndarray) or not out.flags.c_contiguous or out.shape != shape:
-                raise ValueError(f"EnvBoundary.bind_rollout: {name} must be a C-contiguous numpy array of shape {shape}")
-        if reward_out.dtype != np.float32 or any(x.dtype != np.bool_ for x in (done_out, terminated_out, real_out)):
-            raise ValueError("EnvBoundary.bind_rollout: reward_out must be float32 and the flags bool")
+        for name, out, dtype, shape in (("obs_out", obs_out, None, (T + 1, self.N) + self.obs_shape),
+                                        ("reward_out", reward_out, ("float32",), (T, self.N)),
+                                        ("done_out", done_out, ("bool",), (T, self.N)),
+                                        ("terminated_out", terminated_out, ("bool",), (T, self.N)),
+                                        ("real_out", real_out, ("bool",), (T, self.N))):
+            B.require_contiguous("EnvBoundary.bind_rollout", name, out, "numpy", dtype, shape)
         self._bound = (obs_out, reward_out, done_out, terminated_out, real_out)  # kept alive
         self._stepper.bind_rollout(obs_out.ctypes.data, obs_out.strides[0], obs_out,
                                    *(v for x in (reward_out, done_out, terminated_out, real_out)

@@ -7,33 +7,19 @@ eager mode; custom ops (forward and backward, each with a fake implementation) f
 No annotations are postponed here: ``torch.library.custom_op`` reads them to build the schema.
 """
 
-import math
-import numbers
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _C
+from . import _buffers as B
 
-_LOGIT_DTYPES_CPU = (torch.float32, torch.float64)
-_LOGIT_DTYPES_CUDA = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_ACTION_DTYPES = (torch.int64, torch.int32)
-_NAMES = {d: str(d).removeprefix("torch.") for d in _LOGIT_DTYPES_CUDA + _ACTION_DTYPES}
+_LOGIT_DTYPES_CUDA = B.FLOAT_DTYPES + ("bfloat16", "float16")
 
 
-def _device_args(x: Tensor) -> Tuple[int, int]:
-    if x.device.type == "cuda":
-        return x.device.index, torch.cuda.current_stream(x.device).cuda_stream
-    return -1, 0
-
-
-def _vector(x: Optional[Tensor]):
-    """(data, stride) of a 1-D view of x, or None."""
-    if x is None:
-        return None
-    flat = x.reshape(-1)
-    return (flat.data_ptr(), flat.stride(0)), flat
+def _flat(x: Optional[Tensor]) -> Optional[Tensor]:
+    return None if x is None else x.reshape(-1)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -56,9 +42,8 @@ def _categorical_forward(logits: Tensor, actions: Tensor, temperature: float) ->
     entropy = torch.empty(rows, dtype=acc, device=logits.device)
     lse = torch.empty(rows, dtype=acc, device=logits.device)
     _C.categorical_forward(
-        rows, A, _NAMES[logits.dtype], (rows2d.data_ptr(), rows2d.stride(0), rows2d.stride(1)),
-        (flat_actions.data_ptr(), flat_actions.stride(0)), _NAMES[actions.dtype], temperature,
-        logprob.data_ptr(), entropy.data_ptr(), lse.data_ptr(), *_device_args(logits),
+        rows, A, B.DTYPE_NAMES[logits.dtype], B.spec(rows2d), B.spec(flat_actions), B.DTYPE_NAMES[actions.dtype],
+        temperature, logprob.data_ptr(), entropy.data_ptr(), lse.data_ptr(), *B.device_stream(logits),
     )
     return logprob.reshape(actions.shape), entropy.reshape(actions.shape), lse
 
@@ -68,12 +53,11 @@ def _categorical_backward(logits: Tensor, actions: Tensor, temperature: float, l
     rows2d, flat_actions = _categorical_views(logits, actions)
     A = rows2d.shape[1]
     grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    g_lp, g_ent = _vector(grad_logprob), _vector(grad_entropy)
+    g_lp, g_ent = _flat(grad_logprob), _flat(grad_entropy)  # a reshape may copy: held for the call
     _C.categorical_backward(
-        rows2d.shape[0], A, _NAMES[logits.dtype], (rows2d.data_ptr(), rows2d.stride(0), rows2d.stride(1)),
-        (flat_actions.data_ptr(), flat_actions.stride(0)), _NAMES[actions.dtype], temperature,
-        lse.data_ptr(), entropy.reshape(-1).data_ptr(), None if g_lp is None else g_lp[0],
-        None if g_ent is None else g_ent[0], grad_logits.data_ptr(), *_device_args(logits),
+        rows2d.shape[0], A, B.DTYPE_NAMES[logits.dtype], B.spec(rows2d), B.spec(flat_actions),
+        B.DTYPE_NAMES[actions.dtype], temperature, lse.data_ptr(), entropy.reshape(-1).data_ptr(), B.spec(g_lp),
+        B.spec(g_ent), grad_logits.data_ptr(), *B.device_stream(logits),
     )
     return grad_logits
 
@@ -134,6 +118,19 @@ def _categorical_op_backward(ctx, grad_logprob, grad_entropy, _grad_lse):
 _categorical_op.register_autograd(_categorical_op_backward, setup_context=_categorical_setup)
 
 
+def _check_logits(fn: str, logits) -> None:
+    """``[..., A]`` logits, A >= 1, of a dtype the heads take on their device."""
+    B.require_array(fn, "logits", logits, "torch")
+    if logits.is_cuda:
+        B.require_dtype(fn, "logits", logits, _LOGIT_DTYPES_CUDA)
+    else:
+        B.require_dtype(fn, "logits", logits, B.FLOAT_DTYPES,
+                        "float32 or float64 on the CPU (bfloat16/float16 on CUDA)")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"{fn}: logits must have shape [..., A] with A >= 1, got {tuple(logits.shape)}")
+    B.check_device(fn, "logits", logits)
+
+
 def categorical_logprob_entropy(logits: Tensor, actions: Tensor, temperature: float = 1.0) -> Tuple[Tensor, Tensor]:
     """Log-prob of the taken actions and entropy of a categorical policy, fused.
 
@@ -154,26 +151,10 @@ def categorical_logprob_entropy(logits: Tensor, actions: Tensor, temperature: fl
     ``IndexError`` on CPU; on CUDA (where checking would sync with the host) that row's log-prob
     and entropy are NaN and its gradient 0.
     """
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"fastppo.categorical_logprob_entropy: logits must be a torch.Tensor, got {type(logits).__name__}")
-    if not isinstance(actions, Tensor):
-        raise TypeError(f"fastppo.categorical_logprob_entropy: actions must be a torch.Tensor, got {type(actions).__name__}")
     fn = "fastppo.categorical_logprob_entropy"
-    cuda = logits.device.type == "cuda"
-    allowed = _LOGIT_DTYPES_CUDA if cuda else _LOGIT_DTYPES_CPU
-    if logits.dtype not in allowed:
-        what = "float32, float64, bfloat16 or float16" if cuda else "float32 or float64 on the CPU (bfloat16/float16 on CUDA)"
-        raise TypeError(f"{fn}: logits has dtype {logits.dtype}; expected {what}")
-    if logits.dim() < 1 or logits.shape[-1] < 1:
-        raise ValueError(f"{fn}: logits must have shape [..., A] with A >= 1, got {tuple(logits.shape)}")
-    if actions.dtype not in _ACTION_DTYPES:
-        raise TypeError(f"{fn}: actions has dtype {actions.dtype}; expected torch.int64 or torch.int32 (use actions.long())")
-    if actions.shape != logits.shape[:-1]:
-        raise ValueError(f"{fn}: actions has shape {tuple(actions.shape)}; expected {tuple(logits.shape[:-1])}, logits.shape[:-1]")
-    if actions.device != logits.device:
-        raise ValueError(f"{fn}: actions is on {actions.device} but logits is on {logits.device}; expected one device")
-    _check_device(fn, "logits", logits)
-    temperature = _positive(fn, "temperature", temperature)
+    _check_logits(fn, logits)
+    B.require_like(fn, "actions", actions, logits, "logits", B.INDEX_DTYPES, logits.shape[:-1], "logits.shape[:-1]")
+    temperature = B.require_real(fn, "temperature", temperature, "a finite number > 0", 0.0, open_low=True)
     if torch.compiler.is_compiling():
         logprob, entropy, _ = _categorical_op(logits, actions, temperature)
         return logprob, entropy
@@ -213,22 +194,16 @@ def categorical_sample(logits: Tensor, temperature: float = 1.0,
     exactly as from :func:`categorical_logprob_entropy`.
     """
     fn = "fastppo.categorical_sample"
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"{fn}: logits must be a torch.Tensor, got {type(logits).__name__}")
-    cuda = logits.device.type == "cuda"
-    if logits.dtype not in (_LOGIT_DTYPES_CUDA if cuda else _LOGIT_DTYPES_CPU):
-        what = "float32, float64, bfloat16 or float16" if cuda else "float32 or float64 on the CPU (bfloat16/float16 on CUDA)"
-        raise TypeError(f"{fn}: logits has dtype {logits.dtype}; expected {what}")
-    if logits.dim() < 1 or logits.shape[-1] < 1:
-        raise ValueError(f"{fn}: logits must have shape [..., A] with A >= 1, got {tuple(logits.shape)}")
-    _check_device(fn, "logits", logits)
-    temperature = _positive(fn, "temperature", temperature)
-    if generator is not None and (not isinstance(generator, torch.Generator) or generator.device != logits.device):
-        raise ValueError(f"{fn}: generator must be a torch.Generator on {logits.device}, got {generator!r}")
+    _check_logits(fn, logits)
+    temperature = B.require_real(fn, "temperature", temperature, "a finite number > 0", 0.0, open_low=True)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and generator.device != logits.device:
+        raise ValueError(f"{fn}: generator is on {generator.device} but logits is on {logits.device}; expected one device")
     acc = _acc_dtype(logits.dtype)
     noise = torch.rand(logits.shape, generator=generator, dtype=acc, device=logits.device)
     records = torch.is_grad_enabled() and logits.requires_grad
-    if cuda or records or torch.compiler.is_compiling():
+    if logits.is_cuda or records or torch.compiler.is_compiling():
         with torch.no_grad():
             scores = logits.to(acc) / temperature - torch.log(-torch.log(noise.clamp_(min=torch.finfo(acc).tiny)))
             action = scores.argmax(-1)
@@ -238,9 +213,8 @@ def categorical_sample(logits: Tensor, temperature: float = 1.0,
     rows, A = rows2d.shape
     action = torch.empty(rows, dtype=torch.int64)
     logprob, entropy, lse = (torch.empty(rows, dtype=acc) for _ in range(3))
-    _C.categorical_sample(rows, A, _NAMES[logits.dtype], (rows2d.data_ptr(), rows2d.stride(0), rows2d.stride(1)),
-                          noise.data_ptr(), A, temperature, action.data_ptr(), logprob.data_ptr(), entropy.data_ptr(),
-                          lse.data_ptr())
+    _C.categorical_sample(rows, A, B.DTYPE_NAMES[logits.dtype], B.spec(rows2d), noise.data_ptr(), A, temperature,
+                          action.data_ptr(), logprob.data_ptr(), entropy.data_ptr(), lse.data_ptr())
     shape = logits.shape[:-1]
     return action.reshape(shape), logprob.reshape(shape), entropy.reshape(shape)
 
@@ -248,42 +222,40 @@ def categorical_sample(logits: Tensor, temperature: float = 1.0,
 # ------------------------------------------------------------------ diagonal Gaussian
 
 
-def _normal_specs(mean: Tensor, log_std: Tensor, actions: Tensor):
+def _normal_views(mean: Tensor, log_std: Tensor, actions: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``[rows, D]`` mean and actions, and log_std as ``[D]`` (shared) or ``[rows, D]``; views where
+    the strides allow (the caller holds them through the kernel call: a reshape may copy)."""
     D = mean.shape[-1]
-    m = mean.reshape(-1, D)
-    a = actions.reshape(-1, D)
-    if log_std.dim() == 1:
-        ls_spec = (log_std.data_ptr(), 0, log_std.stride(0))
-        ls = log_std
-    else:
-        ls = log_std.reshape(-1, D)
-        if ls.stride(0) == 0:  # a [D] log_std expanded over rows (CleanRL's expand_as): its gradient is per row
-            ls = torch.empty(ls.shape, dtype=ls.dtype, device=ls.device).copy_(ls)
-        ls_spec = (ls.data_ptr(), ls.stride(0), ls.stride(1))
-    specs = ((m.data_ptr(), m.stride(0), m.stride(1)), ls_spec, (a.data_ptr(), a.stride(0), a.stride(1)))
-    return m.shape[0], D, specs, (m, ls, a)
+    if log_std.dim() != 1:
+        log_std = log_std.reshape(-1, D)
+        if log_std.stride(0) == 0:  # a [D] log_std expanded over rows (CleanRL's expand_as): its gradient is per row
+            log_std = torch.empty(log_std.shape, dtype=log_std.dtype, device=log_std.device).copy_(log_std)
+    return mean.reshape(-1, D), log_std, actions.reshape(-1, D)
 
 
 def _normal_forward(mean: Tensor, log_std: Tensor, actions: Tensor) -> Tuple[Tensor, Tensor]:
-    rows, D, specs, _views = _normal_specs(mean, log_std, actions)
+    views = _normal_views(mean, log_std, actions)
+    rows, D = views[0].shape
     logprob = torch.empty(mean.shape[:-1], dtype=mean.dtype, device=mean.device)
     entropy = torch.empty(mean.shape[:-1], dtype=mean.dtype, device=mean.device)
-    _C.normal_forward(rows, D, _NAMES[mean.dtype], *specs, logprob.data_ptr(), entropy.data_ptr(), *_device_args(mean))
+    _C.normal_forward(rows, D, B.DTYPE_NAMES[mean.dtype], *map(B.row_spec, views), logprob.data_ptr(),
+                      entropy.data_ptr(), *B.device_stream(mean))
     return logprob, entropy
 
 
 def _normal_backward(mean: Tensor, log_std: Tensor, actions: Tensor, grad_logprob: Optional[Tensor],
                      grad_entropy: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    rows, D, specs, _views = _normal_specs(mean, log_std, actions)
+    views = _normal_views(mean, log_std, actions)
+    rows, D = views[0].shape
     grad_mean = torch.empty(mean.shape, dtype=mean.dtype, device=mean.device)
     grad_log_std = torch.empty(log_std.shape, dtype=mean.dtype, device=mean.device)
     size = _C.normal_backward_workspace(rows, D, log_std.dim() == 1)
     workspace = torch.empty(size, dtype=torch.float64, device=mean.device) if size else None
-    g_lp, g_ent = _vector(grad_logprob), _vector(grad_entropy)
+    g_lp, g_ent = _flat(grad_logprob), _flat(grad_entropy)  # a reshape may copy: held for the call
     _C.normal_backward(
-        rows, D, _NAMES[mean.dtype], *specs, None if g_lp is None else g_lp[0], None if g_ent is None else g_ent[0],
+        rows, D, B.DTYPE_NAMES[mean.dtype], *map(B.row_spec, views), B.spec(g_lp), B.spec(g_ent),
         grad_mean.data_ptr(), grad_log_std.data_ptr(), None if workspace is None else workspace.data_ptr(),
-        *_device_args(mean),
+        *B.device_stream(mean),
     )
     return grad_mean, grad_log_std
 
@@ -353,47 +325,16 @@ def normal_logprob_entropy(mean: Tensor, log_std: Tensor, actions: Tensor) -> Tu
         ``sum_d (0.5 + 0.5 log(2 pi) + log_std_d)``.
     """
     fn = "fastppo.normal_logprob_entropy"
-    for name, x in (("mean", mean), ("log_std", log_std), ("actions", actions)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if mean.dtype not in _LOGIT_DTYPES_CPU:
-        raise TypeError(f"{fn}: mean has dtype {mean.dtype}; expected torch.float32 or torch.float64")
+    B.require_array(fn, "mean", mean, "torch", B.FLOAT_DTYPES)
     if mean.dim() < 1 or mean.shape[-1] < 1:
         raise ValueError(f"{fn}: mean must have shape [..., D] with D >= 1, got {tuple(mean.shape)}")
-    for name, x in (("log_std", log_std), ("actions", actions)):
-        if x.dtype != mean.dtype:
-            raise TypeError(f"{fn}: {name} has dtype {x.dtype}; expected {mean.dtype}, the dtype of mean")
-        if x.device != mean.device:
-            raise ValueError(f"{fn}: {name} is on {x.device} but mean is on {mean.device}; expected one device")
-    if actions.shape != mean.shape:
-        raise ValueError(f"{fn}: actions has shape {tuple(actions.shape)}; expected {tuple(mean.shape)}, the shape of mean")
-    if log_std.shape != mean.shape and log_std.shape != mean.shape[-1:]:
-        raise ValueError(
-            f"{fn}: log_std has shape {tuple(log_std.shape)}; expected {tuple(mean.shape[-1:])} (shared) "
-            f"or {tuple(mean.shape)} (per row)"
-        )
-    _check_device(fn, "mean", mean)
+    B.require_like(fn, "actions", actions, mean, "mean")
+    shared = getattr(log_std, "ndim", None) == 1  # anything but a tensor is refused next
+    B.require_like(fn, "log_std", log_std, mean, "mean", shape=mean.shape[-1:] if shared else None,
+                   shape_what="mean.shape[-1:] (shared by every row) or mean.shape (per row)")
+    B.check_device(fn, "mean", mean)
     if torch.compiler.is_compiling():
         return _normal_op(mean, log_std, actions)
     if not (torch.is_grad_enabled() and (mean.requires_grad or log_std.requires_grad)):
         return _normal_forward(mean, log_std, actions)  # inference: no graph to build
     return _Normal.apply(mean, log_std, actions)
-
-
-# ------------------------------------------------------------------ checks
-
-
-def _check_device(fn: str, name: str, x: Tensor) -> None:
-    if x.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{fn}: {name} is on {x.device}; fastppo runs on cpu and cuda devices")
-    if x.device.type == "cuda" and not _C.WITH_CUDA:
-        raise ValueError(f"{fn}: {name} is on {x.device} but this build of fastppo has no CUDA support")
-
-
-def _positive(fn: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{fn}: {name} must be a real number > 0, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{fn}: {name} must be a finite number > 0, got {value!r}")
-    return value

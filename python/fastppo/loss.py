@@ -10,20 +10,16 @@ Three layers, as in other fused-kernel libraries:
 No annotations are postponed here: ``torch.library.custom_op`` reads them to build the schema.
 """
 
-import math
-import numbers
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _C
+from . import _buffers as B
 
 _FN = "fastppo.ppo_loss"
 AGG_MODES = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2}
-_FLOATS = (torch.float32, torch.float64)
-_FLAGS = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, torch.float32, torch.float64)
-_DTYPE_NAMES = {d: str(d).removeprefix("torch.") for d in _FLAGS}
 
 
 class PPOLossOutput(NamedTuple):
@@ -68,29 +64,15 @@ def _forward(
     grad_value = torch.empty(shape, dtype=new_logprob.dtype, device=device) if new_value is not None else stats.new_empty(0)
     row_scale = stats.new_empty(R)
     workspace = torch.empty(_C.ppo_loss_workspace(R, C), dtype=torch.float64, device=device)
-    views = []  # keeps any reshaped copy alive until the kernel has read it
-
-    def spec(x: Optional[Tensor]):
-        if x is None:
-            return None
-        if x.dim() == 1:  # one row: no reshape needed
-            return (x.data_ptr(), 0, x.stride(0))
-        view = x if x.dim() == 2 else x.reshape(R, C)
-        views.append(view)
-        return (view.data_ptr(), view.stride(0), view.stride(1))
-
-    if device.type == "cuda":
-        device_index, stream = device.index, torch.cuda.current_stream(device).cuda_stream
-    else:
-        device_index, stream = -1, 0
+    # The inputs as [R, C] rows (1-D: one row). A reshape may copy: the list keeps it alive for the call.
+    views = [x if x is None or x.dim() in (1, 2) else x.reshape(R, C)
+             for x in (new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy, mask)]
     _C.ppo_loss(
-        R, C, _DTYPE_NAMES[new_logprob.dtype],
-        spec(new_logprob), spec(old_logprob), spec(advantages), spec(new_value), spec(old_value), spec(returns),
-        spec(entropy), spec(mask), "" if mask is None else _DTYPE_NAMES[mask.dtype],
+        R, C, B.DTYPE_NAMES[new_logprob.dtype], *map(B.row_spec, views),
+        "" if mask is None else B.DTYPE_NAMES[mask.dtype],
         clip_coef, vf_coef, ent_coef, vf_clip_coef, dual_clip, clip_vloss, norm_adv, agg,
         grad_logprob.data_ptr(), grad_value.data_ptr() if new_value is not None else None,
-        loss.data_ptr(), stats.data_ptr(), row_scale.data_ptr(), workspace.data_ptr(),
-        device_index, stream,
+        loss.data_ptr(), stats.data_ptr(), row_scale.data_ptr(), workspace.data_ptr(), *B.device_stream(new_logprob),
     )
     return loss, stats, grad_logprob, grad_value, row_scale
 
@@ -103,7 +85,7 @@ def _backward(
     incoming gradient of the loss; the entropy's is -ent_coef times its row's scale. `in_place`
     scales the saved buffers themselves, saving an allocation and a pass over fresh memory."""
     scale = Tensor.mul_ if in_place else Tensor.mul
-    if in_place and grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
+    if in_place and grad_loss.is_cpu and float(grad_loss) == 1.0:
         # loss.backward() on the CPU: the saved gradients are already the answer. Reading a CPU
         # scalar is a memory read, not a device sync.
         scale = lambda saved, _: saved  # noqa: E731
@@ -203,29 +185,6 @@ _ppo_loss_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 # ------------------------------------------------------------------ public function
 
 
-def _check_tensor(name: str, x, like: Tensor, flags: bool = False) -> None:
-    """``x`` must be a tensor of ``like``'s shape and device, and of its dtype (a 0/1 flag dtype
-    when ``flags``). Messages are built only on failure: this runs on every call."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{_FN}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if (x.dtype not in _FLAGS) if flags else (x.dtype != like.dtype):
-        what = "bool, or 0/1 as an integer or float dtype" if flags else f"{like.dtype}, the dtype of new_logprob"
-        raise TypeError(f"{_FN}: {name} has dtype {x.dtype}; expected {what}")
-    if x.shape != like.shape:
-        raise ValueError(f"{_FN}: {name} has shape {tuple(x.shape)}; expected {tuple(like.shape)}, the shape of new_logprob")
-    if x.device != like.device:
-        raise ValueError(f"{_FN}: {name} is on {x.device} but new_logprob is on {like.device}; expected one device")
-
-
-def _check_coef(name: str, value, low: float, low_inclusive: bool, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{_FN}: {name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < low or (value == low and not low_inclusive):
-        raise ValueError(f"{_FN}: {name} must be {what}, got {value!r}")
-    return value
-
-
 def ppo_loss(
     new_logprob: Tensor,
     old_logprob: Tensor,
@@ -282,39 +241,32 @@ def ppo_loss(
     selected element the loss and stats are 0. Gradients with respect to ``old_logprob``,
     ``advantages``, ``old_value`` and ``returns`` are not computed (they are data, not parameters).
     """
-    if not isinstance(new_logprob, Tensor):
-        raise TypeError(f"{_FN}: new_logprob must be a torch.Tensor, got {type(new_logprob).__name__}")
-    if new_logprob.dtype not in _FLOATS:
-        raise TypeError(f"{_FN}: new_logprob has dtype {new_logprob.dtype}; expected torch.float32 or torch.float64")
-    _check_tensor("old_logprob", old_logprob, new_logprob)
-    _check_tensor("advantages", advantages, new_logprob)
+    B.require_array(_FN, "new_logprob", new_logprob, "torch", B.FLOAT_DTYPES)
+    B.require_like(_FN, "old_logprob", old_logprob, new_logprob, "new_logprob")
+    B.require_like(_FN, "advantages", advantages, new_logprob, "new_logprob")
     for name, x in (("new_value", new_value), ("old_value", old_value), ("returns", returns), ("entropy", entropy)):
         if x is not None:
-            _check_tensor(name, x, new_logprob)
+            B.require_like(_FN, name, x, new_logprob, "new_logprob")
     if mask is not None:
-        _check_tensor("mask", mask, new_logprob, flags=True)
+        B.require_like(_FN, "mask", mask, new_logprob, "new_logprob", B.FLAG_DTYPES)
     if new_value is None and (old_value is not None or returns is not None):
         raise ValueError(f"{_FN}: old_value / returns were given without new_value; pass new_value for the value loss")
     if new_value is not None and returns is None:
         raise ValueError(f"{_FN}: new_value was given without returns; the value loss needs both")
     if new_value is not None and clip_vloss and old_value is None:
         raise ValueError(f"{_FN}: clip_vloss=True needs old_value; pass old_value or clip_vloss=False")
-    clip_coef = _check_coef("clip_coef", clip_coef, 0.0, False, "a finite number > 0")
-    vf_coef = _check_coef("vf_coef", vf_coef, -math.inf, True, "finite")
-    ent_coef = _check_coef("ent_coef", ent_coef, -math.inf, True, "finite")
-    vf_clip = clip_coef if vf_clip_coef is None else _check_coef("vf_clip_coef", vf_clip_coef, 0.0, False, "a finite number > 0")
-    dual = 0.0 if dual_clip is None else _check_coef("dual_clip", dual_clip, 1.0, False, "a finite number > 1")
+    clip_coef = B.require_real(_FN, "clip_coef", clip_coef, "a finite number > 0", 0.0, open_low=True)
+    vf_coef = B.require_real(_FN, "vf_coef", vf_coef, "a finite number")
+    ent_coef = B.require_real(_FN, "ent_coef", ent_coef, "a finite number")
+    vf_clip = clip_coef if vf_clip_coef is None else B.require_real(
+        _FN, "vf_clip_coef", vf_clip_coef, "a finite number > 0", 0.0, open_low=True)
+    dual = 0.0 if dual_clip is None else B.require_real(
+        _FN, "dual_clip", dual_clip, "a finite number > 1", 1.0, open_low=True)
     if agg not in AGG_MODES:
         raise ValueError(f"{_FN}: agg must be one of {sorted(AGG_MODES)}, got {agg!r}")
     if agg != "token-mean" and new_logprob.dim() != 2:
         raise ValueError(f"{_FN}: agg={agg!r} needs 2-D [B, T] inputs, got shape {tuple(new_logprob.shape)}")
-    if new_logprob.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{_FN}: new_logprob is on {new_logprob.device}; fastppo runs on cpu and cuda devices")
-    if new_logprob.device.type == "cuda" and not _C.WITH_CUDA:
-        raise ValueError(
-            f"{_FN}: new_logprob is on {new_logprob.device} but this build of fastppo has no CUDA support; "
-            "move the tensors to the CPU or install a CUDA build"
-        )
+    B.check_device(_FN, "new_logprob", new_logprob)
     args = (new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy, mask,
             clip_coef, vf_coef, ent_coef, vf_clip, dual, bool(clip_vloss), bool(norm_adv), AGG_MODES[agg])
     if torch.compiler.is_compiling():

@@ -29,10 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from . import _C
+from . import _buffers as B
 
 __all__ = ["FusedActorCritic", "NotFusable", "fused_mlp", "mlp_layers"]
 
-_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 _ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
 
 
@@ -87,9 +87,9 @@ def _check_params(linears: Sequence[nn.Linear], where: str) -> torch.dtype:
     dtype = linears[0].weight.dtype
     for layer in linears:
         for name, p in (("weight", layer.weight), ("bias", layer.bias)):
-            if p.device.type != "cpu":
+            if not p.is_cpu:
                 raise NotFusable(f"{where}: the fused MLP runs on the CPU; a {name} is on {p.device}")
-            if p.dtype != dtype or dtype not in _DTYPES:
+            if p.dtype != dtype or B.DTYPE_NAMES[dtype] not in B.FLOAT_DTYPES:
                 raise NotFusable(f"{where}: parameters must all be float32 or all float64, got {p.dtype}")
             if not p.is_contiguous():
                 raise NotFusable(f"{where}: a {name} is not contiguous")
@@ -103,9 +103,8 @@ class _FusedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d: Tensor, linears, activation: str, last_linear: bool, *params: Tensor) -> Tensor:
         rows = x2d.shape[0]
-        dtype = _DTYPES[x2d.dtype]
         saved = torch.empty(sum(rows * l.out_features for l in linears), dtype=x2d.dtype)
-        _C.mlp_forward(dtype, _layer_specs(linears, False), activation or "tanh", last_linear, rows,
+        _C.mlp_forward(B.DTYPE_NAMES[x2d.dtype], _layer_specs(linears, False), activation or "tanh", last_linear, rows,
                        x2d.data_ptr(), x2d.stride(0), saved.data_ptr())
         ctx.linears, ctx.activation, ctx.last_linear = linears, activation, last_linear
         ctx.save_for_backward(x2d, saved, *params)
@@ -122,8 +121,9 @@ class _FusedMLP(torch.autograd.Function):
         grad_x = torch.empty_like(x2d) if ctx.needs_input_grad[0] else None
         specs = [(l.weight.data_ptr(), l.bias.data_ptr(), grads[2 * i].data_ptr(), grads[2 * i + 1].data_ptr(),
                   l.in_features, l.out_features) for i, l in enumerate(linears)]
-        _C.mlp_backward(_DTYPES[x2d.dtype], specs, ctx.activation or "tanh", ctx.last_linear, rows, x2d.data_ptr(),
-                        x2d.stride(0), saved.data_ptr(), grad_out.data_ptr(), 0 if grad_x is None else grad_x.data_ptr())
+        _C.mlp_backward(B.DTYPE_NAMES[x2d.dtype], specs, ctx.activation or "tanh", ctx.last_linear, rows,
+                        x2d.data_ptr(), x2d.stride(0), saved.data_ptr(), grad_out.data_ptr(),
+                        0 if grad_x is None else grad_x.data_ptr())
         return (grad_x, None, None, None, *grads)
 
 
@@ -141,11 +141,8 @@ def fused_mlp(seq: nn.Module, x: Tensor, *, last_linear: bool = True) -> Tensor:
     """
     linears, activation = mlp_layers(seq, last_linear=last_linear)
     dtype = _check_params(linears, "fused_mlp")
-    if not isinstance(x, Tensor):
-        raise TypeError(f"fused_mlp: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != dtype:
-        raise TypeError(f"fused_mlp: x has dtype {x.dtype} but the parameters are {dtype}")
-    if x.device.type != "cpu":
+    B.require_array("fused_mlp", "x", x, "torch", (B.DTYPE_NAMES[dtype],))
+    if not x.is_cpu:
         raise ValueError(f"fused_mlp: x must be on the CPU, got {x.device}")
     if x.dim() < 1 or x.shape[-1] != linears[0].in_features:
         raise ValueError(f"fused_mlp: x must have shape [..., {linears[0].in_features}], got {list(x.shape)}")
@@ -159,10 +156,6 @@ def fused_mlp(seq: nn.Module, x: Tensor, *, last_linear: bool = True) -> Tensor:
 
 
 # ------------------------------------------------------------------ the actor-critic
-
-
-def _address(x) -> int:
-    return x.data_ptr() if isinstance(x, Tensor) else x.ctypes.data
 
 
 class FusedActorCritic:
@@ -216,6 +209,10 @@ class FusedActorCritic:
         if others:
             raise NotFusable(f"{type(module).__name__} has {len(others)} parameter(s) outside trunk/actor/critic/actor_logstd")
         self.module, self.dtype = module, dtype
+        # The dtype names the argument checks ask for: parameters, actions, environment actions.
+        self._dtype_name = B.DTYPE_NAMES[dtype]
+        self._action_dtype = self._dtype_name if self.continuous else "int64"
+        self._env_action_dtype = "float32" if self.continuous else "int32"
         self.obs_dim = (trunk_linears or actor_linears)[0].in_features
 
         # One flat buffer for parameters, gradients and Adam's moments; each parameter becomes a view.
@@ -236,7 +233,7 @@ class FusedActorCritic:
         self.step = 0
         self.lr = float(lr)
         self._plan = _C.ActorCriticPlan(
-            _DTYPES[dtype], self.activation, _layer_specs(trunk_linears, True), _layer_specs(actor_linears, True),
+            self._dtype_name, self.activation, _layer_specs(trunk_linears, True), _layer_specs(actor_linears, True),
             _layer_specs(critic_linears, True), self.continuous, log_std.data_ptr() if self.continuous else 0,
             log_std.grad.data_ptr() if self.continuous else 0, self.params.data_ptr(), self.grads.data_ptr(),
             self.exp_avg.data_ptr(), self.exp_avg_sq.data_ptr(), n)
@@ -281,19 +278,12 @@ class FusedActorCritic:
         logprob = torch.empty(rows, dtype=self.dtype) if logprob is None else logprob
         value = torch.empty(rows, dtype=self.dtype) if value is None else value
         action_shape = (rows, self.n_out) if self.continuous else (rows,)
-        for name, x, dtype, shape in (("action", action, self.dtype if self.continuous else torch.int64, action_shape),
-                                      ("logprob", logprob, self.dtype, (rows,)), ("value", value, self.dtype, (rows,))):
-            if not isinstance(x, Tensor) or x.dtype != dtype or not x.is_contiguous() or tuple(x.shape) != shape \
-                    or x.device.type != "cpu":
-                raise ValueError(f"act: {name} must be a contiguous CPU {dtype} tensor of shape {list(shape)}, got "
-                                 f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+        for name, x, dtype, shape in (("action", action, self._action_dtype, action_shape),
+                                      ("logprob", logprob, self._dtype_name, (rows,)),
+                                      ("value", value, self._dtype_name, (rows,))):
+            B.require_contiguous("act", name, x, "torch", (dtype,), shape)
         if env_action is not None:
-            want = np.float32 if self.continuous else np.int32
-            if not isinstance(env_action, np.ndarray) or env_action.dtype != want or not env_action.flags.c_contiguous \
-                    or env_action.shape != action_shape:
-                raise ValueError(f"act: env_action must be a C-contiguous {np.dtype(want)} numpy array of shape "
-                                 f"{list(action_shape)}, got {getattr(env_action, 'dtype', type(env_action).__name__)} "
-                                 f"{list(getattr(env_action, 'shape', []))}")
+            B.require_contiguous("act", "env_action", env_action, "numpy", (self._env_action_dtype,), action_shape)
             if self.continuous and self._low is None:
                 raise ValueError("act: call set_action_bounds before asking for continuous env actions")
         self.act_at(rows, obs.data_ptr(), obs.stride(0), 0 if noise is None else noise.data_ptr(), action.data_ptr(),
@@ -327,22 +317,15 @@ class FusedActorCritic:
         if T < 0:
             raise ValueError(f"bind_rollout: value must be a [T, N] tensor, got {list(getattr(value, 'shape', []))}")
         action_shape = (T, N, self.n_out) if self.continuous else (T, N)
-        want_env = np.float32 if self.continuous else np.int32
         obs_t = torch.from_numpy(obs) if isinstance(obs, np.ndarray) else obs
-        checks = [("obs", obs_t, self.dtype, None), ("noise", noise, self.dtype, (T, N, self.n_out)),
-                  ("action", action, self.dtype if self.continuous else torch.int64, action_shape),
-                  ("logprob", logprob, self.dtype, (T, N)), ("value", value, self.dtype, (T, N))]
+        checks = [("obs", obs_t, self._dtype_name, None), ("noise", noise, self._dtype_name, (T, N, self.n_out)),
+                  ("action", action, self._action_dtype, action_shape),
+                  ("logprob", logprob, self._dtype_name, (T, N)), ("value", value, self._dtype_name, (T, N))]
         for name, x, dtype, shape in checks:
-            if not isinstance(x, Tensor) or x.dtype != dtype or not x.is_contiguous() or x.device.type != "cpu":
-                raise ValueError(f"bind_rollout: {name} must be contiguous CPU {dtype} memory")
-            if shape is not None and tuple(x.shape) != shape:
-                raise ValueError(f"bind_rollout: {name} must have shape {list(shape)}, got {list(x.shape)}")
+            B.require_contiguous("bind_rollout", name, x, "torch", (dtype,), shape)
         if obs_t.dim() != 3 or obs_t.shape[0] < T or obs_t.shape[1:] != (N, self.obs_dim):
             raise ValueError(f"bind_rollout: obs must have shape [>= {T}, {N}, {self.obs_dim}], got {list(obs_t.shape)}")
-        if not (isinstance(env_action, np.ndarray) and env_action.dtype == want_env and env_action.flags.c_contiguous
-                and env_action.shape == action_shape):
-            raise ValueError(f"bind_rollout: env_action must be a C-contiguous {np.dtype(want_env)} numpy array of "
-                             f"shape {list(action_shape)}")
+        B.require_contiguous("bind_rollout", "env_action", env_action, "numpy", (self._env_action_dtype,), action_shape)
         if self.continuous and self._low is None:
             raise ValueError("bind_rollout: call set_action_bounds before asking for continuous env actions")
 
@@ -361,14 +344,11 @@ class FusedActorCritic:
     def _rows(self, x, name: str, width: int) -> Tensor:
         if isinstance(x, np.ndarray):
             x = torch.from_numpy(x)
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
-        if x.dtype != self.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype}; the parameters are {self.dtype}")
-        if x.device.type != "cpu":
-            raise ValueError(f"{name} must be on the CPU, got {x.device}")
+        B.require_array("act", name, x, "torch", (self._dtype_name,))
+        if not x.is_cpu:
+            raise ValueError(f"act: {name} must be on the CPU, got {x.device}")
         if x.dim() != 2 or x.shape[1] != width:
-            raise ValueError(f"{name} must have shape [rows, {width}], got {list(x.shape)}")
+            raise ValueError(f"act: {name} must have shape [rows, {width}], got {list(x.shape)}")
         return x if x.stride(1) == 1 and x.stride(0) >= width else x.contiguous()
 
     # -------------------------------------------------------------- minibatch updates
@@ -380,25 +360,20 @@ class FusedActorCritic:
         ``actions`` int64 ``[B]`` (categorical) or ``[B, D]``, ``logprobs``, ``advantages``,
         ``returns``, ``values`` ``[B]`` in the parameters' dtype, ``mask`` bool ``[B]`` (False:
         left out of every mean, as ``fastppo.ppo_loss``'s mask)."""
-        B = obs.shape[0] if isinstance(obs, Tensor) and obs.dim() == 2 else -1
-        if B < 0 or obs.shape[1] != self.obs_dim:
-            raise ValueError(f"set_batch: obs must have shape [B, {self.obs_dim}], got {list(getattr(obs, 'shape', []))}")
-        act_dtype, act_shape = (self.dtype, (B, self.n_out)) if self.continuous else (torch.int64, (B,))
-        checks = [("obs", obs, self.dtype, (B, self.obs_dim)), ("actions", actions, act_dtype, act_shape)]
-        checks += [(n, x, self.dtype, (B,)) for n, x in (("logprobs", logprobs), ("advantages", advantages),
-                                                          ("returns", returns), ("values", values))]
+        B.require_array("set_batch", "obs", obs, "torch")
+        if obs.dim() != 2 or obs.shape[1] != self.obs_dim:
+            raise ValueError(f"set_batch: obs must have shape [B, {self.obs_dim}], got {list(obs.shape)}")
+        n = obs.shape[0]
+        checks = [("obs", obs, self._dtype_name, (n, self.obs_dim)),
+                  ("actions", actions, self._action_dtype, (n, self.n_out) if self.continuous else (n,))]
+        checks += [(name, x, self._dtype_name, (n,)) for name, x in (("logprobs", logprobs), ("advantages", advantages),
+                                                                    ("returns", returns), ("values", values))]
         if mask is not None:
-            checks.append(("mask", mask, torch.bool, (B,)))
+            checks.append(("mask", mask, "bool", (n,)))
         for name, x, dtype, shape in checks:
-            if not isinstance(x, Tensor):
-                raise TypeError(f"set_batch: {name} must be a torch.Tensor, got {type(x).__name__}")
-            if x.dtype != dtype:
-                raise TypeError(f"set_batch: {name} must be {dtype}, got {x.dtype}")
-            if tuple(x.shape) != shape or x.device.type != "cpu" or not x.is_contiguous():
-                raise ValueError(f"set_batch: {name} must be a contiguous CPU tensor of shape {list(shape)}, "
-                                 f"got {list(x.shape)} on {x.device}")
+            B.require_contiguous("set_batch", name, x, "torch", (dtype,), shape)
         self._batch = (obs, actions, logprobs, advantages, returns, values, mask)
-        self._batch_size = B
+        self._batch_size = n
         self._plan.set_batch(obs.data_ptr(), actions.data_ptr(), logprobs.data_ptr(), advantages.data_ptr(),
                              returns.data_ptr(), values.data_ptr(), 0 if mask is None else mask.data_ptr())
 
@@ -409,18 +384,17 @@ class FusedActorCritic:
         v_loss, entropy, approx_kl, old_approx_kl, clipfrac, the grad norm before clipping)."""
         if self._batch is None:
             raise RuntimeError("update: call set_batch first")
-        if not isinstance(idx, Tensor) or idx.dtype != torch.int64 or idx.dim() != 1 or not idx.is_contiguous():
-            raise TypeError(f"update: idx must be a contiguous int64 [M] tensor, got {getattr(idx, 'dtype', type(idx))}")
+        B.require_contiguous("update", "idx", idx, "torch", ("int64",))
+        if idx.dim() != 1:
+            raise ValueError(f"update: idx must be 1-D [M], got shape {tuple(idx.shape)}")
         if idx.numel() == 0:
             raise ValueError("update: idx is empty")
         if int(idx.min()) < 0 or int(idx.max()) >= self._batch_size:
             raise ValueError(f"update: idx must be in [0, {self._batch_size})")
         if stats is None:
             stats = np.zeros(7)
-        elif not (isinstance(stats, np.ndarray) and stats.dtype == np.float64 and stats.shape == (7,)
-                  and stats.flags.c_contiguous):
-            raise ValueError(f"update: stats must be a C-contiguous float64 numpy array of shape [7], got "
-                             f"{getattr(stats, 'dtype', type(stats).__name__)} {list(getattr(stats, 'shape', []))}")
+        else:
+            B.require_contiguous("update", "stats", stats, "numpy", ("float64",), (7,))
         for p, view in zip(self._named, self._grad_views):  # module.zero_grad() may have dropped the views
             if p.grad is None:
                 p.grad = view

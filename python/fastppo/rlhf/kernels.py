@@ -14,52 +14,23 @@ never synchronize with the host.
 
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .. import _C
-from .._buffers import require_unit_interval
+from .. import _buffers as B
 
 KL_ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2}
-_FLOATS = (torch.float32, torch.float64)
-_FLAGS = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, torch.float32, torch.float64)
-_NAMES = {d: str(d).removeprefix("torch.") for d in _FLAGS}
 
 
-def _device_args(fn: str, x: Tensor):
-    if x.device.type == "cuda":
-        if not _C.WITH_CUDA:
-            raise ValueError(f"{fn}: the tensors are on {x.device} but this build of fastppo has no CUDA support")
-        return x.device.index, torch.cuda.current_stream(x.device).cuda_stream
-    if x.device.type != "cpu":
-        raise ValueError(f"{fn}: the tensors are on {x.device}; fastppo runs on cpu and cuda devices")
-    return -1, 0
-
-
-def _check_2d(fn: str, name: str, x, like: Optional[Tensor] = None, flags: bool = False) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if like is None:
-        if x.dim() != 2:
-            raise ValueError(f"{fn}: {name} must have shape [B, T], got {tuple(x.shape)}")
-        if x.dtype not in _FLOATS:
-            raise TypeError(f"{fn}: {name} has dtype {x.dtype}; expected torch.float32 or torch.float64")
-        return
-    if flags and x.dtype not in _FLAGS:
-        raise TypeError(f"{fn}: {name} has dtype {x.dtype}; expected bool, or 0/1 as an integer or float dtype")
-    if not flags and x.dtype != like.dtype:
-        raise TypeError(f"{fn}: {name} has dtype {x.dtype}; expected {like.dtype}, the dtype of the first argument")
-    if x.shape != like.shape:
-        raise ValueError(f"{fn}: {name} has shape {tuple(x.shape)}; expected {tuple(like.shape)}")
-    if x.device != like.device:
-        raise ValueError(f"{fn}: {name} is on {x.device} but the first argument is on {like.device}; expected one device")
-
-
-def _spec(x: Optional[Tensor]):
-    return None if x is None else (x.data_ptr(), x.stride(0), x.stride(1))
+def _check_rows(fn: str, name: str, x) -> None:
+    """``x`` must be a ``[B, T]`` float tensor on a device fastppo runs on."""
+    B.require_array(fn, name, x, "torch", B.FLOAT_DTYPES)
+    if x.dim() != 2:
+        raise ValueError(f"{fn}: {name} must have shape [B, T], got {tuple(x.shape)}")
+    B.check_device(fn, name, x)
 
 
 class ShapedRewards(NamedTuple):
@@ -102,35 +73,26 @@ def kl_penalty_rewards(
         no selected token has ``last_index`` -1 and its score is not added.
     """
     fn = "fastppo.rlhf.kl_penalty_rewards"
-    _check_2d(fn, "logprob", logprob)
-    _check_2d(fn, "ref_logprob", ref_logprob, logprob)
+    _check_rows(fn, "logprob", logprob)
+    B.require_like(fn, "ref_logprob", ref_logprob, logprob, "logprob")
     if mask is not None:
-        _check_2d(fn, "mask", mask, logprob, flags=True)
+        B.require_like(fn, "mask", mask, logprob, "logprob", B.FLAG_DTYPES)
     if scores is not None:
-        if not isinstance(scores, Tensor):
-            raise TypeError(f"{fn}: scores must be a torch.Tensor, got {type(scores).__name__}")
-        if scores.shape != logprob.shape[:1] or scores.dtype != logprob.dtype or scores.device != logprob.device:
-            raise ValueError(
-                f"{fn}: scores is {tuple(scores.shape)} {scores.dtype} on {scores.device}; expected "
-                f"({logprob.shape[0]},) {logprob.dtype} on {logprob.device}, one score per response"
-            )
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not (0.0 <= float(beta) < float("inf")):
-        raise ValueError(f"{fn}: beta must be a finite number >= 0, got {beta!r}")
+        B.require_like(fn, "scores", scores, logprob, "logprob", shape=logprob.shape[:1],
+                       shape_what="one score per response")
+    beta = B.require_real(fn, "beta", beta, "a finite number >= 0", 0.0)
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"{fn}: estimator must be one of {sorted(KL_ESTIMATORS)}, got {estimator!r}")
-    if kl_clamp is not None and (isinstance(kl_clamp, bool) or not isinstance(kl_clamp, numbers.Real) or not kl_clamp > 0):
-        raise ValueError(f"{fn}: kl_clamp must be None or a number > 0, got {kl_clamp!r}")
-    device, stream = _device_args(fn, logprob)
-    B, T = logprob.shape
-    rewards = torch.empty((B, T), dtype=logprob.dtype, device=logprob.device)
+    clamp = 0.0 if kl_clamp is None else B.require_real(fn, "kl_clamp", kl_clamp, "None or a number > 0", 0.0,
+                                                         open_low=True, finite=False)
+    R, T = logprob.shape
+    rewards = torch.empty((R, T), dtype=logprob.dtype, device=logprob.device)
     kl = torch.empty_like(rewards)
-    last = torch.empty(B, dtype=torch.int64, device=logprob.device)
+    last = torch.empty(R, dtype=torch.int64, device=logprob.device)
     _C.kl_rewards(
-        B, T, _NAMES[logprob.dtype], _spec(logprob), _spec(ref_logprob), _spec(mask),
-        "" if mask is None else _NAMES[mask.dtype],
-        None if scores is None else (scores.data_ptr(), scores.stride(0)),
-        float(beta), KL_ESTIMATORS[estimator], 0.0 if kl_clamp is None else float(kl_clamp),
-        rewards.data_ptr(), kl.data_ptr(), last.data_ptr(), device, stream,
+        R, T, B.DTYPE_NAMES[logprob.dtype], B.spec(logprob), B.spec(ref_logprob), B.spec(mask),
+        "" if mask is None else B.DTYPE_NAMES[mask.dtype], B.spec(scores), beta, KL_ESTIMATORS[estimator], clamp,
+        rewards.data_ptr(), kl.data_ptr(), last.data_ptr(), *B.device_stream(logprob),
     )
     return ShapedRewards(rewards, kl, last)
 
@@ -150,18 +112,16 @@ def masked_whiten(x: Tensor, mask: Optional[Tensor] = None, shift_mean: bool = T
         a fixed order, so the result is the same bits run after run, on the CPU and on CUDA.
     """
     fn = "fastppo.rlhf.masked_whiten"
-    _check_2d(fn, "x", x)
+    _check_rows(fn, "x", x)
     if mask is not None:
-        _check_2d(fn, "mask", mask, x, flags=True)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0.0 <= float(eps) < float("inf")):
-        raise ValueError(f"{fn}: eps must be a finite number >= 0, got {eps!r}")
-    device, stream = _device_args(fn, x)
-    B, T = x.shape
-    out = torch.empty((B, T), dtype=x.dtype, device=x.device)
-    workspace = torch.empty(_C.masked_whiten_workspace(B, T), dtype=torch.float64, device=x.device)
+        B.require_like(fn, "mask", mask, x, "x", B.FLAG_DTYPES)
+    eps = B.require_real(fn, "eps", eps, "a finite number >= 0", 0.0)
+    R, T = x.shape
+    out = torch.empty((R, T), dtype=x.dtype, device=x.device)
+    workspace = torch.empty(_C.masked_whiten_workspace(R, T), dtype=torch.float64, device=x.device)
     _C.masked_whiten(
-        B, T, _NAMES[x.dtype], _spec(x), _spec(mask), "" if mask is None else _NAMES[mask.dtype],
-        bool(shift_mean), float(eps), out.data_ptr(), workspace.data_ptr(), device, stream,
+        R, T, B.DTYPE_NAMES[x.dtype], B.spec(x), B.spec(mask), "" if mask is None else B.DTYPE_NAMES[mask.dtype],
+        bool(shift_mean), eps, out.data_ptr(), workspace.data_ptr(), *B.device_stream(x),
     )
     return out
 
@@ -196,25 +156,19 @@ def token_gae(
         Equal to running GAE on each response on its own, with no bootstrap after its last token.
     """
     fn = "fastppo.rlhf.token_gae"
-    _check_2d(fn, "rewards", rewards)
-    _check_2d(fn, "values", values, rewards)
-    if not isinstance(last_index, Tensor) or last_index.shape != rewards.shape[:1] or last_index.dtype != torch.int64:
-        raise ValueError(
-            f"{fn}: last_index must be an int64 tensor of shape ({rewards.shape[0]},), got "
-            f"{type(last_index).__name__} {getattr(last_index, 'shape', '')} {getattr(last_index, 'dtype', '')}"
-        )
-    if last_index.device != rewards.device:
-        raise ValueError(f"{fn}: last_index is on {last_index.device} but rewards is on {rewards.device}; expected one device")
-    gamma = require_unit_interval(fn, "gamma", gamma)
-    lam = require_unit_interval(fn, "lam", lam)
+    _check_rows(fn, "rewards", rewards)
+    B.require_like(fn, "values", values, rewards, "rewards")
+    B.require_like(fn, "last_index", last_index, rewards, "rewards", ("int64",), rewards.shape[:1],
+                   "one index per row of rewards")
+    gamma = B.require_real(fn, "gamma", gamma, "a number in [0, 1]", 0.0, 1.0)
+    lam = B.require_real(fn, "lam", lam, "a number in [0, 1]", 0.0, 1.0)
     if mask is not None:
-        _check_2d(fn, "mask", mask, rewards, flags=True)
-    device, stream = _device_args(fn, rewards)
-    B, T = rewards.shape
-    adv = torch.empty((B, T), dtype=rewards.dtype, device=rewards.device)
+        B.require_like(fn, "mask", mask, rewards, "rewards", B.FLAG_DTYPES)
+    R, T = rewards.shape
+    adv = torch.empty((R, T), dtype=rewards.dtype, device=rewards.device)
     ret = torch.empty_like(adv)
-    _C.token_gae(B, T, _NAMES[rewards.dtype], _spec(rewards), _spec(values), (last_index.data_ptr(), last_index.stride(0)),
-                 gamma, lam, adv.data_ptr(), ret.data_ptr(), device, stream)
+    _C.token_gae(R, T, B.DTYPE_NAMES[rewards.dtype], B.spec(rewards), B.spec(values), B.spec(last_index),
+                 gamma, lam, adv.data_ptr(), ret.data_ptr(), *B.device_stream(rewards))
     if mask is not None:
         zero = adv.new_zeros(())
         adv, ret = torch.where(mask.bool(), adv, zero), torch.where(mask.bool(), ret, zero)
