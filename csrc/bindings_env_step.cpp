@@ -46,6 +46,16 @@ class EnvStepper {
     a_.finished = typed<uint8_t>(finished);
   }
 
+  // Sends each step's moments to these pending stats (same shapes as the running ones) instead of
+  // the running stats, which stay as they are until the caller merges the pending in.
+  void defer_stats(py::array obs_count, py::array obs_mean, py::array obs_m2, py::array return_count,
+                   py::array return_mean, py::array return_m2) {
+    pending_ = py::make_tuple(obs_count, obs_mean, obs_m2, return_count, return_mean, return_m2);
+    a_.obs_pending = {typed<double>(obs_count), typed<double>(obs_mean), typed<double>(obs_m2), a_.obs_dim};
+    a_.return_pending = {typed<double>(return_count), typed<double>(return_mean), typed<double>(return_m2), 1};
+    a_.defer_stats = true;
+  }
+
   // One step of `rows` environments (all N, or the async batch named by env_ids) written into
   // the *_out arrays. Returns the number of episodes that ended.
   int64_t step(int64_t rows, const py::array& obs, const py::array& reward, const py::array& terminated,
@@ -123,7 +133,7 @@ class EnvStepper {
     std::uintptr_t real = 0; int64_t real_step = 0;
     int obs_type = 0;
   };
-  py::tuple state_;  // keeps the state arrays alive
+  py::tuple state_, pending_;  // keep the state arrays alive
   EnvStepArgs a_;
   Bound bound_;
 };
@@ -145,6 +155,9 @@ void bind_env_step(py::module_& m) {
            py::arg("truncated"), py::arg("episode_reward"), py::arg("episode_over"), py::arg("update_stats"),
            py::arg("obs_out"), py::arg("reward_out"), py::arg("done_out"), py::arg("terminated_out"),
            py::arg("real_out"), py::arg("env_ids"), "One step into the *_out arrays; returns the episodes ended.")
+      .def("defer_stats", &EnvStepper::defer_stats, py::arg("obs_count"), py::arg("obs_mean"), py::arg("obs_m2"),
+           py::arg("return_count"), py::arg("return_mean"), py::arg("return_m2"),
+           "Sends each step's moments to these pending stats instead of the running ones.")
       .def("bind_rollout", &EnvStepper::bind_rollout, py::arg("obs_out"), py::arg("obs_step"), py::arg("obs_like"),
            py::arg("reward_out"), py::arg("reward_step"), py::arg("done_out"), py::arg("done_step"),
            py::arg("terminated_out"), py::arg("terminated_step"), py::arg("real_out"), py::arg("real_step"),

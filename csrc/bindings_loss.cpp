@@ -20,7 +20,8 @@ void ppo_loss(int64_t R, int64_t C, const std::string& dtype, Strided2 new_logpr
               py::object entropy, py::object mask, const std::string& mask_dtype, double clip_coef,
               double vf_coef, double ent_coef, double vf_clip_coef, double dual_clip, bool clip_vloss,
               bool norm_adv, int agg, py::object grad_logprob, py::object grad_value, py::object loss, py::object stats,
-              py::object row_scale, py::object workspace, int device, std::uintptr_t stream) {
+              py::object row_scale, py::object workspace, int device, std::uintptr_t stream, py::object group,
+              double group_size) {
   require(agg >= kAggTokenMean && agg <= kAggSeqMeanTokenSum, "ppo_loss", "agg must be 0, 1 or 2");
   PpoLossArgs a = rows_cols_args<PpoLossArgs>("ppo_loss", R, C, dtype);
   a.new_logprob = strided(new_logprob);
@@ -41,6 +42,10 @@ void ppo_loss(int64_t R, int64_t C, const std::string& dtype, Strided2 new_logpr
   a.row_scale = optional_address(row_scale);
   a.partials = static_cast<double*>(optional_address(workspace));
   if (a.partials) a.adv_stats = a.partials + std::max<int64_t>(a.chunks(), 1) * kLossSums;
+  a.group = static_cast<const double*>(optional_address(group));
+  a.group_size = group_size;
+  require(!a.group || (agg == kAggTokenMean && group_size >= 1.0), "ppo_loss",
+          "group statistics need agg token-mean and group_size >= 1");
   require(!a.new_value.data || (a.returns.data && (!clip_vloss || a.old_value.data)), "ppo_loss",
           "new_value needs returns (and old_value when clip_vloss)");
   require(a.loss && a.stats && a.row_scale && a.partials && (R * C == 0 || a.grad_logprob) &&
@@ -61,11 +66,12 @@ void bind_loss(py::module_& m) {
         py::arg("vf_coef"), py::arg("ent_coef"), py::arg("vf_clip_coef"), py::arg("dual_clip"),
         py::arg("clip_vloss"), py::arg("norm_adv"), py::arg("agg"), py::arg("grad_logprob"),
         py::arg("grad_value"), py::arg("loss"), py::arg("stats"), py::arg("row_scale"), py::arg("workspace"),
-        py::arg("device"), py::arg("stream"),
+        py::arg("device"), py::arg("stream"), py::arg("group") = py::none(), py::arg("group_size") = 1.0,
         "Fused clipped PPO loss over an [R, C] problem: writes loss, stats[6] (pg, v, entropy, approx_kl, "
         "old_approx_kl, clipfrac), the gradients grad_logprob / grad_value ([R, C], contiguous) "
         "of the loss, and row_scale[R] (d loss / d entropy = -ent_coef * row_scale). workspace: float64 "
-        "[ppo_loss_workspace(R, C)].");
+        "[ppo_loss_workspace(R, C)]. group: None, or float64 [3] (count, mean, m2) of the selected advantages of "
+        "a data-parallel group of group_size ranks (token-mean only; see PpoLossArgs::group).");
 }
 
 }  // namespace fastppo::bind

@@ -179,23 +179,41 @@ class ActorCriticPlan {
   }
 
   // One minibatch: rows idx[0..M) of the batch; Adam step number `step` (1-based) at rate lr.
-  void update(int64_t M, std::uintptr_t idx, double lr, int64_t step, std::uintptr_t stats) {
+  // One minibatch: forward, heads, loss, backward and (apply_step) the clip and Adam step. group:
+  // 0, or the address of the data-parallel group's advantage moments (UpdateArgs::group).
+  void update(int64_t M, std::uintptr_t idx, double lr, int64_t step, std::uintptr_t stats, std::uintptr_t group,
+              double group_size, bool apply_step) {
     if (M <= 0) throw py::value_error("fastppo._C.ActorCriticPlan.update: the minibatch is empty");
-    if (step < 1) throw py::value_error("fastppo._C.ActorCriticPlan.update: step must be >= 1");
     if (!u_.obs || !u_.actions || !u_.old_logprob || !u_.advantages || !u_.returns || !u_.old_values)
       throw py::value_error("fastppo._C.ActorCriticPlan.update: set_batch first");
-    UpdateArgs u = u_;
+    UpdateArgs u = step_args(lr, step, stats);
     u.M = M;
     u.idx = ptr<const int64_t>(idx);
-    u.stats = ptr<double>(stats);
-    u.adam.lr = lr;
-    u.adam.step_size = lr / (1.0 - std::pow(u.adam.beta1, static_cast<double>(step)));
-    u.adam.bias_correction2_sqrt = std::sqrt(1.0 - std::pow(u.adam.beta2, static_cast<double>(step)));
+    u.group = ptr<const double>(group);
+    u.group_size = group_size;
+    u.apply_step = apply_step;
     py::gil_scoped_release no_gil;
     actor_critic_update_cpu(s_, u);
   }
 
+  // The clip and Adam step of an update run with apply_step false (after the gradients' all-reduce).
+  void apply(double lr, int64_t step, std::uintptr_t stats) {
+    const UpdateArgs u = step_args(lr, step, stats);
+    py::gil_scoped_release no_gil;
+    actor_critic_apply_cpu(s_, u);
+  }
+
  private:
+  UpdateArgs step_args(double lr, int64_t step, std::uintptr_t stats) const {
+    if (step < 1) throw py::value_error("fastppo._C.ActorCriticPlan: step must be >= 1");
+    UpdateArgs u = u_;
+    u.stats = ptr<double>(stats);
+    u.adam.lr = lr;
+    u.adam.step_size = lr / (1.0 - std::pow(u.adam.beta1, static_cast<double>(step)));
+    u.adam.bias_correction2_sqrt = std::sqrt(1.0 - std::pow(u.adam.beta2, static_cast<double>(step)));
+    return u;
+  }
+
   ActorCriticSpec s_;
   UpdateArgs u_;
   std::vector<double> transposed_;
@@ -246,7 +264,8 @@ void bind_mlp(py::module_& m) {
            py::arg("vf_clip_coef"), py::arg("clip_vloss"), py::arg("norm_adv"), py::arg("max_grad_norm"),
            py::arg("beta1"), py::arg("beta2"), py::arg("eps"))
       .def("update", &ActorCriticPlan::update, py::arg("M"), py::arg("idx"), py::arg("lr"), py::arg("step"),
-           py::arg("stats"));
+           py::arg("stats"), py::arg("group") = 0, py::arg("group_size") = 1.0, py::arg("apply_step") = true)
+      .def("apply", &ActorCriticPlan::apply, py::arg("lr"), py::arg("step"), py::arg("stats"));
 }
 
 }  // namespace fastppo::bind

@@ -117,6 +117,9 @@ void mlp_backward_cpu(const MlpSpec& spec, bool is_f64, int64_t rows, const void
 void actor_critic_act_cpu(const ActorCriticSpec& spec, const ActArgs& args) {
   FASTPPO_DISPATCH_V(actor_critic_act, spec, args);
 }
+void actor_critic_apply_cpu(const ActorCriticSpec& spec, const UpdateArgs& args) {
+  FASTPPO_DISPATCH_V(actor_critic_apply, spec, args);
+}
 void actor_critic_transpose_cpu(const ActorCriticSpec& spec) { FASTPPO_DISPATCH_V(actor_critic_transpose, spec); }
 void actor_critic_update_cpu(const ActorCriticSpec& spec, const UpdateArgs& args) {
   FASTPPO_DISPATCH_V(actor_critic_update, spec, args);

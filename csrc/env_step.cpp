@@ -69,12 +69,13 @@ int64_t env_step(const EnvStepArgs& a) {
   const int64_t D = a.obs_dim;
   if (a.normalize_obs) {
     if (a.update_stats && a.N > 0) {
+      const RunningStats& target = a.defer_stats ? a.obs_pending : a.obs_stats;
       for (int64_t d = 0; d < D; ++d) {
         Moments batch{0.0, 0.0, 0.0};
         for (int64_t i = 0; i < a.N; ++i) batch = moments_push(batch, load_obs(a, i * D + d));
-        merge(a.obs_stats, d, batch);
+        merge(target, d, batch);
       }
-      *a.obs_stats.count += static_cast<double>(a.N);
+      *target.count += static_cast<double>(a.N);
     }
     std::vector<double> scale(D);
     for (int64_t d = 0; d < D; ++d) scale[d] = inv_std(a.obs_stats, d, a.eps);
@@ -102,8 +103,9 @@ int64_t env_step(const EnvStepArgs& a) {
       batch = moments_push(batch, a.discounted_return[e]);
     }
     if (a.update_stats) {
-      merge(a.return_stats, 0, batch);
-      *a.return_stats.count += batch.count;
+      const RunningStats& target = a.defer_stats ? a.return_pending : a.return_stats;
+      merge(target, 0, batch);
+      *target.count += batch.count;
     }
     const double scale = inv_std(a.return_stats, 0, a.eps);
     for (int64_t i = 0; i < a.N; ++i) {

@@ -32,8 +32,13 @@ struct EnvStepArgs {
   // Settings.
   bool normalize_obs = false, normalize_reward = false, update_stats = true;
   double gamma = 0.99, clip = 10.0, eps = 1e-8;
-  // State, updated in place.
+  // State, updated in place. With defer_stats each step's moments go to the pending stats instead,
+  // and normalization keeps using the running ones until the caller merges the pending moments in
+  // (data-parallel training merges every rank's at the end of a rollout, so all ranks normalize
+  // identically).
   RunningStats obs_stats{}, return_stats{};
+  bool defer_stats = false;
+  RunningStats obs_pending{}, return_pending{};
   double* discounted_return = nullptr;  // [N]
   double* episode_return = nullptr;     // [N]
   int64_t* episode_length = nullptr;    // [N]

@@ -113,8 +113,15 @@ struct UpdateArgs : LossOptions {
   double max_grad_norm = 0.5;  // <= 0: no clip
   AdamStep adam{};
   double* stats = nullptr;     // out [kLossStats + 1]: pg, v, entropy, approx_kl, old_approx_kl, clipfrac, grad norm
+  // Data-parallel training: as PpoLossArgs::group / group_size. With apply_step false the update
+  // stops once the gradients are in the flat buffer (for their all-reduce); apply does the rest.
+  const double* group = nullptr;
+  double group_size = 1.0;
+  bool apply_step = true;
 };
 
 void actor_critic_update_cpu(const ActorCriticSpec& spec, const UpdateArgs& args);
+// The grad-norm clip (its norm into args.stats[kLossStats]) and the Adam step over the flat buffers.
+void actor_critic_apply_cpu(const ActorCriticSpec& spec, const UpdateArgs& args);
 
 }  // namespace fastppo

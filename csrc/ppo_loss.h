@@ -49,10 +49,23 @@ struct PpoLossArgs : LossOptions {
   // Workspace: [chunks * kLossSums] partial sums, and [2] (mean, 1/(std+eps)) of the advantages.
   double* partials = nullptr;
   double* adv_stats = nullptr;
+  // Data-parallel training (token-mean only): the (count, mean, m2) of the selected advantages of
+  // the whole group's minibatch, and the group's size K. The advantages are normalized with them
+  // and every mean divides by count / K, so the mean of the K ranks' gradients is the gradient of
+  // the loss over the union of their minibatches. Null: this call's own data alone.
+  const double* group = nullptr;
+  double group_size = 1.0;
 
   FASTPPO_HD int64_t chunks_per_row() const { return (C + kLossChunk - 1) / kLossChunk; }
   FASTPPO_HD int64_t chunks() const { return R * chunks_per_row(); }
-  FASTPPO_HD bool needs_pass1() const { return norm_adv || mask.data != nullptr || agg != kAggTokenMean; }
+  FASTPPO_HD bool needs_pass1() const {
+    return group == nullptr && (norm_adv || mask.data != nullptr || agg != kAggTokenMean);
+  }
+  // What every token-mean divides by: the selected count, or the group's count / K.
+  FASTPPO_HD double inv_tokens(double count) const {
+    if (group != nullptr) count = group[0] / group_size;
+    return count > 0.0 ? 1.0 / count : 0.0;
+  }
   FASTPPO_HD bool selected(int64_t r, int64_t c) const {
     return mask.data == nullptr || load_flag(mask.data, mask_type, r * mask.sr + c * mask.sc);
   }
@@ -129,9 +142,10 @@ template <typename S>
 FASTPPO_HD void loss_pass1_finish(const PpoLossArgs& a) {
   S* row_scale = static_cast<S*>(a.row_scale);
   if (!a.needs_pass1()) {
-    a.adv_stats[0] = 0.0;
-    a.adv_stats[1] = 1.0;
-    for (int64_t r = 0; r < a.R; ++r) row_scale[r] = S(a.R * a.C > 0 ? 1.0 / static_cast<double>(a.R * a.C) : 0.0);
+    const Moments group = a.group ? Moments{a.group[0], a.group[1], a.group[2]} : Moments{0.0, 0.0, 0.0};
+    a.adv_stats[0] = a.group && a.norm_adv ? group.mean : 0.0;
+    a.adv_stats[1] = a.group && a.norm_adv ? moments_inv_std(group) : 1.0;
+    for (int64_t r = 0; r < a.R; ++r) row_scale[r] = S(a.inv_tokens(static_cast<double>(a.R * a.C)));
     return;
   }
   const int64_t per_row = a.chunks_per_row();
@@ -207,7 +221,7 @@ FASTPPO_HD void ppo_loss_finish(const PpoLossArgs& a) {
       for (int s = kSumPg; s <= kSumEnt; ++s) seq[s] += row[s] * per_token;
     }
   }
-  const double inv_tokens = token[kSumCount] > 0.0 ? 1.0 / token[kSumCount] : 0.0;
+  const double inv_tokens = a.inv_tokens(token[kSumCount]);
   const double inv_sequences = sequences > 0.0 ? 1.0 / sequences : 0.0;
   const bool token_mean = a.agg == kAggTokenMean;
   const double pg = token_mean ? token[kSumPg] * inv_tokens : seq[kSumPg] * inv_sequences;

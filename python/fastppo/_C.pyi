@@ -34,7 +34,7 @@ def ppo_loss(
     entropy: _Strided2 | None, mask: _Strided2 | None, mask_dtype: str, clip_coef: float, vf_coef: float,
     ent_coef: float, vf_clip_coef: float, dual_clip: float, clip_vloss: bool, norm_adv: bool, agg: int,
     grad_logprob: _Data | None, grad_value: _Data | None, loss: _Data, stats: _Data, row_scale: _Data,
-    workspace: _Data, device: int, stream: int,
+    workspace: _Data, device: int, stream: int, group: _Data | None = None, group_size: float = 1.0,
 ) -> None: ...
 
 # Policy heads (csrc/bindings_heads.cpp)
@@ -87,6 +87,10 @@ class EnvStepper:
         return_mean: np.ndarray, return_m2: np.ndarray, discounted_return: np.ndarray, episode_return: np.ndarray,
         episode_length: np.ndarray, previous_done: np.ndarray, finished_return: np.ndarray,
         finished_length: np.ndarray, finished: np.ndarray,
+    ) -> None: ...
+    def defer_stats(
+        self, obs_count: np.ndarray, obs_mean: np.ndarray, obs_m2: np.ndarray, return_count: np.ndarray,
+        return_mean: np.ndarray, return_m2: np.ndarray,
     ) -> None: ...
     def step(
         self, rows: int, obs: np.ndarray, reward: np.ndarray, terminated: np.ndarray, truncated: np.ndarray,
@@ -142,4 +146,8 @@ class ActorCriticPlan:
         self, clip_coef: float, vf_coef: float, ent_coef: float, vf_clip_coef: float, clip_vloss: bool,
         norm_adv: bool, max_grad_norm: float, beta1: float, beta2: float, eps: float,
     ) -> None: ...
-    def update(self, M: int, idx: int, lr: float, step: int, stats: int) -> None: ...
+    def update(
+        self, M: int, idx: int, lr: float, step: int, stats: int, group: int = 0, group_size: float = 1.0,
+        apply_step: bool = True,
+    ) -> None: ...
+    def apply(self, lr: float, step: int, stats: int) -> None: ...
