@@ -4,6 +4,7 @@ model, the PPO smoke run on the digits task, checkpoints and the CLI."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -29,7 +30,7 @@ def stages():
     train, heldout = pairs.split(args.rm_pairs)
     rm = ScalarHeadModel(copy.deepcopy(policy))
     D.train_reward_model(rm, train, args.rm_epochs, 64, 3e-4, g)
-    ref_scores, ref_gold = D.reference_scores(policy, rm, 1024, g, args.temperature)
+    ref_scores, ref_gold = D.reference_scores(policy, rm, 1024, g, args.ppo.temperature)
     accuracy, ceiling = D.pair_accuracy(rm, heldout), D.gold_accuracy(heldout)
     rm.normalize(ref_scores)
     return dict(args=args, sft=policy.state_dict(), rm=rm.state_dict(), accuracy=accuracy, ceiling=ceiling,
@@ -90,12 +91,15 @@ def test_left_padding_does_not_change_real_tokens_logits():
     torch.testing.assert_close(left[:, 3:], plain, rtol=1e-5, atol=1e-6)
 
 
+def _args(base=None, **overrides):
+    """``base`` (default RLHFArgs) with flat overrides, PPOConfig's going into ``ppo`` as the CLI's flags do."""
+    base = base or R.RLHFArgs()
+    ppo = {k: overrides.pop(k) for k in list(overrides) if k in PPOConfig.__dataclass_fields__}
+    return dataclasses.replace(base, ppo=dataclasses.replace(base.ppo, **ppo), **overrides)
+
+
 def _trainer(stages, **overrides):
-    args = stages["args"]
-    state = dict(stages)
-    state["report"] = stages["report"]
-    run_args = R.RLHFArgs(**{**vars(args), **overrides})
-    return R._trainer(run_args, state, kl_off=False)
+    return R._trainer(_args(stages["args"], **overrides), stages, kl_off=False)
 
 
 def test_first_update_ratio_is_exactly_one_with_temperature(stages):
@@ -157,10 +161,9 @@ def test_thirty_iterations_raise_the_gold_score(stages, seed):
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path, stages):
     small = dict(iterations=4, checkpoint_every=2, batch_size=8, compare_kl_off=False, plot=False)
-    state = {"args": vars(stages["args"]), "sft": stages["sft"], "rm": stages["rm"], "report": stages["report"]}
-    full = R.run_ppo(R.RLHFArgs(**small), state, tmp_path / "full", kl_off=False)
-    R.run_ppo(R.RLHFArgs(**{**small, "iterations": 2}), state, tmp_path / "split", kl_off=False)
-    resumed = R.run_ppo(R.RLHFArgs(**{**small, "resume": True}), state, tmp_path / "split", kl_off=False)
+    full = R.run_ppo(_args(**small), stages, tmp_path / "full", kl_off=False)
+    R.run_ppo(_args(**{**small, "iterations": 2}), stages, tmp_path / "split", kl_off=False)
+    resumed = R.run_ppo(_args(**{**small, "resume": True}), stages, tmp_path / "split", kl_off=False)
     assert resumed == full
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["trainer"]["policy"]
     b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["trainer"]["policy"]
@@ -180,10 +183,9 @@ def test_shared_critic_trains_a_value_head_on_the_policy_trunk(stages):
 
 def test_refuses_to_overwrite_a_run_without_resume(tmp_path, stages):
     small = dict(iterations=1, checkpoint_every=1, batch_size=8)
-    state = {"args": vars(stages["args"]), "sft": stages["sft"], "rm": stages["rm"], "report": stages["report"]}
-    R.run_ppo(R.RLHFArgs(**small), state, tmp_path, kl_off=False)
+    R.run_ppo(_args(**small), stages, tmp_path, kl_off=False)
     with pytest.raises(SystemExit, match="--resume"):
-        R.run_ppo(R.RLHFArgs(**small), state, tmp_path, kl_off=False)
+        R.run_ppo(_args(**small), stages, tmp_path, kl_off=False)
 
 
 def test_cli_end_to_end_tiny(tmp_path):
@@ -203,7 +205,8 @@ def test_cli_end_to_end_tiny(tmp_path):
 def test_cli_help_and_bad_flags():
     help_text = subprocess.run([sys.executable, "-m", "fastppo", "rlhf", "--help"], capture_output=True, text=True).stdout
     assert "--kl-coef" in help_text and "beta of the per-token KL penalty" in help_text
-    assert "--no-compare-kl-off" in help_text and "--kl-target FLOAT" in help_text
+    assert "--no-compare-kl-off" in help_text and "--kl-target FLOAT" in help_text and "--ppo." not in help_text
+    assert "--ppo-epochs INT" in help_text and "--no-whiten-rewards" in help_text  # every PPOConfig field is a flag
     bad = subprocess.run([sys.executable, "-m", "fastppo", "rlhf", "--preset", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--preset" in bad.stderr
 

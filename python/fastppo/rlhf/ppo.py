@@ -65,7 +65,7 @@ class PPOConfig:
     kl_horizon: int = 10000
     """horizon of the adaptive KL controller, in sequences"""
     missing_eos_penalty: Optional[float] = 1.0
-    """subtracted from the score of a response that never emitted EOS (None: no penalty)"""
+    """subtracted from the score of a response that never emitted EOS (None or 0: no penalty)"""
     cliprange: float = 0.2
     """clip range of the policy ratio"""
     cliprange_value: float = 0.2

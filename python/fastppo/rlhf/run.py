@@ -18,9 +18,9 @@ import copy
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 import tyro
@@ -58,18 +58,9 @@ class RLHFArgs:
     """ranked pairs held out to measure its accuracy"""
     rm_epochs: int = 4
     """passes of Bradley-Terry training over the pairs"""
-    kl_coef: float = 0.05
-    """beta of the per-token KL penalty"""
-    kl_estimator: str = "k1"
-    """per-token KL estimator: k1, k2 or k3"""
-    kl_target: Optional[float] = None
-    """adapt beta to this sequence KL (unset: fixed beta)"""
-    temperature: float = 0.7
-    """sampling temperature"""
-    batch_size: int = 64
-    """prompts per PPO iteration"""
-    learning_rate: float = 3e-4
-    """PPO learning rate"""
+    ppo: Annotated[PPOConfig, tyro.conf.OmitArgPrefixes] = field(
+        default_factory=lambda: PPOConfig(response_length=D.RESPONSE_LENGTH))
+    """PPO settings (flags without a prefix); minibatches and micro-batches are capped by the batch"""
     critic: str = "separate"
     """value model: separate (a copy of the reward model) or shared (a zero-initialized value head on the policy trunk)"""
     device: str = "cpu"
@@ -91,13 +82,17 @@ class RLHFArgs:
         for name in ("iterations", "checkpoint_every", "sft_steps", "rm_pairs", "rm_heldout_pairs", "rm_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        longest = D.model_config().max_positions - D.PROMPT_DIGITS - 2  # the prompt is BOS d d d d SEP
+        if self.ppo.response_length > longest:
+            raise ValueError(f"--response-length must be <= {longest}, got {self.ppo.response_length}")
         self.ppo_config().validate()
 
     def ppo_config(self, kl_off: bool = False) -> PPOConfig:
-        return PPOConfig(batch_size=self.batch_size, response_length=D.RESPONSE_LENGTH, temperature=self.temperature,
-                         learning_rate=self.learning_rate, kl_coef=0.0 if kl_off else self.kl_coef,
-                         kl_estimator=self.kl_estimator, kl_target=None if kl_off else self.kl_target,
-                         micro_batch_size=min(16, self.batch_size // 2) or 1, num_minibatches=2 if self.batch_size > 1 else 1)
+        """``ppo`` with minibatches and micro-batches capped by the batch, and no KL penalty when ``kl_off``."""
+        minibatches = min(self.ppo.num_minibatches, self.ppo.batch_size)
+        micro = min(self.ppo.micro_batch_size, self.ppo.batch_size // minibatches)
+        off = dict(kl_coef=0.0, kl_target=None) if kl_off else {}
+        return replace(self.ppo, num_minibatches=minibatches, micro_batch_size=micro, **off)
 
 
 def _tiny_gpt(seed: int) -> torch.nn.Module:
@@ -152,7 +147,7 @@ def build_stages(args: RLHFArgs, run_dir: Path) -> dict:
         "rm_heldout_accuracy": D.pair_accuracy(rm, heldout),
         "rm_heldout_ceiling": D.gold_accuracy(heldout),
     }
-    ref_scores, ref_gold = D.reference_scores(policy, rm, 1024, g, args.temperature)
+    ref_scores, ref_gold = D.reference_scores(policy, rm, 1024, g, args.ppo.temperature)
     rm.normalize(ref_scores)
     report["sft_gold"] = float(ref_gold.mean())
     _log(f"reward model: held-out accuracy {report['rm_heldout_accuracy']:.3f} (chance 0.5, noise-free ceiling "
@@ -257,7 +252,7 @@ def main(argv=None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
     stages = build_stages(args, run_dir)
-    runs = {"KL penalty (beta %g)" % args.kl_coef: run_ppo(args, stages, run_dir / "kl", kl_off=False)}
+    runs = {"KL penalty (beta %g)" % args.ppo.kl_coef: run_ppo(args, stages, run_dir / "kl", kl_off=False)}
     if args.compare_kl_off:
         runs["no KL penalty"] = run_ppo(args, stages, run_dir / "kl_off", kl_off=True)
     sft_gold = stages["report"]["sft_gold"]
