@@ -324,6 +324,9 @@ def test_opcheck():
             args = [a.reshape(agg_shape).detach().requires_grad_(a.requires_grad) if a is not None else None for a in args]
         args += [0.2, 0.5, 0.01, 0.2, 0.0, True, True, 1 if agg_shape else 0]
         torch.library.opcheck(torch.ops.fastppo.ppo_loss.default, tuple(args))
+        if agg_shape is None:  # a data-parallel group's advantage moments
+            group = torch.tensor([100.0, 0.3, 80.0], dtype=torch.float64)
+            torch.library.opcheck(torch.ops.fastppo.ppo_loss.default, tuple(args) + (group, 2.0))
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -401,3 +404,44 @@ def test_incoming_gradient_scales_the_saved_gradients(device):
         grads.append(torch.autograd.grad(out.loss * factor, [leaves[k] for k in DIFFERENTIABLE]))
     for one, scaled in zip(*grads):
         torch.testing.assert_close(scaled, -2.5 * one, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_group_moments_make_the_mean_of_ranks_the_loss_over_their_union(ranks):
+    """K calls, each on one rank's rows with the union's advantage moments and group_size K, average
+    to the one call on all the rows: loss, stats and gradients (masks give the ranks unequal counts)."""
+    rows = 97
+    inputs = batch(rows, seed=21)
+    mask = torch.rand(rows, generator=torch.Generator().manual_seed(5)) < 0.7
+    whole = ppo_loss(**inputs, mask=mask, ent_coef=0.01)
+    whole.loss.backward()
+    want = {k: inputs[k].grad.clone() for k in ("new_logprob", "new_value", "entropy")}
+    sel = inputs["advantages"][mask]
+    moments = torch.stack([sel.new_tensor(float(sel.numel())), sel.mean(), ((sel - sel.mean()) ** 2).sum()])
+    parts = torch.tensor_split(torch.arange(rows), ranks)
+    outs, grads = [], {k: torch.zeros_like(v) for k, v in want.items()}
+    for part in parts:
+        leaves = {k: inputs[k].detach()[part].clone().requires_grad_() for k in want}
+        data = {k: v.detach()[part] for k, v in inputs.items() if k not in want}
+        out = ppo_loss(**leaves, **data, mask=mask[part], ent_coef=0.01, group_moments=moments, group_size=ranks)
+        out.loss.backward()
+        outs.append(torch.stack(list(out)).detach())
+        for k in want:
+            grads[k][part] = leaves[k].grad / ranks  # the all-reduce's mean
+    torch.testing.assert_close(torch.stack(outs).mean(0), torch.stack(list(whole)).detach(), rtol=1e-12, atol=1e-12)
+    for k in want:
+        torch.testing.assert_close(grads[k], want[k], rtol=1e-12, atol=1e-12)
+
+
+def test_group_moments_bad_input():
+    inputs = batch(16, seed=2)
+    good = torch.tensor([16.0, 0.1, 3.0], dtype=torch.float64)
+    with pytest.raises(TypeError, match="group_moments"):
+        ppo_loss(**inputs, group_moments=good.float())
+    with pytest.raises(ValueError, match="group_moments"):
+        ppo_loss(**inputs, group_moments=good[:2])
+    with pytest.raises(ValueError, match="group_size"):
+        ppo_loss(**inputs, group_moments=good, group_size=0)
+    two_d = batch((4, 4), seed=2)
+    with pytest.raises(ValueError, match="token-mean"):
+        ppo_loss(**two_d, group_moments=good, agg="seq-mean-token-mean")

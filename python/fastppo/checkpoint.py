@@ -32,7 +32,10 @@ def load_checkpoint(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises several types for a damaged zip / pickle
         raise CheckpointError(f"checkpoint {path} is damaged and cannot be read ({type(err).__name__}: {err})") from err
-    missing = {"model", "optimizer", "boundary", "args", "iteration", "global_step", "rng", "actions"} - set(state)
+    per_rank = {"boundary", "rng", "actions"}  # a data-parallel run's checkpoint keeps them per rank
+    ranks = state.get("ranks") if isinstance(state, dict) else None
+    missing = {"model", "optimizer", "args", "iteration", "global_step"} - set(state)
+    missing |= per_rank - set(state) if ranks is None else set().union(*(per_rank - set(r) for r in ranks))
     if missing:
         raise CheckpointError(f"checkpoint {path} is not a fastppo training checkpoint (missing {sorted(missing)})")
     return state

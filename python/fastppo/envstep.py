@@ -18,6 +18,17 @@ from . import _C
 from . import _buffers as B
 
 
+def merge_moments(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Chan et al.'s merge of two sets of moments ``[3, ...]`` (count, mean, m2), elementwise over
+    the trailing shape, in float64: the rule of the compiled ``moments_merge``."""
+    (ca, ma, qa), (cb, mb, qb) = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    n = ca + cb
+    safe = np.where(n > 0, n, 1.0)
+    d = mb - ma
+    merged = np.stack([n, ma + d * (cb / safe), qa + qb + d * d * (ca * cb / safe)])
+    return np.where(n > 0, merged, np.stack([ca, ma, qa]))
+
+
 def _contiguous(x, dtype=None) -> np.ndarray:
     return np.ascontiguousarray(x if dtype is None else np.asarray(x, dtype=dtype))
 
@@ -137,6 +148,30 @@ class EnvBoundary:
         if count:
             self._book_finished(self.N)
         return count
+
+    def defer_stats(self) -> None:
+        """From now on each step's observation / return moments go to pending statistics, and
+        normalization keeps using the running ones until :meth:`absorb_pending` (data-parallel
+        training merges every rank's pending moments at the end of each rollout)."""
+        self.obs_pending = [np.zeros(1), np.zeros(self.obs_dim), np.zeros(self.obs_dim)]
+        self.return_pending = [np.zeros(1), np.zeros(1), np.zeros(1)]
+        self._stepper.defer_stats(*self.obs_pending, *self.return_pending)
+
+    def pending_moments(self) -> Tuple[np.ndarray, np.ndarray]:
+        """The pending (count, mean, m2) of the observations ``[3, obs_dim]`` and returns ``[3, 1]``."""
+        def rows(count, mean, m2):
+            return np.stack([np.broadcast_to(count, mean.shape), mean, m2])
+        return rows(*self.obs_pending), rows(*self.return_pending)
+
+    def absorb_pending(self, obs: np.ndarray, ret: np.ndarray) -> None:
+        """Merges moments ``[3, obs_dim]`` / ``[3, 1]`` into the running statistics and clears the pending ones."""
+        for (count, mean, m2), merged, pending in (
+                ((self.obs_count, self.obs_mean, self.obs_m2), obs, self.obs_pending),
+                ((self.return_count, self.return_mean, self.return_m2), ret, self.return_pending)):
+            total = merge_moments(np.stack([np.broadcast_to(count, mean.shape), mean, m2]), merged)
+            count[...], mean[...], m2[...] = total[0][:1], total[1], total[2]
+            for x in pending:
+                x[...] = 0.0
 
     def recent_mean_return(self, last: Optional[int] = None) -> Optional[float]:
         """Mean return of the recent episodes (of the ``last`` ones, when given), None before the

@@ -50,7 +50,7 @@ def _forward(
     new_logprob: Tensor, old_logprob: Tensor, advantages: Tensor, new_value: Optional[Tensor],
     old_value: Optional[Tensor], returns: Optional[Tensor], entropy: Optional[Tensor], mask: Optional[Tensor],
     clip_coef: float, vf_coef: float, ent_coef: float, vf_clip_coef: float, dual_clip: float,
-    clip_vloss: bool, norm_adv: bool, agg: int,
+    clip_vloss: bool, norm_adv: bool, agg: int, group: Optional[Tensor] = None, group_size: float = 1.0,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Runs the kernel. Returns (loss [], stats [6], grad_logprob [shape], grad_value [shape] or [0],
     row_scale [R]): the loss, its stats, its gradients w.r.t. new_logprob and new_value, and each
@@ -73,6 +73,7 @@ def _forward(
         clip_coef, vf_coef, ent_coef, vf_clip_coef, dual_clip, clip_vloss, norm_adv, agg,
         grad_logprob.data_ptr(), grad_value.data_ptr() if new_value is not None else None,
         loss.data_ptr(), stats.data_ptr(), row_scale.data_ptr(), workspace.data_ptr(), *B.device_stream(new_logprob),
+        None if group is None else group.data_ptr(), group_size,
     )
     return loss, stats, grad_logprob, grad_value, row_scale
 
@@ -104,7 +105,7 @@ def _backward(
 
 
 def _grads_for_inputs(d_logprob, d_value, d_entropy):
-    return (d_logprob, None, None, d_value, None, None, d_entropy) + (None,) * 9
+    return (d_logprob, None, None, d_value, None, None, d_entropy) + (None,) * 11
 
 
 # ------------------------------------------------------------------ eager: autograd.Function
@@ -126,7 +127,7 @@ class _PPOLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_stats):
         if grad_loss is None:
-            return (None,) * 16
+            return (None,) * 18
         grad_logprob, grad_value, row_scale, mask = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[6])
         # The saved gradients are this graph's own buffers, used once: they are scaled in place. A
@@ -146,15 +147,15 @@ def _ppo_loss_op(
     new_logprob: Tensor, old_logprob: Tensor, advantages: Tensor, new_value: Optional[Tensor],
     old_value: Optional[Tensor], returns: Optional[Tensor], entropy: Optional[Tensor], mask: Optional[Tensor],
     clip_coef: float, vf_coef: float, ent_coef: float, vf_clip_coef: float, dual_clip: float,
-    clip_vloss: bool, norm_adv: bool, agg: int,
+    clip_vloss: bool, norm_adv: bool, agg: int, group: Optional[Tensor] = None, group_size: float = 1.0,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _forward(new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy, mask,
-                    clip_coef, vf_coef, ent_coef, vf_clip_coef, dual_clip, clip_vloss, norm_adv, agg)
+                    clip_coef, vf_coef, ent_coef, vf_clip_coef, dual_clip, clip_vloss, norm_adv, agg, group, group_size)
 
 
 @_ppo_loss_op.register_fake
 def _ppo_loss_fake(new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy, mask,
-                   clip_coef, vf_coef, ent_coef, vf_clip_coef, dual_clip, clip_vloss, norm_adv, agg):
+                   clip_coef, vf_coef, ent_coef, vf_clip_coef, dual_clip, clip_vloss, norm_adv, agg, group=None, group_size=1.0):
     shape = new_logprob.shape
     R, _ = _rows_cols(shape)
     grad_value = new_logprob.new_empty(shape) if new_value is not None else new_logprob.new_empty(0)
@@ -202,6 +203,8 @@ def ppo_loss(
     norm_adv: bool = True,
     dual_clip: Optional[float] = None,
     agg: str = "token-mean",
+    group_moments: Optional[Tensor] = None,
+    group_size: int = 1,
 ) -> PPOLossOutput:
     """The clipped PPO loss, its stats and its gradients in one fused pass (CPU or CUDA).
 
@@ -230,6 +233,13 @@ def ppo_loss(
             ``"seq-mean-token-mean"`` / ``"seq-mean-token-sum"`` (per sequence mean / sum over its
             selected tokens, then the mean over sequences with at least one selected token). Applies
             to pg_loss, v_loss and entropy; approx_kl, old_approx_kl and clipfrac are token means.
+        group_moments: data-parallel training (token-mean only): float64 ``[3]`` (count, mean, m2)
+            of the selected advantages of the whole group's minibatch, on the inputs' device
+            (:func:`fastppo.distributed.Group.advantage_moments` all-gathers and merges them). The
+            advantages are normalized with them, and every mean divides by ``count / group_size``
+            instead of this call's own count, so the average of the ``group_size`` ranks' losses,
+            stats and gradients equals the loss over the union of their minibatches. Still one pass.
+        group_size: the number of ranks K (>= 1) whose minibatches ``group_moments`` describes.
 
     Returns:
         :class:`PPOLossOutput` ``(loss, pg_loss, v_loss, entropy, approx_kl, old_approx_kl, clipfrac)``:
@@ -267,8 +277,19 @@ def ppo_loss(
     if agg != "token-mean" and new_logprob.dim() != 2:
         raise ValueError(f"{_FN}: agg={agg!r} needs 2-D [B, T] inputs, got shape {tuple(new_logprob.shape)}")
     B.check_device(_FN, "new_logprob", new_logprob)
+    if group_moments is not None:
+        B.require_array(_FN, "group_moments", group_moments, "torch", ("float64",))
+        if tuple(group_moments.shape) != (3,) or group_moments.device != new_logprob.device:
+            raise ValueError(f"{_FN}: group_moments must be a float64 [3] tensor on {new_logprob.device}, got shape "
+                             f"{tuple(group_moments.shape)} on {group_moments.device}")
+        if agg != "token-mean":
+            raise ValueError(f"{_FN}: group_moments needs agg='token-mean', got {agg!r}")
+        group_moments = group_moments.contiguous()
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"{_FN}: group_size must be an int >= 1, got {group_size!r}")
     args = (new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy, mask,
-            clip_coef, vf_coef, ent_coef, vf_clip, dual, bool(clip_vloss), bool(norm_adv), AGG_MODES[agg])
+            clip_coef, vf_coef, ent_coef, vf_clip, dual, bool(clip_vloss), bool(norm_adv), AGG_MODES[agg],
+            group_moments, float(group_size))
     if torch.compiler.is_compiling():
         loss, stats = _ppo_loss_op(*args)[:2]
     else:

@@ -402,11 +402,22 @@ class FusedActorCritic:
         self.update_at(idx.numel(), idx.data_ptr(), self.lr if lr is None else lr, stats.ctypes.data)
         return stats
 
-    def update_at(self, M: int, idx: int, lr: float, stats: int) -> None:
+    def update_at(self, M: int, idx: int, lr: float, stats: int, group: int = 0, group_size: int = 1,
+                  apply_step: bool = True) -> None:
         """:meth:`update` on raw addresses (the trainer's call: indices already checked; the forward
-        pass reads the transposed weights as of the last update or :meth:`refresh`)."""
+        pass reads the transposed weights as of the last update or :meth:`refresh`). Data-parallel
+        training passes ``group``, the address of the group's float64 ``[3]`` advantage moments
+        (see ``fastppo.ppo_loss``'s ``group_moments``) and ``group_size``, and ``apply_step=False``:
+        the call then stops with the gradients in :attr:`grads` (for their all-reduce), and
+        :meth:`apply_at` does the clip and the Adam step."""
+        if apply_step:
+            self.step += 1
+        self._plan.update(M, idx, lr, self.step + (0 if apply_step else 1), stats, group, float(group_size), apply_step)
+
+    def apply_at(self, lr: float, stats: int) -> None:
+        """The grad-norm clip (its norm into ``stats[6]``) and the Adam step over :attr:`grads`."""
         self.step += 1
-        self._plan.update(M, idx, lr, self.step, stats)
+        self._plan.apply(lr, self.step, stats)
 
     def state_dict(self) -> dict:
         """Adam's state (step and moments), for checkpoints."""

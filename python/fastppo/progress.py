@@ -10,13 +10,13 @@ from pathlib import Path
 
 class Progress:
     """The live status of a run: a tqdm bar on a terminal, a printed line with the ETA every
-    ``every`` iterations otherwise (logs, CI). ``done``: iterations finished before this one began
-    (a resumed run)."""
+    ``every`` iterations otherwise (logs, CI); nothing when ``every`` is 0 (the ranks other than 0
+    of a data-parallel run). ``done``: iterations finished before this one began (a resumed run)."""
 
     def __init__(self, total: int, done: int, every: int, name: str = ""):
         self.total, self.done, self.every, self.start = total, done, every, time.perf_counter()
         self.label, self.bar = f"{name} " if name else "", None
-        if sys.stderr.isatty():
+        if every > 0 and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
             except ImportError:
@@ -28,7 +28,7 @@ class Progress:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(text, refresh=True)
-        elif iteration % self.every == 0 or iteration == self.total:
+        elif self.every > 0 and (iteration % self.every == 0 or iteration == self.total):
             eta = (time.perf_counter() - self.start) / max(iteration - self.done, 1) * (self.total - iteration)
             print(f"[{self.label}{iteration}/{self.total}] {text} | eta {eta:.0f}s", flush=True)
 

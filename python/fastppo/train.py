@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -29,12 +30,13 @@ import torch.nn as nn
 import tyro
 
 import fastppo
+from fastppo.distributed import Group, in_torchrun
 from fastppo.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastppo.envs import AsyncRollout, env_family, episode_bookkeeping, make_env, rollout_advantages
 from fastppo.envstep import EnvBoundary
 from fastppo.progress import Progress, tensorboard_writer
 
-__all__ = ["Agent", "Args", "Kernels", "PRESETS", "main", "resolve", "train"]
+__all__ = ["Agent", "Args", "Kernels", "PRESETS", "main", "rank_share", "resolve", "train"]
 
 _T = TypeVar("_T")
 # A setting that resolve() takes from the preset when it is left at None.
@@ -167,6 +169,42 @@ def resolve(args: Args) -> Args:
     return args
 
 
+def rank_share(args: Args, world_size: int, rank: int) -> Args:
+    """One rank's part of a data-parallel run of ``args`` (whose sizes are the whole run's):
+    ``num_envs`` and ``async_batch_size`` divided among the ranks, the environments' seeds offset
+    by the environments of the ranks before it, EnvPool's worker threads divided among the ranks'
+    share of the cores. Sizes that do not divide are an error."""
+    if world_size == 1:
+        return args
+    if args.num_envs % world_size:
+        raise ValueError(f"--num-envs ({args.num_envs}) must be divisible by the world size ({world_size}): "
+                         "each rank steps num_envs / world_size environments")
+    local_envs, local_async = args.num_envs // world_size, None
+    if args.async_batch_size is not None:
+        if args.async_batch_size % world_size or not 0 < args.async_batch_size // world_size < local_envs:
+            raise ValueError(f"--async-batch-size ({args.async_batch_size}) must be divisible by the world size "
+                             f"({world_size}) into [1, {local_envs}) per rank (each rank has {local_envs} environments)")
+        local_async = args.async_batch_size // world_size
+    local_batch = (local_async or local_envs) * args.num_steps
+    if local_batch % args.num_minibatches:
+        raise ValueError(f"--num-minibatches ({args.num_minibatches}) must divide each rank's batch ({local_batch}): "
+                         f"the batch is not divisible by the world size ({world_size}) into minibatches")
+    threads = args.env_threads
+    if threads is None and env_family(args.env_id) != "classic":
+        threads = max(1, (os.cpu_count() or 1) // world_size)
+    return dataclasses.replace(args, num_envs=local_envs, async_batch_size=local_async,
+                               seed=args.seed + rank * local_envs, env_threads=threads)
+
+
+def episode_statistics(boundary: EnvBoundary, group: Optional[Group]) -> tuple:
+    """Mean return of the recent episodes, of the last 10 (each rank's, pooled) and the episodes so far."""
+    recent = [r for r, _ in boundary.recent]
+    totals = [sum(recent), len(recent), sum(recent[-10:]), len(recent[-10:]), boundary.episodes]
+    if group is not None:
+        totals = group.sum(totals)
+    return (totals[0] / totals[1] if totals[1] else None, totals[2] / totals[3] if totals[3] else None, int(totals[4]))
+
+
 def layer_init(layer: nn.Module, std: float = math.sqrt(2), bias_const: float = 0.0) -> nn.Module:
     nn.init.orthogonal_(layer.weight, std)
     nn.init.constant_(layer.bias, bias_const)
@@ -285,6 +323,10 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     environment object to use instead of EnvPool's (tests). ``stop_after``: stop after this many
     iterations (as if killed right after that iteration's checkpoint). ``kernels``: the
     computations to use (the benchmark suite's eager baseline).
+
+    Under torchrun (see :mod:`fastppo.distributed`) the ranks share the run: ``args`` gives the
+    whole run's sizes, each rank steps its share of the environments, and rank 0 alone writes
+    the run directory.
     """
     checkpoint = None
     if resume is not None:
@@ -294,11 +336,22 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     args = resolve(args) if envs is None else args
     family = env_family(args.env_id) if envs is None else "classic"
     device = train_device(args)
-    if checkpoint is None:
-        run_name = args.run_name or f"{args.env_id}__seed{args.seed}__{int(time.time())}"
-        run_dir = Path(args.run_dir) / run_name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    group = Group(device.type) if in_torchrun() else None
+    K, rank, is_main = (1, 0, True) if group is None else (group.size, group.rank, group.is_main)
+    run_args, args = args, rank_share(args, K, rank)  # the run's settings (saved), this rank's share
+    if group is not None and kernels != Kernels():
+        raise ValueError("data-parallel training runs fastppo's kernels (other kernels were given)")
+    if checkpoint is not None:
+        if checkpoint.get("world_size", 1) != K:
+            raise CheckpointError(f"the checkpoint was written by {checkpoint.get('world_size', 1)} process(es); "
+                                  f"resume it with the same world size, not {K}")
+        checkpoint = checkpoint if group is None else dict(checkpoint, **checkpoint["ranks"][rank])
+    else:
+        run_name = run_args.run_name or f"{run_args.env_id}__seed{run_args.seed}__{int(time.time())}"
+        run_dir = Path(run_args.run_dir) / (run_name if group is None else group.broadcast_object(run_name))
+        if is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(run_args), indent=2))
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -308,6 +361,9 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     obs_shape = envs.observation_space.shape
     continuous = len(envs.action_space.shape) > 0
     agent = Agent(obs_shape, envs.action_space, family, kernels).to(device)
+    if group is not None:
+        group.broadcast_(list(agent.state_dict().values()))  # every rank starts from rank 0's weights
+        torch.manual_seed(run_args.seed + 1000003 * rank)  # and samples its own actions and minibatches
     t_setup = time.perf_counter()
     backend = policy_backend(args, family, obs_shape, device, kernels)
     fused, optimizer = None, None
@@ -326,10 +382,20 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     lr_now = args.learning_rate
     mujoco = family == "mujoco"
     boundary = EnvBoundary(args.num_envs, obs_shape, normalize_obs=mujoco, normalize_reward=mujoco, gamma=args.gamma)
+    if group is not None:
+        boundary.defer_stats()  # the ranks' statistics are merged after each rollout, so all normalize alike
 
     batch_size = (args.async_batch_size or args.num_envs) * args.num_steps
     minibatch_size = batch_size // args.num_minibatches
-    num_iterations = max(1, args.total_timesteps // batch_size)
+
+    def minibatch_moments(order: torch.Tensor) -> torch.Tensor:
+        """The group's advantage moments of each minibatch of this epoch's order, [num_minibatches, 3]."""
+        shape = (args.num_minibatches, minibatch_size)
+        return group.advantage_moments(b_advantages[order].view(shape), b_real[order].view(shape))
+
+    def group_mean(value: float) -> float:
+        return value if group is None else group.sum([value])[0] / K
+    num_iterations = max(1, args.total_timesteps // (batch_size * K))
     T, N = args.num_steps, args.num_envs
     # Rollout storage in host memory, written by the env boundary; the torch views share it on
     # the CPU and are copied once per rollout to a GPU.
@@ -385,9 +451,9 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         boundary.previous_done[:] = True  # the reset observation is no transition: nothing is booked
         boundary.step(raw_obs, np.zeros(N, np.float32), np.zeros(N, bool), np.zeros(N, bool), obs_np[0], *scratch)
 
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
-    writer = tensorboard_writer(run_dir)
-    progress = Progress(num_iterations, first_iteration - 1, args.log_every)
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if is_main else None
+    writer = tensorboard_writer(run_dir) if is_main else None
+    progress = Progress(num_iterations, first_iteration - 1, args.log_every if is_main else 0)
     start = time.perf_counter()
     timing = dict(env=0.0, inference=0.0, gae=0.0, learn=0.0)
     iteration = first_iteration - 1
@@ -411,14 +477,14 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
                 boundary.step_at(step, raw_obs, reward, term, trunc)
                 timing["env"] += perf_counter() - t1
                 timing["inference"] += t1 - t0
-            global_step += T * N
+            global_step += T * N * K
             action_log.append(env_actions)
         elif async_rollout is None:
             obs_t = torch.from_numpy(obs_np)
             env_actions = np.zeros((T, N) + action_shape, np.float32 if continuous else np.int32)
             action_log.append(env_actions)
             for step in range(T):
-                global_step += N
+                global_step += N * K
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     action, logprob, _, value = agent.get_action_and_value(obs_t[step].to(device, non_blocking=True))
@@ -431,6 +497,8 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
                 timing["env"] += time.perf_counter() - t1
                 timing["inference"] += t1 - t0
 
+        if group is not None:
+            group.merge_env_statistics(boundary)
         if async_rollout is None:
             t0 = time.perf_counter()
             obs_t = torch.from_numpy(obs_np)
@@ -453,7 +521,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
                 ids, slots = async_rollout.recv(step)
                 t0 = time.perf_counter()
                 timing["env"] += t0 - t1
-                global_step += len(ids)
+                global_step += len(ids) * K
                 obs_batch = torch.from_numpy(async_rollout.obs[slots]).to(device)
                 with torch.no_grad():
                     action, logprob, _, value = agent.get_action_and_value(obs_batch)
@@ -477,49 +545,64 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
             done_updates = 0
             for epoch in range(args.update_epochs):
                 order = torch.randperm(batch_size)
-                for start_ in range(0, batch_size, minibatch_size):
-                    fused.update_at(minibatch_size, order.data_ptr() + 8 * start_, lr_now,
-                                    stats_np.ctypes.data + stats_np.strides[0] * done_updates)
+                moments = None if group is None else minibatch_moments(order)
+                for i, start_ in enumerate(range(0, batch_size, minibatch_size)):
+                    stats_at = stats_np.ctypes.data + stats_np.strides[0] * done_updates
+                    if group is None:
+                        fused.update_at(minibatch_size, order.data_ptr() + 8 * start_, lr_now, stats_at)
+                    else:  # gradients, their mean over the ranks, then the clip and Adam step
+                        fused.update_at(minibatch_size, order.data_ptr() + 8 * start_, lr_now, stats_at,
+                                        moments[i].data_ptr(), K, apply_step=False)
+                        group.average_([fused.grads])
+                        fused.apply_at(lr_now, stats_at)
                     done_updates += 1
-                if args.target_kl is not None and stats_np[done_updates - 1, UPDATE_STATS.index("approx_kl")] > args.target_kl:
+                if args.target_kl is not None and group_mean(stats_np[done_updates - 1, UPDATE_STATS.index("approx_kl")]) > args.target_kl:
                     break
             mean_stats = stats_np[:done_updates, :len(UPDATE_STATS)].mean(0).tolist()
         stats = []
         for epoch in range(args.update_epochs) if fused is None else ():
             order = torch.randperm(batch_size, device=device)
-            for start_ in range(0, batch_size, minibatch_size):
+            moments = None if group is None else minibatch_moments(order)
+            for i, start_ in enumerate(range(0, batch_size, minibatch_size)):
                 mb = order[start_:start_ + minibatch_size]
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb], b_actions[mb])
                 out = kernels.ppo_loss(newlogprob, b_logprobs[mb], b_advantages[mb], newvalue, b_values[mb],
                                        b_returns[mb], entropy, mask=b_real[mb], clip_coef=args.clip_coef,
                                        vf_coef=args.vf_coef, ent_coef=args.ent_coef, clip_vloss=args.clip_vloss,
-                                       norm_adv=args.norm_adv)
+                                       norm_adv=args.norm_adv, **({} if group is None else dict(
+                                           group_moments=moments[i], group_size=K)))
                 optimizer.zero_grad()
                 out.loss.backward()
+                if group is not None:
+                    group.average_([p.grad for p in agent.parameters()])
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
                 stats.append(torch.stack([getattr(out, name) for name in UPDATE_STATS]))
-            if args.target_kl is not None and out.approx_kl.item() > args.target_kl:
+            if args.target_kl is not None and group_mean(out.approx_kl.item()) > args.target_kl:
                 break
         obs_np[0] = obs_np[T]
         timing["learn"] += time.perf_counter() - t0
 
         if fused is None:
             mean_stats = torch.stack(stats).mean(0).tolist()
+        if group is not None:
+            mean_stats = [x / K for x in group.sum(mean_stats)]
+        episodic_return, episodic_return_last10, episodes = episode_statistics(boundary, group)
         y_pred, y_true = b_values[b_real].cpu().numpy(), b_returns[b_real].cpu().numpy()
         var_y = np.var(y_true)
         explained_var = None if var_y == 0 else float(1 - np.var(y_true - y_pred) / var_y)
         elapsed = time.perf_counter() - start
         record = dict(
             iteration=iteration, global_step=global_step, sps=(iteration - first_iteration + 1) * batch_size / elapsed,
-            time=elapsed, first_iteration=first_iteration, episodic_return=boundary.recent_mean_return(),
-            episodic_return_last10=boundary.recent_mean_return(10),
-            episodes=boundary.episodes, learning_rate=lr_now, explained_variance=explained_var,
+            time=elapsed, first_iteration=first_iteration, episodic_return=episodic_return,
+            episodic_return_last10=episodic_return_last10, episodes=episodes, learning_rate=lr_now,
+            explained_variance=explained_var,
             **dict(zip(UPDATE_STATS, mean_stats)),
             **{f"time_{k}": v for k, v in timing.items()},
         )
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        if is_main:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
         if writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("iteration", "global_step", "first_iteration"):
@@ -528,24 +611,33 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         progress.update(iteration, f"step {global_step} | {record['sps']:.0f} SPS | return {ret} | "
                         + " ".join(f"{k} {v:.1f}s" for k, v in timing.items()))
         if iteration % args.checkpoint_every == 0 or iteration == num_iterations or iteration == stop_after:
-            save_checkpoint(run_dir / "checkpoint.pt", dict(
-                model=agent.state_dict(), optimizer=(fused or optimizer).state_dict(), policy_backend=backend,
-                boundary=boundary.state_dict(),
-                args=dataclasses.asdict(args), iteration=iteration, global_step=global_step, rng=rng_state(),
-                actions=np.concatenate(action_log) if action_log else np.zeros((0, N) + action_shape),
-                raw_obs=None if raw_obs is None else np.asarray(raw_obs), next_obs=obs_np[0].copy(),
-            ))
+            # What differs between ranks (their environments' replay, statistics and random streams) is
+            # saved per rank; the model and optimizer are the same on every rank.
+            own = dict(boundary=boundary.state_dict(), rng=rng_state(),
+                       actions=np.concatenate(action_log) if action_log else np.zeros((0, N) + action_shape),
+                       raw_obs=None if raw_obs is None else np.asarray(raw_obs), next_obs=obs_np[0].copy())
+            ranks = None if group is None else group.gather_objects(own)
+            if is_main:
+                save_checkpoint(run_dir / "checkpoint.pt", dict(
+                    model=agent.state_dict(), optimizer=(fused or optimizer).state_dict(), policy_backend=backend,
+                    args=dataclasses.asdict(run_args), iteration=iteration, global_step=global_step,
+                    **(own if group is None else dict(world_size=K, ranks=ranks)),
+                ))
         if iteration == stop_after:
             break
-    metrics_file.close()
+    if is_main:
+        metrics_file.close()
     progress.close()
     if writer is not None:
         writer.close()
     envs.close()
+    episodic_return, episodic_return_last10, episodes = episode_statistics(boundary, group)
+    if group is not None:
+        group.close()
     return dict(global_step=global_step, iterations=iteration, seconds=time.perf_counter() - start,
-                setup_seconds=setup_seconds, policy_backend=backend,
-                episodic_return=boundary.recent_mean_return(), episodic_return_last10=boundary.recent_mean_return(10),
-                episodes=boundary.episodes, run_dir=str(run_dir))
+                setup_seconds=setup_seconds, policy_backend=backend, world_size=K,
+                episodic_return=episodic_return, episodic_return_last10=episodic_return_last10,
+                episodes=episodes, run_dir=str(run_dir))
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,145 @@
+"""What each rank runs in tests/test_distributed.py, launched with torchrun (2 CPU processes, gloo).
+
+    python -m torch.distributed.run --nproc-per-node 2 tests/dist_worker.py KIND OUT_DIR [ARGS...]
+
+KIND:
+- ``train``: ``fastppo.train.train`` with the flags in ARGS (``--resume DIR`` alone resumes),
+  recording a hash of the parameters after every update; each rank writes ``rank{r}.pt`` with the
+  hashes and its final parameters.
+- ``update``: one minibatch update of the loss, on this rank's share of a batch both the test and
+  the ranks build from the same seed; writes the parameters after it (``rank{r}.pt``).
+- ``stats``: each rank books its share of observations / rewards in an ``EnvBoundary`` with
+  deferred statistics, then the group merges them; writes the running statistics.
+"""
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import fastppo
+from fastppo.distributed import Group
+from fastppo.envstep import EnvBoundary
+from fastppo.policy import FusedActorCritic
+
+
+def params_hash(params) -> str:
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    return hashlib.sha1(flat.numpy().tobytes()).hexdigest()
+
+
+def record_updates(hashes: list) -> None:
+    """Appends the parameters' hash after every optimizer step, on either backend."""
+    apply_at, adam_step = FusedActorCritic.apply_at, torch.optim.Adam.step
+
+    def fused_apply(self, *a, **k):
+        apply_at(self, *a, **k)
+        hashes.append(params_hash([self.params]))
+
+    def torch_step(self, *a, **k):
+        out = adam_step(self, *a, **k)
+        hashes.append(params_hash([p for g in self.param_groups for p in g["params"]]))
+        return out
+
+    FusedActorCritic.apply_at, torch.optim.Adam.step = fused_apply, torch_step
+
+
+def update_problem(seed: int = 0, rows: int = 64, obs_dim: int = 4):
+    """A batch of ``2 * rows`` transitions (the two ranks' halves) for CleanRL's CartPole agent."""
+    from fastppo.train import Agent
+
+    class Space:
+        n, shape = 2, ()
+
+    torch.manual_seed(seed)
+    agent = Agent((obs_dim,), Space(), "classic")
+    g = torch.Generator().manual_seed(seed + 1)
+    n = 2 * rows
+    batch = dict(obs=torch.randn(n, obs_dim, generator=g), actions=torch.randint(0, 2, (n,), generator=g),
+                 logprobs=-torch.rand(n, generator=g) - 0.3, advantages=torch.randn(n, generator=g) * 2 + 0.5,
+                 returns=torch.randn(n, generator=g), values=torch.randn(n, generator=g),
+                 real=torch.rand(n, generator=g) > 0.2)
+    return agent, batch
+
+
+def one_update(agent, batch, idx, backend: str, group=None, moments=None) -> list:
+    """One minibatch update (lr 1e-2, CleanRL's loss settings) on rows ``idx`` of ``batch``."""
+    K = 1 if group is None else group.size
+    if backend == "fused":
+        fused = FusedActorCritic(agent, lr=1e-2, eps=1e-5, max_grad_norm=0.5, clip_coef=0.2, vf_coef=0.5,
+                                 ent_coef=0.01, clip_vloss=True, norm_adv=True)
+        fused.set_batch(batch["obs"], batch["actions"], batch["logprobs"], batch["advantages"], batch["returns"],
+                        batch["values"], batch["real"])
+        stats = np.zeros(7)
+        if group is None:
+            fused.update(idx, stats=stats)
+        else:
+            fused.update_at(len(idx), idx.data_ptr(), 1e-2, stats.ctypes.data, moments.data_ptr(), K, apply_step=False)
+            group.average_([fused.grads])
+            fused.apply_at(1e-2, stats.ctypes.data)
+        return [fused.params.clone()]
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-2, eps=1e-5)
+    _, logprob, entropy, value = agent.get_action_and_value(batch["obs"][idx], batch["actions"][idx])
+    extra = {} if group is None else dict(group_moments=moments, group_size=K)
+    out = fastppo.ppo_loss(logprob, batch["logprobs"][idx], batch["advantages"][idx], value, batch["values"][idx],
+                           batch["returns"][idx], entropy, mask=batch["real"][idx], ent_coef=0.01, **extra)
+    out.loss.backward()
+    if group is not None:
+        group.average_([p.grad for p in agent.parameters()])
+    torch.nn.utils.clip_grad_norm_(agent.parameters(), 0.5)
+    optimizer.step()
+    return [p.detach().clone() for p in agent.parameters()]
+
+
+def stats_problem(rank: int, steps: int = 5, num_envs: int = 3, obs_dim: int = 3):
+    """Rank ``rank``'s observations ``[steps, N, D]`` and rewards ``[steps, N]``."""
+    g = np.random.default_rng(100 + rank)
+    return g.normal(2.0, 3.0, (steps, num_envs, obs_dim)), g.normal(1.0, 2.0, (steps, num_envs))
+
+
+def main(kind: str, out_dir: str, *args: str) -> None:
+    out = Path(out_dir)
+    if kind == "train":
+        from fastppo.train import Args, train
+
+        hashes: list = []
+        record_updates(hashes)
+        if args and args[0] == "--resume":
+            summary = train(Args(), resume=args[1])
+        else:
+            import tyro
+
+            stop = [a for a in args if a.startswith("--stop-after=")]
+            flags = [a for a in args if not a.startswith("--stop-after=")]
+            summary = train(tyro.cli(Args, args=flags), stop_after=int(stop[0].split("=")[1]) if stop else None)
+        torch.save(dict(hashes=hashes, summary=summary), out / f"rank{os.environ['RANK']}.pt")
+        return
+    group = Group("cpu")
+    if kind == "update":
+        backend = args[0]
+        agent, batch = update_problem()
+        rows = batch["obs"].shape[0] // group.size
+        idx = torch.arange(group.rank * rows, (group.rank + 1) * rows)
+        moments = group.advantage_moments(batch["advantages"][idx][None], batch["real"][idx][None])[0]
+        params = one_update(agent, batch, idx, backend, group, moments)
+        torch.save(dict(params=params, moments=moments), out / f"rank{group.rank}.pt")
+    elif kind == "stats":
+        obs, rewards = stats_problem(group.rank)
+        steps, N, D = obs.shape
+        boundary = EnvBoundary(N, (D,), normalize_obs=True, normalize_reward=True, gamma=0.9)
+        boundary.defer_stats()
+        outs = [np.zeros((N, D), np.float32), np.zeros(N, np.float32)] + [np.zeros(N, np.bool_) for _ in range(3)]
+        for t in range(steps):
+            boundary.step(obs[t], rewards[t], np.zeros(N, bool), np.zeros(N, bool), *outs)
+        group.merge_env_statistics(boundary)
+        torch.save(dict(obs=(boundary.obs_count.copy(), boundary.obs_mean.copy(), boundary.obs_m2.copy()),
+                        ret=(boundary.return_count.copy(), boundary.return_mean.copy(), boundary.return_m2.copy()),
+                        discounted=[boundary.discounted_return.copy()]), out / f"rank{group.rank}.pt")
+    group.close()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
