@@ -39,7 +39,7 @@ int64_t masked_whiten_workspace(int64_t R, int64_t C) {
 
 void masked_whiten(int64_t R, int64_t C, const std::string& dtype, Strided2 x, py::object mask,
                    const std::string& mask_dtype, bool shift_mean, double eps, py::object out, py::object workspace,
-                   int device, std::uintptr_t stream) {
+                   int device, std::uintptr_t stream, py::object group) {
   require(eps >= 0.0, "masked_whiten", "eps must be >= 0");
   WhitenArgs a = rows_cols_args<WhitenArgs>("masked_whiten", R, C, dtype);
   a.x = strided(x);
@@ -51,6 +51,7 @@ void masked_whiten(int64_t R, int64_t C, const std::string& dtype, Strided2 x, p
   a.partials = static_cast<double*>(optional_address(workspace));
   require(a.partials != nullptr, "masked_whiten", "missing workspace buffer");
   a.stats = a.partials + masked_whiten_workspace(R, C) - 3;
+  a.group = static_cast<const double*>(optional_address(group));
   require(R * C == 0 || (a.out && a.x.data), "masked_whiten", "missing input or output buffer");
   dispatch("masked_whiten", device, stream, masked_whiten_cpu, FASTPPO_CUDA_LAUNCHER(masked_whiten_cuda), a);
 }
@@ -87,9 +88,10 @@ void bind_rlhf(py::module_& m) {
         "(count, mean, unbiased variance) of the selected elements after the call.");
   m.def("masked_whiten", &masked_whiten, py::arg("R"), py::arg("C"), py::arg("dtype"), py::arg("x"), py::arg("mask"),
         py::arg("mask_dtype"), py::arg("shift_mean"), py::arg("eps"), py::arg("out"), py::arg("workspace"),
-        py::arg("device"), py::arg("stream"),
+        py::arg("device"), py::arg("stream"), py::arg("group") = py::none(),
         "Masked whitening over [R, C]: writes contiguous out [R, C] (0 where unselected). workspace: float64 "
-        "[masked_whiten_workspace(R, C)].");
+        "[masked_whiten_workspace(R, C)]. group: None, or float64 [3] (count, mean, m2) of the selected elements "
+        "of a data-parallel group's batch, used instead of this call's own.");
   m.def("token_gae", &token_gae, py::arg("R"), py::arg("C"), py::arg("dtype"), py::arg("rewards"), py::arg("values"),
         py::arg("last"), py::arg("gamma"), py::arg("lam"), py::arg("adv"), py::arg("ret"), py::arg("device"),
         py::arg("stream"),

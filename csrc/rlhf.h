@@ -73,6 +73,9 @@ struct WhitenArgs {
   void* out = nullptr;         // contiguous [R, C]; 0 at unselected elements
   double* partials = nullptr;  // [chunks * 3]: each chunk's count, mean, m2
   double* stats = nullptr;     // [3]: count, mean and unbiased variance of the selected elements
+  // Data-parallel training: (count, mean, m2) of the selected elements of the whole group's batch,
+  // used instead of this call's own; null: this call's data alone.
+  const double* group = nullptr;
 
   FASTPPO_HD int64_t chunks_per_row() const { return (C + kLossChunk - 1) / kLossChunk; }
   FASTPPO_HD int64_t chunks() const { return R * chunks_per_row(); }
@@ -102,8 +105,9 @@ FASTPPO_HD void whiten_store(const WhitenArgs& a, int64_t k, Moments m) {
 // is 0 (no unbiased estimate exists), so the output is (x - mean) / sqrt(eps).
 FASTPPO_HD void whiten_finish(const WhitenArgs& a) {
   Moments total{0.0, 0.0, 0.0};
-  for (int64_t k = 0; k < a.chunks(); ++k)
+  for (int64_t k = 0; k < a.chunks() && a.group == nullptr; ++k)
     total = moments_merge(total, Moments{a.partials[3 * k], a.partials[3 * k + 1], a.partials[3 * k + 2]});
+  if (a.group != nullptr) total = Moments{a.group[0], a.group[1], a.group[2]};
   a.stats[0] = total.count;
   a.stats[1] = total.mean;
   a.stats[2] = moments_unbiased_var(total);

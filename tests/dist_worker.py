@@ -10,6 +10,10 @@ KIND:
   the ranks build from the same seed; writes the parameters after it (``rank{r}.pt``).
 - ``stats``: each rank books its share of observations / rewards in an ``EnvBoundary`` with
   deferred statistics, then the group merges them; writes the running statistics.
+- ``rlhf``: ``fastppo.rlhf.run.main`` with the flags in ARGS, recording a hash of the trained
+  parameters after every optimizer step.
+- ``rlhf_update``: one RLHF PPO update on this rank's half of a rollout both the test and the ranks
+  build from the same seed; writes the trained parameters after it.
 """
 
 import hashlib
@@ -94,6 +98,29 @@ def one_update(agent, batch, idx, backend: str, group=None, moments=None) -> lis
     return [p.detach().clone() for p in agent.parameters()]
 
 
+def rlhf_problem(batch_size: int):
+    """A PPOTrainer on small models (no stages: untrained TinyGPTs) and one rollout of ``batch_size``
+    prompts; one epoch, one minibatch, two micro-batches per half of the batch."""
+    from fastppo.rlhf import digits as D
+    from fastppo.rlhf.models import ScalarHeadModel, frozen_copy
+    from fastppo.rlhf.ppo import PPOConfig, PPOTrainer
+
+    policy = D.new_policy(0)
+    critic = ScalarHeadModel(D.new_policy(1))
+    rm = ScalarHeadModel(D.new_policy(2)).eval()
+    for p in rm.parameters():
+        p.requires_grad_(False)
+    config = PPOConfig(batch_size=batch_size, response_length=6, ppo_epochs=1, num_minibatches=1,
+                       micro_batch_size=batch_size // 4, learning_rate=1e-3)
+    trainer = PPOTrainer(policy.eval(), frozen_copy(policy), rm, critic, D.prompts, D.EOS, D.PAD, config,
+                         generator=torch.Generator().manual_seed(5))
+    return trainer, trainer.rollout()
+
+
+def trained_params(trainer) -> list:
+    return [p.detach().clone() for p in trainer.trainable_parameters()]
+
+
 def stats_problem(rank: int, steps: int = 5, num_envs: int = 3, obs_dim: int = 3):
     """Rank ``rank``'s observations ``[steps, N, D]`` and rewards ``[steps, N]``."""
     g = np.random.default_rng(100 + rank)
@@ -117,8 +144,33 @@ def main(kind: str, out_dir: str, *args: str) -> None:
             summary = train(tyro.cli(Args, args=flags), stop_after=int(stop[0].split("=")[1]) if stop else None)
         torch.save(dict(hashes=hashes, summary=summary), out / f"rank{os.environ['RANK']}.pt")
         return
+    if kind == "rlhf":
+        from fastppo.rlhf import run
+
+        hashes: list = []
+        step = torch.optim.AdamW.step
+
+        def recorded(self, *a, **k):
+            out = step(self, *a, **k)
+            hashes.append(params_hash([p for g in self.param_groups for p in g["params"]]))
+            return out
+
+        torch.optim.AdamW.step = recorded
+        code = run.main(list(args))
+        torch.save(dict(hashes=hashes, code=code), out / f"rank{os.environ['RANK']}.pt")
+        return
     group = Group("cpu")
-    if kind == "update":
+    if kind == "rlhf_update":
+        from dataclasses import replace
+
+        trainer, full = rlhf_problem(16)
+        half = 16 // group.size
+        rows = slice(group.rank * half, (group.rank + 1) * half)
+        trainer.config = replace(trainer.config, batch_size=half, micro_batch_size=half // 2)
+        trainer.group = group
+        trainer.update(type(full)(*(x[rows] for x in full)), orders=[torch.arange(half)])
+        torch.save(dict(params=trained_params(trainer)), out / f"rank{group.rank}.pt")
+    elif kind == "update":
         backend = args[0]
         agent, batch = update_problem()
         rows = batch["obs"].shape[0] // group.size

@@ -126,3 +126,35 @@ def test_bad_configurations_fail_fast():
     assert (share.num_envs, share.seed) == (2, 1 + 2)
     assert share.env_threads == max(1, (os.cpu_count() or 1) // 2)
     assert rank_share(args, 1, 0) is args
+
+
+RLHF_FLAGS = ["--sft-steps", "20", "--rm-pairs", "64", "--rm-heldout-pairs", "32", "--rm-epochs", "1",
+              "--batch-size", "8", "--checkpoint-every", "1", "--no-compare-kl-off", "--no-plot"]
+
+
+def test_rlhf_two_ranks_in_lockstep_and_kill_and_resume(tmp_path):
+    whole = torchrun(tmp_path / "whole", "rlhf", "--run-dir", str(tmp_path / "whole_run"), "--iterations", "3",
+                     *RLHF_FLAGS)
+    assert whole[0]["code"] == whole[1]["code"] == 0
+    ppo = 3 * 4 * 2  # iterations x epochs x minibatches; rank 0 also made the stages (SFT, reward model) before
+    assert len(whole[1]["hashes"]) == ppo and len(whole[0]["hashes"]) > ppo
+    assert whole[0]["hashes"][-ppo:] == whole[1]["hashes"]
+    metrics = (tmp_path / "whole_run" / "kl" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 3
+    torchrun(tmp_path / "first", "rlhf", "--run-dir", str(tmp_path / "cut_run"), "--iterations", "1", *RLHF_FLAGS)
+    resumed = torchrun(tmp_path / "second", "rlhf", "--run-dir", str(tmp_path / "cut_run"), "--iterations", "3",
+                       "--resume", *RLHF_FLAGS)
+    assert len(resumed[0]["hashes"]) == 2 * 4 * 2  # the stages were loaded
+    assert resumed[0]["hashes"] == whole[1]["hashes"][-16:] == resumed[1]["hashes"]
+    assert (tmp_path / "cut_run" / "kl" / "metrics.jsonl").read_text() == "\n".join(metrics) + "\n"
+
+
+def test_rlhf_one_update_of_two_ranks_equals_one_process_with_both_halves(tmp_path):
+    ranks = torchrun(tmp_path, "rlhf_update")
+    trainer, full = dist_worker.rlhf_problem(16)
+    trainer.update(full, orders=[torch.arange(16)])
+    single = dist_worker.trained_params(trainer)
+    for rank in ranks:
+        for got, want in zip(rank["params"], single):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))

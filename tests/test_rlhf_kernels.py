@@ -647,3 +647,21 @@ def test_token_gae_clamps_last_index_into_the_row(device):
     for g, w in zip(got, want):
         assert torch.equal(g, w)
     assert torch.equal(got[0][2], torch.zeros(6, dtype=torch.float64, device=device))
+
+
+def test_masked_whiten_with_group_moments_equals_whitening_the_union():
+    """Two ranks' halves whitened with the union's moments are the union whitened as one."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 7, generator=g, dtype=torch.float64) * 2 + 1
+    mask = torch.rand(10, 7, generator=g) < 0.6
+    sel = x[mask]
+    moments = torch.stack([sel.new_tensor(float(sel.numel())), sel.mean(), ((sel - sel.mean()) ** 2).sum()])
+    for shift_mean in (True, False):
+        whole = masked_whiten(x, mask, shift_mean=shift_mean)
+        halves = [masked_whiten(x[i:i + 5], mask[i:i + 5], shift_mean=shift_mean, group_moments=moments)
+                  for i in (0, 5)]
+        torch.testing.assert_close(torch.cat(halves), whole, rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="group_moments"):
+        masked_whiten(x, mask, group_moments=moments.float())
+    with pytest.raises(ValueError, match="group_moments"):
+        masked_whiten(x, mask, group_moments=moments[:2])

@@ -71,7 +71,7 @@ def kl_rewards(
 def masked_whiten_workspace(R: int, C: int) -> int: ...
 def masked_whiten(
     R: int, C: int, dtype: str, x: _Strided2, mask: _Strided2 | None, mask_dtype: str, shift_mean: bool, eps: float,
-    out: _Data, workspace: _Data, device: int, stream: int,
+    out: _Data, workspace: _Data, device: int, stream: int, group: _Data | None = None,
 ) -> None: ...
 def token_gae(
     R: int, C: int, dtype: str, rewards: _Strided2, values: _Strided2, last: _Strided1, gamma: float, lam: float,

@@ -97,7 +97,8 @@ def kl_penalty_rewards(
     return ShapedRewards(rewards, kl, last)
 
 
-def masked_whiten(x: Tensor, mask: Optional[Tensor] = None, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Optional[Tensor] = None, shift_mean: bool = True, eps: float = 1e-8,
+                  group_moments: Optional[Tensor] = None) -> Tensor:
     """``(x - mean) / sqrt(var + eps)`` with the mean and unbiased variance of the selected elements.
 
     Args:
@@ -105,6 +106,9 @@ def masked_whiten(x: Tensor, mask: Optional[Tensor] = None, shift_mean: bool = T
         mask: optional ``[B, T]`` bool or 0/1; all elements when None.
         shift_mean: when False the mean is added back (only the scale changes), as for rewards.
         eps: added to the variance.
+        group_moments: data-parallel training: float64 ``[3]`` (count, mean, m2) of the selected
+            elements of the whole group's batch (``fastppo.distributed.Group.advantage_moments``),
+            used instead of this call's own, so every rank whitens as one process would the union.
 
     Returns:
         ``[B, T]`` of ``x``'s dtype, 0 at unselected elements. With fewer than two selected elements
@@ -116,12 +120,19 @@ def masked_whiten(x: Tensor, mask: Optional[Tensor] = None, shift_mean: bool = T
     if mask is not None:
         B.require_like(fn, "mask", mask, x, "x", B.FLAG_DTYPES)
     eps = B.require_real(fn, "eps", eps, "a finite number >= 0", 0.0)
+    if group_moments is not None:
+        B.require_array(fn, "group_moments", group_moments, "torch", ("float64",))
+        if tuple(group_moments.shape) != (3,) or group_moments.device != x.device:
+            raise ValueError(f"{fn}: group_moments must be a float64 [3] tensor on {x.device}, got shape "
+                             f"{tuple(group_moments.shape)} on {group_moments.device}")
+        group_moments = group_moments.contiguous()
     R, T = x.shape
     out = torch.empty((R, T), dtype=x.dtype, device=x.device)
     workspace = torch.empty(_C.masked_whiten_workspace(R, T), dtype=torch.float64, device=x.device)
     _C.masked_whiten(
         R, T, B.DTYPE_NAMES[x.dtype], B.spec(x), B.spec(mask), "" if mask is None else B.DTYPE_NAMES[mask.dtype],
         bool(shift_mean), eps, out.data_ptr(), workspace.data_ptr(), *B.device_stream(x),
+        None if group_moments is None else group_moments.data_ptr(),
     )
     return out
 

@@ -191,12 +191,16 @@ class PPOTrainer:
         extra_scores: optional ``{name: fn(query, response, response_mask, has_eos) -> [B]}`` logged
             as ``objective/<name>`` (the demo's hidden gold score).
         generator: the torch.Generator used for sampling prompts, responses and minibatch order.
+        group: data-parallel training (:class:`fastppo.distributed.Group`): ``config.batch_size`` is
+            this rank's share of the prompts; the models start equal on every rank (the caller's
+            job), each optimizer step averages the gradients over the ranks, the whitening
+            statistics are the group's, and the metrics are the group's means.
     """
 
     def __init__(self, policy: nn.Module, ref_policy: nn.Module, reward_model: ScalarHeadModel,
                  value_model: Optional[ScalarHeadModel], prompts: Callable, eos_id: int, pad_id: int,
                  config: PPOConfig, extra_scores: Optional[Dict[str, Callable]] = None,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, group=None):
         config.validate()
         self.policy, self.ref, self.rm, self.critic = disable_dropout(policy), ref_policy, reward_model, value_model
         self.device = next(policy.parameters()).device  # every model and batch lives here
@@ -212,6 +216,7 @@ class PPOTrainer:
         self.optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=config.learning_rate, eps=1e-5)
         self.kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.kl_target else None
         self.beta = config.kl_coef
+        self.group = group
 
     def trainable_parameters(self):
         params = list(self.policy.parameters())
@@ -258,24 +263,38 @@ class PPOTrainer:
         logprob = torch.where(response_mask, logprob, logprob.new_zeros(()))
         shaped = kl_penalty_rewards(logprob, ref_logprob, response_mask, scores, beta=self.beta,
                                     estimator=cfg.kl_estimator, kl_clamp=cfg.kl_clamp)
-        rewards = masked_whiten(shaped.rewards, response_mask, shift_mean=False) if cfg.whiten_rewards else shaped.rewards
+        rewards = self._whiten(shaped.rewards, response_mask, shift_mean=False) if cfg.whiten_rewards else shaped.rewards
         adv, ret = token_gae(rewards, value, shaped.last_index, cfg.gamma, cfg.lam)
-        adv = masked_whiten(adv, response_mask)
+        adv = self._whiten(adv, response_mask)
         return Rollout(query, sequence, mask, response, response_mask, has_eos, logprob, ref_logprob, value, scores,
                        shaped.kl, shaped.rewards, adv, ret)
+
+    def _whiten(self, x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+        """masked_whiten with this call's statistics, or the group's."""
+        if self.group is None:
+            return masked_whiten(x, mask, shift_mean=shift_mean)
+        moments = self.group.advantage_moments(x.reshape(1, -1), mask.reshape(1, -1))[0]
+        return masked_whiten(x, mask, shift_mean=shift_mean, group_moments=moments)
 
     # --- one iteration ---------------------------------------------------------------------------
 
     def step(self) -> Dict[str, float]:
         """One rollout and its PPO update; returns the iteration's metrics."""
-        cfg = self.config
         batch = self.rollout()
+        return self._metrics(batch, self.update(batch))
+
+    def update(self, batch: Rollout, orders: Optional[list] = None) -> Dict[str, list]:
+        """The PPO epochs over ``batch``: shuffled minibatches (``orders``: each epoch's order of the
+        batch's rows instead), micro-batches accumulating gradients, one optimizer step per
+        minibatch (after the gradients' mean over the group's ranks). Returns the per-micro-batch stats."""
+        cfg = self.config
         Lq = batch.query.shape[1]
         minibatch = cfg.batch_size // cfg.num_minibatches
         sums: Dict[str, list] = {k: [] for k in ("approxkl", "clipfrac", "pg", "vf", "vf_clipfrac", "entropy", "ratio")}
         self.policy.train()
-        for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(cfg.batch_size, generator=self.generator).to(batch.sequence.device)
+        for epoch in range(cfg.ppo_epochs):
+            order = orders[epoch] if orders is not None else torch.randperm(cfg.batch_size, generator=self.generator)
+            order = order.to(batch.sequence.device)
             for start in range(0, cfg.batch_size, minibatch):
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro in range(start, start + minibatch, cfg.micro_batch_size):
@@ -299,10 +318,12 @@ class PPOTrainer:
                     for key, value in (("approxkl", out.approx_kl), ("clipfrac", out.clipfrac), ("pg", out.pg_loss),
                                        ("vf", out.v_loss), ("entropy", out.entropy)):
                         sums[key].append(value)
+                if self.group is not None:
+                    self.group.average_([p.grad for p in self.trainable_parameters() if p.grad is not None])
                 nn.utils.clip_grad_norm_(self.trainable_parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
         self.policy.eval()
-        return self._metrics(batch, sums)
+        return sums
 
     @torch.no_grad()
     def _metrics(self, batch: Rollout, sums: Dict[str, list]) -> Dict[str, float]:
@@ -330,9 +351,13 @@ class PPOTrainer:
         for name, fn in self.extra_scores.items():
             metrics[f"objective/{name}"] = fn(batch.query, batch.response, mask, batch.has_eos).to(batch.scores.dtype).mean()
         out = {k: float(v) for k, v in metrics.items()}  # one host sync per iteration, for logging
+        sequences = self.config.batch_size
+        if self.group is not None:  # every rank has as many sequences: the group's means are the means of the ranks'
+            out = dict(zip(out, (v / self.group.size for v in self.group.sum(list(out.values())))))
+            sequences *= self.group.size
         out["objective/beta"] = self.beta
         if self.kl_ctl is not None:
-            self.kl_ctl.update(out["objective/kl"], self.config.batch_size)
+            self.kl_ctl.update(out["objective/kl"], sequences)
             self.beta = self.kl_ctl.value
         return out
 

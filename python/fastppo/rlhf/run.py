@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -26,6 +27,7 @@ import torch
 import tyro
 
 from ..checkpoint import save_checkpoint
+from ..distributed import Group, in_torchrun
 from ..progress import Progress
 from . import digits as D
 from .models import ScalarHeadModel, frozen_copy
@@ -70,7 +72,7 @@ class RLHFArgs:
     plot: bool = True
     """write rlhf.png (needs matplotlib)"""
 
-    def validate(self) -> None:
+    def validate(self, world_size: int = 1) -> None:
         if self.critic not in ("separate", "shared"):
             raise ValueError(f"--critic must be separate or shared, got {self.critic!r}")
         if self.device not in ("cpu", "cuda"):
@@ -85,14 +87,19 @@ class RLHFArgs:
         longest = D.model_config().max_positions - D.PROMPT_DIGITS - 2  # the prompt is BOS d d d d SEP
         if self.ppo.response_length > longest:
             raise ValueError(f"--response-length must be <= {longest}, got {self.ppo.response_length}")
-        self.ppo_config().validate()
+        if self.ppo.batch_size % world_size:
+            raise ValueError(f"--batch-size ({self.ppo.batch_size}) must be divisible by the world size ({world_size}): "
+                             "each rank rolls out batch_size / world_size prompts")
+        self.ppo_config(world_size=world_size).validate()
 
-    def ppo_config(self, kl_off: bool = False) -> PPOConfig:
-        """``ppo`` with minibatches and micro-batches capped by the batch, and no KL penalty when ``kl_off``."""
-        minibatches = min(self.ppo.num_minibatches, self.ppo.batch_size)
-        micro = min(self.ppo.micro_batch_size, self.ppo.batch_size // minibatches)
+    def ppo_config(self, kl_off: bool = False, world_size: int = 1) -> PPOConfig:
+        """``ppo`` for one of ``world_size`` ranks (its share of the batch), with minibatches and
+        micro-batches capped by that batch, and no KL penalty when ``kl_off``."""
+        batch = self.ppo.batch_size // world_size
+        minibatches = min(self.ppo.num_minibatches, batch)
+        micro = min(self.ppo.micro_batch_size, batch // minibatches)
         off = dict(kl_coef=0.0, kl_target=None) if kl_off else {}
-        return replace(self.ppo, num_minibatches=minibatches, micro_batch_size=micro, **off)
+        return replace(self.ppo, batch_size=batch, num_minibatches=minibatches, micro_batch_size=micro, **off)
 
 
 def _tiny_gpt(seed: int) -> torch.nn.Module:
@@ -158,7 +165,7 @@ def build_stages(args: RLHFArgs, run_dir: Path) -> dict:
     return state
 
 
-def _trainer(args: RLHFArgs, stages: dict, kl_off: bool) -> PPOTrainer:
+def _trainer(args: RLHFArgs, stages: dict, kl_off: bool, group: Optional[Group] = None) -> PPOTrainer:
     make = PRESETS[args.preset]
     policy = make(args.seed).to(args.device)
     policy.load_state_dict(stages["sft"])
@@ -172,41 +179,57 @@ def _trainer(args: RLHFArgs, stages: dict, kl_off: bool) -> PPOTrainer:
         critic = copy.deepcopy(rm)  # the value model starts as the reward model
         for p in critic.parameters():
             p.requires_grad_(True)
-    g = torch.Generator().manual_seed(args.seed + (1000 if kl_off else 0))
+    # Every rank starts from the same stages; each draws its own prompts, responses and minibatches.
+    rank, size = (0, 1) if group is None else (group.rank, group.size)
+    g = torch.Generator().manual_seed(args.seed + (1000 if kl_off else 0) + 7919 * rank)
     return PPOTrainer(policy.eval(), frozen_copy(policy), rm, critic, D.prompts, D.EOS, D.PAD,
-                      args.ppo_config(kl_off), {"gold": D.gold_score}, g)
+                      args.ppo_config(kl_off, size), {"gold": D.gold_score}, g, group)
 
 
-def run_ppo(args: RLHFArgs, stages: dict, out: Path, kl_off: bool) -> list:
-    """PPO iterations with checkpoints every ``checkpoint_every``; resumes from ``out/checkpoint.pt``."""
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = _trainer(args, stages, kl_off)
+def run_ppo(args: RLHFArgs, stages: dict, out: Path, kl_off: bool, group: Optional[Group] = None) -> list:
+    """PPO iterations with checkpoints every ``checkpoint_every``; resumes from ``out/checkpoint.pt``.
+    Under torchrun rank 0 alone writes; the checkpoint keeps every rank's random stream."""
+    is_main, size = group is None or group.is_main, 1 if group is None else group.size
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    trainer = _trainer(args, stages, kl_off, group)
     ckpt, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
     history, first = [], 1
     if args.resume and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state.get("world_size", 1) != size:
+            raise SystemExit(f"error: {ckpt} was written by {state.get('world_size', 1)} process(es); resume it with "
+                             f"the same world size, not {size}")
         trainer.load_state_dict(state["trainer"])
+        if group is not None:
+            trainer.generator.set_state(state["generators"][group.rank])
         history, first = state["history"], state["iteration"] + 1
         _log(f"{out.name}: resumed after iteration {state['iteration']}")
     elif ckpt.exists() and not args.resume:
         raise SystemExit(f"error: {ckpt} exists; pass --resume to continue it or choose another --run-dir")
-    # metrics.jsonl holds exactly the checkpointed iterations (a killed run may have written more)
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
-    progress = Progress(args.iterations, first - 1, every=10, name=out.name)
+    if is_main:  # metrics.jsonl holds exactly the checkpointed iterations (a killed run may have written more)
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+    progress = Progress(args.iterations, first - 1, every=10 if is_main else 0, name=out.name)
+    log = metrics_path.open("a") if is_main else None
     try:
-        with metrics_path.open("a") as log:
-            for it in range(first, args.iterations + 1):
-                record = {"iteration": it, **trainer.step()}
-                history.append(record)
+        for it in range(first, args.iterations + 1):
+            record = {"iteration": it, **trainer.step()}
+            history.append(record)
+            if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-                progress.update(it, f"score {record['objective/scores']:.3f} | gold {record['objective/gold']:.3f} | "
-                                f"kl {record['objective/kl']:.3f} | len {record['val/response_length']:.1f} | "
-                                f"{time.perf_counter() - progress.start:.0f}s")
-                if it % args.checkpoint_every == 0 or it == args.iterations:
-                    save_checkpoint(ckpt, {"trainer": trainer.state_dict(), "history": history, "iteration": it})
+            progress.update(it, f"score {record['objective/scores']:.3f} | gold {record['objective/gold']:.3f} | "
+                            f"kl {record['objective/kl']:.3f} | len {record['val/response_length']:.1f} | "
+                            f"{time.perf_counter() - progress.start:.0f}s")
+            if it % args.checkpoint_every == 0 or it == args.iterations:
+                generators = None if group is None else group.gather_objects(trainer.generator.get_state())
+                if is_main:
+                    save_checkpoint(ckpt, {"trainer": trainer.state_dict(), "history": history, "iteration": it,
+                                           **({} if group is None else dict(world_size=size, generators=generators))})
     finally:
         progress.close()
+        if log is not None:
+            log.close()
     return history
 
 
@@ -241,20 +264,38 @@ def main(argv=None) -> int:
     """``fastppo rlhf``: a flag per ``RLHFArgs`` field."""
     args = tyro.cli(RLHFArgs, args=argv, prog="fastppo rlhf", config=(tyro.conf.DisallowNone,),
                     description="The whole RLHF story on the offline digits task, with checkpoints and resume.")
+    world_size = int(os.environ["WORLD_SIZE"]) if in_torchrun() else 1
     try:
-        args.validate()
+        args.validate(world_size)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    group = Group(args.device) if in_torchrun() else None
+    try:
+        return _run(args, group)
+    finally:
+        if group is not None:
+            group.close()
+
+
+def _run(args: RLHFArgs, group: Optional[Group]) -> int:
+    """The stages (rank 0 makes them and hands them to the others), the PPO runs, the report."""
+    is_main = group is None or group.is_main
     run_dir = Path(args.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
-    stages = build_stages(args, run_dir)
-    runs = {"KL penalty (beta %g)" % args.ppo.kl_coef: run_ppo(args, stages, run_dir / "kl", kl_off=False)}
+    stages = None
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
+        stages = build_stages(args, run_dir)
+    if group is not None:  # the reference, reward and starting models are rank 0's on every rank
+        stages = group.broadcast_object(stages)
+    runs = {"KL penalty (beta %g)" % args.ppo.kl_coef: run_ppo(args, stages, run_dir / "kl", False, group)}
     if args.compare_kl_off:
-        runs["no KL penalty"] = run_ppo(args, stages, run_dir / "kl_off", kl_off=True)
+        runs["no KL penalty"] = run_ppo(args, stages, run_dir / "kl_off", True, group)
+    if not is_main:
+        return 0
     sft_gold = stages["report"]["sft_gold"]
     for name, history in runs.items():
         last = history[-10:]
