@@ -17,6 +17,7 @@ KIND:
 """
 
 import hashlib
+from dataclasses import asdict
 import os
 import sys
 from pathlib import Path
@@ -31,7 +32,8 @@ from fastppo.policy import FusedActorCritic
 
 
 def params_hash(params) -> str:
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    """sha1 of the parameters (this rank's shards of FSDP's DTensors)."""
+    flat = torch.cat([getattr(p, "_local_tensor", p).detach().reshape(-1) for p in params])
     return hashlib.sha1(flat.numpy().tobytes()).hexdigest()
 
 
@@ -98,9 +100,11 @@ def one_update(agent, batch, idx, backend: str, group=None, moments=None) -> lis
     return [p.detach().clone() for p in agent.parameters()]
 
 
-def rlhf_problem(batch_size: int):
+def rlhf_problem(batch_size: int, group=None, fsdp: bool = False):
     """A PPOTrainer on small models (no stages: untrained TinyGPTs) and one rollout of ``batch_size``
-    prompts; one epoch, one minibatch, two micro-batches per half of the batch."""
+    prompts; one epoch, one minibatch, two micro-batches per half of the batch. With ``fsdp`` the
+    trainer returned shards its models over ``group`` (the rollout is made before, unsharded)."""
+    import copy
     from fastppo.rlhf import digits as D
     from fastppo.rlhf.models import ScalarHeadModel, frozen_copy
     from fastppo.rlhf.ppo import PPOConfig, PPOTrainer
@@ -112,13 +116,24 @@ def rlhf_problem(batch_size: int):
         p.requires_grad_(False)
     config = PPOConfig(batch_size=batch_size, response_length=6, ppo_epochs=1, num_minibatches=1,
                        micro_batch_size=batch_size // 4, learning_rate=1e-3)
+    models = copy.deepcopy((policy, critic))
     trainer = PPOTrainer(policy.eval(), frozen_copy(policy), rm, critic, D.prompts, D.EOS, D.PAD, config,
                          generator=torch.Generator().manual_seed(5))
-    return trainer, trainer.rollout()
+    rollout = trainer.rollout()
+    if fsdp:
+        half = dict(batch_size=batch_size // group.size, micro_batch_size=batch_size // group.size // 2)
+        trainer = PPOTrainer(models[0].eval(), frozen_copy(models[0]), rm, models[1], D.prompts, D.EOS, D.PAD,
+                             PPOConfig(**{**asdict(config), **half}), group=group, fsdp=True)
+    return trainer, rollout
 
 
 def trained_params(trainer) -> list:
-    return [p.detach().clone() for p in trainer.trainable_parameters()]
+    """The trained parameters in order (with FSDP gathered whole: a collective)."""
+    names = [name for name, _ in trainer._modules().named_parameters()]
+    if trainer.fsdp:
+        full = trainer.state_dict()["modules"]
+        return [full[name].clone() for name in names] if full else []
+    return [p.detach().clone() for _, p in trainer._modules().named_parameters()]
 
 
 def stats_problem(rank: int, steps: int = 5, num_envs: int = 3, obs_dim: int = 3):
@@ -163,11 +178,13 @@ def main(kind: str, out_dir: str, *args: str) -> None:
     if kind == "rlhf_update":
         from dataclasses import replace
 
-        trainer, full = rlhf_problem(16)
+        fsdp = args[:1] == ("fsdp",)
+        trainer, full = rlhf_problem(16, group, fsdp)
         half = 16 // group.size
         rows = slice(group.rank * half, (group.rank + 1) * half)
-        trainer.config = replace(trainer.config, batch_size=half, micro_batch_size=half // 2)
-        trainer.group = group
+        if not fsdp:
+            trainer.config = replace(trainer.config, batch_size=half, micro_batch_size=half // 2)
+            trainer.group = group
         trainer.update(type(full)(*(x[rows] for x in full)), orders=[torch.arange(half)])
         torch.save(dict(params=trained_params(trainer)), out / f"rank{group.rank}.pt")
     elif kind == "update":

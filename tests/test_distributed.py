@@ -149,12 +149,30 @@ def test_rlhf_two_ranks_in_lockstep_and_kill_and_resume(tmp_path):
     assert (tmp_path / "cut_run" / "kl" / "metrics.jsonl").read_text() == "\n".join(metrics) + "\n"
 
 
-def test_rlhf_one_update_of_two_ranks_equals_one_process_with_both_halves(tmp_path):
-    ranks = torchrun(tmp_path, "rlhf_update")
+@pytest.mark.parametrize("sharding", ["replicated", "fsdp"])
+def test_rlhf_one_update_of_two_ranks_equals_one_process_with_both_halves(tmp_path, sharding):
+    """Replicated models with averaged gradients, or FSDP2-sharded ones (gathered whole here)."""
+    ranks = torchrun(tmp_path, "rlhf_update", sharding)
     trainer, full = dist_worker.rlhf_problem(16)
     trainer.update(full, orders=[torch.arange(16)])
     single = dist_worker.trained_params(trainer)
-    for rank in ranks:
+    for rank in ranks[:1] if sharding == "fsdp" else ranks:  # FSDP's full state is gathered on rank 0
+        assert len(rank["params"]) == len(single)
         for got, want in zip(rank["params"], single):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
+    if sharding == "replicated":
+        assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
+
+
+def test_rlhf_fsdp_kill_and_resume_equals_the_uninterrupted_run(tmp_path):
+    """Each rank's shards after the last step of a resumed FSDP run equal the uninterrupted run's."""
+    flags = ["--fsdp", *RLHF_FLAGS]
+    whole = torchrun(tmp_path / "whole", "rlhf", "--run-dir", str(tmp_path / "w"), *flags, "--iterations", "2")
+    torchrun(tmp_path / "first", "rlhf", "--run-dir", str(tmp_path / "c"), *flags, "--iterations", "1")
+    resumed = torchrun(tmp_path / "second", "rlhf", "--run-dir", str(tmp_path / "c"), *flags, "--iterations", "2",
+                       "--resume")
+    assert all(r["code"] == 0 for r in whole + resumed)
+    for rank in range(2):
+        assert resumed[rank]["hashes"][-1] == whole[rank]["hashes"][-1]
+    assert whole[0]["hashes"][-1] != whole[1]["hashes"][-1]  # the ranks hold different shards
+    assert (tmp_path / "c" / "kl" / "metrics.jsonl").read_text() == (tmp_path / "w" / "kl" / "metrics.jsonl").read_text()

@@ -132,6 +132,27 @@ class Group:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_true(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank (a collective: every rank must ask)."""
+        return self.sum([float(bool(flag))])[0] == self.size
+
+    def shard(self, module: torch.nn.Module, methods: Sequence[str] = ()) -> torch.nn.Module:
+        """FSDP2's ``fully_shard`` over the group: each block of every ``ModuleList`` (a
+        transformer's layers) is its own unit, then the root; parameters become DTensors sharded
+        across the ranks, gathered per unit for its forward and backward, and their gradients are
+        reduce-scattered (averaged over the ranks) by backward itself. ``methods``: the module's
+        methods other than ``forward`` that run it (they gather its parameters too)."""
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        for child in list(module.modules()):
+            if isinstance(child, torch.nn.ModuleList):
+                for block in child:
+                    fully_shard(block)
+        fully_shard(module)
+        for name in methods:
+            register_fsdp_forward_method(module, name)
+        return module
+
     def merge_env_statistics(self, boundary) -> None:
         """Folds every rank's pending observation / return moments (an ``EnvBoundary`` with
         ``defer_stats()``) into the running statistics, identically on every rank."""

@@ -126,12 +126,15 @@ class Rollout(NamedTuple):
 
 @torch.no_grad()
 def generate(policy: nn.Module, query: Tensor, query_mask: Tensor, max_new_tokens: int, temperature: float,
-             eos_id: int, pad_id: int, generator: Optional[torch.Generator] = None) -> Tensor:
+             eos_id: int, pad_id: int, generator: Optional[torch.Generator] = None,
+             all_done: Callable[[bool], bool] = bool) -> Tensor:
     """Samples ``[B, max_new_tokens]`` tokens from ``softmax(logits / temperature)``, stopping early
     once every row has emitted ``eos_id``; the rest is filled with ``pad_id``.
 
     Sampling is Gumbel-max (``argmax(logits / T + Gumbel noise)``, an exact sample of the softmax)
-    with the noise drawn from ``generator`` on the CPU, so one seeded generator serves any device."""
+    with the noise drawn from ``generator`` on the CPU, so one seeded generator serves any device.
+    ``all_done`` turns "every row of this batch is done" into the decision to stop (sharded models
+    must stop on every rank together)."""
     ids, mask = query, query_mask
     B = query.shape[0]
     tokens = []
@@ -145,7 +148,7 @@ def generate(policy: nn.Module, query: Tensor, query_mask: Tensor, max_new_token
         ids = torch.cat([ids, tok[:, None]], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         done = done | (tok == eos_id)
-        if bool(done.all()):
+        if all_done(bool(done.all())):
             break
     out = torch.stack(tokens, 1)
     if out.shape[1] < max_new_tokens:
@@ -195,12 +198,14 @@ class PPOTrainer:
             this rank's share of the prompts; the models start equal on every rank (the caller's
             job), each optimizer step averages the gradients over the ranks, the whitening
             statistics are the group's, and the metrics are the group's means.
+        fsdp: with a group, shard the policy and the value model with FSDP2 (``fully_shard``), for
+            models that do not fit one device; the reward and reference models stay replicated.
     """
 
     def __init__(self, policy: nn.Module, ref_policy: nn.Module, reward_model: ScalarHeadModel,
                  value_model: Optional[ScalarHeadModel], prompts: Callable, eos_id: int, pad_id: int,
                  config: PPOConfig, extra_scores: Optional[Dict[str, Callable]] = None,
-                 generator: Optional[torch.Generator] = None, group=None):
+                 generator: Optional[torch.Generator] = None, group=None, fsdp: bool = False):
         config.validate()
         self.policy, self.ref, self.rm, self.critic = disable_dropout(policy), ref_policy, reward_model, value_model
         self.device = next(policy.parameters()).device  # every model and batch lives here
@@ -213,10 +218,19 @@ class PPOTrainer:
         self.prompts, self.eos_id, self.pad_id, self.config = prompts, eos_id, pad_id, config
         self.extra_scores = extra_scores or {}
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.group, self.fsdp = group, fsdp
+        if fsdp:
+            if group is None:
+                raise ValueError("PPOTrainer: fsdp needs a data-parallel group")
+            group.shard(self.policy)
+            if self.critic is not None:
+                group.shard(self.critic, methods=("values",))
+        # What the optimizer step averages by hand: everything, or (FSDP) what is not sharded.
+        self._replicated = [p for p in self.trainable_parameters()
+                            if not (fsdp and type(p).__name__ == "DTensor")]
         self.optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=config.learning_rate, eps=1e-5)
         self.kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.kl_target else None
         self.beta = config.kl_coef
-        self.group = group
 
     def trainable_parameters(self):
         params = list(self.policy.parameters())
@@ -242,7 +256,7 @@ class PPOTrainer:
         query, query_mask = query.to(self.device), query_mask.to(self.device)
         Lq = query.shape[1]
         raw = generate(self.policy, query, query_mask, cfg.response_length, cfg.temperature, self.eos_id,
-                       self.pad_id, self.generator)
+                       self.pad_id, self.generator, bool if self.group is None else self.group.all_true)
         response, response_mask, has_eos = truncate_after_eos(raw, self.eos_id, self.pad_id)
         sequence = torch.cat([query, response], 1)
         mask = torch.cat([query_mask.bool(), response_mask], 1).long()
@@ -318,8 +332,8 @@ class PPOTrainer:
                     for key, value in (("approxkl", out.approx_kl), ("clipfrac", out.clipfrac), ("pg", out.pg_loss),
                                        ("vf", out.v_loss), ("entropy", out.entropy)):
                         sums[key].append(value)
-                if self.group is not None:
-                    self.group.average_([p.grad for p in self.trainable_parameters() if p.grad is not None])
+                if self.group is not None and self._replicated:
+                    self.group.average_([p.grad for p in self._replicated if p.grad is not None])
                 nn.utils.clip_grad_norm_(self.trainable_parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
         self.policy.eval()
@@ -363,7 +377,19 @@ class PPOTrainer:
 
     # --- checkpoints -----------------------------------------------------------------------------
 
+    def _modules(self) -> nn.ModuleDict:
+        return nn.ModuleDict({"policy": self.policy, "critic": self.critic or self.value_head})
+
     def state_dict(self) -> dict:
+        """The trainer's state; with FSDP the full (unsharded) tensors, gathered on the CPU (a
+        collective: every rank must call it)."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            models, optim = get_state_dict(self._modules(), self.optimizer,
+                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return {"modules": models, "optimizer": optim, "generator": self.generator.get_state(),
+                    "beta": self.beta, "config": asdict(self.config)}
         return {
             "policy": self.policy.state_dict(),
             "critic": (self.critic or self.value_head).state_dict(),
@@ -374,9 +400,16 @@ class PPOTrainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.policy.load_state_dict(state["policy"])
-        (self.critic or self.value_head).load_state_dict(state["critic"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(self._modules(), self.optimizer, model_state_dict=state["modules"],
+                           optim_state_dict=state["optimizer"],
+                           options=StateDictOptions(full_state_dict=True, strict=False))  # unused params have no Adam state
+        else:
+            self.policy.load_state_dict(state["policy"])
+            (self.critic or self.value_head).load_state_dict(state["critic"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.beta = state["beta"]
         if self.kl_ctl is not None:

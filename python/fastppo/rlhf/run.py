@@ -67,6 +67,8 @@ class RLHFArgs:
     """value model: separate (a copy of the reward model) or shared (a zero-initialized value head on the policy trunk)"""
     device: str = "cpu"
     """where the four models run: cpu or cuda"""
+    fsdp: bool = False
+    """under torchrun: shard the policy and value model over the ranks with FSDP2 (for models that do not fit one device)"""
     threads: int = 0
     """torch CPU threads (0: torch's default)"""
     plot: bool = True
@@ -87,6 +89,8 @@ class RLHFArgs:
         longest = D.model_config().max_positions - D.PROMPT_DIGITS - 2  # the prompt is BOS d d d d SEP
         if self.ppo.response_length > longest:
             raise ValueError(f"--response-length must be <= {longest}, got {self.ppo.response_length}")
+        if self.fsdp and world_size == 1:
+            raise ValueError("--fsdp shards the models over the ranks of a torchrun group; run it under torchrun")
         if self.ppo.batch_size % world_size:
             raise ValueError(f"--batch-size ({self.ppo.batch_size}) must be divisible by the world size ({world_size}): "
                              "each rank rolls out batch_size / world_size prompts")
@@ -183,7 +187,7 @@ def _trainer(args: RLHFArgs, stages: dict, kl_off: bool, group: Optional[Group] 
     rank, size = (0, 1) if group is None else (group.rank, group.size)
     g = torch.Generator().manual_seed(args.seed + (1000 if kl_off else 0) + 7919 * rank)
     return PPOTrainer(policy.eval(), frozen_copy(policy), rm, critic, D.prompts, D.EOS, D.PAD,
-                      args.ppo_config(kl_off, size), {"gold": D.gold_score}, g, group)
+                      args.ppo_config(kl_off, size), {"gold": D.gold_score}, g, group, fsdp=args.fsdp)
 
 
 def run_ppo(args: RLHFArgs, stages: dict, out: Path, kl_off: bool, group: Optional[Group] = None) -> list:
@@ -204,7 +208,8 @@ def run_ppo(args: RLHFArgs, stages: dict, out: Path, kl_off: bool, group: Option
         if group is not None:
             trainer.generator.set_state(state["generators"][group.rank])
         history, first = state["history"], state["iteration"] + 1
-        _log(f"{out.name}: resumed after iteration {state['iteration']}")
+        if is_main:
+            _log(f"{out.name}: resumed after iteration {state['iteration']}")
     elif ckpt.exists() and not args.resume:
         raise SystemExit(f"error: {ckpt} exists; pass --resume to continue it or choose another --run-dir")
     if is_main:  # metrics.jsonl holds exactly the checkpointed iterations (a killed run may have written more)
@@ -223,8 +228,9 @@ def run_ppo(args: RLHFArgs, stages: dict, out: Path, kl_off: bool, group: Option
                             f"{time.perf_counter() - progress.start:.0f}s")
             if it % args.checkpoint_every == 0 or it == args.iterations:
                 generators = None if group is None else group.gather_objects(trainer.generator.get_state())
+                state = trainer.state_dict()  # with FSDP a collective: every rank gathers
                 if is_main:
-                    save_checkpoint(ckpt, {"trainer": trainer.state_dict(), "history": history, "iteration": it,
+                    save_checkpoint(ckpt, {"trainer": state, "history": history, "iteration": it,
                                            **({} if group is None else dict(world_size=size, generators=generators))})
     finally:
         progress.close()
