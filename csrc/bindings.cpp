@@ -56,6 +56,7 @@ py::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+  fastppo::cpu_isa();  // an unknown FASTPPO_CPU_ISA fails the import, naming the value
   m.doc() = "fastppo compiled kernels over raw buffers (see fastppo for the public API)";
   m.attr("__version__") = FASTPPO_VERSION;
   m.attr("WITH_CUDA") = static_cast<bool>(FASTPPO_WITH_CUDA);

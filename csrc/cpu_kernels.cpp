@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -49,15 +50,17 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
 // The widest instruction set this CPU supports, or the one FASTPPO_CPU_ISA names (baseline, avx2,
 // avx512; a wider one than the CPU has is not taken), so tests can run every compiled copy.
 Isa detect_isa() {
+  const char* asked = std::getenv("FASTPPO_CPU_ISA");
+  const std::string name = asked ? asked : "";
+  if (!name.empty() && name != "baseline" && name != "avx2" && name != "avx512")
+    throw std::invalid_argument("FASTPPO_CPU_ISA must be baseline, avx2 or avx512 (or unset), got '" + name + "'");
 #if FASTPPO_HAVE_AVX2
   Isa best = Isa::kBaseline;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
   if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
     best = Isa::kAvx512;
-  const char* asked = std::getenv("FASTPPO_CPU_ISA");
-  if (asked != nullptr) {
-    const std::string name(asked);
+  if (!name.empty()) {
     const Isa want = name == "baseline" ? Isa::kBaseline : name == "avx2" ? Isa::kAvx2 : Isa::kAvx512;
     if (static_cast<int>(want) < static_cast<int>(best)) return want;
   }

@@ -43,6 +43,10 @@ for dtype in (torch.float32, torch.float64):
     out[f"normal {dtype}"] = [lp.detach(), en.detach(), *torch.autograd.grad(lp.sum() + en.sum(), [mean, log_std])]
     shaped = kl_penalty_rewards(new.detach(), old, mask, torch.randn(B, dtype=dtype), 0.1, "k3", 5.0)
     out[f"rlhf {dtype}"] = [*shaped, masked_whiten(adv, mask)]
+    for T_, N_ in ((1031, 7), (4096, 1)):  # environments in parallel; one long rollout (the chunked scan)
+        r, v = torch.randn(T_, N_, dtype=dtype), torch.randn(T_, N_, dtype=dtype)
+        d = torch.rand(T_, N_) < 0.05
+        out[f"gae {dtype} {T_}x{N_}"] = list(fastppo.gae(r, v, d, torch.randn(N_, dtype=dtype), terminated=d & (torch.rand(T_, N_) < 0.5)))
 torch.save(out, sys.argv[1])
 """
 
@@ -80,3 +84,10 @@ def test_every_instruction_set_agrees_with_the_default(tmp_path):
                     assert torch.equal(a, b), (isa, key)
                 else:
                     torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"{isa} {key}: {m}")
+
+
+def test_an_unknown_instruction_set_is_refused_by_name():
+    env = dict(os.environ, FASTPPO_CPU_ISA="sse9")
+    done = subprocess.run([sys.executable, "-c", "import fastppo"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "FASTPPO_CPU_ISA must be baseline, avx2 or avx512" in done.stderr and "'sse9'" in done.stderr

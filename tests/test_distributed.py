@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import fastppo
 from fastppo.checkpoint import CheckpointError
 from fastppo.train import Args, rank_share, resolve, train
 
@@ -35,8 +36,8 @@ def free_port() -> int:
 def torchrun(out: Path, *args: str, nproc: int = 2) -> list:
     """Runs the worker on ``nproc`` ranks; returns what each rank saved."""
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1] / "python"), os.environ.get("PYTHONPATH", "")]))
+    package_root = str(Path(fastppo.__file__).resolve().parents[1])  # the fastppo this test imported
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", str(WORKER), *args[:1], str(out), *args[1:]]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -45,7 +46,8 @@ def torchrun(out: Path, *args: str, nproc: int = 2) -> list:
 
 
 TRAIN_FLAGS = ["--env-id", "CartPole-v1", "--preset", "classic", "--num-envs", "4", "--num-steps", "16",
-               "--num-minibatches", "2", "--update-epochs", "2", "--total-timesteps", "640", "--checkpoint-every", "2"]
+               "--num-minibatches", "2", "--update-epochs", "2", "--total-timesteps", "640", "--checkpoint-every", "2",
+               "--resume-replay"]
 
 
 @pytest.mark.parametrize("backend", ["fused", "torch"])

@@ -108,9 +108,11 @@ def test_dummy_reset_steps_are_masked_and_truncation_bootstraps():
 @pytest.mark.parametrize("env_id,backend", [("CartPole-v1", "fused"), ("CartPole-v1", "torch"), ("HalfCheetah-v5", "fused")])
 def test_kill_and_resume_equals_uninterrupted(tmp_path, env_id, backend):
     settings = dict(env_id=env_id, total_timesteps=6 * 4 * 64, num_envs=4, num_steps=64, checkpoint_every=3,
-                    device="cpu", policy_backend=backend)
+                    device="cpu", policy_backend=backend, resume_replay=True)
     whole = T.train(T.Args(run_dir=str(tmp_path), run_name="whole", log_every=1000, **settings))
     T.train(T.Args(run_dir=str(tmp_path), run_name="split", log_every=1000, **settings), stop_after=3)
+    log = tmp_path / "split" / "metrics.jsonl"  # iteration 4 logged, then killed before its checkpoint
+    log.write_text(log.read_text() + json.dumps(dict(json.loads(log.read_text().splitlines()[-1]), iteration=4)) + "\n")
     resumed = T.train(T.Args(), resume=str(tmp_path / "split"))
     assert resumed["global_step"] == whole["global_step"] and resumed["episodes"] == whole["episodes"]
 
@@ -122,6 +124,28 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, env_id, backend):
     a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("async_batch_size", [None, 4])
+def test_resume_with_fresh_environments_costs_o1(tmp_path, async_batch_size):
+    """The default resume: model, optimizer, statistics, random streams and counters restored, new
+    environments; no action log, so the checkpoint does not grow with the run."""
+    batch = (async_batch_size or 8) * 32
+    settings = dict(env_id="CartPole-v1", preset="classic", total_timesteps=8 * batch, num_envs=8, num_steps=32,
+                    checkpoint_every=2, device="cpu", async_batch_size=async_batch_size, log_every=1000)
+    T.train(T.Args(run_dir=str(tmp_path), run_name="r", **settings), stop_after=2)
+    path = tmp_path / "r" / "checkpoint.pt"
+    early = torch.load(path, weights_only=False)
+    assert "actions" not in early and early["iteration"] == 2
+    size_early = path.stat().st_size
+    log = tmp_path / "r" / "metrics.jsonl"  # iteration 3 logged, then killed before its checkpoint
+    log.write_text(log.read_text() + json.dumps(dict(json.loads(log.read_text().splitlines()[-1]), iteration=3)) + "\n")
+    resumed = T.train(T.Args(), resume=str(tmp_path / "r"))
+    late = torch.load(path, weights_only=False)
+    assert late["iteration"] == 8 and resumed["global_step"] == late["global_step"] == 8 * batch
+    assert abs(path.stat().st_size - size_early) < 4096  # the same tensors, a few more finished episodes
+    assert [json.loads(line)["iteration"] for line in log.read_text().splitlines()] == list(range(1, 9))
+    assert late["boundary"]["episodes"] > early["boundary"]["episodes"]
 
 
 def test_resume_with_another_policy_backend_is_refused(tmp_path):
@@ -150,8 +174,7 @@ def test_checkpoint_write_that_dies_leaves_the_last_good_one(tmp_path, monkeypat
     save_checkpoint(path, {"step": 1})
 
     def dying_save(obj, f):
-        with open(f, "wb") as handle:
-            handle.write(b"PK\x03\x04 half a zip")
+        f.write(b"PK\x03\x04 half a zip")
         raise KeyboardInterrupt("killed mid-write")
 
     monkeypatch.setattr(torch, "save", dying_save)
@@ -283,8 +306,8 @@ def test_async_mode_trains(tmp_path):
     summary = run(tmp_path, env_id="CartPole-v1", num_envs=8, async_batch_size=4, total_timesteps=50_000, device="cpu")
     assert summary["global_step"] >= 49_000
     assert summary["episodic_return"] >= 100  # a random policy averages about 22
-    with pytest.raises(CheckpointError, match="async-mode run cannot be resumed"):
-        T.train(T.Args(), resume=summary["run_dir"])
+    with pytest.raises(ValueError, match="--resume-replay needs sync environments"):
+        run(tmp_path, env_id="CartPole-v1", num_envs=8, async_batch_size=4, resume_replay=True)
     with pytest.raises(ValueError, match="--async-batch-size must be in"):
         run(tmp_path, env_id="CartPole-v1", num_envs=4, async_batch_size=4)
 

@@ -11,10 +11,19 @@ import torch
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """``torch.save`` to a temporary file, then a rename: a crash mid-write leaves the last one intact."""
+    """``torch.save`` to a temporary file, flushed to disk, then a rename (and the directory flushed):
+    a crash or power loss mid-write leaves the last checkpoint intact."""
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 class CheckpointError(RuntimeError):
@@ -32,7 +41,7 @@ def load_checkpoint(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises several types for a damaged zip / pickle
         raise CheckpointError(f"checkpoint {path} is damaged and cannot be read ({type(err).__name__}: {err})") from err
-    per_rank = {"boundary", "rng", "actions"}  # a data-parallel run's checkpoint keeps them per rank
+    per_rank = {"boundary", "rng"}  # a data-parallel run's checkpoint keeps them per rank
     ranks = state.get("ranks") if isinstance(state, dict) else None
     missing = {"model", "optimizer", "args", "iteration", "global_step"} - set(state)
     missing |= per_rank - set(state) if ranks is None else set().union(*(per_rank - set(r) for r in ranks))

@@ -189,6 +189,15 @@ class EnvBoundary:
         return {name: getattr(self, name).copy() for name in self._STATE} | {
             "recent": list(self.recent), "episodes": self.episodes}
 
+    def load_statistics(self, state: dict) -> None:
+        """From a :meth:`state_dict`: the normalization statistics and the finished episodes, not
+        the environments' episodes in progress (a resume with fresh environments)."""
+        for name in ("obs_count", "obs_mean", "obs_m2", "return_count", "return_mean", "return_m2"):
+            getattr(self, name)[...] = state[name]
+        self.recent.clear()
+        self.recent.extend(tuple(x) for x in state["recent"])
+        self.episodes = state["episodes"]
+
     def load_state_dict(self, state: dict) -> None:
         for name in self._STATE:
             getattr(self, name)[...] = state[name]

@@ -97,6 +97,8 @@ class Args:
     """name of the run's folder (unset: env id, seed and time)"""
     checkpoint_every: int = 50
     """write a checkpoint every this many iterations (and at the end)"""
+    resume_replay: bool = False
+    """log every action sent to the environments so that --resume replays them and continues bit-identically (sync environments; the checkpoint grows with the run). Off: --resume restores the model, optimizer, statistics, random streams and counters and starts the environments afresh, in constant time and checkpoint size"""
     log_every: int = 1
     """without a terminal (logs, CI): print a progress line every this many iterations"""
     policy_backend: str = "auto"
@@ -159,6 +161,8 @@ def resolve(args: Args) -> Args:
         if (args.async_batch_size * args.num_steps) % args.num_minibatches:
             raise ValueError(f"--num-minibatches ({args.num_minibatches}) must divide async_batch_size * num_steps "
                              f"({args.async_batch_size} * {args.num_steps})")
+    if args.resume_replay and args.async_batch_size is not None:
+        raise ValueError("--resume-replay needs sync environments: async mode's order of steps is not replayable")
     if args.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda, got {args.device!r}")
     if args.policy_backend not in ("auto", "fused", "torch"):
@@ -194,6 +198,13 @@ def rank_share(args: Args, world_size: int, rank: int) -> Args:
         threads = max(1, (os.cpu_count() or 1) // world_size)
     return dataclasses.replace(args, num_envs=local_envs, async_batch_size=local_async,
                                seed=args.seed + rank * local_envs, env_threads=threads)
+
+
+def keep_log_until(path: Path, iteration: int) -> None:
+    """Cuts a metrics log back to the records of iterations up to ``iteration`` (a resume point)."""
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(line for line in lines if line.strip() and json.loads(line)["iteration"] <= iteration))
 
 
 def episode_statistics(boundary: EnvBoundary, group: Optional[Group]) -> tuple:
@@ -357,6 +368,9 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
+    fresh_resume = checkpoint is not None and "actions" not in checkpoint
+    if fresh_resume:  # new environments: other seeds than the episodes before the checkpoint had
+        args = dataclasses.replace(args, seed=args.seed + 7919 * checkpoint["iteration"])
     envs = make_env(args, family) if envs is None else envs
     obs_shape = envs.observation_space.shape
     continuous = len(envs.action_space.shape) > 0
@@ -411,7 +425,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     actions = torch.zeros(slots + action_shape, dtype=torch.float32 if continuous else torch.int64, device=device)
     logprobs = torch.zeros(slots, device=device)
     values = torch.zeros(slots, device=device)
-    action_log: list = []  # the actions sent to the environments, one [T, N, ...] array per iteration (--resume replays them)
+    action_log: list = []  # with --resume-replay: the actions sent to the environments, one [T, N, ...] array per iteration
 
     def to_env(action: torch.Tensor) -> np.ndarray:
         a = action.cpu().numpy()
@@ -422,20 +436,19 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     first_iteration, global_step = 1, 0
     async_rollout = None
     if args.async_batch_size is not None:
-        if checkpoint is not None:
-            raise CheckpointError("an async-mode run cannot be resumed: its environments' order of steps is not replayable")
         async_rollout = AsyncRollout(envs, boundary, family, T, args.async_batch_size, obs_shape, obs_np.dtype, device)
         raw_obs = None
     else:
         raw_obs, _ = envs.reset()
-    if checkpoint is not None:
-        # Bring the environments back to the checkpoint by replaying every logged action.
+    if checkpoint is not None and not fresh_resume:
+        # --resume-replay: bring the environments back to the checkpoint by replaying every logged action.
         logged = checkpoint["actions"]
         for a in logged:
             raw_obs, *_ = envs.step(a)
         if not np.array_equal(np.asarray(raw_obs), checkpoint["raw_obs"]):
             raise CheckpointError(f"replaying {len(logged)} logged steps did not reproduce the environments' state")
         action_log = [np.asarray(logged)]
+    if checkpoint is not None:
         saved_backend = checkpoint.get("policy_backend", "torch")
         if saved_backend != backend:
             raise CheckpointError(f"the checkpoint was trained with --policy-backend {saved_backend}; this run would use {backend}")
@@ -443,14 +456,22 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         (fused or optimizer).load_state_dict(checkpoint["optimizer"])
         if fused is not None:
             fused.refresh()
-        boundary.load_state_dict(checkpoint["boundary"])
-        obs_np[0] = checkpoint["next_obs"]
+        if fresh_resume:  # the statistics carry over; the environments' episodes start afresh
+            boundary.load_statistics(checkpoint["boundary"])
+            if async_rollout is None:
+                boundary.previous_done[:] = True
+                boundary.step(raw_obs, np.zeros(N, np.float32), np.zeros(N, bool), np.zeros(N, bool), obs_np[0], *scratch)
+        else:
+            boundary.load_state_dict(checkpoint["boundary"])
+            obs_np[0] = checkpoint["next_obs"]
         first_iteration, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
         set_rng_state(checkpoint["rng"])
     elif async_rollout is None:
         boundary.previous_done[:] = True  # the reset observation is no transition: nothing is booked
         boundary.step(raw_obs, np.zeros(N, np.float32), np.zeros(N, bool), np.zeros(N, bool), obs_np[0], *scratch)
 
+    if is_main and checkpoint is not None:  # a killed run may have logged iterations after its checkpoint
+        keep_log_until(run_dir / "metrics.jsonl", checkpoint["iteration"])
     metrics_file = open(run_dir / "metrics.jsonl", "a") if is_main else None
     writer = tensorboard_writer(run_dir) if is_main else None
     progress = Progress(num_iterations, first_iteration - 1, args.log_every if is_main else 0)
@@ -478,11 +499,13 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
                 timing["env"] += perf_counter() - t1
                 timing["inference"] += t1 - t0
             global_step += T * N * K
-            action_log.append(env_actions)
+            if args.resume_replay:
+                action_log.append(env_actions)
         elif async_rollout is None:
             obs_t = torch.from_numpy(obs_np)
             env_actions = np.zeros((T, N) + action_shape, np.float32 if continuous else np.int32)
-            action_log.append(env_actions)
+            if args.resume_replay:
+                action_log.append(env_actions)
             for step in range(T):
                 global_step += N * K
                 t0 = time.perf_counter()
@@ -613,9 +636,10 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         if iteration % args.checkpoint_every == 0 or iteration == num_iterations or iteration == stop_after:
             # What differs between ranks (their environments' replay, statistics and random streams) is
             # saved per rank; the model and optimizer are the same on every rank.
-            own = dict(boundary=boundary.state_dict(), rng=rng_state(),
-                       actions=np.concatenate(action_log) if action_log else np.zeros((0, N) + action_shape),
-                       raw_obs=None if raw_obs is None else np.asarray(raw_obs), next_obs=obs_np[0].copy())
+            own = dict(boundary=boundary.state_dict(), rng=rng_state())
+            if args.resume_replay:  # what an exact resume replays (grows with the run)
+                own.update(actions=np.concatenate(action_log) if action_log else np.zeros((0, N) + action_shape),
+                           raw_obs=np.asarray(raw_obs), next_obs=obs_np[0].copy())
             ranks = None if group is None else group.gather_objects(own)
             if is_main:
                 save_checkpoint(run_dir / "checkpoint.pt", dict(
