@@ -326,3 +326,19 @@ def test_progress_without_a_terminal_prints_every_nth_line_with_its_eta(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" score")[0] for line in lines] == ["[kl 2/5]", "[kl 4/5]", "[kl 5/5]"]
     assert all(line.endswith("s") and "| eta " in line for line in lines)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this pickle runs code",))
+
+
+def test_checkpoints_are_data_not_code(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": {}, "payload": _RunsCode()}, path)
+    with pytest.raises(CheckpointError, match="data, not code"):
+        load_checkpoint(path)
+    save_checkpoint(path, {"a": np.arange(3), "b": (np.float64(2.0), [np.zeros(2, np.bool_)]), "c": {"d": "text"}})
+    state = torch.load(path, weights_only=True)  # numpy became tensors and numbers
+    assert torch.equal(state["a"], torch.arange(3)) and state["b"][0] == 2.0 and state["c"]["d"] == "text"
+    assert state["b"][1][0].dtype == torch.bool

@@ -1,8 +1,13 @@
-"""Checkpoints written atomically (train and rlhf); a training checkpoint loaded with a clear error; RNG states."""
+"""Checkpoints (train and rlhf): data, not code, written atomically; loaded with a clear error; RNG states.
+
+A checkpoint holds tensors, numbers, strings and lists / tuples / dicts of them only: numpy arrays
+are stored as tensors, and loading uses ``torch.load(weights_only=True)``, so opening someone
+else's run directory cannot run code from its pickle."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from pathlib import Path
 
@@ -10,12 +15,38 @@ import numpy as np
 import torch
 
 
+def as_data(obj):
+    """``obj`` with every numpy array (and numpy scalar) made a tensor (a Python number): what
+    ``torch.load(weights_only=True)`` reads back."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.array(obj, copy=True))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: as_data(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(as_data(v) for v in obj)
+    return obj
+
+
+def load_data(path: Path):
+    """``torch.load`` of data only (``weights_only=True``); anything else is a ``CheckpointError``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        what = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
+        if not what:
+            raise  # not a disallowed object: a damaged file, reported as such by the caller
+        raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain data ({what[0]}); it is "
+                              "refused: a checkpoint is data, not code") from err
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """``torch.save`` to a temporary file, flushed to disk, then a rename (and the directory flushed):
     a crash or power loss mid-write leaves the last checkpoint intact."""
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
-        torch.save(state, f)
+        torch.save(as_data(state), f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -38,7 +69,9 @@ def load_checkpoint(path: Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_data(path)
+    except CheckpointError:
+        raise
     except Exception as err:  # torch raises several types for a damaged zip / pickle
         raise CheckpointError(f"checkpoint {path} is damaged and cannot be read ({type(err).__name__}: {err})") from err
     per_rank = {"boundary", "rng"}  # a data-parallel run's checkpoint keeps them per rank
@@ -56,5 +89,6 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]  # the key array comes back from a checkpoint as a tensor
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])

@@ -39,7 +39,7 @@ def evaluate(path: str, episodes: int = 10, device: str = "cpu", seed: int = 123
     agent.load_state_dict(state["model"])
     agent.eval()
     boundary = EnvBoundary(args.num_envs, obs_shape, normalize_obs=family == "mujoco", gamma=args.gamma)
-    saved = state["boundary"]
+    saved = state["boundary"] if "boundary" in state else state["ranks"][0]["boundary"]  # torchrun: rank 0's
     for name in ("obs_count", "obs_mean", "obs_m2"):
         getattr(boundary, name)[...] = saved[name]
     obs = np.zeros((args.num_envs,) + obs_shape, np.uint8 if family == "atari" else np.float32)

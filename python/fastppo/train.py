@@ -442,10 +442,10 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         raw_obs, _ = envs.reset()
     if checkpoint is not None and not fresh_resume:
         # --resume-replay: bring the environments back to the checkpoint by replaying every logged action.
-        logged = checkpoint["actions"]
+        logged = np.asarray(checkpoint["actions"])
         for a in logged:
             raw_obs, *_ = envs.step(a)
-        if not np.array_equal(np.asarray(raw_obs), checkpoint["raw_obs"]):
+        if not np.array_equal(np.asarray(raw_obs), np.asarray(checkpoint["raw_obs"])):
             raise CheckpointError(f"replaying {len(logged)} logged steps did not reproduce the environments' state")
         action_log = [np.asarray(logged)]
     if checkpoint is not None:

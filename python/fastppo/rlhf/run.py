@@ -26,7 +26,7 @@ from typing import Annotated, Optional
 import torch
 import tyro
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import load_data, save_checkpoint
 from ..distributed import Group, in_torchrun
 from ..progress import Progress
 from . import digits as D
@@ -135,7 +135,7 @@ def build_stages(args: RLHFArgs, run_dir: Path) -> dict:
     path = run_dir / "stages.pt"
     make = PRESETS[args.preset]
     if path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_data(path)
         if state["args"]["preset"] != args.preset or state["args"]["seed"] != args.seed:
             raise SystemExit(f"error: {path} was made with preset {state['args']['preset']!r} and seed "
                              f"{state['args']['seed']}, not {args.preset!r} / {args.seed}; use another --run-dir")
@@ -200,7 +200,7 @@ def run_ppo(args: RLHFArgs, stages: dict, out: Path, kl_off: bool, group: Option
     ckpt, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
     history, first = [], 1
     if args.resume and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = load_data(ckpt)
         if state.get("world_size", 1) != size:
             raise SystemExit(f"error: {ckpt} was written by {state.get('world_size', 1)} process(es); resume it with "
                              f"the same world size, not {size}")
