@@ -1,7 +1,9 @@
 """Times public calls of fastppo (GAE, the loss, the heads, the RLHF kernels, the env boundary, the fused
 update) and prints medians in microseconds as JSON: run it against two trees to compare them
 (benchmarks/results/reshape_check_cpu.md)."""
-import sys, time, json
+import json
+import time
+
 import numpy as np, torch
 import fastppo, fastppo.rlhf as rl
 from fastppo.envstep import EnvBoundary

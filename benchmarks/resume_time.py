@@ -2,7 +2,10 @@
 iteration 975, then resumed, with --resume-replay (replays every logged action) and without (fresh
 environments, the default). Prints the seconds and the checkpoint size of each
 (benchmarks/results/resume_cpu.md)."""
-import time, json, sys
+import json
+import os
+import time
+
 from fastppo import train as T
 out = {}
 for replay in (True, False):
@@ -10,7 +13,6 @@ for replay in (True, False):
     args = T.Args(env_id="CartPole-v1", preset="classic", total_timesteps=500_000, checkpoint_every=50,
                   run_dir="/tmp/rt", run_name=name, log_every=100000, resume_replay=replay)
     t = time.perf_counter(); s = T.train(args, stop_after=975); first = time.perf_counter() - t
-    import torch, os
     size = os.path.getsize(f"/tmp/rt/{name}/checkpoint.pt")
     t = time.perf_counter(); r = T.train(T.Args(), resume=f"/tmp/rt/{name}"); resume = time.perf_counter() - t
     out[name] = dict(first_975_iterations_s=round(first, 1), checkpoint_bytes=size, resume_and_last_iteration_s=round(resume, 2), global_step=r["global_step"])

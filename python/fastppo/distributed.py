@@ -97,10 +97,12 @@ class Group:
 
     def average_(self, tensors: Sequence[torch.Tensor]) -> None:
         """Replaces each tensor by its mean over the ranks: one all-reduce of their concatenation."""
-        flat = torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1)
-        flat = flat.to(self.device)
+        one = len(tensors) == 1 and tensors[0].is_contiguous() and tensors[0].device == self.device
+        flat = tensors[0].view(-1) if one else torch.cat([t.reshape(-1) for t in tensors]).to(self.device)
         dist.all_reduce(flat)
         flat /= self.size
+        if one:  # reduced in place (the fused policy's flat gradient buffer): nothing to copy back
+            return
         offset = 0
         for t in tensors:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))

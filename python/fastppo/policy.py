@@ -21,7 +21,6 @@ the fused object after moving the module to its device and dtype; CPU float32 an
 
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
