@@ -3,7 +3,10 @@ CartPole learns."""
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import os
 import subprocess
 import sys
 
@@ -13,6 +16,7 @@ import torch
 
 pytest.importorskip("envpool")
 
+import fastppo.checkpoint  # noqa: E402
 from fastppo import train as T  # noqa: E402
 from fastppo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from fastppo.envs import AsyncRollout, rollout_advantages  # noqa: E402
@@ -181,6 +185,55 @@ def test_checkpoint_write_that_dies_leaves_the_last_good_one(tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"step": 2})
     assert torch.load(path, weights_only=False) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no partial temporary file left
+
+
+class _FullDisk(io.FileIO):
+    """A file on a disk with ``room`` bytes free: a write past them fails as a full disk does."""
+
+    room = 4096
+
+    def write(self, data):
+        if self.tell() + len(memoryview(data).cast("B")) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+def test_full_disk_is_a_clear_error_that_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"step": 1})
+    before = path.read_bytes()
+    monkeypatch.setattr(fastppo.checkpoint, "open", _FullDisk, raising=False)  # the real torch.save on a full disk
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint(path, {"step": 2, "weights": torch.zeros(10_000)})
+    message = str(info.value)
+    assert str(path) in message and "no space left" in message and "disk is full" in message
+    assert "previous checkpoint is kept" in message
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_train_stops_on_a_full_disk_and_resumes_from_the_checkpoint_before(tmp_path, monkeypatch, capsys):
+    flags = ["--total-timesteps", str(6 * 8 * 32), "--checkpoint-every", "2", "--device", "cpu", "--run-dir",
+             str(tmp_path), "--run-name", "run", "--log-every", "1000"]
+    run_dir, opened, kept = tmp_path / "run", [], []
+
+    def open_on_a_disk_that_fills(path, mode="r", *args, **kwargs):
+        opened.append(path)
+        if len(opened) < 2:
+            return open(path, mode, *args, **kwargs)
+        kept.append((run_dir / "checkpoint.pt").read_bytes())
+        return _FullDisk(path, mode)
+
+    monkeypatch.setattr(fastppo.checkpoint, "open", open_on_a_disk_that_fills, raising=False)
+    assert T.main(flags) == 2
+    err = capsys.readouterr().err
+    assert "fastppo train: error: checkpoint" in err and "no space left" in err and "previous checkpoint is kept" in err
+    assert (run_dir / "checkpoint.pt").read_bytes() == kept[0] and load_checkpoint(run_dir)["iteration"] == 2
+    assert not (run_dir / "checkpoint.tmp").exists()
+    monkeypatch.undo()  # space freed
+    assert T.main(["--resume", str(run_dir)]) == 0
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == list(range(1, 7))
 
 
 def test_damaged_or_foreign_checkpoints_are_reported_clearly(tmp_path):

@@ -6,10 +6,13 @@ else's run directory cannot run code from its pickle."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import pickle
 import random
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -43,18 +46,44 @@ def load_data(path: Path):
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """``torch.save`` to a temporary file, flushed to disk, then a rename (and the directory flushed):
-    a crash or power loss mid-write leaves the last checkpoint intact."""
+    a crash or power loss mid-write leaves the last checkpoint intact. A write that fails (a full
+    disk, an I/O error) removes the temporary file and is a ``CheckpointError`` that names the file,
+    the cause and says that the previous checkpoint is kept."""
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(as_data(state), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(as_data(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        cause = _os_error(err)  # torch.save reports a failed write as a RuntimeError over the OSError
+        if cause is None or not isinstance(err, Exception):
+            raise
+        kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written"
+        if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(f"checkpoint {path} could not be written: no space left on the device (the disk is "
+                                  f"full); {kept}") from err
+        raise CheckpointError(f"checkpoint {path} could not be written ({type(cause).__name__}: {cause}); "
+                              f"{kept}") from err
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def _os_error(err: BaseException) -> Optional[OSError]:
+    """The ``OSError`` in ``err``'s chain of causes, if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 class CheckpointError(RuntimeError):

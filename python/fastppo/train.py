@@ -472,7 +472,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
 
     if is_main and checkpoint is not None:  # a killed run may have logged iterations after its checkpoint
         keep_log_until(run_dir / "metrics.jsonl", checkpoint["iteration"])
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if is_main else None
+    metrics_path = run_dir / "metrics.jsonl"
     writer = tensorboard_writer(run_dir) if is_main else None
     progress = Progress(num_iterations, first_iteration - 1, args.log_every if is_main else 0)
     start = time.perf_counter()
@@ -624,8 +624,8 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
             **{f"time_{k}": v for k, v in timing.items()},
         )
         if is_main:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+            with open(metrics_path, "a") as log:  # opened per record: an error anywhere leaves no file open
+                log.write(json.dumps(record) + "\n")
         if writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("iteration", "global_step", "first_iteration"):
@@ -649,8 +649,6 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
                 ))
         if iteration == stop_after:
             break
-    if is_main:
-        metrics_file.close()
     progress.close()
     if writer is not None:
         writer.close()
