@@ -165,6 +165,34 @@ def test_resume_with_another_policy_backend_is_refused(tmp_path):
     assert json.loads(config.read_text()) == config_data
 
 
+def _iterations(run_dir):
+    return [json.loads(line)["iteration"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_drops_a_log_line_cut_short_by_a_kill(tmp_path):
+    settings = dict(env_id="CartPole-v1", total_timesteps=5 * 8 * 32, checkpoint_every=2, device="cpu", log_every=1000)
+    T.train(T.Args(run_dir=str(tmp_path), run_name="run", **settings), stop_after=2)
+    log = tmp_path / "run" / "metrics.jsonl"
+    last = log.read_text().splitlines()[-1]
+    log.write_text(log.read_text() + json.dumps(dict(json.loads(last), iteration=3)) + "\n" + last[:40])
+    assert T.main(["--resume", str(tmp_path / "run")]) == 0
+    assert _iterations(tmp_path / "run") == [1, 2, 3, 4, 5]
+
+
+def test_resume_before_the_first_checkpoint_starts_the_run_over(tmp_path, capsys):
+    settings = dict(env_id="CartPole-v1", total_timesteps=3 * 8 * 32, checkpoint_every=2, device="cpu", log_every=1000)
+    T.train(T.Args(run_dir=str(tmp_path), run_name="run", **settings), stop_after=1)
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoint.pt").unlink()  # killed after logging iteration 1, before any checkpoint
+    config = (run_dir / "config.json").read_text()
+    assert T.main(["--resume", str(run_dir)]) == 0
+    assert "has no checkpoint (the run stopped before its first one): starting it over" in capsys.readouterr().err
+    assert _iterations(run_dir) == [1, 2, 3] and (run_dir / "config.json").read_text() == config
+    assert load_checkpoint(run_dir)["iteration"] == 3
+    T.train(T.Args(run_dir=str(tmp_path), run_name="run", **settings))  # a new run in the same folder: a new log
+    assert _iterations(run_dir) == [1, 2, 3]
+
+
 def test_fused_and_torch_backends_learn_alike(tmp_path):
     # Same preset and seed, the two backends: both solve CartPole (their sampling noise differs).
     for backend in ("fused", "torch"):
@@ -218,8 +246,8 @@ def test_train_stops_on_a_full_disk_and_resumes_from_the_checkpoint_before(tmp_p
     run_dir, opened, kept = tmp_path / "run", [], []
 
     def open_on_a_disk_that_fills(path, mode="r", *args, **kwargs):
-        opened.append(path)
-        if len(opened) < 2:
+        opened.extend([path] if path.name == "checkpoint.tmp" else [])
+        if len(opened) < 2:  # the second checkpoint's write fills the disk
             return open(path, mode, *args, **kwargs)
         kept.append((run_dir / "checkpoint.pt").read_bytes())
         return _FullDisk(path, mode)

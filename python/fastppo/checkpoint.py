@@ -75,6 +75,22 @@ def save_checkpoint(path: Path, state: dict) -> None:
         os.close(directory)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to a temporary file beside ``path``, flushed to disk, then renames it over
+    ``path``: a kill at any moment leaves the old file or the new one, never a part."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def _os_error(err: BaseException) -> Optional[OSError]:
     """The ``OSError`` in ``err``'s chain of causes, if any."""
     seen = set()

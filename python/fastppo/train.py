@@ -31,7 +31,8 @@ import tyro
 
 import fastppo
 from fastppo.distributed import Group, in_torchrun
-from fastppo.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fastppo.checkpoint import (CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                                write_text_atomic)
 from fastppo.envs import AsyncRollout, env_family, episode_bookkeeping, make_env, rollout_advantages
 from fastppo.envstep import EnvBoundary
 from fastppo.progress import Progress, tensorboard_writer
@@ -201,10 +202,45 @@ def rank_share(args: Args, world_size: int, rank: int) -> Args:
 
 
 def keep_log_until(path: Path, iteration: int) -> None:
-    """Cuts a metrics log back to the records of iterations up to ``iteration`` (a resume point)."""
-    if path.exists():
-        lines = path.read_text().splitlines(keepends=True)
-        path.write_text("".join(line for line in lines if line.strip() and json.loads(line)["iteration"] <= iteration))
+    """Cuts a metrics log back to the records of iterations up to ``iteration`` (a resume point; 0:
+    none), replacing the file at once so that a kill while it is cut leaves the old log. A line that
+    is not a whole record (a write cut short) is dropped."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("iteration", iteration + 1) <= iteration:
+            kept.append(line + "\n")
+    write_text_atomic(path, "".join(kept))
+
+
+def resume_state(resume: str) -> tuple:
+    """What ``--resume RUN_DIR`` (or a checkpoint file) continues: ``(args, checkpoint, run_dir)``. A
+    run stopped before its first checkpoint left its ``config.json`` only: it starts over with those
+    settings (``checkpoint`` None)."""
+    path = Path(resume)
+    if path.is_dir() and not (path / "checkpoint.pt").exists() and (path / "config.json").exists():
+        config = path / "config.json"
+        try:
+            fields = json.loads(config.read_text())
+        except ValueError as err:
+            raise CheckpointError(f"{config} is damaged and cannot be read ({err})") from err
+        return saved_args(fields, config), None, path
+    checkpoint = load_checkpoint(path)
+    path = path / "checkpoint.pt" if path.is_dir() else path
+    return saved_args(checkpoint["args"], path), checkpoint, path.parent
+
+
+def saved_args(fields: dict, source: Path) -> Args:
+    """The ``Args`` saved in ``source`` (a checkpoint or config.json)."""
+    try:
+        return Args(**fields)
+    except TypeError as err:
+        raise CheckpointError(f"{source} holds settings fastppo train does not know ({err})") from err
 
 
 def episode_statistics(boundary: EnvBoundary, group: Optional[Group]) -> tuple:
@@ -341,9 +377,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     """
     checkpoint = None
     if resume is not None:
-        checkpoint = load_checkpoint(Path(resume))
-        args = Args(**checkpoint["args"])
-        run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+        args, checkpoint, run_dir = resume_state(resume)
     args = resolve(args) if envs is None else args
     family = env_family(args.env_id) if envs is None else "classic"
     device = train_device(args)
@@ -357,12 +391,16 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
             raise CheckpointError(f"the checkpoint was written by {checkpoint.get('world_size', 1)} process(es); "
                                   f"resume it with the same world size, not {K}")
         checkpoint = checkpoint if group is None else dict(checkpoint, **checkpoint["ranks"][rank])
+    elif resume is not None:
+        if is_main:
+            print(f"fastppo train: {run_dir} has no checkpoint (the run stopped before its first one): starting it "
+                  "over with its saved settings", file=sys.stderr)
     else:
         run_name = run_args.run_name or f"{run_args.env_id}__seed{run_args.seed}__{int(time.time())}"
         run_dir = Path(run_args.run_dir) / (run_name if group is None else group.broadcast_object(run_name))
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(run_args), indent=2))
+            write_text_atomic(run_dir / "config.json", json.dumps(dataclasses.asdict(run_args), indent=2))
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -470,9 +508,9 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         boundary.previous_done[:] = True  # the reset observation is no transition: nothing is booked
         boundary.step(raw_obs, np.zeros(N, np.float32), np.zeros(N, bool), np.zeros(N, bool), obs_np[0], *scratch)
 
-    if is_main and checkpoint is not None:  # a killed run may have logged iterations after its checkpoint
-        keep_log_until(run_dir / "metrics.jsonl", checkpoint["iteration"])
     metrics_path = run_dir / "metrics.jsonl"
+    if is_main:  # a killed run may have logged iterations after its checkpoint; a new run starts a new log
+        keep_log_until(metrics_path, 0 if checkpoint is None else checkpoint["iteration"])
     writer = tensorboard_writer(run_dir) if is_main else None
     progress = Progress(num_iterations, first_iteration - 1, args.log_every if is_main else 0)
     start = time.perf_counter()
