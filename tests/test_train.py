@@ -193,6 +193,64 @@ def test_resume_before_the_first_checkpoint_starts_the_run_over(tmp_path, capsys
     assert _iterations(run_dir) == [1, 2, 3]
 
 
+def _tiny_run(tmp_path, name, env_id):
+    steps = dict(total_timesteps=64, num_envs=1, num_steps=64, num_minibatches=1, update_epochs=1)
+    T.train(T.Args(env_id=env_id, run_dir=str(tmp_path), run_name=name, log_every=1000, device="cpu", **steps))
+    return tmp_path / name
+
+
+def _files(run_dir):
+    return {p.name: p.read_bytes() for p in run_dir.iterdir()}
+
+
+def test_checkpoint_from_another_task_is_refused_naming_both(tmp_path, capsys):
+    cheetah, cartpole = _tiny_run(tmp_path, "cheetah", "HalfCheetah-v5"), _tiny_run(tmp_path, "cartpole", "CartPole-v1")
+    # A HalfCheetah checkpoint in a CartPole run's folder.
+    (cartpole / "checkpoint.pt").write_bytes((cheetah / "checkpoint.pt").read_bytes())
+    before = _files(cartpole)
+    assert T.main(["--resume", str(cartpole)]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {cartpole / 'checkpoint.pt'} is from a HalfCheetah-v5 run" in err
+    assert "holds a CartPole-v1 run (config.json)" in err and _files(cartpole) == before
+    # Settings for another task beside a resume.
+    with pytest.raises(CheckpointError, match="is from a HalfCheetah-v5 run; this run asks for CartPole-v1"):
+        T.train(T.Args(env_id="CartPole-v1", total_timesteps=1024), resume=str(cheetah))
+    with pytest.raises(CheckpointError, match=r"asks for CartPole-v1 .*--seed 1 \(asked: 2\)"):
+        T.train(T.Args(env_id="CartPole-v1", seed=2), resume=str(cheetah))
+    with pytest.raises(CheckpointError, match=r"other settings than asked: .*--seed 1 \(asked: 2\)"):
+        T.train(T.Args(env_id="HalfCheetah-v5", seed=2), resume=str(cheetah))
+    # A HalfCheetah model under CartPole's settings.
+    state = torch.load(cheetah / "checkpoint.pt", weights_only=True)
+    state["args"] = json.loads((cartpole / "config.json").read_text())
+    (tmp_path / "alone").mkdir()
+    save_checkpoint(tmp_path / "alone" / "checkpoint.pt", state)
+    with pytest.raises(CheckpointError, match=r"holds a model that does not fit CartPole-v1 \(observations \(4,\)"):
+        T.train(T.Args(), resume=str(tmp_path / "alone"))
+
+
+def test_rlhf_checkpoints_given_to_train_say_what_they_are(tmp_path, capsys):
+    (tmp_path / "kl").mkdir()
+    save_checkpoint(tmp_path / "kl" / "checkpoint.pt", {"trainer": {}, "history": [], "iteration": 2})
+    save_checkpoint(tmp_path / "stages.pt", {"args": {}, "sft": {}, "rm": {}, "report": {}})
+    before = _files(tmp_path / "kl")
+    assert T.main(["--resume", str(tmp_path / "kl")]) == 2
+    err = capsys.readouterr().err
+    assert "is the checkpoint of a fastppo rlhf PPO run (iteration 2; continue it with fastppo rlhf --resume" in err
+    assert "not a fastppo training checkpoint" in err and _files(tmp_path / "kl") == before
+    with pytest.raises(CheckpointError, match="is the stages .* of a fastppo rlhf run"):
+        load_checkpoint(tmp_path / "stages.pt")
+
+
+def test_truncated_checkpoint_is_a_clear_error_that_changes_nothing(tmp_path, capsys):
+    run_dir = _tiny_run(tmp_path, "run", "CartPole-v1")
+    path = run_dir / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    before = _files(run_dir)
+    assert T.main(["--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"fastppo train: error: checkpoint {path} is damaged and cannot be read" in err and _files(run_dir) == before
+
+
 def test_fused_and_torch_backends_learn_alike(tmp_path):
     # Same preset and seed, the two backends: both solve CartPole (their sampling noise differs).
     for backend in ("fused", "torch"):

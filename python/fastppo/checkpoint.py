@@ -106,6 +106,48 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with the reason."""
 
 
+def read_checkpoint(path: Path) -> dict:
+    """``load_data`` of a checkpoint file, a damaged one (random bytes, cut short) being a
+    ``CheckpointError`` that names the file and what the reader said."""
+    try:
+        state = load_data(path)
+    except CheckpointError:
+        raise
+    except Exception as err:  # torch raises several types for a damaged zip / pickle
+        raise CheckpointError(f"checkpoint {path} is damaged and cannot be read ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} is not a fastppo checkpoint (it holds a {type(state).__name__})")
+    return state
+
+
+def checkpoint_kind(state: dict) -> Optional[str]:
+    """Which fastppo command wrote ``state``: ``"train"``, ``"rlhf PPO"`` (a PPO run of ``fastppo
+    rlhf``), ``"rlhf stages"`` (its SFT policy and reward model), or None."""
+    if {"model", "args", "iteration"} <= state.keys():
+        return "train"
+    if {"trainer", "history", "iteration"} <= state.keys():
+        return "rlhf PPO"
+    if {"sft", "rm", "report"} <= state.keys():
+        return "rlhf stages"
+    return None
+
+
+def describe(state: dict, path: Path) -> str:
+    """What the checkpoint at ``path`` is and how its run continues, for error messages."""
+    kind = checkpoint_kind(state)
+    if kind == "train":
+        args = state["args"] if isinstance(state["args"], dict) else {}
+        return (f"the checkpoint of a fastppo train run on {args.get('env_id', 'an unknown task')} (iteration "
+                f"{state['iteration']}; continue it with fastppo train --resume {path.parent})")
+    if kind == "rlhf PPO":
+        return (f"the checkpoint of a fastppo rlhf PPO run (iteration {state['iteration']}; continue it with "
+                f"fastppo rlhf --resume --run-dir {path.parent.parent} and its other flags)")
+    if kind == "rlhf stages":
+        return (f"the stages (SFT policy and reward model) of a fastppo rlhf run (continue it with fastppo rlhf "
+                f"--resume --run-dir {path.parent} and its other flags)")
+    return "not a fastppo checkpoint"
+
+
 def load_checkpoint(path: Path) -> dict:
     """Loads a checkpoint written by ``train``; a missing, truncated or foreign file is a clear
     ``CheckpointError`` naming the file."""
@@ -113,14 +155,11 @@ def load_checkpoint(path: Path) -> dict:
         path = path / "checkpoint.pt"
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        state = load_data(path)
-    except CheckpointError:
-        raise
-    except Exception as err:  # torch raises several types for a damaged zip / pickle
-        raise CheckpointError(f"checkpoint {path} is damaged and cannot be read ({type(err).__name__}: {err})") from err
+    state = read_checkpoint(path)
+    if checkpoint_kind(state) in ("rlhf PPO", "rlhf stages"):
+        raise CheckpointError(f"checkpoint {path} is {describe(state, path)}, not a fastppo training checkpoint")
     per_rank = {"boundary", "rng"}  # a data-parallel run's checkpoint keeps them per rank
-    ranks = state.get("ranks") if isinstance(state, dict) else None
+    ranks = state.get("ranks")
     missing = {"model", "optimizer", "args", "iteration", "global_step"} - set(state)
     missing |= per_rank - set(state) if ranks is None else set().union(*(per_rank - set(r) for r in ranks))
     if missing:

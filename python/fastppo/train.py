@@ -218,10 +218,11 @@ def keep_log_until(path: Path, iteration: int) -> None:
     write_text_atomic(path, "".join(kept))
 
 
-def resume_state(resume: str) -> tuple:
-    """What ``--resume RUN_DIR`` (or a checkpoint file) continues: ``(args, checkpoint, run_dir)``. A
-    run stopped before its first checkpoint left its ``config.json`` only: it starts over with those
-    settings (``checkpoint`` None)."""
+def resume_state(resume: str, asked: Args) -> tuple:
+    """What ``--resume RUN_DIR`` (or a checkpoint file) continues: ``(args, checkpoint, source)``,
+    ``source`` being the checkpoint file, or the ``config.json`` of a run stopped before its first
+    checkpoint (which starts over with those settings; ``checkpoint`` None). A checkpoint of another
+    run than its directory's, or settings ``asked`` for another run than the saved one, are refused."""
     path = Path(resume)
     if path.is_dir() and not (path / "checkpoint.pt").exists() and (path / "config.json").exists():
         config = path / "config.json"
@@ -229,10 +230,21 @@ def resume_state(resume: str) -> tuple:
             fields = json.loads(config.read_text())
         except ValueError as err:
             raise CheckpointError(f"{config} is damaged and cannot be read ({err})") from err
-        return saved_args(fields, config), None, path
-    checkpoint = load_checkpoint(path)
-    path = path / "checkpoint.pt" if path.is_dir() else path
-    return saved_args(checkpoint["args"], path), checkpoint, path.parent
+        saved, checkpoint, source = saved_args(fields, config), None, config
+    else:
+        checkpoint = load_checkpoint(path)
+        source = path / "checkpoint.pt" if path.is_dir() else path
+        saved = saved_args(checkpoint["args"], source)
+        config = source.parent / "config.json"
+        try:
+            made_for = json.loads(config.read_text()).get("env_id") if config.exists() else None
+        except ValueError:
+            made_for = None  # a damaged config.json says nothing about the checkpoint
+        if made_for is not None and made_for != saved.env_id:
+            raise CheckpointError(f"checkpoint {source} is from a {saved.env_id} run, but its directory holds a "
+                                  f"{made_for} run (config.json): the checkpoint belongs to another run")
+    check_resumed_settings(asked, saved, source)
+    return saved, checkpoint, source
 
 
 def saved_args(fields: dict, source: Path) -> Args:
@@ -241,6 +253,34 @@ def saved_args(fields: dict, source: Path) -> Args:
         return Args(**fields)
     except TypeError as err:
         raise CheckpointError(f"{source} holds settings fastppo train does not know ({err})") from err
+
+
+# Where a run is and how often it prints: not what it computes, so a resume may give them.
+PLACE_SETTINGS = ("run_dir", "run_name", "log_every")
+
+
+def check_resumed_settings(asked: Args, saved: Args, source: Path) -> None:
+    """A resume continues the saved run with its settings: ``asked`` must be the defaults (``Args()``,
+    all that ``fastppo train --resume`` passes) or the saved run's settings, else the error names the
+    task the checkpoint is from and the one asked for."""
+    asked = dataclasses.replace(asked, **{name: getattr(Args(), name) for name in PLACE_SETTINGS})
+    if asked == Args():
+        return
+    asked = resolve(asked)
+    differ = [f.name for f in dataclasses.fields(Args)
+              if f.name not in PLACE_SETTINGS and getattr(asked, f.name) != getattr(saved, f.name)]
+    if not differ:
+        return
+    what = f"checkpoint {source}" if source.suffix == ".pt" else f"the run in {source.parent} (no checkpoint yet)"
+    flags = ", ".join(f"--{name.replace('_', '-')} {getattr(saved, name)} (asked: {getattr(asked, name)})"
+                      for name in differ if name != "env_id")
+    if "env_id" in differ:
+        problem = f"{what} is from a {saved.env_id} run; this run asks for {asked.env_id}" + (
+            f" (other settings differ too: {flags})" if flags else "")
+    else:
+        problem = f"{what} is from a {saved.env_id} run with other settings than asked: {flags}"
+    raise CheckpointError(problem + "; a resumed run continues with its saved settings (train(Args(), resume=...), "
+                          "fastppo train --resume RUN_DIR alone): start a new run for other settings")
 
 
 def episode_statistics(boundary: EnvBoundary, group: Optional[Group]) -> tuple:
@@ -364,9 +404,12 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
           kernels: Kernels = Kernels()) -> dict:
     """Runs PPO with ``args`` and returns a summary (steps, seconds, recent mean return, run dir).
 
-    ``resume``: a run directory (or its checkpoint) to continue; its saved config is used and the
-    environments are brought back to where they were by replaying the logged actions from the
-    same seed, so on the CPU the continued run matches an uninterrupted one. ``envs``: an
+    ``resume``: a run directory (or its checkpoint) to continue with its saved settings (``args``
+    must then be ``Args()`` or those settings: another task is a ``CheckpointError`` naming both).
+    The model, optimizer, statistics, random streams and counters are restored and the
+    environments start afresh; with ``--resume-replay`` the logged actions are replayed from the
+    same seed, so on the CPU the continued run matches an uninterrupted one. A run directory with
+    no checkpoint yet (stopped before its first) starts over with its ``config.json``. ``envs``: an
     environment object to use instead of EnvPool's (tests). ``stop_after``: stop after this many
     iterations (as if killed right after that iteration's checkpoint). ``kernels``: the
     computations to use (the benchmark suite's eager baseline).
@@ -377,7 +420,8 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     """
     checkpoint = None
     if resume is not None:
-        args, checkpoint, run_dir = resume_state(resume)
+        args, checkpoint, source = resume_state(resume, args)
+        run_dir = source.parent
     args = resolve(args) if envs is None else args
     family = env_family(args.env_id) if envs is None else "classic"
     device = train_device(args)
@@ -490,8 +534,12 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         saved_backend = checkpoint.get("policy_backend", "torch")
         if saved_backend != backend:
             raise CheckpointError(f"the checkpoint was trained with --policy-backend {saved_backend}; this run would use {backend}")
-        agent.load_state_dict(checkpoint["model"])
-        (fused or optimizer).load_state_dict(checkpoint["optimizer"])
+        try:
+            agent.load_state_dict(checkpoint["model"])
+            (fused or optimizer).load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise CheckpointError(f"checkpoint {source} holds a model that does not fit {args.env_id} (observations "
+                                  f"{obs_shape}, actions {envs.action_space}): {err}") from err
         if fused is not None:
             fused.refresh()
         if fresh_resume:  # the statistics carry over; the environments' episodes start afresh
