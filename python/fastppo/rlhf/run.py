@@ -26,7 +26,7 @@ from typing import Annotated, Optional
 import torch
 import tyro
 
-from ..checkpoint import load_data, save_checkpoint
+from ..checkpoint import CheckpointError, checkpoint_kind, describe, read_checkpoint, save_checkpoint, write_text_atomic
 from ..distributed import Group, in_torchrun
 from ..progress import Progress
 from . import digits as D
@@ -125,6 +125,69 @@ def _hf_gpt2(seed: int) -> torch.nn.Module:
 
 PRESETS = {"digits": _tiny_gpt, "digits-hf": _hf_gpt2}
 
+# The settings that make the stages, and with the critic and every PPO setting, a PPO run: a resume
+# must give the same (the rest, such as --iterations or --threads, may change).
+STAGE_SETTINGS = ("preset", "seed", "sft_steps", "rm_pairs", "rm_heldout_pairs", "rm_epochs")
+
+
+def run_settings(args: RLHFArgs) -> dict:
+    """What a PPO checkpoint records of the settings that made its run (PPO settings by flag name)."""
+    return {**{name: getattr(args, name) for name in STAGE_SETTINGS + ("critic",)}, **asdict(args.ppo)}
+
+
+def _check_settings(path: Path, saved: dict, asked: dict) -> None:
+    """``saved`` (a checkpoint's settings) against ``asked`` (this run's): a difference is a
+    ``CheckpointError`` naming the checkpoint's task (preset and seed), the one asked and each flag."""
+    differ = [name for name in asked if name in saved and saved[name] != asked[name]]
+    if not differ:
+        return
+    flags = ", ".join(f"--{name.replace('_', '-')} {saved[name]} (asked: {asked[name]})" for name in differ)
+    task = "a {preset} run (seed {seed})"
+    if "preset" in differ or "seed" in differ:
+        problem = f"is from {task.format(**saved)}; this run asks for {task.format(**asked)} ({flags})"
+    else:
+        problem = f"is from {task.format(**saved)} with other settings than asked: {flags}"
+    raise CheckpointError(f"checkpoint {path} {problem}; resume it with the flags that made it, or choose another "
+                          "--run-dir")
+
+
+def read_stages(path: Path, args: RLHFArgs) -> dict:
+    """``stages.pt`` of this run's settings; anything else (damaged, another kind of checkpoint,
+    other stage settings) is a ``CheckpointError`` that says so."""
+    state = read_checkpoint(path)
+    if checkpoint_kind(state) != "rlhf stages":
+        raise CheckpointError(f"{path} is {describe(state, path)}, not the stages of a fastppo rlhf run")
+    _check_settings(path, state["args"], {name: getattr(args, name) for name in STAGE_SETTINGS})
+    return state
+
+
+def read_ppo_checkpoint(path: Path, args: RLHFArgs, world_size: int) -> dict:
+    """A PPO run's ``checkpoint.pt`` made with this run's settings and world size; anything else is
+    a ``CheckpointError`` that says what it is."""
+    state = read_checkpoint(path)
+    if checkpoint_kind(state) != "rlhf PPO":
+        raise CheckpointError(f"checkpoint {path} is {describe(state, path)}, not the checkpoint of a fastppo rlhf PPO run")
+    if state.get("world_size", 1) != world_size:
+        raise CheckpointError(f"checkpoint {path} was written by {state.get('world_size', 1)} process(es); resume it "
+                              f"with the same world size, not {world_size}")
+    if "settings" in state:  # written before they were recorded: not checked
+        _check_settings(path, state["settings"], run_settings(args))
+    return state
+
+
+def check_run_dir(args: RLHFArgs, run_dir: Path, world_size: int) -> None:
+    """Before anything is written: ``run_dir`` is not a ``fastppo train`` run, and every stage and PPO
+    checkpoint in it can be continued by this run (``--resume``; without it a PPO checkpoint there is
+    an error, as ``run_ppo`` says)."""
+    if (run_dir / "config.json").exists() or (run_dir / "checkpoint.pt").exists():
+        raise CheckpointError(f"{run_dir} holds a fastppo train run (config.json, checkpoint.pt); fastppo rlhf needs a "
+                              "--run-dir of its own")
+    if (run_dir / "stages.pt").exists():
+        read_stages(run_dir / "stages.pt", args)
+    for name in ("kl", "kl_off") if args.resume else ():
+        if (run_dir / name / "checkpoint.pt").exists():
+            read_ppo_checkpoint(run_dir / name / "checkpoint.pt", args, world_size)
+
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
@@ -135,10 +198,7 @@ def build_stages(args: RLHFArgs, run_dir: Path) -> dict:
     path = run_dir / "stages.pt"
     make = PRESETS[args.preset]
     if path.exists():
-        state = load_data(path)
-        if state["args"]["preset"] != args.preset or state["args"]["seed"] != args.seed:
-            raise SystemExit(f"error: {path} was made with preset {state['args']['preset']!r} and seed "
-                             f"{state['args']['seed']}, not {args.preset!r} / {args.seed}; use another --run-dir")
+        state = read_stages(path, args)
         _log(f"stages loaded from {path}")
         return state
     g = torch.Generator().manual_seed(args.seed)
@@ -200,10 +260,7 @@ def run_ppo(args: RLHFArgs, stages: dict, out: Path, kl_off: bool, group: Option
     ckpt, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
     history, first = [], 1
     if args.resume and ckpt.exists():
-        state = load_data(ckpt)
-        if state.get("world_size", 1) != size:
-            raise SystemExit(f"error: {ckpt} was written by {state.get('world_size', 1)} process(es); resume it with "
-                             f"the same world size, not {size}")
+        state = read_ppo_checkpoint(ckpt, args, size)
         trainer.load_state_dict(state["trainer"])
         if group is not None:
             trainer.generator.set_state(state["generators"][group.rank])
@@ -213,7 +270,7 @@ def run_ppo(args: RLHFArgs, stages: dict, out: Path, kl_off: bool, group: Option
     elif ckpt.exists() and not args.resume:
         raise SystemExit(f"error: {ckpt} exists; pass --resume to continue it or choose another --run-dir")
     if is_main:  # metrics.jsonl holds exactly the checkpointed iterations (a killed run may have written more)
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+        write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
     progress = Progress(args.iterations, first - 1, every=10 if is_main else 0, name=out.name)
     log = metrics_path.open("a") if is_main else None
     try:
@@ -231,6 +288,7 @@ def run_ppo(args: RLHFArgs, stages: dict, out: Path, kl_off: bool, group: Option
                 state = trainer.state_dict()  # with FSDP a collective: every rank gathers
                 if is_main:
                     save_checkpoint(ckpt, {"trainer": state, "history": history, "iteration": it,
+                                           "settings": run_settings(args),
                                            **({} if group is None else dict(world_size=size, generators=generators))})
     finally:
         progress.close()
@@ -281,6 +339,9 @@ def main(argv=None) -> int:
     group = Group(args.device) if in_torchrun() else None
     try:
         return _run(args, group)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         if group is not None:
             group.close()
@@ -292,8 +353,9 @@ def _run(args: RLHFArgs, group: Optional[Group]) -> int:
     run_dir = Path(args.run_dir)
     stages = None
     if is_main:
+        check_run_dir(args, run_dir, 1 if group is None else group.size)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
+        write_text_atomic(run_dir / "args.json", json.dumps(asdict(args), indent=1))
         stages = build_stages(args, run_dir)
     if group is not None:  # the reference, reward and starting models are rank 0's on every rank
         stages = group.broadcast_object(stages)
