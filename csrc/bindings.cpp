@@ -1,15 +1,16 @@
 // fastppo._C: the compiled core, one pybind11 module over raw buffers. Each op family registers
 // itself from its bindings_<family>.cpp; what they share is in bindings_common.h.
-#include <omp.h>
-
 #include "bindings_common.h"
+#include "fastppo_build_config.h"
+#include "fastppo_omp.h"
 
 #if FASTPPO_WITH_CUDA
 #include <cuda_runtime_api.h>
 #endif
 
 namespace fastppo {
-const char* cpu_isa();  // cpu_kernels.cpp: the instruction set the CPU loops run with
+const char* cpu_isa();           // cpu_kernels.cpp: the instruction set the CPU loops run with
+const char* cpu_isa_compiled();  // and the copies compiled, comma-separated
 }  // namespace fastppo
 
 namespace {
@@ -39,10 +40,16 @@ py::dict build_info() {
 #else
   info["compiler"] = "unknown";
 #endif
+#if defined(_OPENMP)
   info["openmp"] = true;
   info["openmp_version"] = _OPENMP;
+#else
+  info["openmp"] = false;
+  info["openmp_version"] = py::none();
+#endif
   info["openmp_max_threads"] = omp_get_max_threads();
   info["cpu_isa"] = fastppo::cpu_isa();
+  info["cpu_isa_compiled"] = fastppo::cpu_isa_compiled();
   info["cuda"] = static_cast<bool>(FASTPPO_WITH_CUDA);
   info["cuda_architectures"] = FASTPPO_CUDA_ARCHS;
 #if FASTPPO_WITH_CUDA
@@ -50,6 +57,13 @@ py::dict build_info() {
 #else
   info["cuda_runtime_version"] = py::none();
 #endif
+  // What the build could not do and did without (no OpenMP, CUDA architectures dropped, CUDA
+  // skipped because nvcc failed), one message each; empty when everything asked for was built.
+  py::list warnings;
+  for (const char* w : {FASTPPO_BUILD_WARNINGS})
+    if (*w) warnings.append(w);
+  info["build_warnings"] = warnings;
+  info["sanitizers"] = FASTPPO_SANITIZERS;
   return info;
 }
 

@@ -3,8 +3,6 @@
 // supports. Only the loops in cpu_kernels.inc are compiled per instruction set; the element math they inline (fastppo_math.h and
 // the kernel headers) is defined once, outside the target region. Contiguous data runs loops the
 // compiler vectorizes; other layouts go through the strided element functions.
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -14,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu_isa_regions.h"
+#include "fastppo_omp.h"
 #include "gae.h"
 #include "heads.h"
 #include "mlp.h"
@@ -26,22 +26,21 @@ namespace baseline {
 #include "cpu_kernels.inc"
 }  // namespace baseline
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FASTPPO_HAVE_AVX2 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
+// FASTPPO_ISA_COPIES is set by CMake where the compiler applies cpu_isa_regions.h's regions (GCC and
+// clang on x86-64); elsewhere only the baseline copy exists and build_info() says so.
+#if FASTPPO_ISA_COPIES
+FASTPPO_TARGET_PUSH_AVX2
 namespace avx2 {
+FASTPPO_ISA_GUARD_AVX2
 #include "cpu_kernels.inc"
 }  // namespace avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma", "prefer-vector-width=512")
+FASTPPO_TARGET_POP
+FASTPPO_TARGET_PUSH_AVX512
 namespace avx512 {
+FASTPPO_ISA_GUARD_AVX512
 #include "cpu_kernels.inc"
 }  // namespace avx512
-#pragma GCC pop_options
-#else
-#define FASTPPO_HAVE_AVX2 0
+FASTPPO_TARGET_POP
 #endif
 
 namespace {
@@ -54,7 +53,7 @@ Isa detect_isa() {
   const std::string name = asked ? asked : "";
   if (!name.empty() && name != "baseline" && name != "avx2" && name != "avx512")
     throw std::invalid_argument("FASTPPO_CPU_ISA must be baseline, avx2 or avx512 (or unset), got '" + name + "'");
-#if FASTPPO_HAVE_AVX2
+#if FASTPPO_ISA_COPIES
   Isa best = Isa::kBaseline;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
   if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
@@ -76,6 +75,8 @@ Isa isa() {
 }
 }  // namespace
 
+const char* cpu_isa_compiled() { return FASTPPO_ISA_COPIES ? "baseline,avx2,avx512" : "baseline"; }
+
 const char* cpu_isa() {
   switch (isa()) {
     case Isa::kAvx512: return "avx512";
@@ -84,7 +85,7 @@ const char* cpu_isa() {
   }
 }
 
-#if FASTPPO_HAVE_AVX2
+#if FASTPPO_ISA_COPIES
 #define FASTPPO_DISPATCH(fn, args) \
   (isa() == Isa::kAvx512 ? avx512::fn(args) : isa() == Isa::kAvx2 ? avx2::fn(args) : baseline::fn(args))
 #define FASTPPO_DISPATCH_V(fn, ...)                                                         \

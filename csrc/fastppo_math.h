@@ -60,6 +60,14 @@ FASTPPO_HD bool load_flag(const void* base, int type, int64_t offset) {
 //   A_t     = delta_t + gamma * lam * (1 - done_t) * A_{t+1}
 // A select rather than a multiply by (1 - flag) keeps a terminated step finite even when the
 // next value is inf or NaN (it is never used).
+//
+// No multiply-add here is fused into an FMA, so advantages are bitwise those of the plain loop
+// (CleanRL's, the float64 reference's): GCC is told so where the loops are compiled
+// (cpu_kernels.inc), clang here, since it fuses per expression where the expression is written.
+#if defined(__clang__)
+#pragma float_control(push)
+#pragma clang fp contract(off)
+#endif
 
 template <typename S>
 FASTPPO_HD S gae_delta(S reward, S value, S next_value, bool terminated, S gamma) {
@@ -141,6 +149,9 @@ FASTPPO_HD S gae_chunk_write(const GaeRow<S>& row, int64_t t0, int64_t t1, S gam
   for (int64_t t = t1 - 1; t >= t0; --t) carry = row.write_step(t, gamma, gamma_lam, carry);
   return carry;
 }
+#if defined(__clang__)
+#pragma float_control(pop)
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Clipped PPO loss (Schulman et al. 2017) per element, with the derivatives written next to the

@@ -56,7 +56,9 @@ def cuda_available() -> bool:
 
 def build_info() -> str:
     """One line describing the compiled core: version, compiler, OpenMP threads, the instruction set
-    of the CPU loops (``FASTPPO_CPU_ISA=baseline`` or ``avx2`` picks a narrower one), CUDA."""
+    of the CPU loops (``FASTPPO_CPU_ISA=baseline`` or ``avx2`` picks a narrower one) and the copies
+    compiled, CUDA, sanitizers, and anything the build had to leave out (``_C.build_info()`` has the
+    same as a dict)."""
     info = _C.build_info()
     cuda = (
         f"CUDA runtime {info['cuda_runtime_version']} for {info['cuda_architectures']}, "
@@ -64,7 +66,19 @@ def build_info() -> str:
         if info["cuda"]
         else "no CUDA (CPU-only build)"
     )
-    return (
-        f"fastppo {info['version']}; compiler {info['compiler']}; "
-        f"OpenMP {info['openmp_version']} with {info['openmp_max_threads']} threads; CPU loops {info['cpu_isa']}; {cuda}"
+    threads = (
+        f"OpenMP {info['openmp_version']} with {info['openmp_max_threads']} threads"
+        if info["openmp"]
+        else "no OpenMP (1 thread)"
     )
+    parts = [
+        f"fastppo {info['version']}",
+        f"compiler {info['compiler'].strip()}",
+        threads,
+        f"CPU loops {info['cpu_isa']} (compiled: {info['cpu_isa_compiled']})",
+        cuda,
+    ]
+    if info["sanitizers"]:
+        parts.append(f"sanitizers {info['sanitizers']}")
+    parts += [f"build warning: {w}" for w in info["build_warnings"]]
+    return "; ".join(parts)
