@@ -10,6 +10,8 @@ import torch
 import fastppo
 from fastppo import ppo_loss
 
+from references import ppo_loss_reference as reference_loss
+
 STATS = ("pg_loss", "v_loss", "entropy", "approx_kl", "old_approx_kl", "clipfrac")
 
 
@@ -40,52 +42,6 @@ def cleanrl_loss(new_logprob, old_logprob, advantages, new_value=None, old_value
     loss = pg_loss - ent_coef * entropy_loss + v_loss * vf_coef
     return dict(loss=loss, pg_loss=pg_loss, v_loss=v_loss, entropy=entropy_loss, approx_kl=approx_kl,
                 old_approx_kl=old_approx_kl, clipfrac=clipfrac)
-
-
-def reference_loss(new_logprob, old_logprob, advantages, new_value=None, old_value=None, returns=None, entropy=None,
-                   mask=None, clip_coef=0.2, vf_coef=0.5, ent_coef=0.0, clip_vloss=True, vf_clip_coef=None,
-                   norm_adv=True, dual_clip=None, agg="token-mean"):
-    """The documented semantics, plainly: masked means, per-sequence aggregation, dual clip."""
-    m = torch.ones_like(new_logprob, dtype=torch.bool) if mask is None else mask.bool()
-    zero = torch.zeros((), dtype=new_logprob.dtype)
-
-    def token_mean(x):
-        return torch.where(m, x, zero).sum() / m.sum() if m.any() else zero
-
-    def aggregate(x):
-        if agg == "token-mean":
-            return token_mean(x)
-        per_seq = torch.where(m, x, zero).sum(-1)
-        counts = m.sum(-1)
-        if agg == "seq-mean-token-mean":
-            per_seq = per_seq / counts.clamp(min=1)
-        keep = counts > 0
-        return per_seq[keep].mean() if keep.any() else zero
-
-    logratio = new_logprob - old_logprob
-    ratio = logratio.exp()
-    adv = advantages
-    if norm_adv:
-        selected = advantages[m]
-        std = selected.std() if selected.numel() >= 2 else zero
-        adv = (advantages - selected.mean()) / (std + 1e-8) if selected.numel() else advantages
-    pg = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef))
-    if dual_clip is not None:
-        pg = torch.where(adv < 0, torch.min(pg, -dual_clip * adv), pg)
-    v_loss = zero
-    if new_value is not None:
-        cv = clip_coef if vf_clip_coef is None else vf_clip_coef
-        unclipped = (new_value - returns) ** 2
-        if clip_vloss:
-            clipped = (old_value + torch.clamp(new_value - old_value, -cv, cv) - returns) ** 2
-            v_loss = 0.5 * aggregate(torch.max(unclipped, clipped))
-        else:
-            v_loss = 0.5 * aggregate(unclipped)
-    entropy_loss = aggregate(entropy) if entropy is not None else zero
-    pg_loss = aggregate(pg)
-    return dict(loss=pg_loss - ent_coef * entropy_loss + vf_coef * v_loss, pg_loss=pg_loss, v_loss=v_loss,
-                entropy=entropy_loss, approx_kl=token_mean((ratio - 1) - logratio),
-                old_approx_kl=token_mean(-logratio), clipfrac=token_mean(((ratio - 1).abs() > clip_coef).to(ratio.dtype)))
 
 
 def batch(shape, dtype=torch.float64, device="cpu", seed=0, spread=0.3):

@@ -3,13 +3,13 @@ float64 references written for clarity, on awkward sizes, every mask dtype and s
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 
 from fastppo.rlhf.kernels import kl_penalty_rewards, masked_mean, masked_whiten, token_gae
+
+from references import kl_reference, masked_mean_reference, token_gae_reference, whiten_reference
 
 F64 = torch.float64
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]
@@ -20,95 +20,6 @@ ESTIMATORS = ["k1", "k2", "k3"]
 MASK_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, torch.float32, torch.float64]
 # [B, T]: a single token, a single row or column, odd sizes, and rows longer than a block of 1024.
 SIZES = [(1, 1), (1, 97), (97, 1), (97, 97), (1025, 3), (3, 1025), (1, 1025), (2, 1025)]
-
-
-# ---------------------------------------------------------------------------------------------
-# References: float64 on the CPU, one row at a time.
-
-
-def _selected(mask, B, T):
-    if mask is None:
-        return torch.ones(B, T, dtype=torch.bool)
-    return mask.cpu() != 0
-
-
-def kl_reference(logprob, ref_logprob, mask=None, scores=None, beta=0.05, estimator="k1", kl_clamp=None):
-    """Per row: d = logprob - ref_logprob; k1 = d, k2 = d^2/2, k3 = exp(-d) - 1 + d; clamped to
-    [-c, c]; reward -beta * kl at selected tokens, 0 at padding, plus the row's score at its last
-    selected token; last_index is that token, or -1."""
-    lp = logprob.cpu().to(F64)
-    rp = ref_logprob.cpu().to(F64)
-    B, T = lp.shape
-    sel = _selected(mask, B, T)
-    kl = torch.zeros(B, T, dtype=F64)
-    rewards = torch.zeros(B, T, dtype=F64)
-    last = torch.full((B,), -1, dtype=torch.int64)
-    for b in range(B):
-        d = lp[b] - rp[b]
-        if estimator == "k1":
-            k = d
-        elif estimator == "k2":
-            k = d * d / 2
-        else:
-            k = torch.exp(-d) - 1 + d
-        if kl_clamp is not None:
-            k = k.clamp(-kl_clamp, kl_clamp)
-        kl[b] = torch.where(sel[b], k, torch.zeros((), dtype=F64))
-        rewards[b] = torch.where(sel[b], -beta * kl[b], torch.zeros((), dtype=F64))
-        chosen = sel[b].nonzero().flatten()
-        if len(chosen) > 0:
-            last[b] = int(chosen[-1])
-            if scores is not None:
-                rewards[b, last[b]] += float(scores[b])
-    return rewards, kl, last
-
-
-def whiten_reference(x, mask=None, shift_mean=True, eps=1e-8):
-    """TRL's masked_whiten written plainly: mean and unbiased variance of the selected elements
-    (variance 0 with fewer than two), (x - mean) / sqrt(var + eps), mean added back when
-    shift_mean is False, 0 at unselected elements."""
-    x = x.cpu().to(F64)
-    sel = _selected(mask, *x.shape)
-    chosen = x[sel]
-    n = chosen.numel()
-    mean = chosen.sum().item() / n if n > 0 else 0.0
-    var = ((chosen - mean) ** 2).sum().item() / (n - 1) if n >= 2 else 0.0
-    out = (x - mean) / math.sqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return torch.where(sel, out, torch.zeros((), dtype=F64))
-
-
-def token_gae_reference(rewards, values, last_index, gamma=1.0, lam=0.95, mask=None):
-    """Each row on its own: tokens 0..last_index, the textbook GAE loop backwards with nothing
-    bootstrapped after the last token; returns = adv + values there, 0 elsewhere."""
-    r = rewards.cpu().to(F64).tolist()
-    v = values.cpu().to(F64).tolist()
-    B, T = rewards.shape
-    adv = [[0.0] * T for _ in range(B)]
-    ret = [[0.0] * T for _ in range(B)]
-    for b in range(B):
-        next_value, next_adv = 0.0, 0.0
-        for t in range(int(last_index[b]), -1, -1):
-            delta = r[b][t] + gamma * next_value - v[b][t]
-            next_adv = delta + gamma * lam * next_adv
-            adv[b][t] = next_adv
-            ret[b][t] = next_adv + v[b][t]
-            next_value = v[b][t]
-    adv, ret = torch.tensor(adv, dtype=F64).reshape(B, T), torch.tensor(ret, dtype=F64).reshape(B, T)
-    if mask is not None:
-        keep = mask.cpu() != 0
-        adv, ret = adv * keep, ret * keep
-    return adv, ret
-
-
-def masked_mean_reference(x, mask=None, dim=None):
-    x = x.cpu().to(F64)
-    sel = _selected(mask, *x.shape)
-    if dim is None:
-        n = int(sel.sum())
-        return torch.tensor(x[sel].sum().item() / max(n, 1), dtype=F64)
-    return torch.tensor([x[b][sel[b]].sum().item() / max(int(sel[b].sum()), 1) for b in range(x.shape[0])], dtype=F64)
 
 
 # ---------------------------------------------------------------------------------------------
