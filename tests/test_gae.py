@@ -387,11 +387,37 @@ def test_out_arrays_are_written_in_place(device):
         (lambda r: (r, r.copy()), ValueError, ["out[0]", "overlaps an input"]),
         (lambda r: (lambda o: (o, o))(r.copy()), ValueError, ["out[0] and out[1] overlap"]),
         (lambda r: (torch.zeros(4, 3), torch.zeros(4, 3)), TypeError, ["out[0]", "torch.Tensor"]),
+        # Outputs the kernel would write wrongly or where it must not: refused, not written.
+        (lambda r: (r.copy(), np.zeros((4, 3), ">f4")), TypeError, ["out[1]", ">f4", "byte order"]),
+        (lambda r: (read_only(r.copy()), r.copy()), ValueError, ["out[0]", "read-only"]),
+        (lambda r: (r.copy(), unaligned(r)), ValueError, ["out[1]", "aligned"]),
     ],
 )
 def test_bad_out_names_the_argument(make_out, error, words):
     r, v, d, last = good_inputs()
+    out = make_out(r)
+    before = [o.copy() for o in out if isinstance(o, np.ndarray)]
     with pytest.raises(error) as info:
-        fastppo.gae(r, v, d, last, out=make_out(r))
+        fastppo.gae(r, v, d, last, out=out)
     for word in words:
         assert word in str(info.value), (word, str(info.value))
+    for o, b in zip([o for o in out if isinstance(o, np.ndarray)], before):
+        np.testing.assert_array_equal(o, b)  # nothing was written
+
+
+def read_only(x):
+    x.flags.writeable = False
+    return x
+
+
+def unaligned(like):
+    raw = np.frombuffer(bytearray(like.nbytes + 1), dtype=np.uint8)[1:]  # writeable memory one byte off
+    return raw.view(like.dtype).reshape(like.shape)
+
+
+def test_out_tensor_that_requires_grad_is_refused():
+    r, v, d, last = (torch.from_numpy(x) for x in good_inputs())
+    adv = torch.zeros(4, 3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"fastppo.gae: out\[0\] requires grad"):
+        fastppo.gae(r, v, d, last, out=(adv, torch.zeros(4, 3)))
+    assert not adv.detach().any()

@@ -151,6 +151,23 @@ def require_contiguous(fn: str, name: str, x: Any, kind: str, dtypes: Sequence[s
         raise ValueError(f"{fn}: {name} is on {x.device}; expected the CPU")
 
 
+def require_writable(fn: str, name: str, x: Any) -> None:
+    """``x`` is an output that compiled code writes by address in its native byte order: a numpy
+    array must be writeable, aligned and of native byte order, a tensor must not require grad
+    (autograd cannot see such a write, so torch refuses it for its own ``out=`` arguments)."""
+    if isinstance(x, np.ndarray):
+        if not x.dtype.isnative:
+            raise TypeError(f"{fn}: {name} has dtype {x.dtype.str} (non-native byte order); expected "
+                            f"{x.dtype.newbyteorder('=').str}")
+        if not x.flags.writeable:
+            raise ValueError(f"{fn}: {name} is read-only; expected a writeable array")
+        if not x.flags.aligned:
+            raise ValueError(f"{fn}: {name} is not aligned to its dtype; expected an aligned array")
+    elif x.requires_grad:
+        raise ValueError(f"{fn}: {name} requires grad; expected a tensor that does not (autograd cannot record "
+                         "the write): pass out.detach() or allocate it under torch.no_grad()")
+
+
 def require_real(fn: str, name: str, value: Any, what: str, low: float = -math.inf, high: float = math.inf,
                  open_low: bool = False, finite: bool = True) -> float:
     """``value`` as a float: a real number (not a bool) in ``[low, high]`` (``(low, high]`` when

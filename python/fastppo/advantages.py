@@ -44,7 +44,8 @@ def gae(
         out: optional ``(advantages, returns)`` pair of C-contiguous ``[T, ...]`` arrays of the
             kind, dtype and device of ``rewards`` to write into (a rollout buffer reused every
             iteration saves allocating and first-touching two arrays per call). They must not
-            overlap the inputs.
+            overlap the inputs or each other; numpy arrays must be writeable and of native byte
+            order, tensors must not require grad.
 
     Returns:
         ``(advantages, returns)``, each ``[T, ...]`` with the dtype of ``rewards``, as the same kind
@@ -117,6 +118,7 @@ def _check_out(out: Any, rewards: Any, inputs: tuple) -> Tuple[Any, Any]:
         raise TypeError(f"{_FN}: out must be an (advantages, returns) pair of arrays, got {B.describe(out)}")
     for name, x in zip(("out[0]", "out[1]"), out):
         B.require_like(_FN, name, x, rewards, "rewards")
+        B.require_writable(_FN, name, x)
         if not B.is_c_contiguous(x):
             raise ValueError(f"{_FN}: {name} must be C-contiguous, got strides {B.strides_of(x)}")
         if any(B.may_overlap(x, i) for i in inputs):
