@@ -215,6 +215,16 @@ def test_no_selected_element_gives_zeros(device):
         assert all(g.abs().max().item() == 0.0 for g in grads.values())
 
 
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_a_batch_of_no_sequences_gives_zeros(device, agg):
+    # [0, T]: no rows. The kernel was handed the address of an empty row-scale buffer (0) and refused
+    # the call with "missing output or workspace buffer".
+    inputs = batch((0, 5), device=device, seed=1)
+    values, grads = values_and_grads(ppo_loss, inputs, agg=agg, ent_coef=0.1)
+    assert all(v.item() == 0.0 for v in values.values())
+    assert all(g.shape == (0, 5) for g in grads.values())
+
+
 def test_same_bits_run_after_run(device):
     inputs = batch(300001, dtype=torch.float32, device=device, seed=21)
     first = values_and_grads(ppo_loss, inputs, ent_coef=0.01)

@@ -62,7 +62,10 @@ def _forward(
     stats = new_logprob.new_empty(_C.LOSS_STATS)
     grad_logprob = torch.empty(shape, dtype=new_logprob.dtype, device=device)
     grad_value = torch.empty(shape, dtype=new_logprob.dtype, device=device) if new_value is not None else stats.new_empty(0)
-    row_scale = stats.new_empty(R)
+    # At least one element: with no rows (a [0, T] batch) the kernel still takes the buffer's address
+    # (an empty tensor's data_ptr() is 0).
+    row_scale_buffer = stats.new_empty(max(R, 1))
+    row_scale = row_scale_buffer[:R]
     workspace = torch.empty(_C.ppo_loss_workspace(R, C), dtype=torch.float64, device=device)
     # The inputs as [R, C] rows (1-D: one row). A reshape may copy: the list keeps it alive for the call.
     views = [x if x is None or x.dim() in (1, 2) else x.reshape(R, C)
@@ -72,7 +75,8 @@ def _forward(
         "" if mask is None else B.DTYPE_NAMES[mask.dtype],
         clip_coef, vf_coef, ent_coef, vf_clip_coef, dual_clip, clip_vloss, norm_adv, agg,
         grad_logprob.data_ptr(), grad_value.data_ptr() if new_value is not None else None,
-        loss.data_ptr(), stats.data_ptr(), row_scale.data_ptr(), workspace.data_ptr(), *B.device_stream(new_logprob),
+        loss.data_ptr(), stats.data_ptr(), row_scale_buffer.data_ptr(), workspace.data_ptr(),
+        *B.device_stream(new_logprob),
         None if group is None else group.data_ptr(), group_size,
     )
     return loss, stats, grad_logprob, grad_value, row_scale
