@@ -215,6 +215,19 @@ def test_no_selected_element_gives_zeros(device):
         assert all(g.abs().max().item() == 0.0 for g in grads.values())
 
 
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum"])
+def test_any_nonzero_mask_value_selects_like_true(device, agg):
+    # The kernel reads a nonzero mask value as "selected"; the entropy's gradient used the mask's
+    # values as weights (twice the gradient where the mask held 2, the opposite sign at -1).
+    inputs = batch((3, 8), device=device, seed=4)
+    selected = torch.rand((3, 8), generator=torch.Generator().manual_seed(2)) < 0.6
+    want = values_and_grads(ppo_loss, dict(inputs, mask=selected.to(device)), agg=agg, ent_coef=0.3)
+    for on in (2, -1, 0.5):
+        mask = torch.where(selected, torch.tensor(on), torch.tensor(0 * on)).to(device)
+        got = values_and_grads(ppo_loss, dict(inputs, mask=mask), agg=agg, ent_coef=0.3)
+        assert_match(got, want, rtol=1e-12, atol=1e-12)  # (a wider mask takes the strided loop: ulps apart)
+
+
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_a_batch_of_no_sequences_gives_zeros(device, agg):
     # [0, T]: no rows. The kernel was handed the address of an empty row-scale buffer (0) and refused

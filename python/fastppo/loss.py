@@ -104,7 +104,8 @@ def _backward(
             per_token = per_token.reshape(-1, 1)
         elif len(shape) != 1:
             per_token = per_token.reshape(())  # one row
-        d_entropy = per_token.expand(shape) if mask is None else mask.to(per_token.dtype) * per_token
+        # Any nonzero mask value selects its element (as in the kernel): a 2 or a -1 is not a weight.
+        d_entropy = per_token.expand(shape) if mask is None else (mask != 0).to(per_token.dtype) * per_token
     return d_logprob, d_value, d_entropy
 
 
