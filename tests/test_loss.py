@@ -421,6 +421,9 @@ def test_group_moments_bad_input():
         ppo_loss(**inputs, group_moments=good[:2])
     with pytest.raises(ValueError, match="group_size"):
         ppo_loss(**inputs, group_moments=good, group_size=0)
+    for wrong_kind in (2.0, "2", True):  # not an int: the wrong kind of object
+        with pytest.raises(TypeError, match="group_size"):
+            ppo_loss(**inputs, group_moments=good, group_size=wrong_kind)
     two_d = batch((4, 4), seed=2)
     with pytest.raises(ValueError, match="token-mean"):
         ppo_loss(**two_d, group_moments=good, agg="seq-mean-token-mean")

@@ -290,7 +290,9 @@ def ppo_loss(
         if agg != "token-mean":
             raise ValueError(f"{_FN}: group_moments needs agg='token-mean', got {agg!r}")
         group_moments = group_moments.contiguous()
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"{_FN}: group_size must be an int >= 1, got {type(group_size).__name__} {group_size!r}")
+    if group_size < 1:
         raise ValueError(f"{_FN}: group_size must be an int >= 1, got {group_size!r}")
     args = (new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy, mask,
             clip_coef, vf_coef, ent_coef, vf_clip, dual, bool(clip_vloss), bool(norm_adv), AGG_MODES[agg],
