@@ -179,6 +179,23 @@ def test_normal_shared_log_std_gradient_is_the_same_bits_every_run(device):
     assert all(torch.equal(grads[0], x) for x in grads[1:])
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_normal_entropy_gradient_ignores_the_actions(device, shared):
+    # The entropy depends on log_std alone. Differentiating only the entropy ran the backward kernel
+    # with a zero log-prob gradient, and 0 * (a - mean)^2 / sigma^2 made a NaN or inf action's (or
+    # mean's) gradient NaN.
+    mean = torch.tensor([[0.0, 1.0], [2.0, 3.0], [-1.0, 0.5]], dtype=torch.float64, device=device, requires_grad=True)
+    log_std = torch.zeros(2 if shared else (3, 2), dtype=torch.float64, device=device, requires_grad=True)
+    actions = torch.tensor([[float("nan"), 1.0], [2.0, float("inf")], [0.0, 0.0]], dtype=torch.float64, device=device)
+    weights = torch.tensor([0.5, -2.0, 1.0], dtype=torch.float64, device=device)
+    logprob, entropy = normal_logprob_entropy(mean, log_std, actions)
+    assert torch.isnan(logprob[0]) and torch.isinf(logprob[1])
+    grad_mean, grad_log_std = torch.autograd.grad((entropy * weights).sum(), [mean, log_std])
+    assert torch.equal(grad_mean, torch.zeros_like(mean))
+    expected = weights.sum().expand(2) if shared else weights[:, None].expand(3, 2)
+    torch.testing.assert_close(grad_log_std, expected, rtol=0, atol=0)
+
+
 def test_normal_bad_input():
     mean, log_std, actions = torch.zeros(4, 3), torch.zeros(3), torch.zeros(4, 3)
     with pytest.raises(ValueError, match=r"log_std has shape \(2,\); expected \(3,\), mean.shape\[-1:\] \(shared by every row\)"):

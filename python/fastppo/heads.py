@@ -245,6 +245,13 @@ def _normal_forward(mean: Tensor, log_std: Tensor, actions: Tensor) -> Tuple[Ten
 
 def _normal_backward(mean: Tensor, log_std: Tensor, actions: Tensor, grad_logprob: Optional[Tensor],
                      grad_entropy: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    if grad_logprob is None:
+        # Only the entropy is differentiated, and it depends on log_std alone (d entropy / d log_std_d = 1):
+        # no kernel pass, whose log-prob term (0 * (a - mean)^2 / sigma^2) would turn a NaN or inf action
+        # or mean into a NaN gradient.
+        g = grad_entropy.reshape(mean.shape[:-1] + (1,))
+        grad_log_std = (g.sum() if log_std.dim() == 1 else g).expand(log_std.shape).contiguous()
+        return torch.zeros(mean.shape, dtype=mean.dtype, device=mean.device), grad_log_std
     views = _normal_views(mean, log_std, actions)
     rows, D = views[0].shape
     grad_mean = torch.empty(mean.shape, dtype=mean.dtype, device=mean.device)
