@@ -464,6 +464,35 @@ def test_masked_mean(device, dtype):
     assert float(masked_mean(x, torch.zeros_like(mask))) == 0.0
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_mean_reads_only_the_selected_elements(device, dtype):
+    # The mean was sum(x * mask) / sum(mask): a NaN or inf in padding (the exp() of a padded
+    # log-ratio) made it NaN, and a mask holding 2 counted its element twice.
+    x = torch.tensor([[1.0, 2.0, float("nan")], [3.0, float("inf"), -float("inf")]], dtype=dtype, device=device)
+    mask = torch.tensor([[True, True, False], [True, False, False]], device=device)
+    for m in (mask, mask.to(torch.int64) * 2, mask.to(dtype) * -0.5):
+        close(masked_mean(x, m), torch.tensor(2.0, dtype=F64), dtype)
+        close(masked_mean(x, m, dim=1), torch.tensor([1.5, 3.0], dtype=F64), dtype)
+        close(masked_mean(x, m, dim=0), torch.tensor([2.0, 2.0, 0.0], dtype=F64), dtype)
+    # Nothing to average (no elements at all): 0, as with nothing selected.
+    empty = torch.zeros(2, 0, dtype=dtype, device=device)
+    assert float(masked_mean(empty)) == 0.0 and masked_mean(empty, dim=1).tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "x,mask,error,match",
+    [
+        (torch.zeros(2, 3, dtype=torch.int64), None, TypeError, r"masked_mean: x has dtype torch\.int64"),
+        (np.zeros((2, 3)), None, TypeError, r"masked_mean: x must be a torch\.Tensor"),
+        (torch.zeros(2, 3), torch.ones(3, dtype=torch.bool), ValueError, r"masked_mean: mask has shape \(3,\)"),
+        (torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.complex64), TypeError, r"masked_mean: mask has dtype"),
+    ],
+)
+def test_masked_mean_bad_input_names_the_argument(x, mask, error, match):
+    with pytest.raises(error, match=match):
+        masked_mean(x, mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: each error names the function and the argument.
 

@@ -138,12 +138,24 @@ def masked_whiten(x: Tensor, mask: Optional[Tensor] = None, shift_mean: bool = T
 
 
 def masked_mean(x: Tensor, mask: Optional[Tensor] = None, dim: Optional[int] = None) -> Tensor:
-    """Mean of ``x`` over the selected elements (all of them, or along ``dim``); 0 where none is."""
+    """Mean of ``x`` over the selected elements (all of them, or along ``dim``); 0 where none is.
+
+    ``x`` is a floating-point tensor; ``mask`` (optional) has its shape and device, bool or 0/1 (any
+    nonzero value selects, it is not a weight). An unselected element is not read into the sum, so
+    NaN or inf in padding (a log-ratio's ``exp()`` there) does not reach the mean.
+    """
+    fn = "fastppo.rlhf.masked_mean"
+    B.require_array(fn, "x", x, "torch")
+    if not x.is_floating_point():
+        raise TypeError(f"{fn}: x has dtype {x.dtype}; expected a floating-point dtype")
     if mask is None:
-        return x.mean() if dim is None else x.mean(dim)
-    m = mask.to(x.dtype)
-    total = (x * m).sum() if dim is None else (x * m).sum(dim)
-    count = m.sum() if dim is None else m.sum(dim)
+        count = x.numel() if dim is None else x.shape[dim]
+        return (x.sum() if dim is None else x.sum(dim)) / max(count, 1)
+    B.require_like(fn, "mask", mask, x, "x", B.FLAG_DTYPES)
+    selected = mask != 0
+    chosen = torch.where(selected, x, x.new_zeros(()))
+    total = chosen.sum() if dim is None else chosen.sum(dim)
+    count = selected.sum() if dim is None else selected.sum(dim)
     return total / count.clamp(min=1)
 
 
