@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import shutil
 import subprocess
@@ -14,6 +15,8 @@ import fastppo
 from fastppo import _C
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Build tools run without the sanitizer runtimes .ci/sanitize preloads into Python and its children.
+TOOL_ENV = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
 
 
 def test_version_is_the_one_in_pyproject():
@@ -56,7 +59,7 @@ def test_numpy_use_does_not_import_torch():
 
 
 def test_compiled_module_does_not_link_libtorch():
-    ldd = subprocess.run(["ldd", _C.__file__], capture_output=True, text=True, check=True).stdout
+    ldd = subprocess.run(["ldd", _C.__file__], capture_output=True, text=True, check=True, env=TOOL_ENV).stdout
     assert "libtorch" not in ldd and "libc10" not in ldd
     assert "libcudart.so" not in ldd  # the CUDA runtime is linked statically
 
@@ -86,7 +89,7 @@ def test_instruction_set_copies_named_by_build_info_are_in_the_binary():
     the target regions would leave every copy baseline while build_info() said avx512)."""
     raw = _C.build_info()
     code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", _C.__file__], capture_output=True, text=True,
-                          check=True).stdout
+                          check=True, env=TOOL_ENV).stdout
     compiled = raw["cpu_isa_compiled"].split(",")
     assert ("%zmm" in code) == ("avx512" in compiled) or raw["cuda"]  # CUDA's static runtime has its own code
     assert ("%ymm" in code) == ("avx2" in compiled) or raw["cuda"]
@@ -107,7 +110,7 @@ def test_instruction_set_guard_fails_to_compile_outside_its_region(compiler, tmp
 
     def compiles(path):
         cmd = [compiler, "-std=c++17", "-O2", f"-I{ROOT / 'csrc'}", "-c", str(path), "-o", str(tmp_path / "x.o")]
-        return subprocess.run(cmd, capture_output=True).returncode == 0
+        return subprocess.run(cmd, capture_output=True, env=TOOL_ENV).returncode == 0
 
     assert compiles(inside)
     assert not compiles(outside)
@@ -123,7 +126,7 @@ def test_default_cuda_architectures_follow_the_nvcc_version(tmp_path):
         '  message("${v}=${out}")\n'
         "endforeach()\n"
     )
-    out = subprocess.run([CMAKE, "-P", str(script)], capture_output=True, text=True, check=True).stderr
+    out = subprocess.run([CMAKE, "-P", str(script)], capture_output=True, text=True, check=True, env=TOOL_ENV).stderr
     archs = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     assert archs["10.2"] == ""  # too old: CPU-only
     for version, lowest, newest in [("11.4", 70, 86), ("11.8", 70, 90), ("12.4", 70, 90), ("12.8", 70, 120),
@@ -134,13 +137,13 @@ def test_default_cuda_architectures_follow_the_nvcc_version(tmp_path):
     assert "100-real" not in archs["12.4"]  # nvcc before 12.8 rejects Blackwell
 
 
-def configure(tmp_path, *defines, env=None):
+def configure(tmp_path, *defines):
     """Configures the project (no build) into tmp_path; returns build_info's generated header text."""
     pybind11 = pytest.importorskip("pybind11")
     cmd = [CMAKE, "-S", str(ROOT), "-B", str(tmp_path), "-DSKBUILD_PROJECT_NAME=fastppo",
            "-DSKBUILD_PROJECT_VERSION=0.0.0", f"-DPython_EXECUTABLE={sys.executable}",
            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", *defines]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=TOOL_ENV)
     assert result.returncode == 0, result.stdout + result.stderr
     return (tmp_path / "generated" / "fastppo_build_config.h").read_text(), result.stdout
 
