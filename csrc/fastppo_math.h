@@ -172,6 +172,12 @@ FASTPPO_HD double scalar_log(double x) { return log(x); }
 FASTPPO_HD float scalar_sqrt(float x) { return sqrtf(x); }
 FASTPPO_HD double scalar_sqrt(double x) { return sqrt(x); }
 
+// max(a, b) as torch.max: NaN if either is (a clipped term can be 0 * inf or inf - inf).
+template <typename S>
+FASTPPO_HD S max_value(S a, S b) {
+  return (a > b || a != a) ? a : b;
+}
+
 // d max(a, b) given da and db, with torch's tie rule.
 template <typename S>
 FASTPPO_HD S max_grad(S a, S b, S da, S db) {
@@ -200,7 +206,7 @@ FASTPPO_HD Term<S> policy_term(S ratio, S adv, S clip_coef, S dual_clip) {
   const S unclipped = -adv * r, clipped = -adv * clamp(r, lo, hi);
   const S d_unclipped = overflow ? S(0) : -adv * r;
   const S d_clipped = (r >= lo && r <= hi) ? d_unclipped : S(0);
-  const S value = unclipped > clipped ? unclipped : clipped;
+  const S value = max_value(unclipped, clipped);
   const S grad = max_grad(unclipped, clipped, d_unclipped, d_clipped);
   // Dual clip: min(value, bound); the bound has no gradient.
   const S bound = -dual_clip * adv;
@@ -218,7 +224,7 @@ FASTPPO_HD Term<S> value_term(S value, S old_value, S ret, bool clip_vloss, S vf
   const S clipped_err = old_value + clamp(step, -vf_clip, vf_clip) - ret;
   const S clipped = clipped_err * clipped_err;
   const S d_clipped = (step >= -vf_clip && step <= vf_clip) ? S(2) * clipped_err : S(0);
-  const S value_clipped = S(0.5) * (unclipped > clipped ? unclipped : clipped);
+  const S value_clipped = S(0.5) * max_value(unclipped, clipped);
   const S grad_clipped = S(0.5) * max_grad(unclipped, clipped, S(2) * err, d_clipped);
   return Term<S>{clip_vloss ? value_clipped : S(0.5) * unclipped, clip_vloss ? grad_clipped : err};
 }
