@@ -168,6 +168,7 @@ def test_one_train_equals_sb3(env_id, settings):
 # ------------------------------------------------------------------ learning
 
 
+@pytest.mark.learning
 def test_learns_cartpole_with_rl_zoo_settings():
     """rl-zoo's CartPole settings reach a 100-episode mean return of 195 well within 60k steps (SB3
     does it in ~25k); stops there (about 10 s on 2 busy cores)."""

@@ -80,6 +80,7 @@ def test_cli_help_comes_from_the_dataclass_docstrings():
     assert bad.returncode == 2 and "must divide" in bad.stderr
 
 
+@pytest.mark.learning
 def test_cartpole_learns_for_each_of_three_seeds(tmp_path):
     # The default preset (classic-fast), CPU: mean return of the last 100 episodes >= 195 within 150k steps.
     for seed in (1, 2, 3):
@@ -251,6 +252,7 @@ def test_truncated_checkpoint_is_a_clear_error_that_changes_nothing(tmp_path, ca
     assert f"fastppo train: error: checkpoint {path} is damaged and cannot be read" in err and _files(run_dir) == before
 
 
+@pytest.mark.learning
 def test_fused_and_torch_backends_learn_alike(tmp_path):
     # Same preset and seed, the two backends: both solve CartPole (their sampling noise differs).
     for backend in ("fused", "torch"):
