@@ -165,6 +165,95 @@ def test_one_train_equals_sb3(env_id, settings):
         assert float(ours_log[key]) == pytest.approx(float(theirs_log[key]), rel=1e-4, abs=1e-6), key
 
 
+# ------------------------------------------------------------------ checkpoints
+
+# Plain SB3 in a process where ``import fastppo`` fails: it loads the zip at argv[1], checks that
+# fastppo stayed out, and writes the buffer's class and the policy's parameters to argv[2].
+LOAD_WITHOUT_FASTPPO = """
+import importlib.abc, sys
+
+class NoFastppo(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "fastppo" or name.startswith("fastppo."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+        return None
+
+sys.meta_path.insert(0, NoFastppo())
+try:
+    import fastppo
+except ModuleNotFoundError:
+    pass
+else:
+    raise SystemExit("the blocker let fastppo in")
+import torch
+from stable_baselines3 import PPO
+model = PPO.load(sys.argv[1], device="cpu")
+assert not any(name.startswith("fastppo") for name in sys.modules), "loading imported fastppo"
+buffer = type(model.rollout_buffer)
+torch.save({"buffer": buffer.__module__ + "." + buffer.__qualname__, "state": model.policy.state_dict()},
+           sys.argv[2])
+"""
+
+
+def small_model(cls, dict_obs=False, **kwargs):
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=3, wrapper_class=DictObservation if dict_obs else None)
+    return cls("MultiInputPolicy" if dict_obs else "MlpPolicy", env, n_steps=16, batch_size=32, seed=3,
+               device="cpu", **kwargs)
+
+
+def assert_same_parameters(model, state):
+    mine = model.policy.state_dict()
+    assert mine.keys() == state.keys()
+    for key in mine:
+        torch.testing.assert_close(mine[key], state[key], rtol=0, atol=0, msg=key)
+
+
+def test_saved_zip_loads_in_plain_sb3_where_fastppo_cannot_be_imported(tmp_path):
+    model = small_model(sb3.PPO)
+    model.learn(total_timesteps=32)  # a train(): parameters that differ from a fresh model's
+    model.save(tmp_path / "model.zip")
+    proc = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_FASTPPO, str(tmp_path / "model.zip"),
+                           str(tmp_path / "loaded.pt")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    loaded = torch.load(tmp_path / "loaded.pt")
+    assert loaded["buffer"] == "stable_baselines3.common.buffers.RolloutBuffer"
+    assert_same_parameters(model, loaded["state"])
+    assert type(model.rollout_buffer) is sb3.RolloutBuffer  # saving left the model as it was
+
+
+@pytest.mark.parametrize("dict_obs", [False, True], ids=["box-obs", "dict-obs"])
+def test_each_class_loads_the_others_zip_with_its_own_buffer(tmp_path, dict_obs):
+    sb3_buffer, fastppo_buffer = ((sb3_buffers.DictRolloutBuffer, sb3.DictRolloutBuffer) if dict_obs
+                                  else (sb3_buffers.RolloutBuffer, sb3.RolloutBuffer))
+    ours, theirs = small_model(sb3.PPO, dict_obs), small_model(SB3PPO, dict_obs)
+    ours.save(tmp_path / "fastppo.zip")
+    theirs.save(tmp_path / "sb3.zip")
+
+    from_ours = SB3PPO.load(tmp_path / "fastppo.zip", device="cpu")
+    assert type(from_ours.rollout_buffer) is sb3_buffer
+    assert_same_parameters(from_ours, ours.policy.state_dict())
+    from_theirs = sb3.PPO.load(tmp_path / "sb3.zip", env=theirs.get_env(), device="cpu")
+    assert type(from_theirs.rollout_buffer) is fastppo_buffer  # GAE fused again
+    assert_same_parameters(from_theirs, theirs.policy.state_dict())
+    from_theirs.learn(total_timesteps=32)  # and it trains on it
+    again = sb3.PPO.load(tmp_path / "fastppo.zip", device="cpu")
+    assert type(again.rollout_buffer) is fastppo_buffer
+
+
+def test_a_chosen_sb3_buffer_is_kept_through_save_and_load(tmp_path):
+    model = small_model(sb3.PPO, rollout_buffer_class=sb3_buffers.RolloutBuffer)
+    assert type(model.rollout_buffer) is sb3_buffers.RolloutBuffer
+    model.save(tmp_path / "model.zip")
+    assert type(sb3.PPO.load(tmp_path / "model.zip", device="cpu").rollout_buffer) is sb3_buffers.RolloutBuffer
+    assert type(SB3PPO.load(tmp_path / "model.zip", device="cpu").rollout_buffer) is sb3_buffers.RolloutBuffer
+    # Chosen when loading, either way.
+    SB3PPO.load(tmp_path / "model.zip").save(tmp_path / "sb3.zip")
+    chosen = sb3.PPO.load(tmp_path / "sb3.zip", device="cpu", rollout_buffer_class=sb3_buffers.RolloutBuffer)
+    assert type(chosen.rollout_buffer) is sb3_buffers.RolloutBuffer
+    default = sb3.PPO.load(tmp_path / "model.zip", device="cpu", rollout_buffer_class=None)
+    assert type(default.rollout_buffer) is sb3.RolloutBuffer
+
+
 # ------------------------------------------------------------------ learning
 
 

@@ -170,6 +170,12 @@ def fused_evaluator(policy) -> Optional[Evaluator]:
 # ------------------------------------------------------------------ PPO
 
 
+def _user_choice(rollout_buffer_class) -> bool:
+    """Whether a ``rollout_buffer_class`` argument overrides fastppo's choice: None and fastppo's
+    own buffers leave it to the class that builds (or loads) the model."""
+    return rollout_buffer_class not in (None, RolloutBuffer, DictRolloutBuffer)
+
+
 class PPO(_SB3PPO):
     """``stable_baselines3.PPO`` whose GAE and update run on fastppo's kernels.
 
@@ -177,13 +183,43 @@ class PPO(_SB3PPO):
     (:class:`DictRolloutBuffer` for dict observation spaces); pass SB3's own class to keep its
     numpy GAE. ``train()`` computes SB3's update (see the module docstring for how each term maps
     onto :func:`fastppo.ppo_loss` and what is equal to rounding).
+
+    Checkpoints travel both ways. ``save()`` writes SB3's own zip without a reference to fastppo
+    where fastppo chose the buffer (``rollout_buffer_class`` is left out, so
+    ``stable_baselines3.PPO.load`` picks SB3's buffer, even where fastppo is not installed), and
+    the class the user passed otherwise. ``PPO.load`` gives fastppo's buffer to a zip saved by SB3
+    (whose buffer SB3 chose for itself) or by this class, and keeps a class the user chose: one
+    passed when the saved model was made, or to ``load(..., rollout_buffer_class=...)``.
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        setup = kwargs.pop("_init_setup_model", True)
+        super().__init__(*args, _init_setup_model=False, **kwargs)
+        # SB3 keeps the argument as given. SB3's load builds the model with None and then sets what
+        # the zip holds: the class and, where the user had chosen it, _rollout_buffer_class_chosen.
+        self._rollout_buffer_class_chosen = _user_choice(self.rollout_buffer_class)
+        if setup:
+            self._setup_model()
+
+    @classmethod
+    def load(cls, path, *args, **kwargs):
+        """SB3's ``load``; a ``rollout_buffer_class`` given here is kept like one given to ``PPO()``."""
+        if "rollout_buffer_class" in kwargs:
+            kwargs["_rollout_buffer_class_chosen"] = _user_choice(kwargs["rollout_buffer_class"])
+        return super().load(path, *args, **kwargs)
+
     def _setup_model(self) -> None:
-        if self.rollout_buffer_class is None:
+        if not self._rollout_buffer_class_chosen:
+            # Also where SB3's load set the class an SB3 model chose for itself.
             dict_obs = isinstance(self.observation_space, spaces.Dict)
             self.rollout_buffer_class = DictRolloutBuffer if dict_obs else RolloutBuffer
         super()._setup_model()
+
+    def _excluded_save_params(self) -> List[str]:
+        excluded = super()._excluded_save_params()
+        if not self._rollout_buffer_class_chosen:  # fastppo's own choice: the loading class chooses
+            excluded += ["rollout_buffer_class", "_rollout_buffer_class_chosen"]
+        return excluded
 
     def train(self) -> None:
         """One PPO update over the collected rollout: ``n_epochs`` passes of shuffled minibatches,
