@@ -2,7 +2,9 @@
 the reports (Markdown, JSON, the speed-up chart) and the reading of pytest-benchmark's JSON.
 
 Each micro-benchmark (bench_gae.py, bench_loss.py, bench_heads.py, bench_rlhf.py) keeps only its
-own kernel's peers and cases, runs on its own from the repository root and takes the same options:
+own kernel's cases and the peers no test needs; the peers the tests check the kernels against
+(CleanRL's GAE loop and loss lines, torch.distributions' heads, SB3's GAE) come from tests/peers.py
+(``import_peers``). Each runs on its own from the repository root and takes the same options:
 
     python -m benchmarks.bench_gae               # full CPU run, writes benchmarks/results/gae_cpu.md
     python -m benchmarks.bench_gae --quick       # seconds-long smoke run; prints, writes only with --out
@@ -27,6 +29,7 @@ import argparse
 import datetime
 import gc
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -124,6 +127,22 @@ def import_peer(name):
         return "not installed"
     except Exception as exc:  # installed but broken: say so in the table rather than crash
         return f"import failed ({type(exc).__name__})"
+
+
+PEERS_FILE = Path(__file__).resolve().parents[1] / "tests" / "peers.py"
+
+
+def import_peers():
+    """tests/peers.py, the peers as users write them, shared with the tests (which import it as
+    ``peers``: the same module object here). It imports torch and fastppo: call it after ``threads_env``."""
+    module = sys.modules.get("peers")
+    if module is not None and Path(getattr(module, "__file__", "")).resolve() == PEERS_FILE:
+        return module
+    spec = importlib.util.spec_from_file_location("peers", PEERS_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules.setdefault("peers", module)
+    return module
 
 
 def compile_fresh(fn):

@@ -6,7 +6,7 @@ script takes them (see benchmarks/_common.py).
 
 For each rollout size (T, N) it times, on the same random float32 inputs (dones ~ Bernoulli(0.02)):
 ``fastppo.gae`` on numpy arrays and on torch tensors; a CleanRL-style backward loop over torch
-tensors; stable-baselines3's backward loop over numpy rows, re-implemented here; stable-baselines3's
+tensors; stable-baselines3's backward loop over numpy rows (both from tests/peers.py); stable-baselines3's
 own ``RolloutBuffer.compute_returns_and_advantage`` (when stable-baselines3 is installed); TorchRL's
 ``generalized_advantage_estimate`` and ``vec_generalized_advantage_estimate`` (when torchrl is
 installed); and the memory-traffic floor, 5 float32 arrays of T*N divided by the memcpy bandwidth
@@ -27,6 +27,7 @@ except ImportError:
 # Imported by import_libraries(), after --threads has set OMP_NUM_THREADS.
 torch = None
 fastppo = None
+peers = None
 
 SIZES = [(128, 8), (2048, 1), (128, 64), (256, 1024), (1024, 4096)]
 TINY_SIZES = [min(SIZES, key=lambda size: size[0] * size[1])]
@@ -52,52 +53,12 @@ PEER_BASELINES = {CLEANRL: FP_TORCH, SB3: FP_NUMPY, SB3_BUFFER: FP_NUMPY, TORCHR
 TIME_COLUMNS = FASTPPO_COLUMNS + list(PEER_BASELINES) + [FLOOR]
 
 
-# --- The peers, written out plainly -------------------------------------------------------------
+# --- The peers ----------------------------------------------------------------------------------
+#
+# The CleanRL and SB3 loops come from tests/peers.py (common.import_peers, in import_libraries).
 
 
-def cleanrl_gae(rewards, values, starts, next_value, next_done, gamma, lam):
-    """CleanRL's backward loop over torch tensors.
-
-    ``starts[t]`` is CleanRL's ``dones[t]`` ("observation t starts a new episode") and ``next_done``
-    says whether the observation after the rollout does.
-    """
-    T = rewards.shape[0]
-    advantages = torch.zeros_like(rewards)
-    lastgaelam = 0
-    for t in reversed(range(T)):
-        if t == T - 1:
-            nextnonterminal = 1.0 - next_done
-            nextvalues = next_value
-        else:
-            nextnonterminal = 1.0 - starts[t + 1]
-            nextvalues = values[t + 1]
-        delta = rewards[t] + gamma * nextvalues * nextnonterminal - values[t]
-        advantages[t] = lastgaelam = delta + gamma * lam * nextnonterminal * lastgaelam
-    return advantages, advantages + values
-
-
-def sb3_gae(rewards, values, episode_starts, last_values, last_dones, gamma, lam):
-    """The same loop over numpy rows, as stable-baselines3's RolloutBuffer runs it (re-implemented).
-
-    Same convention as CleanRL: ``episode_starts[t]`` marks an observation that starts an episode.
-    """
-    T = rewards.shape[0]
-    advantages = np.zeros_like(rewards)
-    last_gae_lam = 0.0
-    for step in reversed(range(T)):
-        if step == T - 1:
-            next_non_terminal = 1.0 - last_dones
-            next_values = last_values
-        else:
-            next_non_terminal = 1.0 - episode_starts[step + 1]
-            next_values = values[step + 1]
-        delta = rewards[step] + gamma * next_values * next_non_terminal - values[step]
-        last_gae_lam = delta + gamma * lam * next_non_terminal * last_gae_lam
-        advantages[step] = last_gae_lam
-    return advantages, advantages + values
-
-
-def load_peers():
+def load_peer_libraries():
     """``(torchrl, sb3)``: TorchRL's GAE functions module and stable-baselines3's buffers module,
     each or a string saying why it cannot be used."""
     torchrl = common.import_peer("torchrl.objectives.value.functional")
@@ -130,10 +91,10 @@ def outputs_of(column, out):
             for name, x in zip(("advantages", "returns"), out)}
 
 
-def build_contenders(rewards, values, dones, last_value, device, peers):
+def build_contenders(rewards, values, dones, last_value, device, libraries):
     """The case's contenders. Every conversion a peer needs (the convention shift, TorchRL's
     batch-major layout, filling SB3's buffer) is done here, before timing."""
-    torchrl, sb3 = peers
+    torchrl, sb3 = libraries
     N = rewards.shape[1]
     r, v, d, last = (torch.from_numpy(x).to(device) for x in (rewards, values, dones, last_value))
     calls = {}
@@ -150,11 +111,11 @@ def build_contenders(rewards, values, dones, last_value, device, peers):
     starts = np.concatenate([np.zeros((1, N), np.float32), dones[:-1]])
     next_done = dones[-1].copy()
     starts_t, next_done_t = torch.from_numpy(starts).to(device), torch.from_numpy(next_done).to(device)
-    calls[CLEANRL] = lambda: cleanrl_gae(r, v, starts_t, last, next_done_t, GAMMA, LAM)
+    calls[CLEANRL] = lambda: peers.cleanrl_gae(r, v, starts_t, last, next_done_t, GAMMA, LAM)
     if device != "cpu":
         calls[SB3] = calls[SB3_BUFFER] = "n/a (numpy)"
     else:
-        calls[SB3] = lambda: sb3_gae(rewards, values, starts, last_value, next_done, GAMMA, LAM)
+        calls[SB3] = lambda: peers.sb3_gae(rewards, values, starts, last_value, next_done, GAMMA, LAM)
         calls[SB3_BUFFER] = sb3 if isinstance(sb3, str) else sb3_buffer_call(sb3, rewards, values, starts, last_value,
                                                                               next_done)
     if isinstance(torchrl, str):
@@ -233,7 +194,7 @@ def report(result):
         f"loop and buffer (numpy peers) by `{FP_NUMPY}`; the floor ratio uses `{fp}`.",
         "- CleanRL and SB3 store dones as \"observation t starts an episode\"; their inputs are "
         "shifted to that convention before timing (`starts = cat([0, dones[:-1]])`, `next_done = dones[-1]`).",
-        f"- `{SB3}`: stable-baselines3's backward loop written out in this script over numpy rows. "
+        f"- `{SB3}`: stable-baselines3's backward loop written out in tests/peers.py over numpy rows. "
         f"`{SB3_BUFFER}`: stable-baselines3's own `RolloutBuffer(buffer_size=T, n_envs=N)` "
         "(Box(-1, 1, (1,)) observations, Discrete(2) actions) with its `rewards`, `values` and "
         "`episode_starts` arrays filled before timing; the timed call is "
@@ -265,22 +226,23 @@ def to_json(result):
 
 
 def import_libraries():
-    global torch, fastppo
+    global torch, fastppo, peers
     import torch
     import fastppo
+    peers = common.import_peers()
 
 
-def case_contenders(T, N, device, peers):
-    return build_contenders(*make_inputs(T, N, seed=T * 100_003 + N), device, peers)
+def case_contenders(T, N, device, libraries):
+    return build_contenders(*make_inputs(T, N, seed=T * 100_003 + N), device, libraries)
 
 
 def benchmark_cases(mode, device):
     """The pytest benchmarks' cases (benchmarks/test_kernels.py)."""
     import_libraries()
-    peers = load_peers()
+    libraries = load_peer_libraries()
     vs = {**dict.fromkeys(FASTPPO_COLUMNS), **PEER_BASELINES}
     return [common.Case("gae", "gae", f"T={T}, N={N}", {"T": T, "N": N}, vs,
-                        lambda T=T, N=N: case_contenders(T, N, device, peers))
+                        lambda T=T, N=N: case_contenders(T, N, device, libraries))
             for T, N in (TINY_SIZES if mode == "tiny" else SIZES)]
 
 
@@ -289,13 +251,13 @@ def collect(args):
     common.threads_env(args)
     import_libraries()
     device, mode, sync = common.setup_device(args)
-    peers = load_peers()
+    libraries = load_peer_libraries()
     bandwidth = common.copy_bandwidth(device, mode)
     sizes = TINY_SIZES if mode == "tiny" else SIZES
     warnings = []
     rows = {}
     for T, N in [CHECK_ONLY_SIZE] + sizes:
-        contenders = case_contenders(T, N, device, peers)
+        contenders = case_contenders(T, N, device, libraries)
         if (T, N) == CHECK_ONLY_SIZE:
             warnings += contenders.check(f"T={T}, N={N}")[0]
         else:
@@ -303,8 +265,8 @@ def collect(args):
                                                memory=False)
             rows[(T, N)][FLOOR] = floor_ms(T, N, bandwidth)
     return dict(device=device, mode=mode, machine=common.machine_info(device), sizes=sizes, rows=rows,
-                bandwidth=bandwidth, warnings=warnings, torchrl_version=peer_version(peers[0], "torchrl"),
-                sb3_version=peer_version(peers[1], "stable_baselines3"))
+                bandwidth=bandwidth, warnings=warnings, torchrl_version=peer_version(libraries[0], "torchrl"),
+                sb3_version=peer_version(libraries[1], "stable_baselines3"))
 
 
 def main(argv=None):

@@ -37,6 +37,7 @@ except ImportError:
 # TORCHINDUCTOR_CACHE_DIR is chosen.
 torch = None
 fastppo = None
+peers = None
 
 CATEGORICAL = "categorical"
 GAUSSIAN = "Gaussian"
@@ -71,7 +72,7 @@ REFERENCE_MS = {
 }
 
 
-# --- The peers, written out plainly --------------------------------------------------------------
+# --- The peers (tests/peers.py) and fastppo ------------------------------------------------------
 #
 # validate_args=False is explicit: torch.compile's first call turns torch.distributions' argument
 # validation off for the whole process (dynamo's TorchPatcher), so the eager peer would otherwise
@@ -80,13 +81,11 @@ REFERENCE_MS = {
 
 
 def torch_categorical(logits, actions):
-    dist = torch.distributions.Categorical(logits=logits, validate_args=False)
-    return dist.log_prob(actions), dist.entropy()
+    return peers.torch_categorical(logits, actions, validate_args=False)
 
 
 def torch_normal(mean, log_std, actions):
-    dist = torch.distributions.Normal(mean, log_std.exp(), validate_args=False)
-    return dist.log_prob(actions).sum(-1), dist.entropy().sum(-1)
+    return peers.torch_normal(mean, log_std, actions, validate_args=False)
 
 
 def fastppo_categorical(logits, actions):
@@ -250,9 +249,10 @@ def to_json(result):
 
 
 def import_libraries():
-    global torch, fastppo
+    global torch, fastppo, peers
     import torch
     import fastppo
+    peers = common.import_peers()
 
 
 def benchmark_cases(mode, device):

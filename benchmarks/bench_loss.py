@@ -29,6 +29,7 @@ except ImportError:
 # TORCHINDUCTOR_CACHE_DIR is chosen.
 torch = None
 fastppo = None
+peers = None
 
 SIZES = {"full": [64, 512, 4096, 65536, 1048576], "quick": [64, 4096], "tiny": [64]}
 WARMUP_COMPILE_SIZE = 8  # compiled once first, untimed in the tables, to absorb one-time setup
@@ -47,32 +48,14 @@ PEER_BASELINES = {EAGER: FASTPPO, COMPILED: FASTPPO}  # each peer and the column
 GRADS = "3 gradients"  # the memory the returned gradients take: 3 * 4 * B bytes
 
 
-# --- The peer, written out plainly ---------------------------------------------------------------
+# --- The peer and fastppo --------------------------------------------------------------------------
 
 
 def cleanrl_loss(newlogprob, oldlogprob, advantages, newvalue, oldvalue, returns, entropy):
-    """CleanRL ppo.py's loss and stats (norm_adv, clip_vloss on; value clip = clip_coef).
-
-    The stats are computed under no_grad as CleanRL does, but kept as tensors: CleanRL's
-    ``.item()`` on clipfrac would synchronize, and fastppo returns its stats as tensors too.
-    """
-    logratio = newlogprob - oldlogprob
-    ratio = logratio.exp()
-    with torch.no_grad():
-        old_approx_kl = (-logratio).mean()
-        approx_kl = ((ratio - 1) - logratio).mean()
-        clipfrac = ((ratio - 1.0).abs() > CLIP_COEF).float().mean()
-    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-    pg_loss1 = -advantages * ratio
-    pg_loss2 = -advantages * torch.clamp(ratio, 1 - CLIP_COEF, 1 + CLIP_COEF)
-    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-    v_loss_unclipped = (newvalue - returns) ** 2
-    v_clipped = oldvalue + torch.clamp(newvalue - oldvalue, -CLIP_COEF, CLIP_COEF)
-    v_loss_clipped = (v_clipped - returns) ** 2
-    v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
-    entropy_loss = entropy.mean()
-    loss = pg_loss - ENT_COEF * entropy_loss + v_loss * VF_COEF
-    return loss, pg_loss, v_loss, entropy_loss, approx_kl, old_approx_kl, clipfrac
+    """CleanRL ppo.py's loss and stats (tests/peers.py) with this benchmark's coefficients
+    (norm_adv, clip_vloss on; value clip = clip_coef)."""
+    return peers.cleanrl_loss(newlogprob, oldlogprob, advantages, newvalue, oldvalue, returns, entropy,
+                              clip_coef=CLIP_COEF, vf_coef=VF_COEF, ent_coef=ENT_COEF, clip_vloss=True)
 
 
 def fastppo_loss(newlogprob, oldlogprob, advantages, newvalue, oldvalue, returns, entropy):
@@ -206,9 +189,10 @@ def to_json(result):
 
 
 def import_libraries():
-    global torch, fastppo
+    global torch, fastppo, peers
     import torch
     import fastppo
+    peers = common.import_peers()
 
 
 def benchmark_cases(mode, device):

@@ -9,24 +9,8 @@ import torch
 import fastppo
 from fastppo import _buffers, _C
 
+from peers import cleanrl_gae
 from references import GAMMA, LAM, gae_reference, rollout
-
-
-def cleanrl_loop(rewards, values, cleanrl_dones, next_value, next_done, gamma=GAMMA, lam=LAM):
-    """CleanRL's ppo.py advantage loop: its dones[t] means 'observation t starts an episode'."""
-    T = rewards.shape[0]
-    advantages = torch.zeros_like(rewards)
-    lastgaelam = 0
-    for t in reversed(range(T)):
-        if t == T - 1:
-            nextnonterminal = 1.0 - next_done
-            nextvalues = next_value
-        else:
-            nextnonterminal = 1.0 - cleanrl_dones[t + 1]
-            nextvalues = values[t + 1]
-        delta = rewards[t] + gamma * nextvalues * nextnonterminal - values[t]
-        advantages[t] = lastgaelam = delta + gamma * lam * nextnonterminal * lastgaelam
-    return advantages, advantages + values
 
 
 def to_kind(kind, device, *arrays, dtype=np.float64):
@@ -85,7 +69,7 @@ def test_equals_cleanrl_loop_with_the_convention_shift(device, T, N):
     cleanrl_dones[0] = 1.0  # CleanRL: the first observation of a rollout may start an episode
     next_done = torch.tensor(rng.random(N) < 0.5, device=device).double()
     next_value = torch.tensor(rng.normal(size=N), device=device)
-    expected_adv, expected_ret = cleanrl_loop(rewards, values, cleanrl_dones, next_value, next_done)
+    expected_adv, expected_ret = cleanrl_gae(rewards, values, cleanrl_dones, next_value, next_done, GAMMA, LAM)
 
     dones = torch.cat([cleanrl_dones[1:], next_done[None]])  # the one-line mapping of the docs
     adv, ret = fastppo.gae(rewards, values, dones, next_value)

@@ -7,6 +7,8 @@ import torch
 
 from fastppo import categorical_logprob_entropy, normal_logprob_entropy
 
+from peers import torch_categorical, torch_normal
+
 
 def weighted_grads(logprob, entropy, leaves, seed=0):
     """Gradients of a fixed random weighting of log-prob and entropy (exercises both paths)."""
@@ -14,11 +16,6 @@ def weighted_grads(logprob, entropy, leaves, seed=0):
     w1 = torch.randn(logprob.shape, generator=g, dtype=torch.float64).to(logprob)
     w2 = torch.randn(entropy.shape, generator=g, dtype=torch.float64).to(entropy)
     return torch.autograd.grad((logprob * w1 + entropy * w2).sum(), leaves)
-
-
-def categorical_reference(logits, actions, temperature=1.0):
-    dist = torch.distributions.Categorical(logits=logits / temperature)
-    return dist.log_prob(actions), dist.entropy()
 
 
 def random_logits(rows, A, device, dtype=torch.float64, seed=0, scale=3.0):
@@ -37,7 +34,7 @@ def test_categorical_matches_torch_distributions(device, rows, A):
     x = logits.clone().requires_grad_()
     y = logits.clone().requires_grad_()
     ours = categorical_logprob_entropy(x, actions)
-    theirs = categorical_reference(y, actions)
+    theirs = torch_categorical(y, actions)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     (g_ours,) = weighted_grads(*ours, [x])
@@ -50,7 +47,7 @@ def test_categorical_float32_within_float32_error(device, rows, A):
     logits, actions = random_logits(rows, A, device, seed=5)
     x = logits.float().requires_grad_()
     lp, ent = categorical_logprob_entropy(x, actions)
-    ref_lp, ref_ent = categorical_reference(logits, actions)
+    ref_lp, ref_ent = torch_categorical(logits, actions)
     assert lp.dtype == ent.dtype == torch.float32
     torch.testing.assert_close(lp.double(), ref_lp, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=1e-4)
@@ -62,7 +59,7 @@ def test_categorical_temperature_and_leading_dims(device):
     x = logits.clone().requires_grad_()
     y = logits.clone().requires_grad_()
     ours = categorical_logprob_entropy(x, actions, temperature=0.7)
-    theirs = categorical_reference(y, actions, temperature=0.7)
+    theirs = torch_categorical(y, actions, temperature=0.7)
     for a, b in zip(ours, theirs):
         assert a.shape == (6, 5)
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
@@ -77,7 +74,7 @@ def test_categorical_strided_logits(device):
     assert view.stride(-1) != 1
     ref = logits.clone().requires_grad_()
     ours = categorical_logprob_entropy(view, actions)
-    theirs = categorical_reference(ref, actions)
+    theirs = torch_categorical(ref, actions)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(weighted_grads(*ours, [view])[0], weighted_grads(*theirs, [ref])[0], rtol=1e-8, atol=1e-8)
@@ -92,7 +89,7 @@ def test_categorical_masked_and_extreme_logits(device):
     x = logits.clone().requires_grad_()
     y = logits.clone().requires_grad_()
     ours = categorical_logprob_entropy(x, actions)
-    theirs = categorical_reference(y, actions)
+    theirs = torch_categorical(y, actions)
     assert all(torch.isfinite(t).all() for t in ours)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
@@ -103,7 +100,7 @@ def test_categorical_masked_and_extreme_logits(device):
     # negative logit that stays finite after normalization it is finite and must agree.
     assert torch.isnan(weighted_grads(*theirs, [y])[0]).any()
     z = logits.clamp(min=-1e300).requires_grad_()
-    torch.testing.assert_close(g, weighted_grads(*categorical_reference(z, actions), [z])[0], rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(g, weighted_grads(*torch_categorical(z, actions), [z])[0], rtol=1e-8, atol=1e-8)
 
 
 def test_categorical_only_one_output_used(device):
@@ -112,7 +109,7 @@ def test_categorical_only_one_output_used(device):
         x = logits.clone().requires_grad_()
         y = logits.clone().requires_grad_()
         (g_ours,) = torch.autograd.grad(categorical_logprob_entropy(x, actions)[pick].sum(), [x])
-        (g_theirs,) = torch.autograd.grad(categorical_reference(y, actions)[pick].sum(), [y])
+        (g_theirs,) = torch.autograd.grad(torch_categorical(y, actions)[pick].sum(), [y])
         torch.testing.assert_close(g_ours, g_theirs, rtol=1e-9, atol=1e-9)
 
 
@@ -148,11 +145,6 @@ def test_categorical_bad_input(make, error, words):
 # ---------------------------------------------------------------- diagonal Gaussian
 
 
-def normal_reference(mean, log_std, actions):
-    dist = torch.distributions.Normal(mean, log_std.exp())
-    return dist.log_prob(actions).sum(-1), dist.entropy().sum(-1)
-
-
 @pytest.mark.parametrize("rows,D", [(1, 1), (97, 6), (256, 17), (3000, 3)])
 @pytest.mark.parametrize("shared", [True, False])
 def test_normal_matches_torch_distributions(device, rows, D, shared):
@@ -163,7 +155,7 @@ def test_normal_matches_torch_distributions(device, rows, D, shared):
     m1, s1 = mean.clone().requires_grad_(), log_std.clone().requires_grad_()
     m2, s2 = mean.clone().requires_grad_(), log_std.clone().requires_grad_()
     ours = normal_logprob_entropy(m1, s1, actions)
-    theirs = normal_reference(m2, s2.expand_as(m2) if shared else s2, actions)
+    theirs = torch_normal(m2, s2.expand_as(m2) if shared else s2, actions)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     for a, b in zip(weighted_grads(*ours, [m1, s1]), weighted_grads(*theirs, [m2, s2])):
@@ -216,7 +208,7 @@ def test_opcheck_heads():
     torch.library.opcheck(torch.ops.fastppo.categorical_logprob_entropy.default,
                           (logits.clone().requires_grad_(), actions, 1.3))
     lse = torch.logsumexp(logits, -1)
-    _, ent = categorical_reference(logits, actions)
+    _, ent = torch_categorical(logits, actions)
     torch.library.opcheck(torch.ops.fastppo.categorical_backward.default,
                           (logits, actions, 1.0, lse, ent, torch.ones(7, dtype=torch.float64), None))
     mean, actions_n = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)

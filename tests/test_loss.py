@@ -1,4 +1,5 @@
-"""fastppo.ppo_loss against CleanRL's loss written in torch and a plain masked/aggregated reference."""
+"""fastppo.ppo_loss against CleanRL's loss written in torch (tests/peers.py) and a plain masked/aggregated
+reference."""
 
 from __future__ import annotations
 
@@ -10,38 +11,10 @@ import torch
 import fastppo
 from fastppo import ppo_loss
 
+from peers import cleanrl_loss, torch_categorical
 from references import ppo_loss_reference as reference_loss
 
 STATS = ("pg_loss", "v_loss", "entropy", "approx_kl", "old_approx_kl", "clipfrac")
-
-
-def cleanrl_loss(new_logprob, old_logprob, advantages, new_value=None, old_value=None, returns=None, entropy=None,
-                 clip_coef=0.2, vf_coef=0.5, ent_coef=0.0, clip_vloss=True, norm_adv=True):
-    """CleanRL ppo.py's loss, line for line (its names), as eager torch."""
-    logratio = new_logprob - old_logprob
-    ratio = logratio.exp()
-    old_approx_kl = (-logratio).mean()
-    approx_kl = ((ratio - 1) - logratio).mean()
-    clipfrac = ((ratio - 1.0).abs() > clip_coef).to(ratio.dtype).mean()  # CleanRL: .float(), float32 always
-    mb_advantages = advantages
-    if norm_adv:
-        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-    pg_loss1 = -mb_advantages * ratio
-    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
-    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-    v_loss = torch.zeros((), dtype=new_logprob.dtype)
-    if new_value is not None:
-        if clip_vloss:
-            v_loss_unclipped = (new_value - returns) ** 2
-            v_clipped = old_value + torch.clamp(new_value - old_value, -clip_coef, clip_coef)
-            v_loss_clipped = (v_clipped - returns) ** 2
-            v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
-        else:
-            v_loss = 0.5 * ((new_value - returns) ** 2).mean()
-    entropy_loss = entropy.mean() if entropy is not None else torch.zeros((), dtype=new_logprob.dtype)
-    loss = pg_loss - ent_coef * entropy_loss + v_loss * vf_coef
-    return dict(loss=loss, pg_loss=pg_loss, v_loss=v_loss, entropy=entropy_loss, approx_kl=approx_kl,
-                old_approx_kl=old_approx_kl, clipfrac=clipfrac)
 
 
 def batch(shape, dtype=torch.float64, device="cpu", seed=0, spread=0.3):
@@ -202,7 +175,7 @@ def test_ratio_overflow_stays_finite_and_takes_the_clipped_branch(device, dtype)
     torch.testing.assert_close(out.loss, (-adv * 1.2).mean())
     assert grad.abs().max().item() == 0.0
     # CleanRL's eager formula has no such guard.
-    eager = cleanrl_loss(new, old, adv, norm_adv=False)["loss"]
+    eager = cleanrl_loss(new, old, adv, norm_adv=False).loss
     assert not torch.isfinite(eager) or not torch.isfinite(torch.autograd.grad(eager, new)[0]).all()
 
 
@@ -273,11 +246,11 @@ def test_optimizer_update_matches_the_eager_formula():
         g = torch.Generator().manual_seed(1)
         for _ in range(4):
             for idx in torch.randperm(batch_size, generator=g).split(64):
-                d = torch.distributions.Categorical(logits=model["actor"](obs[idx]))
-                out = loss_fn(new_logprob=d.log_prob(actions[idx]), old_logprob=old_logprob[idx],
+                new_logprob, entropy = torch_categorical(model["actor"](obs[idx]), actions[idx])
+                out = loss_fn(new_logprob=new_logprob, old_logprob=old_logprob[idx],
                               advantages=advantages[idx], new_value=model["critic"](obs[idx]).squeeze(-1),
-                              old_value=old_value[idx], returns=returns[idx], entropy=d.entropy(), ent_coef=0.01)
-                loss = out["loss"] if isinstance(out, dict) else out.loss
+                              old_value=old_value[idx], returns=returns[idx], entropy=entropy, ent_coef=0.01)
+                loss = out.loss
                 optimizer.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
