@@ -1,20 +1,26 @@
 """Crash safety. ``fastppo train`` and ``fastppo rlhf`` killed with SIGKILL at random moments
-(before the first checkpoint, mid-run, while a checkpoint is being written) and resumed each time
-finish; every checkpoint a kill leaves behind reads back, and the metrics log holds each iteration
-exactly once. fastppo rlhf's checkpoints that cannot be continued (damaged, from fastppo train, made
-with other settings, a full disk) are each a clear error that changes nothing (fastppo train's are in
-test_train.py)."""
+(before the first checkpoint, after an iteration is logged, inside a checkpoint's write) and
+resumed each time finish; every checkpoint a kill leaves behind reads back, and the metrics log
+holds each iteration exactly once. Each moment is an event of the run (a file appearing, an
+iteration logged, a write begun), never a delay, so that a run is killed at the same points on any
+machine. fastppo rlhf's checkpoints that cannot be continued (damaged, from fastppo train, made
+with other settings, a full disk) are each a clear error that changes nothing (fastppo train's are
+in test_train.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import os
 import random
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -33,29 +39,114 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
 FASTPPO = [sys.executable, "-m", "fastppo"]
 
 
+class Kill:
+    """One planned SIGKILL of a launch, at an event of the run, never after a delay: a fast machine
+    and a slow one kill at the same point of the run.
+
+    ``after``, the event: ``("file", path)`` (``path`` appears) or ``("iteration", t)`` (the launch
+    has logged iteration ``t`` in ``log``).
+    ``write``: None to kill as soon as the event is seen; a checkpoint's temporary file to kill the
+    launch inside its next write of that file after the event, before the rename. The write is held
+    there by a FIFO put in the file's place while the launch is stopped (``SIGSTOP``); after the kill
+    the FIFO becomes a regular file holding the bytes the launch wrote, as a killed write leaves it."""
+
+    def __init__(self, after: tuple, log: Optional[Path] = None, write: Optional[Path] = None):
+        self.after, self.log, self.write = after, log, write
+        self.mid_write = False  # the kill landed inside a write of ``write``
+
+    def arm(self) -> None:
+        """Before the launch: what is there already."""
+        self.fd, self.seen = None, False
+        self.before = {p: stamp(p) for p in (self.log, self.write) if p is not None}
+
+    def _event(self) -> bool:
+        what, arg = self.after
+        if what == "file":
+            return arg.exists()
+        # A resumed launch first cuts the log back to its checkpoint: lines older than it do not count.
+        return stamp(self.log) != self.before[self.log] and log_lines(self.log) >= arg
+
+    def due(self, proc: subprocess.Popen) -> bool:
+        """Whether to kill ``proc`` now (polled every millisecond)."""
+        if self.fd is not None:  # the trap is set: the launch has written into it
+            return pending_bytes(self.fd) > 0
+        if not self.seen and not self._event():
+            return False
+        if self.write is None:
+            return True
+        self.seen = True
+        proc.send_signal(signal.SIGSTOP)
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)
+        if not os.WIFSTOPPED(status):  # it ended meanwhile
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return False
+        if stamp(self.write) not in (None, self.before[self.write]):  # stopped inside the write itself
+            self.mid_write = True
+            return True
+        self._trap()
+        proc.send_signal(signal.SIGCONT)
+        return False
+
+    def _trap(self) -> None:
+        """A FIFO in place of ``write``, read end open, with a one-page buffer that nothing reads: the
+        launch's next write of the file fills the page and blocks there (a checkpoint is larger)."""
+        fifo = self.write.with_name(self.write.name + ".fifo")
+        os.mkfifo(fifo)
+        os.replace(fifo, self.write)
+        self.fd = os.open(self.write, os.O_RDONLY | os.O_NONBLOCK)
+        fcntl.fcntl(self.fd, fcntl.F_SETPIPE_SZ, 4096)
+
+    def landed(self) -> None:
+        """After the kill (or the end): the trap, if set, becomes the partial file a killed write leaves."""
+        if self.fd is None:
+            return
+        data = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self.fd, 1 << 16):
+                data += chunk
+        os.close(self.fd)
+        self.fd, self.mid_write = None, bool(data)
+        partial = self.write.with_name(self.write.name + ".partial")
+        partial.write_bytes(data)
+        os.replace(partial, self.write)
+
+
+def pending_bytes(fd: int) -> int:
+    """Bytes written into a pipe and not read yet."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+
+
 class Killer:
-    """Starts commands and SIGKILLs each when a condition holds (or lets it finish)."""
+    """Starts commands and SIGKILLs each at its planned ``Kill`` (or lets it finish)."""
 
     def __init__(self, cwd: Path):
         self.cwd, self.launches = cwd, 0
 
-    def run(self, cmd: list, kill_when: Optional[Callable[[], bool]] = None,
+    def run(self, cmd: list, kill: Optional[Kill] = None,
             timeout: float = 120.0) -> Optional[subprocess.CompletedProcess]:
-        """Runs ``cmd``; with ``kill_when`` (polled as fast as it returns) kills it as soon as that is
-        true. Returns the finished process (its output in ``stdout``), or None if it was killed."""
+        """Runs ``cmd``; with ``kill``, kills it at that kill's moment. Returns the finished process
+        (its output in ``stdout``), or None if it was killed."""
         self.launches += 1
         out = self.cwd / f"launch{self.launches}.log"
+        if kill is not None:
+            kill.arm()
         with open(out, "w") as log:
             proc = subprocess.Popen(cmd, env=ENV, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        while proc.poll() is None:
-            assert time.monotonic() < deadline, f"{cmd} ran past {timeout}s: {out.read_text()[-2000:]}"
-            if kill_when is None:
-                time.sleep(0.05)
-            elif kill_when():
-                proc.send_signal(signal.SIGKILL)
+        try:
+            while proc.poll() is None:
+                assert time.monotonic() < deadline, f"{cmd} ran past {timeout}s: {out.read_text()[-2000:]}"
+                if kill is not None and kill.due(proc):
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    return None
+                time.sleep(0.001 if kill is not None else 0.05)
+        finally:
+            if proc.poll() is None:  # a failed assertion: nothing left running or stopped
+                proc.kill()
                 proc.wait()
-                return None
+            if kill is not None:
+                kill.landed()
         return subprocess.CompletedProcess(cmd, proc.returncode, out.read_text(), "")
 
 
@@ -75,40 +166,15 @@ def stamp(path: Path):
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def being_written(tmp_files: list, before: dict) -> bool:
-    """A checkpoint's temporary file is there and is not the one a previous kill left."""
-    return any(stamp(t) not in (None, before[t]) for t in tmp_files)
-
-
-def kill_plan(rng: random.Random, kills: int) -> list:
-    """The kills, in order: the first launch is killed early (``"setup"``); then, in a random order,
-    two as soon as a checkpoint's temporary file appears after 1-4 more logged iterations
-    (``"write"``; the kill lands before the rename) and the others 0-10 ms after 1-6 more logged
-    iterations (``"log"``)."""
-    rest = [("write", rng.randint(1, 4)) for _ in range(2)] + [("log", rng.randint(1, 6)) for _ in range(kills - 3)]
-    rng.shuffle(rest)
-    return [("setup", None)] + rest
-
-
-def kill_condition(kind: str, more: Optional[int], log: Path, tmp_files: list, before: dict, started: Path,
-                   setup_delay: float, rng: random.Random) -> Callable[[], bool]:
-    """The ``kill_when`` of one planned kill (see ``kill_plan``): ``"setup"`` kills ``setup_delay``
-    times a random fraction after ``started`` appears; ``before``: the temporary files' stamps at
-    the start."""
-    delay = rng.uniform(0, setup_delay if kind == "setup" else 0.01)
-    target, reached = log_lines(log) + (more or 0), []
-
-    def when() -> bool:
-        if not reached:
-            if not (started.exists() if kind == "setup" else log_lines(log) >= target):
-                time.sleep(0.001)
-                return False
-            reached.append(time.monotonic())
-        if kind == "write":
-            return being_written(tmp_files, before)  # polled without sleeping: the window is short
-        return time.monotonic() >= reached[0] + delay
-
-    return when
+def kill_plan(rng: random.Random, first: Kill, kills: int, last: int, log: Path, tmp: Path) -> list:
+    """The kills, in order: ``first`` (in the setup); then, at ``kills - 1`` increasing iterations
+    drawn from 1..``last``, two inside the checkpoint write that follows the iteration being logged
+    and the others (in a random order among them) as soon as it is logged. Each kill's iteration is
+    past where the launch before it was killed, so every launch reaches its own kill."""
+    ats = sorted(rng.sample(range(1, last + 1), kills - 1))
+    writes = [True] * 2 + [False] * (kills - 3)
+    rng.shuffle(writes)
+    return [first] + [Kill(("iteration", at), log, tmp if write else None) for at, write in zip(ats, writes)]
 
 
 def check_log(path: Path, last: int) -> list:
@@ -129,23 +195,25 @@ def test_train_killed_at_random_moments_resumes_to_the_end(tmp_path):
     resume = FASTPPO + ["train", "--resume", str(run_dir)]
     log, ckpt, tmp = run_dir / "metrics.jsonl", run_dir / "checkpoint.pt", run_dir / "checkpoint.tmp"
     killer = Killer(tmp_path)
-    saved, resume_points, mid_write, finished = 0, {1}, 0, None
-    for kind, more in kill_plan(rng, kills=5):
+    # The first launch is killed as its config.json appears (before the first checkpoint); the others
+    # at iterations in the first half of the run.
+    plan = kill_plan(rng, Kill(("file", run_dir / "config.json")), 5, iterations // 2, log, tmp)
+    saved, resume_points, finished = 0, {1}, None
+    for kill in plan:
         # Killed before it wrote config.json, a run is started anew; after, --resume continues it (from
         # its config.json alone when no checkpoint was written yet).
         cmd = resume if (run_dir / "config.json").exists() else fresh
-        before = {tmp: stamp(tmp)}
-        finished = killer.run(cmd, kill_condition(kind, more, log, [tmp], before, run_dir / "config.json", 0.02, rng))
+        finished = killer.run(cmd, kill)
         if finished is not None:
             break
-        mid_write += kind == "write" and being_written([tmp], before)  # the kill landed before the rename
         if ckpt.exists():  # never unreadable or partial: a kill leaves the last complete checkpoint
             state = load_checkpoint(ckpt)
             assert saved <= state["iteration"] < iterations
             saved = state["iteration"]
             assert log_lines(log) >= saved  # an iteration is logged before its checkpoint
         resume_points.add(saved + 1)
-    assert finished is None and mid_write >= 1, (killer.launches, mid_write)
+    assert finished is None, (killer.launches, finished.stdout[-3000:])
+    assert [k.mid_write for k in plan if k.write] == [True, True]  # each write kill landed before the rename
     finished = killer.run(resume)
     assert finished.returncode == 0, finished.stdout[-3000:]
     records = check_log(log, iterations)
@@ -173,14 +241,15 @@ def test_rlhf_killed_at_random_moments_ends_as_the_uninterrupted_run(tmp_path):
     cmd = FASTPPO + ["rlhf", "--run-dir", str(run_dir), "--resume"] + tiny  # --resume with nothing there starts it
     log, stages, ckpt = run_dir / "kl" / "metrics.jsonl", run_dir / "stages.pt", run_dir / "kl" / "checkpoint.pt"
     tmp_files = [run_dir / "stages.tmp", run_dir / "kl" / "checkpoint.tmp"]
-    saved, mid_write, finished = 0, 0, None
-    for kind, more in kill_plan(rng, kills=4):
-        before = {t: stamp(t) for t in tmp_files}
-        # "setup": 0-3 s after args.json appears, while the stages (SFT, reward model) are made.
-        finished = killer.run(cmd, kill_condition(kind, more, log, tmp_files, before, run_dir / "args.json", 3.0, rng))
+    # The first launch is killed inside its write of stages.pt (SFT and the reward model made, the file
+    # not renamed yet); the others at iterations up to three before the end.
+    setup = Kill(("file", run_dir / "args.json"), write=tmp_files[0])
+    plan = kill_plan(rng, setup, 4, iterations - 3, log, tmp_files[1])
+    saved, finished = 0, None
+    for kill in plan:
+        finished = killer.run(cmd, kill)
         if finished is not None:
             break
-        mid_write += kind == "write" and being_written(tmp_files, before)
         if stages.exists():  # never unreadable or partial
             assert checkpoint_kind(read_checkpoint(stages)) == "rlhf stages"
         if ckpt.exists():
@@ -189,7 +258,8 @@ def test_rlhf_killed_at_random_moments_ends_as_the_uninterrupted_run(tmp_path):
             assert saved <= state["iteration"] < iterations
             saved = state["iteration"]
             assert log_lines(log) >= saved  # an iteration is logged before its checkpoint
-    assert finished is None and mid_write >= 1, (killer.launches, mid_write)
+    assert finished is None, (killer.launches, finished.stdout[-3000:])
+    assert [k.mid_write for k in plan if k.write] == [True] * 3  # each write kill landed before the rename
     finished = killer.run(cmd)
     assert finished.returncode == 0, finished.stdout[-3000:]
     assert not saved or f"resumed after iteration {saved}" in finished.stdout
