@@ -33,7 +33,7 @@ SIZES = [(128, 8), (2048, 1), (128, 64), (256, 1024), (1024, 4096)]
 TINY_SIZES = [min(SIZES, key=lambda size: size[0] * size[1])]
 CHECK_ONLY_SIZE = (200, 8)  # also checked (not timed) first
 GAMMA = 0.99
-LAM = 0.95
+GAE_LAMBDA = 0.95
 DONE_PROB = 0.02
 TOLERANCE = 1e-4  # max |difference| allowed between a contender's advantages and fastppo's
 
@@ -99,23 +99,23 @@ def build_contenders(rewards, values, dones, last_value, device, libraries):
     r, v, d, last = (torch.from_numpy(x).to(device) for x in (rewards, values, dones, last_value))
     calls = {}
     if device == "cpu":
-        calls[FP_NUMPY] = lambda: fastppo.gae(rewards, values, dones, last_value, gamma=GAMMA, lam=LAM)
+        calls[FP_NUMPY] = lambda: fastppo.gae(rewards, values, dones, last_value, gamma=GAMMA, gae_lambda=GAE_LAMBDA)
         # Writing into a reused rollout buffer skips allocating (and first-touching) two outputs.
         buffers = (np.empty_like(rewards), np.empty_like(rewards))
-        calls[FP_NUMPY_OUT] = lambda: fastppo.gae(rewards, values, dones, last_value, gamma=GAMMA, lam=LAM, out=buffers)
+        calls[FP_NUMPY_OUT] = lambda: fastppo.gae(rewards, values, dones, last_value, gamma=GAMMA, gae_lambda=GAE_LAMBDA, out=buffers)
     else:
         calls[FP_NUMPY] = calls[FP_NUMPY_OUT] = "n/a (CPU)"
-    calls[FP_TORCH] = lambda: fastppo.gae(r, v, d, last, gamma=GAMMA, lam=LAM)
+    calls[FP_TORCH] = lambda: fastppo.gae(r, v, d, last, gamma=GAMMA, gae_lambda=GAE_LAMBDA)
 
     # CleanRL and SB3 store "observation t starts an episode": fastppo's dones shifted one step later.
     starts = np.concatenate([np.zeros((1, N), np.float32), dones[:-1]])
     next_done = dones[-1].copy()
     starts_t, next_done_t = torch.from_numpy(starts).to(device), torch.from_numpy(next_done).to(device)
-    calls[CLEANRL] = lambda: peers.cleanrl_gae(r, v, starts_t, last, next_done_t, GAMMA, LAM)
+    calls[CLEANRL] = lambda: peers.cleanrl_gae(r, v, starts_t, last, next_done_t, GAMMA, GAE_LAMBDA)
     if device != "cpu":
         calls[SB3] = calls[SB3_BUFFER] = "n/a (numpy)"
     else:
-        calls[SB3] = lambda: peers.sb3_gae(rewards, values, starts, last_value, next_done, GAMMA, LAM)
+        calls[SB3] = lambda: peers.sb3_gae(rewards, values, starts, last_value, next_done, GAMMA, GAE_LAMBDA)
         calls[SB3_BUFFER] = sb3 if isinstance(sb3, str) else sb3_buffer_call(sb3, rewards, values, starts, last_value,
                                                                               next_done)
     if isinstance(torchrl, str):
@@ -129,7 +129,7 @@ def build_contenders(rewards, values, dones, last_value, device, libraries):
         next_state_value, terminated = batch_major(torch.cat([v[1:], last[None]])), done.clone()
         for column, fn in ((TORCHRL_LOOP, torchrl.generalized_advantage_estimate),
                            (TORCHRL_VEC, torchrl.vec_generalized_advantage_estimate)):
-            calls[column] = lambda fn=fn: fn(GAMMA, LAM, state_value, next_state_value, reward, done, terminated)
+            calls[column] = lambda fn=fn: fn(GAMMA, GAE_LAMBDA, state_value, next_state_value, reward, done, terminated)
     reference = FP_NUMPY if device == "cpu" else FP_TORCH
     return common.Contenders(calls, reference, TOLERANCE, relative=False, outputs_of=outputs_of)
 
@@ -140,7 +140,7 @@ def sb3_buffer_call(sb3, rewards, values, starts, last_value, next_done):
     import gymnasium
 
     buffer = sb3.RolloutBuffer(buffer_size=rewards.shape[0], observation_space=gymnasium.spaces.Box(-1, 1, (1,)),
-                               action_space=gymnasium.spaces.Discrete(2), device="cpu", gae_lambda=LAM, gamma=GAMMA,
+                               action_space=gymnasium.spaces.Discrete(2), device="cpu", gae_lambda=GAE_LAMBDA, gamma=GAMMA,
                                n_envs=rewards.shape[1])
     buffer.rewards[:], buffer.values[:], buffer.episode_starts[:] = rewards, values, starts
     last_values_t = torch.from_numpy(last_value.copy())
@@ -186,7 +186,7 @@ def report(result):
         "## Notes",
         "",
         f"- Inputs: float32 rewards and values ~ N(0, 1), dones ~ Bernoulli({DONE_PROB}) stored as "
-        f"float32 0/1, gamma={GAMMA}, lam={LAM}, terminated = dones. Each case is the median of "
+        f"float32 0/1, gamma={GAMMA}, gae_lambda={GAE_LAMBDA}, terminated = dones. Each case is the median of "
         + common.TIMING_NOTES[mode],
         common.threads_note(device, "the Python loops and TorchRL's GAE loop issue one op at a time (torch ops may "
                                     "use torch's threads)"),
@@ -217,7 +217,7 @@ def to_json(result):
                             floor_ms=row[FLOOR])
             for (T, N), row in result["rows"].items()]
     details = {"copy_bandwidth_gb_s": result["bandwidth"] / 1e9, "torchrl": result["torchrl_version"],
-               "stable_baselines3": result["sb3_version"], "gamma": GAMMA, "lam": LAM, "tolerance": TOLERANCE}
+               "stable_baselines3": result["sb3_version"], "gamma": GAMMA, "gae_lambda": GAE_LAMBDA, "tolerance": TOLERANCE}
     return {"name": "gae", "title": "fastppo.gae", "script": "benchmarks/bench_gae.py",
             "warnings": result["warnings"], "details": details, "rows": rows}
 

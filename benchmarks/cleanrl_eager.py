@@ -19,11 +19,6 @@ from fastppo.train import Kernels
 
 peers = common.import_peers()
 
-
-def gae(rewards, values, dones, last_value, terminated=None, gamma=0.99, lam=0.95):
-    """CleanRL's backward loop, one time step per iteration, in fastppo's convention."""
-    return peers.cleanrl_gae_as_fastppo(rewards, values, dones, last_value, terminated, gamma, lam)
-
-
-EAGER = Kernels(gae=gae, ppo_loss=peers.cleanrl_loss, categorical_logprob_entropy=peers.torch_categorical,
-                normal_logprob_entropy=peers.torch_normal, channels_last=False)
+EAGER = Kernels(gae=peers.cleanrl_gae_as_fastppo, ppo_loss=peers.cleanrl_loss,
+                categorical_logprob_entropy=peers.torch_categorical, normal_logprob_entropy=peers.torch_normal,
+                channels_last=False)

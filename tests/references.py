@@ -17,13 +17,13 @@ import numpy as np
 # torch is imported inside the functions that use it: importing torch sets OpenMP's thread count for
 # the whole process, and test_gae runs the numpy references in a process with more threads.
 
-GAMMA, LAM = 0.99, 0.95
+GAMMA, GAE_LAMBDA = 0.99, 0.95
 
 
-def gae_reference(rewards, values, dones, last_value, terminated=None, gamma=GAMMA, lam=LAM):
+def gae_reference(rewards, values, dones, last_value, terminated=None, gamma=GAMMA, gae_lambda=GAE_LAMBDA):
     """The formula of the design card, in float64, one step at a time. Any nonzero flag counts as
     set; a terminated step does not read the next value, and a step that ends the trace (a done, or
-    gamma * lam = 0) does not read the next advantage."""
+    gamma * gae_lambda = 0) does not read the next advantage."""
     r = np.asarray(rewards, np.float64)
     v = np.asarray(values, np.float64)
     d = np.asarray(dones) != 0
@@ -35,8 +35,8 @@ def gae_reference(rewards, values, dones, last_value, terminated=None, gamma=GAM
         for t in reversed(range(T)):
             next_value = v[t + 1] if t + 1 < T else np.asarray(last_value, np.float64)
             delta = r[t] + np.where(term[t], 0.0, gamma * next_value) - v[t]
-            ends = d[t] | (gamma * lam == 0.0)
-            next_adv = delta + np.where(ends, 0.0, gamma * lam * next_adv)
+            ends = d[t] | (gamma * gae_lambda == 0.0)
+            next_adv = delta + np.where(ends, 0.0, gamma * gae_lambda * next_adv)
             adv[t] = next_adv
         return adv, adv + v
 
@@ -217,9 +217,9 @@ def whiten_reference(x, mask=None, shift_mean=True, eps=1e-8):
     return torch.where(sel, out, torch.zeros((), dtype=torch.float64))
 
 
-def token_gae_reference(rewards, values, last_index, gamma=1.0, lam=0.95, mask=None):
+def token_gae_reference(rewards, values, last_index, gamma=1.0, gae_lambda=0.95, mask=None):
     """Each row on its own: tokens 0..last_index (an index past the end counts as T - 1), the
-    textbook GAE loop backwards with nothing bootstrapped after the last token (gamma * lam = 0
+    textbook GAE loop backwards with nothing bootstrapped after the last token (gamma * gae_lambda = 0
     does not read the next advantage); returns = adv + values there, 0 elsewhere and outside the
     mask when one is given."""
     import torch
@@ -232,7 +232,7 @@ def token_gae_reference(rewards, values, last_index, gamma=1.0, lam=0.95, mask=N
         next_value, next_adv = 0.0, 0.0
         for t in range(min(int(last_index[b]), T - 1), -1, -1):
             delta = r[b][t] + gamma * next_value - v[b][t]
-            next_adv = delta if gamma * lam == 0.0 else delta + gamma * lam * next_adv
+            next_adv = delta if gamma * gae_lambda == 0.0 else delta + gamma * gae_lambda * next_adv
             adv[b][t] = next_adv
             ret[b][t] = next_adv + v[b][t]
             next_value = v[b][t]

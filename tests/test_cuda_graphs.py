@@ -30,7 +30,7 @@ def _step(inputs: dict, params: dict):
     """What one PPO minibatch computes with fastppo's ops: advantages, both heads, the loss and its
     gradients (with respect to the head inputs, which stand in for a network's outputs)."""
     adv, ret = fastppo.gae(inputs["rewards"], inputs["values"], inputs["dones"], inputs["last_value"],
-                           terminated=inputs["terminated"], gamma=0.99, lam=0.95)
+                           terminated=inputs["terminated"], gamma=0.99, gae_lambda=0.95)
     logits, mean, log_std = params["logits"], params["mean"], params["log_std"]
     lp_cat, ent_cat = fastppo.categorical_logprob_entropy(logits, inputs["actions"])
     lp_norm, ent_norm = fastppo.normal_logprob_entropy(mean, log_std.expand_as(mean), inputs["cont_actions"])

@@ -27,8 +27,8 @@ def test_eager_baseline_matches_the_kernels():
     dones = torch.rand(T, N, generator=g) < 0.2
     terminated = dones & (torch.rand(T, N, generator=g) < 0.5)
     last = torch.randn(N, generator=g, dtype=torch.float64)
-    for a, b in zip(EAGER.gae(rewards, values, dones, last, terminated=terminated, gamma=0.9, lam=0.8),
-                    fastppo.gae(rewards, values, dones, last, terminated=terminated, gamma=0.9, lam=0.8)):
+    for a, b in zip(EAGER.gae(rewards, values, dones, last, terminated=terminated, gamma=0.9, gae_lambda=0.8),
+                    fastppo.gae(rewards, values, dones, last, terminated=terminated, gamma=0.9, gae_lambda=0.8)):
         torch.testing.assert_close(a, b)
     B = 50
     args = [torch.randn(B, generator=g, dtype=torch.float64) for _ in range(7)]

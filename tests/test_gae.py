@@ -10,7 +10,7 @@ import fastppo
 from fastppo import _buffers, _C
 
 from peers import cleanrl_gae
-from references import GAMMA, LAM, gae_reference, rollout
+from references import GAE_LAMBDA, GAMMA, gae_reference, rollout
 
 
 def to_kind(kind, device, *arrays, dtype=np.float64):
@@ -69,7 +69,7 @@ def test_equals_cleanrl_loop_with_the_convention_shift(device, T, N):
     cleanrl_dones[0] = 1.0  # CleanRL: the first observation of a rollout may start an episode
     next_done = torch.tensor(rng.random(N) < 0.5, device=device).double()
     next_value = torch.tensor(rng.normal(size=N), device=device)
-    expected_adv, expected_ret = cleanrl_gae(rewards, values, cleanrl_dones, next_value, next_done, GAMMA, LAM)
+    expected_adv, expected_ret = cleanrl_gae(rewards, values, cleanrl_dones, next_value, next_done, GAMMA, GAE_LAMBDA)
 
     dones = torch.cat([cleanrl_dones[1:], next_done[None]])  # the one-line mapping of the docs
     adv, ret = fastppo.gae(rewards, values, dones, next_value)
@@ -84,7 +84,7 @@ def test_truncation_cuts_the_trace_but_bootstraps(device):
     dones = torch.tensor([0, 1, 0], device=device, dtype=torch.bool)
     terminated = torch.zeros(3, device=device, dtype=torch.bool)
     last = torch.tensor(2.0, device=device, dtype=torch.float64)
-    g, gl = GAMMA, GAMMA * LAM
+    g, gl = GAMMA, GAMMA * GAE_LAMBDA
     adv2 = 3.0 + g * 2.0 - 4.0
     adv1 = 2.0 + g * 4.0 - 0.25  # bootstraps from values[2], but does not carry adv2
     adv0 = (1.0 + g * 0.25 - 0.5) + gl * adv1
@@ -179,9 +179,9 @@ def test_scalar_last_value_and_gamma_lam_edges(device):
     r, v, d, term, _ = rollout(40, 3, seed=4)
     kind = kinds_for(device)[-1]
     rr, vv, dd, tt = to_kind(kind, device, r, v, d, term)
-    for gamma, lam in [(0.0, 0.0), (1.0, 1.0), (0.9, 0.0), (1.0, 0.5)]:
-        expected_adv, _ = gae_reference(r, v, d, np.full(3, 0.5), term, gamma=gamma, lam=lam)
-        adv, _ = fastppo.gae(rr, vv, dd, 0.5, terminated=tt, gamma=gamma, lam=lam)
+    for gamma, gae_lambda in [(0.0, 0.0), (1.0, 1.0), (0.9, 0.0), (1.0, 0.5)]:
+        expected_adv, _ = gae_reference(r, v, d, np.full(3, 0.5), term, gamma=gamma, gae_lambda=gae_lambda)
+        adv, _ = fastppo.gae(rr, vv, dd, 0.5, terminated=tt, gamma=gamma, gae_lambda=gae_lambda)
         np.testing.assert_allclose(as_numpy(adv), expected_adv, rtol=1e-12, atol=1e-12)
 
 
@@ -254,8 +254,8 @@ def call_with(**changes):
         (dict(last_value=None), TypeError, ["last_value", "NoneType"]),
         (dict(gamma=1.5), ValueError, ["gamma", "[0, 1]", "1.5"]),
         (dict(gamma=float("nan")), ValueError, ["gamma", "nan"]),
-        (dict(lam=-0.1), ValueError, ["lam", "-0.1"]),
-        (dict(lam="0.9"), TypeError, ["lam", "str"]),
+        (dict(gae_lambda=-0.1), ValueError, ["gae_lambda", "-0.1"]),
+        (dict(gae_lambda="0.9"), TypeError, ["gae_lambda", "str"]),
         (dict(values=torch.zeros(4, 3)), TypeError, ["values", "torch.Tensor", "numpy.ndarray"]),
     ],
 )
@@ -266,6 +266,22 @@ def test_bad_input_names_the_argument(changes, error, words):
     assert message.startswith("fastppo.gae:")
     for word in words:
         assert word in message, (word, message)
+
+
+def test_old_keyword_lam_gives_the_same_result_with_a_deprecation_warning():
+    r, v, d, term, last = rollout(37, 3, seed=4)
+    want = fastppo.gae(r, v, d, last, term, 0.9, 0.8)
+    with pytest.warns(DeprecationWarning, match="fastppo.gae's keyword lam is renamed gae_lambda") as caught:
+        got = fastppo.gae(r, v, d, last, terminated=term, gamma=0.9, lam=0.8)
+    assert caught[0].filename == __file__  # the warning points at the call
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    default, _ = fastppo.gae(r, v, d, last, terminated=term, gamma=0.9)
+    assert not np.array_equal(got[0], default)  # lam=0.8 was used, not the default 0.95
+    with pytest.raises(TypeError, match="fastppo.gae: got both lam= and gae_lambda="):
+        fastppo.gae(r, v, d, last, terminated=term, lam=0.8, gae_lambda=0.8)
+    with pytest.raises(TypeError, match="got both lam= and gae_lambda="):  # by position and by its old name
+        fastppo.gae(r, v, d, last, term, 0.9, 0.8, lam=0.8)
 
 
 def test_mixed_devices_are_refused():

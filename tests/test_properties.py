@@ -282,11 +282,11 @@ def bad_real(data) -> tuple[Any, type]:
 
 GAE_DEFECTS = ("dtype:rewards", "dtype:values", "dtype:last_value", "dtype:dones", "dtype:terminated", "shape:values",
                "shape:dones", "shape:terminated", "shape:last_value", "kind:rewards", "kind:values", "rank0:rewards",
-               "value:gamma", "value:lam", "out:strides", "out:overlaps_input", "out:same", "out:dtype", "out:shape",
+               "value:gamma", "value:gae_lambda", "out:strides", "out:overlaps_input", "out:same", "out:dtype", "out:shape",
                "out:readonly", "out:unaligned", "out:byteorder", "out:kind", "out:pair")
 
 
-def gae_budget(r, v, d, term, last, gamma, lam, adv) -> np.ndarray:
+def gae_budget(r, v, d, term, last, gamma, gae_lambda, adv) -> np.ndarray:
     """For each A_t, the magnitudes whose rounding reaches it: each step's reward, values and
     advantages, carried back along the trace as the recursion carries their errors."""
     ar, av, aa = finite_abs(r), finite_abs(v), finite_abs(adv)
@@ -295,7 +295,7 @@ def gae_budget(r, v, d, term, last, gamma, lam, adv) -> np.ndarray:
     T = r.shape[0]
     for t in reversed(range(T)):
         next_v, next_a = (av[t + 1], aa[t + 1]) if t + 1 < T else (al, 0.0)
-        decay = np.where(d[t] != 0, 0.0, gamma * lam)
+        decay = np.where(d[t] != 0, 0.0, gamma * gae_lambda)
         carried = (ar[t] + np.where(term[t] != 0, 0.0, gamma * next_v) + av[t] + aa[t] + decay * next_a
                    + decay * carried)
         bound[t] = carried
@@ -371,11 +371,11 @@ def check_gae(device: str, data, defect: str | None) -> None:
         m_dtype = refused_dtype(data, NOT_FLAGS) if defect == "dtype:terminated" else data.draw(st.sampled_from(FLAGS))
         terminated = arg(flag_values(data, term_flags, m_dtype) if m_dtype in FLAGS else term_flags,
                          m_dtype, len(m_shape))
-    gamma, lam = data.draw(gammas(), label="gamma"), data.draw(gammas(), label="lam")
+    gamma, gae_lambda = data.draw(gammas(), label="gamma"), data.draw(gammas(), label="gae_lambda")
 
     kwargs = dict(rewards=rewards.value, values=values.value, dones=dones.value,
                   last_value=last_number if scalar_last else last.value,
-                  terminated=None if terminated is None else terminated.value, gamma=gamma, lam=lam)
+                  terminated=None if terminated is None else terminated.value, gamma=gamma, gae_lambda=gae_lambda)
     expected = None  # (error, argument named)
     if defect is not None and defect.startswith(("dtype:", "shape:")):
         name = defect.split(":")[1]
@@ -389,7 +389,7 @@ def check_gae(device: str, data, defect: str | None) -> None:
     elif defect == "rank0:rewards":
         kwargs["rewards"] = make_arg(np.array(1.0), "contiguous", 0, kind, device, dtype).value
         expected = (ValueError, "rewards")
-    elif defect in ("value:gamma", "value:lam"):
+    elif defect in ("value:gamma", "value:gae_lambda"):
         name = defect.split(":")[1]
         kwargs[name], error = bad_real(data)
         expected = (error, name)
@@ -451,9 +451,9 @@ def check_gae(device: str, data, defect: str | None) -> None:
         assert adv is out[0] and ret is out[1]
     term_logical = dones.logical if terminated is None else terminated.logical
     want_adv, want_ret = gae_reference(rewards.logical, values.logical, dones.logical, last_logical, term_logical,
-                                       gamma, lam)
+                                       gamma, gae_lambda)
     tol = K * EPS[dtype] * gae_budget(rewards.logical, values.logical, dones.logical, term_logical, last_logical,
-                                      gamma, lam, want_adv)
+                                      gamma, gae_lambda, want_adv)
     event("computed, with non-finite results" if not np.isfinite(want_adv).all() else "computed")
     assert_matches(adv, want_adv, tol, "advantages")
     assert_matches(ret, want_ret, tol + K * EPS[dtype] * (finite_abs(want_adv) + finite_abs(values.logical)), "returns")
@@ -939,7 +939,7 @@ KL_DEFECTS = ("dtype:logprob", "dtype:ref_logprob", "dtype:scores", "dtype:mask"
 WHITEN_DEFECTS = ("dtype:x", "dtype:mask", "shape:mask", "ndim:x", "kind:x", "value:eps", "dtype:group_moments",
                   "shape:group_moments")
 TOKEN_GAE_DEFECTS = ("dtype:rewards", "dtype:values", "dtype:last_index", "dtype:mask", "shape:values",
-                     "shape:last_index", "shape:mask", "ndim:rewards", "kind:last_index", "value:gamma", "value:lam")
+                     "shape:last_index", "shape:mask", "ndim:rewards", "kind:last_index", "value:gamma", "value:gae_lambda")
 MEAN_DEFECTS = ("dtype:x", "dtype:mask", "shape:mask", "kind:x")
 
 
@@ -1143,14 +1143,14 @@ def test_token_gae_refuses_bad_input(device, defect, data):
     check_token_gae(device, data, defect)
 
 
-def token_gae_budget(r, v, last, gamma, lam, adv) -> np.ndarray:
+def token_gae_budget(r, v, last, gamma, gae_lambda, adv) -> np.ndarray:
     """As gae_budget, per row over tokens 0..last."""
     ar, av, aa = finite_abs(r), finite_abs(v), finite_abs(adv)
     bound = np.zeros_like(ar)
     for b in range(r.shape[0]):
         carried, next_v, next_a = 0.0, 0.0, 0.0
         for t in range(min(int(last[b]), r.shape[1] - 1), -1, -1):
-            carried = ar[b, t] + gamma * next_v + av[b, t] + aa[b, t] + gamma * lam * (next_a + carried)
+            carried = ar[b, t] + gamma * next_v + av[b, t] + aa[b, t] + gamma * gae_lambda * (next_a + carried)
             bound[b, t], next_v, next_a = carried, av[b, t], aa[b, t]
     return bound
 
@@ -1174,10 +1174,10 @@ def check_token_gae(device: str, data, defect: str | None) -> None:
     l_dtype = data.draw(st.sampled_from(("int32", "float32", "float64"))) if defect == "dtype:last_index" else "int64"
     args["last_index"] = make_arg(last_index, *layout_of(data, "torch", len(l_shape)), "torch", device, l_dtype, gap=T + 5)
     mask = mask_arg(data, rng, shape, device, defect)
-    gamma, lam = data.draw(gammas(), label="gamma"), data.draw(gammas(), label="lam")
-    kwargs = dict({k: a.value for k, a in args.items()}, gamma=gamma, lam=lam, mask=None if mask is None else mask.value)
+    gamma, gae_lambda = data.draw(gammas(), label="gamma"), data.draw(gammas(), label="gae_lambda")
+    kwargs = dict({k: a.value for k, a in args.items()}, gamma=gamma, gae_lambda=gae_lambda, mask=None if mask is None else mask.value)
     expected = rlhf_defect(data, defect, args, kwargs, "rewards", device)
-    if defect in ("value:gamma", "value:lam"):
+    if defect in ("value:gamma", "value:gae_lambda"):
         name = defect.split(":")[1]
         kwargs[name], error = bad_real(data)
         expected = (error, name)
@@ -1193,9 +1193,9 @@ def check_token_gae(device: str, data, defect: str | None) -> None:
         assert result.shape == shape and result.dtype == getattr(torch, dtype) and result.device == adv.device
     r, v = (torch.from_numpy(args[k].logical.astype(F64)) for k in ("rewards", "values"))
     last = args["last_index"].logical
-    want_adv, want_ret = token_gae_reference(r, v, last, gamma, lam,
+    want_adv, want_ret = token_gae_reference(r, v, last, gamma, gae_lambda,
                                              None if mask is None else torch.from_numpy(mask.logical.copy()))
-    tol = K * EPS[dtype] * token_gae_budget(r.numpy(), v.numpy(), last, gamma, lam, want_adv.numpy())
+    tol = K * EPS[dtype] * token_gae_budget(r.numpy(), v.numpy(), last, gamma, gae_lambda, want_adv.numpy())
     event("computed" if np.isfinite(want_adv.numpy()).all() else "computed, with non-finite results")
     assert_matches(adv, want_adv.numpy(), tol, "advantages")
     assert_matches(ret, want_ret.numpy(), tol + K * EPS[dtype] * (finite_abs(want_adv) + finite_abs(v)), "returns")

@@ -302,16 +302,16 @@ GAE_SIZES = [(1, 1), (1, 97), (97, 1), (97, 97), (1025, 3), (3, 1025), (2, 1025)
 
 
 @pytest.mark.parametrize("B,T", GAE_SIZES)
-@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9)])
+@pytest.mark.parametrize("gamma,gae_lambda", [(1.0, 0.95), (0.99, 0.9)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_token_gae_matches_reference(device, dtype, gamma, lam, B, T):
+def test_token_gae_matches_reference(device, dtype, gamma, gae_lambda, B, T):
     rng = np.random.default_rng(B * 13 + T)
     rewards = torch.from_numpy(rng.normal(size=(B, T))).to(device=device, dtype=dtype)
     values = torch.from_numpy(rng.normal(size=(B, T))).to(device=device, dtype=dtype)
     lengths = lengths_for(B, T, rng, offset=B % 3)
     last = torch.as_tensor(lengths - 1, dtype=torch.int64, device=device)
-    adv, ret = token_gae(rewards, values, last, gamma=gamma, lam=lam)
-    expected_adv, expected_ret = token_gae_reference(rewards, values, last.cpu(), gamma, lam)
+    adv, ret = token_gae(rewards, values, last, gamma=gamma, gae_lambda=gae_lambda)
+    expected_adv, expected_ret = token_gae_reference(rewards, values, last.cpu(), gamma, gae_lambda)
     close(adv, expected_adv, dtype)
     close(ret, expected_ret, dtype)
     assert adv.shape == ret.shape == (B, T)
@@ -410,8 +410,8 @@ def test_token_gae_strided_views_equal_contiguous_copies(device, dtype):
     last_full = torch.as_tensor(np.stack([lengths_for(B, T, rng) - 1] * 2, 1), dtype=torch.int64, device=device)
     last = last_full[:, 0]  # stride 2
     assert not (rewards.is_contiguous() or values.is_contiguous() or last.is_contiguous())
-    got = token_gae(rewards, values, last, gamma=0.98, lam=0.9)
-    want = token_gae(rewards.contiguous(), values.contiguous(), last.contiguous(), gamma=0.98, lam=0.9)
+    got = token_gae(rewards, values, last, gamma=0.98, gae_lambda=0.9)
+    want = token_gae(rewards.contiguous(), values.contiguous(), last.contiguous(), gamma=0.98, gae_lambda=0.9)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=4 * torch.finfo(dtype).eps, atol=4 * torch.finfo(dtype).eps)
     expected_adv, expected_ret = token_gae_reference(rewards, values, last.cpu(), 0.98, 0.9)
@@ -575,6 +575,20 @@ def test_token_gae_bad_input_names_the_argument(changes, error, match):
     inputs.update(changes)
     with pytest.raises(error, match=match):
         token_gae(**inputs)
+
+
+def test_token_gae_old_keyword_lam_gives_the_same_result_with_a_deprecation_warning():
+    g = torch.Generator().manual_seed(3)
+    rewards, values = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
+    last = torch.tensor([6, 2, -1])
+    want = token_gae(rewards, values, last, 0.99, 0.8)
+    with pytest.warns(DeprecationWarning, match="fastppo.rlhf.token_gae's keyword lam is renamed gae_lambda"):
+        got = token_gae(rewards, values, last, gamma=0.99, lam=0.8)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert not torch.equal(got[0], token_gae(rewards, values, last, gamma=0.99)[0])  # 0.8 was used
+    with pytest.raises(TypeError, match="fastppo.rlhf.token_gae: got both lam= and gae_lambda="):
+        token_gae(rewards, values, last, lam=0.8, gae_lambda=0.8)
 
 
 def test_token_gae_clamps_last_index_into_the_row(device):

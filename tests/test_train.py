@@ -436,7 +436,7 @@ def test_async_rollout_advantages_follow_each_env():
         v = values[slots].numpy()
         d = np.array(dones) | ~np.array(real)
         expected_adv, expected_ret = gae_reference(np.array(rewards)[:, None], v[:-1, None], d[:, None], v[-1:],
-                                                   d[:, None], gamma=gamma, lam=lam)
+                                                   d[:, None], gamma=gamma, gae_lambda=lam)
         mask = rollout.real[slots[:-1]]
         np.testing.assert_allclose(adv[slots[:-1]].numpy()[mask], expected_adv[:, 0][mask], rtol=1e-12)
         np.testing.assert_allclose(ret[slots[:-1]].numpy()[mask], expected_ret[:, 0][mask], rtol=1e-12)

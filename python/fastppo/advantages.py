@@ -7,10 +7,12 @@ from typing import Any, Optional, Tuple
 
 from . import _C
 from . import _buffers as B
+from ._deprecation import renamed_keywords
 
 _FN = "fastppo.gae"
 
 
+@renamed_keywords(_FN, lam="gae_lambda")
 def gae(
     rewards: Any,
     values: Any,
@@ -18,7 +20,7 @@ def gae(
     last_value: Any,
     terminated: Any = None,
     gamma: float = 0.99,
-    lam: float = 0.95,
+    gae_lambda: float = 0.95,
     *,
     out: Optional[Tuple[Any, Any]] = None,
 ) -> Tuple[Any, Any]:
@@ -40,7 +42,8 @@ def gae(
             time-limit truncation) the trace is cut but ``values[t + 1]`` is still bootstrapped;
             with EnvPool's next-step auto-reset that is the value of the final observation.
         gamma: discount in [0, 1].
-        lam: GAE lambda in [0, 1].
+        gae_lambda: GAE lambda in [0, 1]. ``lam``, its name before, still works this release with a
+            DeprecationWarning.
         out: optional ``(advantages, returns)`` pair of C-contiguous ``[T, ...]`` arrays of the
             kind, dtype and device of ``rewards`` to write into (a rollout buffer reused every
             iteration saves allocating and first-touching two arrays per call). They must not
@@ -55,7 +58,7 @@ def gae(
     Per transition t, with ``next_value = values[t + 1]`` (``last_value`` at ``t = T - 1``)::
 
         delta[t] = rewards[t] + gamma * (1 - terminated[t]) * next_value - values[t]
-        adv[t]   = delta[t] + gamma * lam * (1 - dones[t]) * adv[t + 1],   adv[T] = 0
+        adv[t]   = delta[t] + gamma * gae_lambda * (1 - dones[t]) * adv[t + 1],   adv[T] = 0
 
     Any nonzero flag counts as 1. CleanRL stores ``dones[t]`` as "observation t starts a new
     episode"; the mapping to this function is one line::
@@ -87,7 +90,7 @@ def gae(
         last = last_value
         last_stride = None
     gamma = B.require_real(_FN, "gamma", gamma, "a number in [0, 1]", 0.0, 1.0)
-    lam = B.require_real(_FN, "lam", lam, "a number in [0, 1]", 0.0, 1.0)
+    gae_lambda = B.require_real(_FN, "gae_lambda", gae_lambda, "a number in [0, 1]", 0.0, 1.0)
     B.check_device(_FN, "rewards", rewards)
 
     if out is None:
@@ -104,7 +107,7 @@ def gae(
     _C.gae(
         T, N, r.dtype, (r.data, *r.strides), (v.data, *v.strides), (d.data, *d.strides), d.dtype,
         (m.data, *m.strides), m.dtype, (last_buf.data, last_stride), B.data_arg(adv), B.data_arg(ret),
-        gamma, lam, *B.device_stream(rewards),
+        gamma, gae_lambda, *B.device_stream(rewards),
     )
     if out is not None:
         return out[0], out[1]

@@ -136,7 +136,7 @@ class AsyncRollout:
         self.pending[ids] = new
         return ids, new
 
-    def advantages(self, values: torch.Tensor, gamma: float, lam: float, gae) -> Tuple[torch.Tensor, torch.Tensor]:
+    def advantages(self, values: torch.Tensor, gamma: float, gae_lambda: float, gae) -> Tuple[torch.Tensor, torch.Tensor]:
         """GAE per environment over the slots of this rollout: each env's complete slots, in order,
         right-aligned in an [L, N] layout whose last_value is the value of its in-flight slot."""
         counts = np.bincount(self.env, minlength=self.N) - 1  # complete slots per env
@@ -158,7 +158,7 @@ class AsyncRollout:
                                  values[torch.as_tensor(np.maximum(last, 0), device=self.device)], torch.zeros_like(values[:self.N]))
         # Padding rows are treated like dummy reset steps: they neither bootstrap nor carry a trace.
         adv, ret = rollout_advantages(take(self.reward).to(values.dtype), values[idx], take(self.done),
-                                      take(self.terminated), take(self.real) & ~padded, last_value, gamma, lam, gae)
+                                      take(self.terminated), take(self.real) & ~padded, last_value, gamma, gae_lambda, gae)
         flat_adv, flat_ret = torch.zeros_like(values), torch.zeros_like(values)
         keep = ~padded
         flat_adv[idx[keep]] = adv[keep]
@@ -167,10 +167,11 @@ class AsyncRollout:
 
 
 
-def rollout_advantages(rewards, values, dones, terminated, real, next_value, gamma, lam, gae=fastppo.gae):
+def rollout_advantages(rewards, values, dones, terminated, real, next_value, gamma, gae_lambda, gae=fastppo.gae):
     """GAE over an EnvPool rollout ``[T, N]``. A step that is not ``real`` is the dummy reset step
     after an episode ended: it leads from the final observation to a reset one, so it neither
     bootstraps nor carries the next episode's advantage back (it is masked out of the loss too).
     The real step before it bootstraps from ``values`` of the final observation unless it
     terminated, which is what makes truncation exact."""
-    return gae(rewards, values, dones | ~real, next_value, terminated=terminated | ~real, gamma=gamma, lam=lam)
+    return gae(rewards, values, dones | ~real, next_value, terminated=terminated | ~real, gamma=gamma,
+               gae_lambda=gae_lambda)

@@ -113,7 +113,7 @@ class _FusedGAE:
         ended[-1] = np.asarray(dones).reshape(-1)
         last = np.ascontiguousarray(last_values.detach().cpu().numpy().reshape(-1), dtype=rewards.dtype)
         # SB3's reset() allocates both as C-contiguous float32 [n_steps, n_envs]: written in place.
-        fastppo.gae(rewards, self.values, ended, last, gamma=self.gamma, lam=self.gae_lambda,
+        fastppo.gae(rewards, self.values, ended, last, gamma=self.gamma, gae_lambda=self.gae_lambda,
                     out=(self.advantages, self.returns))
 
 

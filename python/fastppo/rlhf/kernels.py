@@ -3,7 +3,7 @@
 - :func:`kl_penalty_rewards`: per-token KL estimate against the reference policy and the shaped
   rewards ``-beta * kl``, with each response's score added at its last real token; one pass.
 - :func:`masked_whiten`: whitening with the mean and variance of the selected tokens only.
-- :func:`token_gae`: GAE over each response's tokens (gamma 1, lam 0.95 by default), a response's
+- :func:`token_gae`: GAE over each response's tokens (gamma 1, gae_lambda 0.95 by default), a response's
   last real token ending its episode; one backward sweep per row over contiguous tokens.
 - :func:`masked_mean`: a mean over selected tokens (a plain torch helper for metrics).
 
@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .. import _C
 from .. import _buffers as B
+from .._deprecation import renamed_keywords
 
 KL_ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2}
 
@@ -159,8 +160,9 @@ def masked_mean(x: Tensor, mask: Optional[Tensor] = None, dim: Optional[int] = N
     return total / count.clamp(min=1)
 
 
+@renamed_keywords("fastppo.rlhf.token_gae", lam="gae_lambda")
 def token_gae(
-    rewards: Tensor, values: Tensor, last_index: Tensor, gamma: float = 1.0, lam: float = 0.95,
+    rewards: Tensor, values: Tensor, last_index: Tensor, gamma: float = 1.0, gae_lambda: float = 0.95,
     mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """GAE over response tokens: each response is one episode that ends at its last real token.
@@ -171,7 +173,8 @@ def token_gae(
         last_index: ``[B]`` int64: each response's last real token (-1: none; an index past the
             end counts as T - 1), as returned by :func:`kl_penalty_rewards`. Positions after it are
             padding: they are never read, and come back as 0.
-        gamma, lam: discount and GAE lambda (RLHF uses gamma 1, lam 0.95).
+        gamma, gae_lambda: discount and GAE lambda (RLHF uses gamma 1, gae_lambda 0.95). ``lam``, the
+            name of ``gae_lambda`` before, still works this release with a DeprecationWarning.
         mask: optional ``[B, T]`` real-token mask; when given the outputs are 0 outside it.
 
     Returns:
@@ -184,14 +187,14 @@ def token_gae(
     B.require_like(fn, "last_index", last_index, rewards, "rewards", ("int64",), rewards.shape[:1],
                    "one index per row of rewards")
     gamma = B.require_real(fn, "gamma", gamma, "a number in [0, 1]", 0.0, 1.0)
-    lam = B.require_real(fn, "lam", lam, "a number in [0, 1]", 0.0, 1.0)
+    gae_lambda = B.require_real(fn, "gae_lambda", gae_lambda, "a number in [0, 1]", 0.0, 1.0)
     if mask is not None:
         B.require_like(fn, "mask", mask, rewards, "rewards", B.FLAG_DTYPES)
     R, T = rewards.shape
     adv = torch.empty((R, T), dtype=rewards.dtype, device=rewards.device)
     ret = torch.empty_like(adv)
     _C.token_gae(R, T, B.DTYPE_NAMES[rewards.dtype], B.spec(rewards), B.spec(values), B.spec(last_index),
-                 gamma, lam, adv.data_ptr(), ret.data_ptr(), *B.device_stream(rewards))
+                 gamma, gae_lambda, adv.data_ptr(), ret.data_ptr(), *B.device_stream(rewards))
     if mask is not None:
         zero = adv.new_zeros(())
         adv, ret = torch.where(mask.bool(), adv, zero), torch.where(mask.bool(), ret, zero)
