@@ -12,7 +12,8 @@ import torch
 import tyro
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .train import Agent, Args
+from .agent import Agent
+from .config import Args
 from .envs import env_family, episode_bookkeeping, make_env
 from .envstep import EnvBoundary
 

@@ -1,0 +1,208 @@
+"""``fastppo train``'s settings: the ``Args`` dataclass (tyro makes each field a flag and the
+docstring line under it its help), the presets, and what a run's settings resolve to: ``resolve``
+fills in the preset and checks every value, ``rank_share`` is one rank's part of a data-parallel run,
+``policy_backend`` and ``train_device`` where and how the policy runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Annotated, Optional, TypeVar
+
+import torch
+import tyro
+
+from fastppo.agent import Kernels
+from fastppo.envs import env_family
+
+__all__ = ["Args", "FAST_PRESET_TASKS", "PRESETS", "policy_backend", "rank_share", "resolve", "train_device"]
+
+_T = TypeVar("_T")
+# A setting that resolve() takes from the preset when it is left at None.
+FromPreset = Annotated[Optional[_T], tyro.conf.arg(help_behavior_hint="(default: the preset's)")]
+
+
+@dataclass
+class Args:
+    env_id: str = "CartPole-v1"
+    """the EnvPool task id (CartPole-v1, Pong-v5, HalfCheetah-v5, ...); other gymnasium ids run on gymnasium's vector env"""
+    preset: str = "auto"
+    """hyperparameter preset: classic (CleanRL's ppo.py), classic-fast (least wall time to solve CartPole), atari, mujoco, or auto (classic-fast for CartPole, else chosen from the env family)"""
+    total_timesteps: FromPreset[int] = None
+    """total environment steps"""
+    learning_rate: FromPreset[float] = None
+    """Adam learning rate"""
+    num_envs: FromPreset[int] = None
+    """parallel environments"""
+    num_steps: FromPreset[int] = None
+    """steps per environment per rollout; in async mode, recv rounds per rollout"""
+    env_threads: Optional[int] = None
+    """EnvPool worker threads (unset: 1 for classic control, whose steps cost less than handing them to another thread; else EnvPool's default)"""
+    async_batch_size: Optional[int] = None
+    """EnvPool async mode: step this many of the num_envs environments at a time (fewer than num_envs)"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to 0"""
+    gamma: FromPreset[float] = None
+    """discount factor"""
+    gae_lambda: FromPreset[float] = None
+    """GAE lambda"""
+    num_minibatches: FromPreset[int] = None
+    """minibatches per epoch"""
+    update_epochs: FromPreset[int] = None
+    """epochs over each rollout"""
+    norm_adv: bool = True
+    """normalize advantages per minibatch"""
+    clip_coef: FromPreset[float] = None
+    """surrogate clipping coefficient"""
+    clip_vloss: FromPreset[bool] = None
+    """clip the value loss"""
+    ent_coef: FromPreset[float] = None
+    """entropy bonus coefficient"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    max_grad_norm: float = 0.5
+    """gradient norm clip"""
+    target_kl: Optional[float] = None
+    """stop an update's epochs early when approx_kl exceeds this"""
+    seed: int = 1
+    """seed of python, numpy, torch and the environments"""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda when available)"""
+    run_dir: str = "runs"
+    """directory under which the run's folder (metrics, checkpoints) is made"""
+    run_name: Optional[str] = None
+    """name of the run's folder (unset: env id, seed and time)"""
+    checkpoint_every: int = 50
+    """write a checkpoint every this many iterations (and at the end)"""
+    resume_replay: bool = False
+    """log every action sent to the environments so that --resume replays them and continues bit-identically (sync environments; the checkpoint grows with the run). Off: --resume restores the model, optimizer, statistics, random streams and counters and starts the environments afresh, in constant time and checkpoint size"""
+    log_every: int = 1
+    """without a terminal (logs, CI): print a progress line every this many iterations"""
+    policy_backend: str = "auto"
+    """fused (one C++ call per rollout step and per minibatch update: MLP policies on the CPU), torch (eager PyTorch), or auto (fused where it applies)"""
+
+
+PRESETS = {
+    # CleanRL ppo.py
+    "classic": dict(total_timesteps=500_000, learning_rate=2.5e-4, num_envs=4, num_steps=128,
+                    num_minibatches=4, update_epochs=4, clip_coef=0.2, ent_coef=0.01, gamma=0.99, gae_lambda=0.95, clip_vloss=True),
+    # Least wall time to solve classic control on a small CPU: rl-baselines3-zoo's CartPole-v1 settings
+    # (8 envs x 32 steps, one 256-sample minibatch, 20 epochs, gamma 0.98, lambda 0.8, lr 1e-3 annealed),
+    # which learn in few steps and leave the fused policy step most of the time
+    # (benchmarks/results/e2e_default.md: time to a mean return of 475).
+    "classic-fast": dict(total_timesteps=150_000, learning_rate=1e-3, num_envs=8, num_steps=32,
+                         num_minibatches=1, update_epochs=20, clip_coef=0.2, ent_coef=0.0, gamma=0.98, gae_lambda=0.8,
+                         clip_vloss=False),
+    # CleanRL ppo_atari_envpool.py
+    "atari": dict(total_timesteps=10_000_000, learning_rate=2.5e-4, num_envs=8, num_steps=128,
+                  num_minibatches=4, update_epochs=4, clip_coef=0.1, ent_coef=0.01, gamma=0.99, gae_lambda=0.95, clip_vloss=True),
+    # CleanRL ppo_continuous_action.py
+    "mujoco": dict(total_timesteps=1_000_000, learning_rate=3e-4, num_envs=1, num_steps=2048,
+                   num_minibatches=32, update_epochs=10, clip_coef=0.2, ent_coef=0.0, gamma=0.99, gae_lambda=0.95, clip_vloss=True),
+}
+
+
+# Tasks whose --preset auto is classic-fast (the settings it takes were tuned for them).
+FAST_PRESET_TASKS = ("CartPole-v0", "CartPole-v1")
+
+
+def resolve(args: Args) -> Args:
+    """Fills the preset's values into the fields left at None and checks every value."""
+    family = env_family(args.env_id)
+    preset = args.preset
+    if preset == "auto":  # CartPole: the preset that solves it in the least wall time; else CleanRL's
+        preset = "classic-fast" if args.env_id in FAST_PRESET_TASKS else family
+    if preset not in PRESETS:
+        raise ValueError(f"--preset must be one of auto, {', '.join(PRESETS)}; got {args.preset!r}")
+    values = {k: (v if getattr(args, k) is None else getattr(args, k)) for k, v in PRESETS[preset].items()}
+    args = dataclasses.replace(args, preset=preset, **values)
+    checks = [
+        ("total_timesteps", args.total_timesteps > 0, "> 0"), ("num_envs", args.num_envs > 0, "> 0"),
+        ("num_steps", args.num_steps > 0, "> 0"), ("learning_rate", args.learning_rate > 0, "> 0"),
+        ("num_minibatches", args.num_minibatches > 0, "> 0"), ("update_epochs", args.update_epochs > 0, "> 0"),
+        ("clip_coef", args.clip_coef > 0, "> 0"), ("gamma", 0 <= args.gamma <= 1, "in [0, 1]"),
+        ("gae_lambda", 0 <= args.gae_lambda <= 1, "in [0, 1]"), ("checkpoint_every", args.checkpoint_every > 0, "> 0"),
+        ("log_every", args.log_every > 0, "> 0"), ("env_threads", args.env_threads is None or args.env_threads > 0, "> 0"),
+    ]
+    for name, ok, what in checks:
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)!r}")
+    if args.async_batch_size is None and (args.num_envs * args.num_steps) % args.num_minibatches:
+        raise ValueError(
+            f"--num-minibatches ({args.num_minibatches}) must divide num_envs * num_steps "
+            f"({args.num_envs} * {args.num_steps})"
+        )
+    if args.async_batch_size is not None:
+        if not 0 < args.async_batch_size < args.num_envs:
+            raise ValueError(f"--async-batch-size must be in [1, num_envs) = [1, {args.num_envs}), got {args.async_batch_size}")
+        if (args.async_batch_size * args.num_steps) % args.num_minibatches:
+            raise ValueError(f"--num-minibatches ({args.num_minibatches}) must divide async_batch_size * num_steps "
+                             f"({args.async_batch_size} * {args.num_steps})")
+    if args.resume_replay and args.async_batch_size is not None:
+        raise ValueError("--resume-replay needs sync environments: async mode's order of steps is not replayable")
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {args.device!r}")
+    if args.policy_backend not in ("auto", "fused", "torch"):
+        raise ValueError(f"--policy-backend must be auto, fused or torch, got {args.policy_backend!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device")
+    policy_backend(args, family)  # --policy-backend fused where it cannot run fails here, before any work
+    return args
+
+
+def rank_share(args: Args, world_size: int, rank: int) -> Args:
+    """One rank's part of a data-parallel run of ``args`` (whose sizes are the whole run's):
+    ``num_envs`` and ``async_batch_size`` divided among the ranks, the environments' seeds offset
+    by the environments of the ranks before it, EnvPool's worker threads divided among the ranks'
+    share of the cores. Sizes that do not divide are an error."""
+    if world_size == 1:
+        return args
+    if args.num_envs % world_size:
+        raise ValueError(f"--num-envs ({args.num_envs}) must be divisible by the world size ({world_size}): "
+                         "each rank steps num_envs / world_size environments")
+    local_envs, local_async = args.num_envs // world_size, None
+    if args.async_batch_size is not None:
+        if args.async_batch_size % world_size or not 0 < args.async_batch_size // world_size < local_envs:
+            raise ValueError(f"--async-batch-size ({args.async_batch_size}) must be divisible by the world size "
+                             f"({world_size}) into [1, {local_envs}) per rank (each rank has {local_envs} environments)")
+        local_async = args.async_batch_size // world_size
+    local_batch = (local_async or local_envs) * args.num_steps
+    if local_batch % args.num_minibatches:
+        raise ValueError(f"--num-minibatches ({args.num_minibatches}) must divide each rank's batch ({local_batch}): "
+                         f"the batch is not divisible by the world size ({world_size}) into minibatches")
+    threads = args.env_threads
+    if threads is None and env_family(args.env_id) != "classic":
+        threads = max(1, (os.cpu_count() or 1) // world_size)
+    return dataclasses.replace(args, num_envs=local_envs, async_batch_size=local_async,
+                               seed=args.seed + rank * local_envs, env_threads=threads)
+
+
+def train_device(args: Args) -> torch.device:
+    """The device ``--device`` resolves to (auto: CUDA when torch sees one)."""
+    return torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def policy_backend(args: Args, family: str, obs_shape=None, device: Optional[torch.device] = None,
+                   kernels: Optional[Kernels] = None) -> str:
+    """The backend ``--policy-backend`` resolves to: ``fused`` runs the MLP actor-critic of the
+    classic and MuJoCo presets as one C++ call per rollout step and per minibatch (sync envs, CPU,
+    fastppo's kernels); everything else (the Atari CNN, async envs, a GPU, the eager baseline's
+    kernels) runs on ``torch``. Asking for ``fused`` where it cannot run is an error that says why."""
+    reasons = []
+    if device is None:
+        device = train_device(args)
+    if device.type != "cpu":
+        reasons.append(f"it runs on the CPU (device is {device})")
+    if family == "atari" or (obs_shape is not None and len(obs_shape) != 1):
+        what = "Atari frames" if family == "atari" else f"observations of shape {tuple(obs_shape)}"
+        reasons.append(f"it runs MLP policies on vector observations, not {what}")
+    if args.async_batch_size is not None:
+        reasons.append("it runs sync environments (--async-batch-size is set)")
+    if kernels is not None and kernels != Kernels():
+        reasons.append("it computes with fastppo's kernels (other kernels were given)")
+    if args.policy_backend == "fused" and reasons:
+        raise ValueError("--policy-backend fused: " + "; ".join(reasons))
+    if args.policy_backend == "torch" or reasons:
+        return "torch"
+    return "fused"
