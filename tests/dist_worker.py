@@ -8,7 +8,7 @@ KIND:
   hashes and its final parameters.
 - ``update``: one minibatch update of the loss, on this rank's share of a batch both the test and
   the ranks build from the same seed; writes the parameters after it (``rank{r}.pt``).
-- ``stats``: each rank books its share of observations / rewards in an ``EnvBoundary`` with
+- ``stats``: each rank books its share of observations / rewards in an ``EnvStepBoundary`` with
   deferred statistics, then the group merges them; writes the running statistics.
 - ``rlhf``: ``fastppo.rlhf.run.main`` with the flags in ARGS, recording a hash of the trained
   parameters after every optimizer step.
@@ -27,7 +27,7 @@ import torch
 
 import fastppo
 from fastppo.distributed import Group
-from fastppo.envstep import EnvBoundary
+from fastppo.envstep import EnvStepBoundary
 from fastppo.policy import FusedActorCritic
 
 
@@ -198,7 +198,7 @@ def main(kind: str, out_dir: str, *args: str) -> None:
     elif kind == "stats":
         obs, rewards = stats_problem(group.rank)
         steps, N, D = obs.shape
-        boundary = EnvBoundary(N, (D,), normalize_obs=True, normalize_reward=True, gamma=0.9)
+        boundary = EnvStepBoundary(N, (D,), normalize_obs=True, normalize_reward=True, gamma=0.9)
         boundary.defer_stats()
         outs = [np.zeros((N, D), np.float32), np.zeros(N, np.float32)] + [np.zeros(N, np.bool_) for _ in range(3)]
         for t in range(steps):

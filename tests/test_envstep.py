@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastppo.envstep import EnvBoundary
+from fastppo.envstep import EnvStepBoundary
 
 
 def outputs(n, obs_shape, dtype=np.float32):
@@ -14,7 +14,7 @@ def outputs(n, obs_shape, dtype=np.float32):
 
 
 def test_dummy_steps_and_episode_statistics_across_truncation():
-    b = EnvBoundary(3, (2,))
+    b = EnvStepBoundary(3, (2,))
     # env 0 ends (terminated) at step 1; env 1 is truncated at step 2; env 2 never ends.
     script = [
         dict(reward=[1.0, 2.0, 3.0], term=[0, 0, 0], trunc=[0, 0, 0]),
@@ -38,7 +38,7 @@ def test_dummy_steps_and_episode_statistics_across_truncation():
 
 
 def test_life_loss_is_not_the_end_of_the_game():
-    b = EnvBoundary(1, (1,))
+    b = EnvStepBoundary(1, (1,))
     out = outputs(1, (1,))
     args = lambda r, term, over: (np.zeros((1, 1), np.float32), np.array([r], np.float32), np.array([term]),  # noqa: E731
                                   np.array([False]))
@@ -53,7 +53,7 @@ def test_life_loss_is_not_the_end_of_the_game():
 
 def test_observation_normalization_matches_running_moments():
     rng = np.random.default_rng(0)
-    b = EnvBoundary(4, (3,), normalize_obs=True)
+    b = EnvStepBoundary(4, (3,), normalize_obs=True)
     seen = []
     for t in range(20):
         obs = rng.normal(loc=[1.0, -2.0, 50.0], scale=[1.0, 0.1, 30.0], size=(4, 3))
@@ -76,7 +76,7 @@ def test_observation_normalization_matches_running_moments():
 def test_reward_scaling_by_the_running_std_of_the_discounted_return():
     rng = np.random.default_rng(1)
     gamma = 0.9
-    b = EnvBoundary(2, (1,), normalize_reward=True, gamma=gamma)
+    b = EnvStepBoundary(2, (1,), normalize_reward=True, gamma=gamma)
     returns, history = np.zeros(2), []
     for t in range(30):
         reward = rng.normal(size=2).astype(np.float32)
@@ -93,21 +93,32 @@ def test_reward_scaling_by_the_running_std_of_the_discounted_return():
 
 
 def test_state_round_trip_and_uint8_copies():
-    b = EnvBoundary(2, (2, 2))
+    b = EnvStepBoundary(2, (2, 2))
     out = outputs(2, (2, 2), np.uint8)
     frames = np.arange(8, dtype=np.uint8).reshape(2, 2, 2)
     b.step(frames, np.ones(2, np.float32), np.array([True, False]), np.zeros(2, bool), **out)
     np.testing.assert_array_equal(out["obs_out"], frames)
-    c = EnvBoundary(2, (2, 2))
+    c = EnvStepBoundary(2, (2, 2))
     c.load_state_dict(b.state_dict())
     assert c.previous_done.tolist() == [True, False] and c.episodes == 1 and list(c.recent) == [(1.0, 1)]
 
 
 def test_bad_buffers_are_refused():
-    b = EnvBoundary(2, (3,))
+    b = EnvStepBoundary(2, (3,))
     out = outputs(2, (3,))
     with pytest.raises(ValueError, match=r"obs has shape \(2, 4\); expected \(2, 3\)"):
         b.step(np.zeros((2, 4)), np.zeros(2), np.zeros(2, bool), np.zeros(2, bool), **out)
     out["reward_out"] = np.zeros(3, np.float32)
     with pytest.raises(ValueError, match="reward_out must be a C-contiguous numpy array of shape"):
         b.step(np.zeros((2, 3)), np.zeros(2), np.zeros(2, bool), np.zeros(2, bool), **out)
+
+
+def test_prime_books_no_transition_and_the_old_name_warns():
+    b = EnvStepBoundary(2, (1,), normalize_obs=True)
+    obs_out = np.full((2, 1), np.nan, np.float32)
+    b.prime(np.array([[3.0], [5.0]]), obs_out)
+    assert np.isfinite(obs_out).all() and b.obs_count[0] == 2
+    assert b.episodes == 0 and b.episode_length.tolist() == [0, 0] and b.episode_return.tolist() == [0.0, 0.0]
+    with pytest.warns(DeprecationWarning, match="EnvBoundary is renamed EnvStepBoundary"):
+        from fastppo.envstep import EnvBoundary
+    assert EnvBoundary is EnvStepBoundary

@@ -409,13 +409,13 @@ class _ScriptedAsyncEnvs:
 
 def test_async_rollout_advantages_follow_each_env():
     import fastppo
-    from fastppo.envstep import EnvBoundary
+    from fastppo.envstep import EnvStepBoundary
     from references import gae_reference
 
     schedule = [[0, 1], [2, 0], [1, 2], [0, 1], [2, 0], [1, 2], [0, 2]]
     ends = {(1, 2), (0, 2)}
     envs = _ScriptedAsyncEnvs(schedule, ends)
-    rollout = AsyncRollout(envs, EnvBoundary(3, (1,)), "classic", len(schedule), 2, (1,), np.float32, "cpu")
+    rollout = AsyncRollout(envs, EnvStepBoundary(3, (1,)), "classic", len(schedule), 2, (1,), np.float32, "cpu")
     for t in range(len(schedule)):
         rollout.recv(t)
     values = torch.arange(len(schedule) * 2, dtype=torch.float64) * 0.1 + 0.05

@@ -156,7 +156,7 @@ class Group:
         return module
 
     def merge_env_statistics(self, boundary) -> None:
-        """Folds every rank's pending observation / return moments (an ``EnvBoundary`` with
+        """Folds every rank's pending observation / return moments (an ``EnvStepBoundary`` with
         ``defer_stats()``) into the running statistics, identically on every rank."""
         obs, ret = boundary.pending_moments()
         merged = self.merged_moments(np.concatenate([obs, ret], axis=1))

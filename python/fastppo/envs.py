@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 import fastppo
-from fastppo.envstep import EnvBoundary
+from fastppo.envstep import EnvStepBoundary
 
 
 def _envpool_ids() -> set:
@@ -89,7 +89,7 @@ def make_env(args, family: str):
 
 
 def episode_bookkeeping(family: str, term, trunc, info) -> dict:
-    """What ``EnvBoundary.step`` needs beyond the step itself. Atari (episodic life): a lost life
+    """What ``EnvStepBoundary.step`` needs beyond the step itself. Atari (episodic life): a lost life
     ends the training episode, but the game, and its unclipped score, go on until game over."""
     if family != "atari":
         return {}
@@ -104,7 +104,7 @@ class AsyncRollout:
     when learning starts: it is masked out and its value bootstraps the env's previous slot (its
     outcome, arriving in the next rollout, still counts for the episode statistics)."""
 
-    def __init__(self, envs, boundary: EnvBoundary, family: str, T: int, B: int, obs_shape, obs_dtype, device):
+    def __init__(self, envs, boundary: EnvStepBoundary, family: str, T: int, B: int, obs_shape, obs_dtype, device):
         self.envs, self.boundary, self.family = envs, boundary, family
         self.T, self.B, self.N, self.device = T, B, boundary.N, device
         self.obs = np.zeros((T * B,) + tuple(obs_shape), obs_dtype)

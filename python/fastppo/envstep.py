@@ -1,10 +1,12 @@
-"""The environment boundary: one ``fastppo._C.EnvStepper`` call per environment step.
+"""The env step boundary: one ``fastppo._C.EnvStepper`` call per environment step.
 
-``EnvBoundary.step`` takes what a batched environment returned and, in compiled code, marks the
+``EnvStepBoundary.step`` takes what a batched environment returned and, in compiled code, marks the
 dummy reset steps (EnvPool resets an environment on the step after it ended), tracks each env's
 episode return and length, normalizes observations with running float64 moments (clipped to
 +-clip), scales rewards by the running std of the discounted return (clipped), and writes the
 results into the rollout storage slot it is given. Its state is plain numpy, saved in checkpoints.
+
+``EnvBoundary`` is the old name of ``EnvStepBoundary``: it still works, with a DeprecationWarning.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 from . import _C
 from . import _buffers as B
+from ._deprecation import warn_renamed
 
 
 def merge_moments(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -33,7 +36,7 @@ def _contiguous(x, dtype=None) -> np.ndarray:
     return np.ascontiguousarray(x if dtype is None else np.asarray(x, dtype=dtype))
 
 
-class EnvBoundary:
+class EnvStepBoundary:
     """Per-step bookkeeping between ``num_envs`` environments and the rollout storage.
 
     Args:
@@ -85,7 +88,7 @@ class EnvBoundary:
         if env_ids is not None:
             env_ids = _contiguous(env_ids, np.int32)
             if env_ids.size and (env_ids.min() < 0 or env_ids.max() >= self.N):
-                raise ValueError(f"EnvBoundary.step: env_ids must be in [0, {self.N}), got {env_ids.tolist()}")
+                raise ValueError(f"EnvStepBoundary.step: env_ids must be in [0, {self.N}), got {env_ids.tolist()}")
         reward = _contiguous(reward, np.float64 if np.asarray(reward).dtype == np.float64 else np.float32)
         episode_reward = reward if episode_reward is None else _contiguous(
             episode_reward, np.float64 if np.asarray(episode_reward).dtype == np.float64 else np.float32)
@@ -93,15 +96,24 @@ class EnvBoundary:
                                  ("done_out", done_out, (rows,)), ("terminated_out", terminated_out, (rows,)),
                                  ("real_out", real_out, (rows,))):
             if not isinstance(out, np.ndarray) or not out.flags.c_contiguous or out.shape != shape:
-                raise ValueError(f"EnvBoundary.step: {name} must be a C-contiguous numpy array of shape {shape}")
+                raise ValueError(f"EnvStepBoundary.step: {name} must be a C-contiguous numpy array of shape {shape}")
         if obs.shape != (rows,) + self.obs_shape:
-            raise ValueError(f"EnvBoundary.step: obs has shape {obs.shape}; expected {(rows,) + self.obs_shape}")
+            raise ValueError(f"EnvStepBoundary.step: obs has shape {obs.shape}; expected {(rows,) + self.obs_shape}")
         count = self._stepper.step(
             rows, obs, reward, _contiguous(terminated, np.bool_), _contiguous(truncated, np.bool_), episode_reward,
             None if episode_over is None else _contiguous(episode_over, np.bool_), update_stats,
             obs_out, reward_out, done_out, terminated_out, real_out, env_ids,
         )
         return self._book_finished(rows) if count else []
+
+    def prime(self, obs, obs_out: np.ndarray, update_stats: bool = True) -> None:
+        """Takes the environments' first observations ``obs`` (after a reset) into ``obs_out``
+        ``[N, *obs_shape]``: normalized like any other, but no transition, so no reward, return or
+        episode is booked (a rollout's row 0 before its first step)."""
+        self.previous_done[:] = True
+        rows = np.zeros(self.N, np.float32), np.zeros(self.N, np.bool_), np.zeros(self.N, np.bool_)
+        outs = [np.zeros(self.N, np.float32)] + [np.zeros(self.N, np.bool_) for _ in range(3)]
+        self.step(obs, *rows, obs_out, *outs, update_stats=update_stats)
 
     def _book_finished(self, rows: int) -> List[Tuple[float, int]]:
         """The (return, length) of the episodes the last step ended, added to the recent ones."""
@@ -115,14 +127,14 @@ class EnvBoundary:
                      terminated_out: np.ndarray, real_out: np.ndarray) -> None:
         """Binds rollout storage ``[T, N, ...]`` (C-contiguous; obs ``[T + 1, N, *obs_shape]``) so that
         :meth:`step_at` writes row ``t`` by address, checked once here instead of every step."""
-        B.require_array("EnvBoundary.bind_rollout", "reward_out", reward_out, "numpy")
+        B.require_array("EnvStepBoundary.bind_rollout", "reward_out", reward_out, "numpy")
         T = reward_out.shape[0]
         for name, out, dtype, shape in (("obs_out", obs_out, None, (T + 1, self.N) + self.obs_shape),
                                         ("reward_out", reward_out, ("float32",), (T, self.N)),
                                         ("done_out", done_out, ("bool",), (T, self.N)),
                                         ("terminated_out", terminated_out, ("bool",), (T, self.N)),
                                         ("real_out", real_out, ("bool",), (T, self.N))):
-            B.require_contiguous("EnvBoundary.bind_rollout", name, out, "numpy", dtype, shape)
+            B.require_contiguous("EnvStepBoundary.bind_rollout", name, out, "numpy", dtype, shape)
         self._bound = (obs_out, reward_out, done_out, terminated_out, real_out)  # kept alive
         self._stepper.bind_rollout(obs_out.ctypes.data, obs_out.strides[0], obs_out,
                                    *(v for x in (reward_out, done_out, terminated_out, real_out)
@@ -137,7 +149,7 @@ class EnvBoundary:
         if not (type(obs) is np.ndarray and obs.flags.c_contiguous and obs.shape == (self.N,) + self.obs_shape):
             obs = _contiguous(obs)
             if obs.shape != (self.N,) + self.obs_shape:
-                raise ValueError(f"EnvBoundary.step_at: obs has shape {obs.shape}; expected {(self.N,) + self.obs_shape}")
+                raise ValueError(f"EnvStepBoundary.step_at: obs has shape {obs.shape}; expected {(self.N,) + self.obs_shape}")
         if not (type(reward) is np.ndarray and reward.dtype == np.float32 and reward.flags.c_contiguous):
             reward = _contiguous(reward, np.float64 if np.asarray(reward).dtype == np.float64 else np.float32)
         if not (type(terminated) is np.ndarray and terminated.dtype == np.bool_ and terminated.flags.c_contiguous):
@@ -204,3 +216,10 @@ class EnvBoundary:
         self.recent.clear()
         self.recent.extend(tuple(x) for x in state["recent"])
         self.episodes = state["episodes"]
+
+
+def __getattr__(name: str):
+    if name == "EnvBoundary":  # the old name, kept for one release
+        warn_renamed("fastppo.envstep.EnvBoundary", "EnvStepBoundary")
+        return EnvStepBoundary
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .agent import Agent
 from .config import Args
 from .envs import env_family, episode_bookkeeping, make_env
-from .envstep import EnvBoundary
+from .envstep import EnvStepBoundary
 
 
 def evaluate(path: str, episodes: int = 10, device: str = "cpu", seed: int = 12345) -> dict:
@@ -39,16 +39,14 @@ def evaluate(path: str, episodes: int = 10, device: str = "cpu", seed: int = 123
     agent = Agent(obs_shape, envs.action_space, family).to(device)
     agent.load_state_dict(state["model"])
     agent.eval()
-    boundary = EnvBoundary(args.num_envs, obs_shape, normalize_obs=family == "mujoco", gamma=args.gamma)
+    boundary = EnvStepBoundary(args.num_envs, obs_shape, normalize_obs=family == "mujoco", gamma=args.gamma)
     saved = state["boundary"] if "boundary" in state else state["ranks"][0]["boundary"]  # torchrun: rank 0's
     for name in ("obs_count", "obs_mean", "obs_m2"):
         getattr(boundary, name)[...] = saved[name]
     obs = np.zeros((args.num_envs,) + obs_shape, np.uint8 if family == "atari" else np.float32)
     scratch = [np.zeros(args.num_envs, np.float32)] + [np.zeros(args.num_envs, np.bool_) for _ in range(3)]
     raw_obs, _ = envs.reset()
-    boundary.previous_done[:] = True
-    boundary.step(raw_obs, np.zeros(args.num_envs, np.float32), np.zeros(args.num_envs, bool),
-                  np.zeros(args.num_envs, bool), obs, *scratch, update_stats=False)
+    boundary.prime(raw_obs, obs, update_stats=False)
     returns = []
     continuous = len(envs.action_space.shape) > 0
     while len(returns) < episodes:

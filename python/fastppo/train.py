@@ -33,7 +33,7 @@ from fastppo.distributed import Group, in_torchrun
 from fastppo.checkpoint import (CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                                 write_text_atomic)
 from fastppo.envs import AsyncRollout, env_family, episode_bookkeeping, make_env, rollout_advantages
-from fastppo.envstep import EnvBoundary
+from fastppo.envstep import EnvStepBoundary
 from fastppo.progress import Progress, tensorboard_writer
 
 __all__ = ["Agent", "Args", "Kernels", "PRESETS", "main", "rank_share", "resolve", "train"]
@@ -124,7 +124,7 @@ def check_resumed_settings(asked: Args, saved: Args, source: Path) -> None:
                           "fastppo train --resume RUN_DIR alone): start a new run for other settings")
 
 
-def episode_statistics(boundary: EnvBoundary, group: Optional[Group]) -> tuple:
+def episode_statistics(boundary: EnvStepBoundary, group: Optional[Group]) -> tuple:
     """Mean return of the recent episodes, of the last 10 (each rank's, pooled) and the episodes so far."""
     recent = [r for r, _ in boundary.recent]
     totals = [sum(recent), len(recent), sum(recent[-10:]), len(recent[-10:]), boundary.episodes]
@@ -209,7 +209,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     lr_now = args.learning_rate
     mujoco = family == "mujoco"
-    boundary = EnvBoundary(args.num_envs, obs_shape, normalize_obs=mujoco, normalize_reward=mujoco, gamma=args.gamma)
+    boundary = EnvStepBoundary(args.num_envs, obs_shape, normalize_obs=mujoco, normalize_reward=mujoco, gamma=args.gamma)
     if group is not None:
         boundary.defer_stats()  # the ranks' statistics are merged after each rollout, so all normalize alike
 
@@ -232,7 +232,6 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
                          pin_memory=device.type == "cuda").numpy()
     reward_np = np.zeros((T, N), np.float32)
     done_np, term_np, real_np = (np.zeros((T, N), np.bool_) for _ in range(3))
-    scratch = [np.zeros(N, np.float32)] + [np.zeros(N, np.bool_) for _ in range(3)]
     action_shape = envs.action_space.shape
     B = args.async_batch_size
     slots = (T, N) if B is None else (T * B,)
@@ -277,16 +276,14 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         if fresh_resume:  # the statistics carry over; the environments' episodes start afresh
             boundary.load_statistics(checkpoint["boundary"])
             if async_rollout is None:
-                boundary.previous_done[:] = True
-                boundary.step(raw_obs, np.zeros(N, np.float32), np.zeros(N, bool), np.zeros(N, bool), obs_np[0], *scratch)
+                boundary.prime(raw_obs, obs_np[0])
         else:
             boundary.load_state_dict(checkpoint["boundary"])
             obs_np[0] = checkpoint["next_obs"]
         first_iteration, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
         set_rng_state(checkpoint["rng"])
     elif async_rollout is None:
-        boundary.previous_done[:] = True  # the reset observation is no transition: nothing is booked
-        boundary.step(raw_obs, np.zeros(N, np.float32), np.zeros(N, bool), np.zeros(N, bool), obs_np[0], *scratch)
+        boundary.prime(raw_obs, obs_np[0])  # the reset observation is no transition: nothing is booked
 
     metrics_path = run_dir / "metrics.jsonl"
     if is_main:  # a killed run may have logged iterations after its checkpoint; a new run starts a new log
