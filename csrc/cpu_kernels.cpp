@@ -22,6 +22,11 @@
 
 namespace fastppo {
 
+// False under FASTPPO_CPU_ISA=scalar: the loops that have a contiguous (vectorized) path and an
+// element-by-element one take the element path for every layout. A diagnostic setting: the speed
+// gate (benchmarks/guard.py) shows with it that it fails on a kernel that lost its vector loops.
+bool contiguous_loops();
+
 namespace baseline {
 #include "cpu_kernels.inc"
 }  // namespace baseline
@@ -44,15 +49,18 @@ FASTPPO_TARGET_POP
 #endif
 
 namespace {
-enum class Isa { kBaseline, kAvx2, kAvx512 };
+enum class Isa { kBaseline, kAvx2, kAvx512, kScalar };
 
 // The widest instruction set this CPU supports, or the one FASTPPO_CPU_ISA names (baseline, avx2,
-// avx512; a wider one than the CPU has is not taken), so tests can run every compiled copy.
+// avx512; a wider one than the CPU has is not taken), so tests can run every compiled copy;
+// `scalar` is the baseline copy without its contiguous loops (see contiguous_loops).
 Isa detect_isa() {
   const char* asked = std::getenv("FASTPPO_CPU_ISA");
   const std::string name = asked ? asked : "";
-  if (!name.empty() && name != "baseline" && name != "avx2" && name != "avx512")
-    throw std::invalid_argument("FASTPPO_CPU_ISA must be baseline, avx2 or avx512 (or unset), got '" + name + "'");
+  if (!name.empty() && name != "baseline" && name != "avx2" && name != "avx512" && name != "scalar")
+    throw std::invalid_argument("FASTPPO_CPU_ISA must be baseline, avx2, avx512 or scalar (or unset), got '" + name +
+                                "'");
+  if (name == "scalar") return Isa::kScalar;
 #if FASTPPO_ISA_COPIES
   Isa best = Isa::kBaseline;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
@@ -81,9 +89,12 @@ const char* cpu_isa() {
   switch (isa()) {
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
+    case Isa::kScalar: return "scalar";
     default: return "baseline";
   }
 }
+
+bool contiguous_loops() { return isa() != Isa::kScalar; }
 
 #if FASTPPO_ISA_COPIES
 #define FASTPPO_DISPATCH(fn, args) \
