@@ -92,6 +92,39 @@ def test_one_update_of_two_ranks_equals_one_process_with_both_minibatches(tmp_pa
     assert torch.equal(ranks[0]["moments"], ranks[1]["moments"])
 
 
+CLOSE_ENDS_THE_GROUP = """
+import os, torch
+from fastppo.distributed import Group
+
+def gloo_threads():
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return [n for n in names if "gloo" in n]
+
+group = Group("cpu")
+torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))])  # imports torch.distributed.nn (through torch._dynamo)
+for _ in range(20):
+    group.sum([1.0])
+assert gloo_threads(), "gloo started no thread: nothing to check"
+group.close()
+assert not gloo_threads(), gloo_threads()
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists the threads in /proc")
+def test_close_ends_the_group_and_its_threads():
+    """After ``Group.close()`` no gloo thread is left for the interpreter's shutdown, where one that
+    drops its last collective's tensor takes the GIL, is ended by pthread_exit and aborts the process
+    ("terminate called without an active exception"): an optimizer made once the group exists
+    (its constructor imports torch.distributed.nn, whose default arguments hold the group they see)
+    must not keep the group alive."""
+    package_root = str(Path(fastppo.__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", CLOSE_ENDS_THE_GROUP], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def test_merged_normalization_statistics_equal_those_of_the_concatenated_data(tmp_path):
     ranks = torchrun(tmp_path, "stats")
     obs = np.concatenate([dist_worker.stats_problem(r)[0] for r in range(2)], axis=1)  # [steps, 2N, D]

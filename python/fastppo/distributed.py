@@ -25,6 +25,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+# Imported before any group exists, on purpose: torch.distributed.nn.functional's functions take
+# ``group=group.WORLD`` as a default argument, evaluated when the module is first imported, and any
+# optimizer's constructor imports it (through torch._dynamo). Imported while the group exists, it
+# keeps the group alive past destroy_process_group(), so gloo's worker threads live on into the
+# interpreter's shutdown, where one that drops the last reference to its last collective's tensor
+# takes the GIL, is ended by pthread_exit and aborts the process ("terminate called without an
+# active exception"). Imported first, the default is None and close() ends the group and its threads.
+if dist.is_available():
+    import torch.distributed.nn  # noqa: F401
+
 from .envstep import merge_moments
 
 __all__ = ["Group", "in_torchrun"]
