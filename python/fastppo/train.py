@@ -18,7 +18,6 @@ import json
 import random
 import sys
 import time
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -30,98 +29,18 @@ from fastppo.agent import Agent, Kernels, layer_init  # noqa: F401 (layer_init: 
 from fastppo.config import PRESETS, Args, policy_backend, rank_share, resolve, train_device
 from fastppo.config import FAST_PRESET_TASKS, FromPreset  # noqa: F401 (importable from here, as before)
 from fastppo.distributed import Group, in_torchrun
-from fastppo.checkpoint import (CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
-                                write_text_atomic)
+from fastppo.checkpoint import CheckpointError, rng_state, save_checkpoint, set_rng_state
 from fastppo.envs import AsyncRollout, env_family, episode_bookkeeping, make_env, rollout_advantages
 from fastppo.envstep import EnvStepBoundary
 from fastppo.progress import Progress, tensorboard_writer
+from fastppo.runs import (append_record, check_world_size, checkpoint_path, keep_log_until, metrics_path,
+                          restore_learning, resume_state, start_run)
+from fastppo.runs import PLACE_SETTINGS, check_resumed_settings, saved_args  # noqa: F401 (importable from here, as before)
 
 __all__ = ["Agent", "Args", "Kernels", "PRESETS", "main", "rank_share", "resolve", "train"]
 
 # A minibatch update's stats by name: PPOLossOutput's fields after the loss, FusedActorCritic.update's row (+ grad norm).
 UPDATE_STATS = ("pg_loss", "v_loss", "entropy", "approx_kl", "old_approx_kl", "clipfrac")
-
-
-def keep_log_until(path: Path, iteration: int) -> None:
-    """Cuts a metrics log back to the records of iterations up to ``iteration`` (a resume point; 0:
-    none), replacing the file at once so that a kill while it is cut leaves the old log. A line that
-    is not a whole record (a write cut short) is dropped."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("iteration", iteration + 1) <= iteration:
-            kept.append(line + "\n")
-    write_text_atomic(path, "".join(kept))
-
-
-def resume_state(resume: str, asked: Args) -> tuple:
-    """What ``--resume RUN_DIR`` (or a checkpoint file) continues: ``(args, checkpoint, source)``,
-    ``source`` being the checkpoint file, or the ``config.json`` of a run stopped before its first
-    checkpoint (which starts over with those settings; ``checkpoint`` None). A checkpoint of another
-    run than its directory's, or settings ``asked`` for another run than the saved one, are refused."""
-    path = Path(resume)
-    if path.is_dir() and not (path / "checkpoint.pt").exists() and (path / "config.json").exists():
-        config = path / "config.json"
-        try:
-            fields = json.loads(config.read_text())
-        except ValueError as err:
-            raise CheckpointError(f"{config} is damaged and cannot be read ({err})") from err
-        saved, checkpoint, source = saved_args(fields, config), None, config
-    else:
-        checkpoint = load_checkpoint(path)
-        source = path / "checkpoint.pt" if path.is_dir() else path
-        saved = saved_args(checkpoint["args"], source)
-        config = source.parent / "config.json"
-        try:
-            made_for = json.loads(config.read_text()).get("env_id") if config.exists() else None
-        except ValueError:
-            made_for = None  # a damaged config.json says nothing about the checkpoint
-        if made_for is not None and made_for != saved.env_id:
-            raise CheckpointError(f"checkpoint {source} is from a {saved.env_id} run, but its directory holds a "
-                                  f"{made_for} run (config.json): the checkpoint belongs to another run")
-    check_resumed_settings(asked, saved, source)
-    return saved, checkpoint, source
-
-
-def saved_args(fields: dict, source: Path) -> Args:
-    """The ``Args`` saved in ``source`` (a checkpoint or config.json)."""
-    try:
-        return Args(**fields)
-    except TypeError as err:
-        raise CheckpointError(f"{source} holds settings fastppo train does not know ({err})") from err
-
-
-# Where a run is and how often it prints: not what it computes, so a resume may give them.
-PLACE_SETTINGS = ("run_dir", "run_name", "log_every")
-
-
-def check_resumed_settings(asked: Args, saved: Args, source: Path) -> None:
-    """A resume continues the saved run with its settings: ``asked`` must be the defaults (``Args()``,
-    all that ``fastppo train --resume`` passes) or the saved run's settings, else the error names the
-    task the checkpoint is from and the one asked for."""
-    asked = dataclasses.replace(asked, **{name: getattr(Args(), name) for name in PLACE_SETTINGS})
-    if asked == Args():
-        return
-    asked = resolve(asked)
-    differ = [f.name for f in dataclasses.fields(Args)
-              if f.name not in PLACE_SETTINGS and getattr(asked, f.name) != getattr(saved, f.name)]
-    if not differ:
-        return
-    what = f"checkpoint {source}" if source.suffix == ".pt" else f"the run in {source.parent} (no checkpoint yet)"
-    flags = ", ".join(f"--{name.replace('_', '-')} {getattr(saved, name)} (asked: {getattr(asked, name)})"
-                      for name in differ if name != "env_id")
-    if "env_id" in differ:
-        problem = f"{what} is from a {saved.env_id} run; this run asks for {asked.env_id}" + (
-            f" (other settings differ too: {flags})" if flags else "")
-    else:
-        problem = f"{what} is from a {saved.env_id} run with other settings than asked: {flags}"
-    raise CheckpointError(problem + "; a resumed run continues with its saved settings (train(Args(), resume=...), "
-                          "fastppo train --resume RUN_DIR alone): start a new run for other settings")
 
 
 def episode_statistics(boundary: EnvStepBoundary, group: Optional[Group]) -> tuple:
@@ -150,10 +69,9 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     whole run's sizes, each rank steps its share of the environments, and rank 0 alone writes
     the run directory.
     """
-    checkpoint = None
+    checkpoint = source = None
     if resume is not None:
         args, checkpoint, source = resume_state(resume, args)
-        run_dir = source.parent
     args = resolve(args) if envs is None else args
     family = env_family(args.env_id) if envs is None else "classic"
     device = train_device(args)
@@ -163,20 +81,9 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     if group is not None and kernels != Kernels():
         raise ValueError("data-parallel training runs fastppo's kernels (other kernels were given)")
     if checkpoint is not None:
-        if checkpoint.get("world_size", 1) != K:
-            raise CheckpointError(f"the checkpoint was written by {checkpoint.get('world_size', 1)} process(es); "
-                                  f"resume it with the same world size, not {K}")
+        check_world_size(checkpoint, K, source)
         checkpoint = checkpoint if group is None else dict(checkpoint, **checkpoint["ranks"][rank])
-    elif resume is not None:
-        if is_main:
-            print(f"fastppo train: {run_dir} has no checkpoint (the run stopped before its first one): starting it "
-                  "over with its saved settings", file=sys.stderr)
-    else:
-        run_name = run_args.run_name or f"{run_args.env_id}__seed{run_args.seed}__{int(time.time())}"
-        run_dir = Path(run_args.run_dir) / (run_name if group is None else group.broadcast_object(run_name))
-        if is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(run_dir / "config.json", json.dumps(dataclasses.asdict(run_args), indent=2))
+    run_dir = start_run(run_args, resume, source, group)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -262,17 +169,8 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
             raise CheckpointError(f"replaying {len(logged)} logged steps did not reproduce the environments' state")
         action_log = [np.asarray(logged)]
     if checkpoint is not None:
-        saved_backend = checkpoint.get("policy_backend", "torch")
-        if saved_backend != backend:
-            raise CheckpointError(f"the checkpoint was trained with --policy-backend {saved_backend}; this run would use {backend}")
-        try:
-            agent.load_state_dict(checkpoint["model"])
-            (fused or optimizer).load_state_dict(checkpoint["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise CheckpointError(f"checkpoint {source} holds a model that does not fit {args.env_id} (observations "
-                                  f"{obs_shape}, actions {envs.action_space}): {err}") from err
-        if fused is not None:
-            fused.refresh()
+        restore_learning(checkpoint, source, agent, fused or optimizer, backend,
+                         f"{args.env_id} (observations {obs_shape}, actions {envs.action_space})")
         if fresh_resume:  # the statistics carry over; the environments' episodes start afresh
             boundary.load_statistics(checkpoint["boundary"])
             if async_rollout is None:
@@ -285,9 +183,9 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     elif async_rollout is None:
         boundary.prime(raw_obs, obs_np[0])  # the reset observation is no transition: nothing is booked
 
-    metrics_path = run_dir / "metrics.jsonl"
+    log_path = metrics_path(run_dir)
     if is_main:  # a killed run may have logged iterations after its checkpoint; a new run starts a new log
-        keep_log_until(metrics_path, 0 if checkpoint is None else checkpoint["iteration"])
+        keep_log_until(log_path, 0 if checkpoint is None else checkpoint["iteration"])
     writer = tensorboard_writer(run_dir) if is_main else None
     progress = Progress(num_iterations, first_iteration - 1, args.log_every if is_main else 0)
     start = time.perf_counter()
@@ -439,8 +337,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
             **{f"time_{k}": v for k, v in timing.items()},
         )
         if is_main:
-            with open(metrics_path, "a") as log:  # opened per record: an error anywhere leaves no file open
-                log.write(json.dumps(record) + "\n")
+            append_record(log_path, record)
         if writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("iteration", "global_step", "first_iteration"):
@@ -457,7 +354,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
                            raw_obs=np.asarray(raw_obs), next_obs=obs_np[0].copy())
             ranks = None if group is None else group.gather_objects(own)
             if is_main:
-                save_checkpoint(run_dir / "checkpoint.pt", dict(
+                save_checkpoint(checkpoint_path(run_dir), dict(
                     model=agent.state_dict(), optimizer=(fused or optimizer).state_dict(), policy_backend=backend,
                     args=dataclasses.asdict(run_args), iteration=iteration, global_step=global_step,
                     **(own if group is None else dict(world_size=K, ranks=ranks)),

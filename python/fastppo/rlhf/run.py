@@ -26,7 +26,8 @@ from typing import Annotated, Optional
 import torch
 import tyro
 
-from ..checkpoint import CheckpointError, checkpoint_kind, describe, read_checkpoint, save_checkpoint, write_text_atomic
+from .. import runs
+from ..checkpoint import CheckpointError, checkpoint_kind, describe, read_checkpoint, save_checkpoint
 from ..distributed import Group, in_torchrun
 from ..progress import Progress
 from . import digits as D
@@ -138,17 +139,9 @@ def run_settings(args: RLHFArgs) -> dict:
 def _check_settings(path: Path, saved: dict, asked: dict) -> None:
     """``saved`` (a checkpoint's settings) against ``asked`` (this run's): a difference is a
     ``CheckpointError`` naming the checkpoint's task (preset and seed), the one asked and each flag."""
-    differ = [name for name in asked if name in saved and saved[name] != asked[name]]
-    if not differ:
-        return
-    flags = ", ".join(f"--{name.replace('_', '-')} {saved[name]} (asked: {asked[name]})" for name in differ)
-    task = "a {preset} run (seed {seed})"
-    if "preset" in differ or "seed" in differ:
-        problem = f"is from {task.format(**saved)}; this run asks for {task.format(**asked)} ({flags})"
-    else:
-        problem = f"is from {task.format(**saved)} with other settings than asked: {flags}"
-    raise CheckpointError(f"checkpoint {path} {problem}; resume it with the flags that made it, or choose another "
-                          "--run-dir")
+    runs.check_same_settings(f"checkpoint {path}", saved, asked, task="a {preset} run (seed {seed})",
+                             task_keys=("preset", "seed"),
+                             remedy="resume it with the flags that made it, or choose another --run-dir")
 
 
 def read_stages(path: Path, args: RLHFArgs) -> dict:
@@ -167,9 +160,7 @@ def read_ppo_checkpoint(path: Path, args: RLHFArgs, world_size: int) -> dict:
     state = read_checkpoint(path)
     if checkpoint_kind(state) != "rlhf PPO":
         raise CheckpointError(f"checkpoint {path} is {describe(state, path)}, not the checkpoint of a fastppo rlhf PPO run")
-    if state.get("world_size", 1) != world_size:
-        raise CheckpointError(f"checkpoint {path} was written by {state.get('world_size', 1)} process(es); resume it "
-                              f"with the same world size, not {world_size}")
+    runs.check_world_size(state, world_size, path)
     if "settings" in state:  # written before they were recorded: not checked
         _check_settings(path, state["settings"], run_settings(args))
     return state
@@ -179,14 +170,14 @@ def check_run_dir(args: RLHFArgs, run_dir: Path, world_size: int) -> None:
     """Before anything is written: ``run_dir`` is not a ``fastppo train`` run, and every stage and PPO
     checkpoint in it can be continued by this run (``--resume``; without it a PPO checkpoint there is
     an error, as ``run_ppo`` says)."""
-    if (run_dir / "config.json").exists() or (run_dir / "checkpoint.pt").exists():
+    if runs.is_train_run(run_dir):
         raise CheckpointError(f"{run_dir} holds a fastppo train run (config.json, checkpoint.pt); fastppo rlhf needs a "
                               "--run-dir of its own")
     if (run_dir / "stages.pt").exists():
         read_stages(run_dir / "stages.pt", args)
     for name in ("kl", "kl_off") if args.resume else ():
-        if (run_dir / name / "checkpoint.pt").exists():
-            read_ppo_checkpoint(run_dir / name / "checkpoint.pt", args, world_size)
+        if runs.checkpoint_path(run_dir / name).exists():
+            read_ppo_checkpoint(runs.checkpoint_path(run_dir / name), args, world_size)
 
 
 def _log(msg: str) -> None:
@@ -257,7 +248,7 @@ def run_ppo(args: RLHFArgs, stages: dict, out: Path, kl_off: bool, group: Option
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
     trainer = _trainer(args, stages, kl_off, group)
-    ckpt, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    ckpt, metrics_path = runs.checkpoint_path(out), runs.metrics_path(out)
     history, first = [], 1
     if args.resume and ckpt.exists():
         state = read_ppo_checkpoint(ckpt, args, size)
@@ -270,16 +261,14 @@ def run_ppo(args: RLHFArgs, stages: dict, out: Path, kl_off: bool, group: Option
     elif ckpt.exists() and not args.resume:
         raise SystemExit(f"error: {ckpt} exists; pass --resume to continue it or choose another --run-dir")
     if is_main:  # metrics.jsonl holds exactly the checkpointed iterations (a killed run may have written more)
-        write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+        runs.write_log(metrics_path, history)
     progress = Progress(args.iterations, first - 1, every=10 if is_main else 0, name=out.name)
-    log = metrics_path.open("a") if is_main else None
     try:
         for it in range(first, args.iterations + 1):
             record = {"iteration": it, **trainer.step()}
             history.append(record)
-            if log is not None:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+            if is_main:
+                runs.append_record(metrics_path, record)
             progress.update(it, f"score {record['objective/scores']:.3f} | gold {record['objective/gold']:.3f} | "
                             f"kl {record['objective/kl']:.3f} | len {record['val/response_length']:.1f} | "
                             f"{time.perf_counter() - progress.start:.0f}s")
@@ -292,8 +281,6 @@ def run_ppo(args: RLHFArgs, stages: dict, out: Path, kl_off: bool, group: Option
                                            **({} if group is None else dict(world_size=size, generators=generators))})
     finally:
         progress.close()
-        if log is not None:
-            log.close()
     return history
 
 
@@ -355,26 +342,26 @@ def _run(args: RLHFArgs, group: Optional[Group]) -> int:
     if is_main:
         check_run_dir(args, run_dir, 1 if group is None else group.size)
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "args.json", json.dumps(asdict(args), indent=1))
+        runs.write_settings(run_dir / runs.ARGS, asdict(args), indent=1)
         stages = build_stages(args, run_dir)
     if group is not None:  # the reference, reward and starting models are rank 0's on every rank
         stages = group.broadcast_object(stages)
-    runs = {"KL penalty (beta %g)" % args.ppo.kl_coef: run_ppo(args, stages, run_dir / "kl", False, group)}
+    histories = {"KL penalty (beta %g)" % args.ppo.kl_coef: run_ppo(args, stages, run_dir / "kl", False, group)}
     if args.compare_kl_off:
-        runs["no KL penalty"] = run_ppo(args, stages, run_dir / "kl_off", True, group)
+        histories["no KL penalty"] = run_ppo(args, stages, run_dir / "kl_off", True, group)
     if not is_main:
         return 0
     sft_gold = stages["report"]["sft_gold"]
-    for name, history in runs.items():
+    for name, history in histories.items():
         last = history[-10:]
         mean = lambda key: sum(r[key] for r in last) / len(last)  # noqa: E731
         _log(f"{name}: last {len(last)} iterations: score {mean('objective/scores'):.3f}, gold "
              f"{mean('objective/gold'):.3f} (SFT {sft_gold:.3f}), kl {mean('objective/kl'):.3f}")
     if args.plot:
-        path = plot(run_dir, runs, sft_gold)
+        path = plot(run_dir, histories, sft_gold)
         if path:
             _log(f"wrote {path}")
-    summary = {"report": stages["report"], "final": {k: h[-1] for k, h in runs.items()}}
+    summary = {"report": stages["report"], "final": {k: h[-1] for k, h in histories.items()}}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return 0
 
