@@ -19,7 +19,7 @@ pytest.importorskip("envpool")
 import fastppo.checkpoint  # noqa: E402
 from fastppo import train as T  # noqa: E402
 from fastppo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
-from fastppo.envs import AsyncRollout, rollout_advantages  # noqa: E402
+from fastppo.rollout import AsyncRollout, rollout_advantages  # noqa: E402
 from fastppo.evaluate import evaluate  # noqa: E402
 
 
@@ -483,3 +483,36 @@ def test_checkpoints_are_data_not_code(tmp_path):
     state = torch.load(path, weights_only=True)  # numpy became tensors and numbers
     assert torch.equal(state["a"], torch.arange(3)) and state["b"][0] == 2.0 and state["c"]["d"] == "text"
     assert state["b"][1][0].dtype == torch.bool
+
+
+def test_learner_backends_make_the_same_update_and_target_kl_stops_after_an_epoch():
+    import copy
+
+    import gymnasium as gym
+
+    from fastppo.agent import Agent
+    from fastppo.learner import Batch, Learner
+
+    torch.manual_seed(0)
+    agent = Agent((4,), gym.spaces.Discrete(3), "classic")
+    g = torch.Generator().manual_seed(1)
+    n = 128
+    batch = Batch(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g), -torch.rand(n, generator=g) - 0.5,
+                  torch.randn(n, generator=g), torch.randn(n, generator=g), torch.randn(n, generator=g),
+                  torch.rand(n, generator=g) > 0.2)
+    settings = dict(lr=1e-2, ent_coef=0.01, update_epochs=3, num_minibatches=4)
+    for target_kl, steps in ((None, 12), (0.0, 4)):  # approx_kl > 0 after the first epoch: it stops there
+        learners = [Learner(copy.deepcopy(agent), backend, target_kl=target_kl, **settings) for backend in ("fused", "torch")]
+        means = []
+        for learner in learners:
+            torch.manual_seed(2)  # the same minibatch orders
+            means.append(learner.update(batch))
+        np.testing.assert_allclose(means[0], means[1], rtol=1e-4, atol=1e-6)
+        assert learners[0].fused.step == steps
+        assert all(s["step"] == steps for s in learners[1].optimizer.state_dict()["state"].values())
+        for p, q in zip(learners[0].agent.parameters(), learners[1].agent.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="backend must be fused or torch, got 'jit'"):
+        Learner(agent, "jit")
+    with pytest.raises(ValueError, match="num_minibatches must be an integer >= 1, got 0"):
+        Learner(agent, num_minibatches=0)

@@ -1,17 +1,13 @@
 """Environments for the trainer: EnvPool's batched envs (sync and async), a gymnasium vector-env
-fallback for tasks EnvPool lacks, the env family that picks a preset and a network, and GAE over an
-EnvPool rollout (its next-step auto-reset handled exactly)."""
+fallback for tasks EnvPool lacks, the env family that picks a preset and a network, and what the
+env step boundary needs to know of Atari's episodes. (The rollouts over them are in
+:mod:`fastppo.rollout`.)"""
 
 from __future__ import annotations
 
 import warnings
-from typing import Tuple
 
 import numpy as np
-import torch
-
-import fastppo
-from fastppo.envstep import EnvStepBoundary
 
 
 def _envpool_ids() -> set:
@@ -65,6 +61,8 @@ class GymnasiumVecEnv:
 
 
 def make_env(args, family: str):
+    """The batched environments of ``args`` (its ``env_id``, ``num_envs``, ``seed``, ``env_threads``
+    and ``async_batch_size``): EnvPool's, or gymnasium's vector env for a task EnvPool lacks."""
     if args.env_id not in _envpool_ids():
         if args.async_batch_size is not None:
             raise ValueError(f"--async-batch-size needs an EnvPool task; {args.env_id!r} runs on gymnasium")
@@ -96,82 +94,11 @@ def episode_bookkeeping(family: str, term, trunc, info) -> dict:
     return dict(episode_reward=info["reward"], episode_over=(np.logical_or(term, trunc) & (info["terminated"] == 1)) | trunc)
 
 
-class AsyncRollout:
-    """EnvPool's async mode (``num_envs > batch_size``): each ``recv`` hands back ``B`` of the
-    ``N`` environments, in any order, and each gets its next action by ``send``. A rollout is
-    ``T`` recv/send rounds stored as ``T * B`` slots with their env id; a slot's reward and done
-    arrive with that env's next recv. The last slot of each env in a rollout is still in flight
-    when learning starts: it is masked out and its value bootstraps the env's previous slot (its
-    outcome, arriving in the next rollout, still counts for the episode statistics)."""
+def __getattr__(name: str):
+    # AsyncRollout and rollout_advantages moved to fastppo.rollout (imported here on first use: that
+    # module imports this one).
+    if name in ("AsyncRollout", "rollout_advantages"):
+        from fastppo import rollout
 
-    def __init__(self, envs, boundary: EnvStepBoundary, family: str, T: int, B: int, obs_shape, obs_dtype, device):
-        self.envs, self.boundary, self.family = envs, boundary, family
-        self.T, self.B, self.N, self.device = T, B, boundary.N, device
-        self.obs = np.zeros((T * B,) + tuple(obs_shape), obs_dtype)
-        self.reward = np.zeros(T * B, np.float32)
-        self.done, self.terminated, self.real = (np.zeros(T * B, np.bool_) for _ in range(3))
-        self.env = np.zeros(T * B, np.int64)
-        self.stage = [np.zeros((B,) + tuple(obs_shape), obs_dtype), np.zeros(B, np.float32)] + [
-            np.zeros(B, np.bool_) for _ in range(3)]
-        self.pending = np.full(self.N, -1)  # each env's slot whose outcome has not arrived
-        boundary.previous_done[:] = True  # the reset observations are no transitions
-        envs.async_reset()
-
-    def recv(self, t: int):
-        """One recv: books the outcomes into their slots and opens slots t*B .. t*B+B-1."""
-        raw_obs, reward, term, trunc, info = self.envs.recv()
-        ids = np.asarray(info["env_id"], np.int64)
-        stage_obs, stage_reward, stage_done, stage_term, stage_real = self.stage
-        self.boundary.step(raw_obs, reward, term, trunc, *self.stage, env_ids=ids,
-                           **episode_bookkeeping(self.family, term, trunc, info))
-        slots = self.pending[ids]
-        done_before = slots >= 0
-        for array, values in ((self.reward, stage_reward), (self.done, stage_done), (self.terminated, stage_term),
-                              (self.real, stage_real)):
-            array[slots[done_before]] = values[done_before]
-        new = np.arange(t * self.B, (t + 1) * self.B)
-        self.obs[new] = stage_obs
-        self.env[new] = ids
-        self.real[new] = False  # until the outcome arrives
-        self.pending[ids] = new
-        return ids, new
-
-    def advantages(self, values: torch.Tensor, gamma: float, gae_lambda: float, gae) -> Tuple[torch.Tensor, torch.Tensor]:
-        """GAE per environment over the slots of this rollout: each env's complete slots, in order,
-        right-aligned in an [L, N] layout whose last_value is the value of its in-flight slot."""
-        counts = np.bincount(self.env, minlength=self.N) - 1  # complete slots per env
-        L = max(int(counts.max()), 1)
-        index = np.full((L, self.N), -1)
-        last = np.full(self.N, -1)
-        for e in range(self.N):
-            slots = np.flatnonzero(self.env == e)
-            if len(slots) == 0:
-                continue
-            last[e] = slots[-1]
-            if len(slots) > 1:
-                index[L - len(slots) + 1:, e] = slots[:-1]
-        pad = index < 0
-        idx = torch.as_tensor(np.where(pad, 0, index), device=self.device)
-        padded = torch.as_tensor(pad, device=self.device)
-        take = lambda x: torch.as_tensor(x, device=self.device)[idx]  # noqa: E731
-        last_value = torch.where(torch.as_tensor(last >= 0, device=self.device),
-                                 values[torch.as_tensor(np.maximum(last, 0), device=self.device)], torch.zeros_like(values[:self.N]))
-        # Padding rows are treated like dummy reset steps: they neither bootstrap nor carry a trace.
-        adv, ret = rollout_advantages(take(self.reward).to(values.dtype), values[idx], take(self.done),
-                                      take(self.terminated), take(self.real) & ~padded, last_value, gamma, gae_lambda, gae)
-        flat_adv, flat_ret = torch.zeros_like(values), torch.zeros_like(values)
-        keep = ~padded
-        flat_adv[idx[keep]] = adv[keep]
-        flat_ret[idx[keep]] = ret[keep]
-        return flat_adv, flat_ret
-
-
-
-def rollout_advantages(rewards, values, dones, terminated, real, next_value, gamma, gae_lambda, gae=fastppo.gae):
-    """GAE over an EnvPool rollout ``[T, N]``. A step that is not ``real`` is the dummy reset step
-    after an episode ended: it leads from the final observation to a reset one, so it neither
-    bootstraps nor carries the next episode's advantage back (it is masked out of the loss too).
-    The real step before it bootstraps from ``values`` of the final observation unless it
-    terminated, which is what makes truncation exact."""
-    return gae(rewards, values, dones | ~real, next_value, terminated=terminated | ~real, gamma=gamma,
-               gae_lambda=gae_lambda)
+        return getattr(rollout, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -413,6 +413,19 @@ class FusedActorCritic:
             self.step += 1
         self._plan.update(M, idx, lr, self.step + (0 if apply_step else 1), stats, group, float(group_size), apply_step)
 
+    def update_rows(self, idx: Tensor, lr: float, stats: np.ndarray, group_moments: Optional[Tensor] = None,
+                    group_size: int = 1) -> None:
+        """:meth:`update_at` of a training loop's minibatch: ``idx`` a contiguous int64 slice of an index
+        tensor already checked to lie in the batch, ``stats`` the C-contiguous float64 ``[7]`` row the
+        stats go to. With ``group_moments`` (float64 ``[3]``) the call stops with the gradients in
+        :attr:`grads`, and :meth:`apply_gradients` does the clip and the Adam step after their all-reduce."""
+        self.update_at(idx.numel(), idx.data_ptr(), lr, stats.ctypes.data,
+                       0 if group_moments is None else group_moments.data_ptr(), group_size, group_moments is None)
+
+    def apply_gradients(self, lr: float, stats: np.ndarray) -> None:
+        """:meth:`apply_at`, the grad norm going to ``stats[6]`` of a float64 ``[7]`` row."""
+        self.apply_at(lr, stats.ctypes.data)
+
     def apply_at(self, lr: float, stats: int) -> None:
         """The grad-norm clip (its norm into ``stats[6]``) and the Adam step over :attr:`grads`."""
         self.step += 1

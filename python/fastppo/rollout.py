@@ -1,0 +1,349 @@
+"""Collecting rollouts: one interface, three collectors, each the owner of its rollout storage.
+
+- :class:`SyncFusedCollector`: sync environments, the fused actor-critic; each step is one call into
+  the fused policy (action, log-prob and value written into the rollout, the env's action beside
+  them) and one into the env step boundary, which writes the step's outcome into the storage;
+- :class:`SyncTorchCollector`: sync environments, the torch ``Agent`` (the Atari CNN, a GPU, the
+  eager baseline);
+- :class:`AsyncCollector`: EnvPool's async mode over :class:`AsyncRollout`'s slots.
+
+Each :meth:`~Collector.collect` fills one rollout and :meth:`~Collector.batch` returns its GAE
+advantages and returns with the rest as a :class:`fastppo.learner.Batch`. A collector starts its
+environments, takes their first observations (:meth:`~Collector.start`), or brings them back to a
+checkpoint (:meth:`~Collector.resume`), and says what a checkpoint keeps of them (:meth:`~Collector.state`).
+
+EnvPool resets an environment on the step *after* it ends: that step ignores the action and
+returns the reset observation with reward 0. Those steps are stored like the others and masked out
+of the loss, and because the observation stored after a truncated step is the final observation,
+``fastppo.gae`` bootstraps truncations exactly (``terminated`` apart from ``dones``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+import fastppo
+from fastppo.checkpoint import CheckpointError
+from fastppo.envs import episode_bookkeeping
+from fastppo.envstep import EnvStepBoundary
+from fastppo.learner import Batch
+
+__all__ = ["AsyncCollector", "AsyncRollout", "Collector", "SyncFusedCollector", "SyncTorchCollector",
+           "make_collector", "rollout_advantages"]
+
+
+def rollout_advantages(rewards, values, dones, terminated, real, next_value, gamma, gae_lambda, gae=fastppo.gae):
+    """GAE over an EnvPool rollout ``[T, N]``. A step that is not ``real`` is the dummy reset step
+    after an episode ended: it leads from the final observation to a reset one, so it neither
+    bootstraps nor carries the next episode's advantage back (it is masked out of the loss too).
+    The real step before it bootstraps from ``values`` of the final observation unless it
+    terminated, which is what makes truncation exact."""
+    return gae(rewards, values, dones | ~real, next_value, terminated=terminated | ~real, gamma=gamma,
+               gae_lambda=gae_lambda)
+
+
+class AsyncRollout:
+    """EnvPool's async mode (``num_envs > batch_size``): each ``recv`` hands back ``B`` of the
+    ``N`` environments, in any order, and each gets its next action by ``send``. A rollout is
+    ``T`` recv/send rounds stored as ``T * B`` slots with their env id; a slot's reward and done
+    arrive with that env's next recv. The last slot of each env in a rollout is still in flight
+    when learning starts: it is masked out and its value bootstraps the env's previous slot (its
+    outcome, arriving in the next rollout, still counts for the episode statistics)."""
+
+    def __init__(self, envs, boundary: EnvStepBoundary, family: str, T: int, B: int, obs_shape, obs_dtype, device):
+        self.envs, self.boundary, self.family = envs, boundary, family
+        self.T, self.B, self.N, self.device = T, B, boundary.N, device
+        self.obs = np.zeros((T * B,) + tuple(obs_shape), obs_dtype)
+        self.reward = np.zeros(T * B, np.float32)
+        self.done, self.terminated, self.real = (np.zeros(T * B, np.bool_) for _ in range(3))
+        self.env = np.zeros(T * B, np.int64)
+        self.stage = [np.zeros((B,) + tuple(obs_shape), obs_dtype), np.zeros(B, np.float32)] + [
+            np.zeros(B, np.bool_) for _ in range(3)]
+        self.pending = np.full(self.N, -1)  # each env's slot whose outcome has not arrived
+        boundary.previous_done[:] = True  # the reset observations are no transitions
+        envs.async_reset()
+
+    def recv(self, t: int):
+        """One recv: books the outcomes into their slots and opens slots t*B .. t*B+B-1."""
+        raw_obs, reward, term, trunc, info = self.envs.recv()
+        ids = np.asarray(info["env_id"], np.int64)
+        stage_obs, stage_reward, stage_done, stage_term, stage_real = self.stage
+        self.boundary.step(raw_obs, reward, term, trunc, *self.stage, env_ids=ids,
+                           **episode_bookkeeping(self.family, term, trunc, info))
+        slots = self.pending[ids]
+        done_before = slots >= 0
+        for array, values in ((self.reward, stage_reward), (self.done, stage_done), (self.terminated, stage_term),
+                              (self.real, stage_real)):
+            array[slots[done_before]] = values[done_before]
+        new = np.arange(t * self.B, (t + 1) * self.B)
+        self.obs[new] = stage_obs
+        self.env[new] = ids
+        self.real[new] = False  # until the outcome arrives
+        self.pending[ids] = new
+        return ids, new
+
+    def advantages(self, values: torch.Tensor, gamma: float, gae_lambda: float, gae) -> Tuple[torch.Tensor, torch.Tensor]:
+        """GAE per environment over the slots of this rollout: each env's complete slots, in order,
+        right-aligned in an [L, N] layout whose last_value is the value of its in-flight slot."""
+        counts = np.bincount(self.env, minlength=self.N) - 1  # complete slots per env
+        L = max(int(counts.max()), 1)
+        index = np.full((L, self.N), -1)
+        last = np.full(self.N, -1)
+        for e in range(self.N):
+            slots = np.flatnonzero(self.env == e)
+            if len(slots) == 0:
+                continue
+            last[e] = slots[-1]
+            if len(slots) > 1:
+                index[L - len(slots) + 1:, e] = slots[:-1]
+        pad = index < 0
+        idx = torch.as_tensor(np.where(pad, 0, index), device=self.device)
+        padded = torch.as_tensor(pad, device=self.device)
+        take = lambda x: torch.as_tensor(x, device=self.device)[idx]  # noqa: E731
+        last_value = torch.where(torch.as_tensor(last >= 0, device=self.device),
+                                 values[torch.as_tensor(np.maximum(last, 0), device=self.device)], torch.zeros_like(values[:self.N]))
+        # Padding rows are treated like dummy reset steps: they neither bootstrap nor carry a trace.
+        adv, ret = rollout_advantages(take(self.reward).to(values.dtype), values[idx], take(self.done),
+                                      take(self.terminated), take(self.real) & ~padded, last_value, gamma, gae_lambda, gae)
+        flat_adv, flat_ret = torch.zeros_like(values), torch.zeros_like(values)
+        keep = ~padded
+        flat_adv[idx[keep]] = adv[keep]
+        flat_ret[idx[keep]] = ret[keep]
+        return flat_adv, flat_ret
+
+
+class Collector:
+    """One rank's rollouts: ``T`` steps of ``N`` environments (``T`` recv rounds of ``B`` in async
+    mode) through ``boundary``, the actions from ``agent``. The storage of the policy's outputs
+    (``actions``, ``logprobs``, ``values``) lives on ``device``; ``log_actions`` keeps every action
+    sent, for a resume that replays them (sync environments)."""
+
+    def __init__(self, envs, boundary: EnvStepBoundary, agent, family: str, num_steps: int, device: torch.device,
+                 slots: Tuple[int, ...], log_actions: bool = False):
+        self.envs, self.boundary, self.agent, self.family, self.device = envs, boundary, agent, family, device
+        self.T, self.N = num_steps, boundary.N
+        self.obs_shape, space = tuple(envs.observation_space.shape), envs.action_space
+        self.action_shape, self.continuous = space.shape, len(space.shape) > 0
+        self.batch_size = int(np.prod(slots))
+        self.actions = torch.zeros(slots + self.action_shape, dtype=torch.float32 if self.continuous else torch.int64,
+                                   device=device)
+        self.logprobs = torch.zeros(slots, device=device)
+        self.values = torch.zeros(slots, device=device)
+        self.log_actions, self.action_log = log_actions, []  # one [T, N, ...] array of actions per rollout
+        self.raw_obs = None  # the environments' last observations, as they returned them
+
+    def to_env(self, action: torch.Tensor) -> np.ndarray:
+        """The environments' actions: int32, or float32 clipped to the action space's bounds."""
+        a = action.cpu().numpy()
+        space = self.envs.action_space
+        return np.clip(a, space.low, space.high) if self.continuous else a.astype(np.int32)
+
+    def start(self) -> None:
+        """Takes the environments' first observations (a new run)."""
+
+    def resume(self, checkpoint: dict) -> None:
+        """Continues from a checkpoint of this rank: its normalization statistics and finished
+        episodes, with the environments started afresh (the default)."""
+        self.boundary.load_statistics(checkpoint["boundary"])
+        self.start()
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of the environments (beyond the boundary's state)."""
+        return {}
+
+    def collect(self, timing: Dict[str, float]) -> int:
+        """Fills the rollout storage, adding the seconds spent in the environments and in the policy
+        to ``timing["env"]`` / ``timing["inference"]``; returns the environment steps taken."""
+        raise NotImplementedError
+
+    def batch(self, gamma: float, gae_lambda: float, gae=fastppo.gae, timing: Optional[Dict[str, float]] = None) -> Batch:
+        """The rollout just collected with its advantages and returns (the seconds to
+        ``timing["gae"]``), flattened to rows."""
+        raise NotImplementedError
+
+
+class _SyncCollector(Collector):
+    """Sync environments: a ``[T + 1, N]`` observation storage in host memory (pinned on a GPU run,
+    so the per-step copies are asynchronous) and ``[T, N]`` rewards, dones, terminations and
+    real-step flags, written by the boundary; row ``T``'s observation starts the next rollout."""
+
+    def __init__(self, envs, boundary, agent, family, num_steps, device, log_actions=False):
+        super().__init__(envs, boundary, agent, family, num_steps, device, (num_steps, boundary.N), log_actions)
+        T, N = self.T, self.N
+        self.obs = torch.zeros((T + 1, N) + self.obs_shape, dtype=torch.uint8 if family == "atari" else torch.float32,
+                               pin_memory=device.type == "cuda").numpy()
+        self.reward = np.zeros((T, N), np.float32)
+        self.done, self.terminated, self.real = (np.zeros((T, N), np.bool_) for _ in range(3))
+        self._rolled = False  # whether row T is the next rollout's first observation
+        self.raw_obs, _ = envs.reset()
+
+    def _next_rollout(self) -> None:
+        if self._rolled:
+            self.obs[0] = self.obs[self.T]
+            self._rolled = False
+
+    def _new_env_actions(self) -> np.ndarray:
+        env_actions = np.zeros((self.T, self.N) + self.action_shape, np.float32 if self.continuous else np.int32)
+        if self.log_actions:
+            self.action_log.append(env_actions)
+        return env_actions
+
+    def start(self) -> None:
+        self.boundary.prime(self.raw_obs, self.obs[0])
+
+    def resume(self, checkpoint: dict) -> None:
+        if "actions" not in checkpoint:
+            return super().resume(checkpoint)
+        # A checkpoint with the actions sent so far: the environments, started from the same seeds,
+        # are brought back to it by replaying every one.
+        logged = np.asarray(checkpoint["actions"])
+        for a in logged:
+            self.raw_obs, *_ = self.envs.step(a)
+        if not np.array_equal(np.asarray(self.raw_obs), np.asarray(checkpoint["raw_obs"])):
+            raise CheckpointError(f"replaying {len(logged)} logged steps did not reproduce the environments' state")
+        self.action_log = [np.asarray(logged)]
+        self.boundary.load_state_dict(checkpoint["boundary"])
+        self.obs[0] = checkpoint["next_obs"]
+        self._rolled = False
+
+    def state(self) -> dict:
+        if not self.log_actions:
+            return {}
+        actions = np.concatenate(self.action_log) if self.action_log else np.zeros((0, self.N) + self.action_shape)
+        return dict(actions=actions, raw_obs=np.asarray(self.raw_obs),
+                    next_obs=self.obs[self.T if self._rolled else 0].copy())
+
+    def batch(self, gamma, gae_lambda, gae=fastppo.gae, timing=None) -> Batch:
+        t0 = time.perf_counter()
+        # On the CPU these tensors share the storage; on a GPU they are copied once per rollout.
+        rewards, dones, terminated, real = (torch.from_numpy(x).to(self.device)
+                                            for x in (self.reward, self.done, self.terminated, self.real))
+        obs = torch.from_numpy(self.obs).to(self.device)
+        with torch.no_grad():
+            next_value = self.agent.get_value(obs[self.T])
+            advantages, returns = rollout_advantages(rewards, self.values, dones, terminated, real, next_value,
+                                                     gamma, gae_lambda, gae)
+        if timing is not None:
+            timing["gae"] += time.perf_counter() - t0
+        self._rolled = True
+        return Batch(obs[:self.T].reshape((-1,) + self.obs_shape), self.actions.reshape((-1,) + self.action_shape),
+                     self.logprobs.reshape(-1), advantages.reshape(-1), returns.reshape(-1), self.values.reshape(-1),
+                     real.reshape(-1))
+
+
+class SyncFusedCollector(_SyncCollector):
+    """Sync environments and the fused actor-critic ``fused`` (:class:`fastppo.policy.FusedActorCritic`
+    over ``agent``): a step is one call into the policy and one into the boundary, both writing
+    into the storage bound to them."""
+
+    def __init__(self, envs, boundary, agent, fused, family, num_steps, device, log_actions=False):
+        super().__init__(envs, boundary, agent, family, num_steps, device, log_actions)
+        self.fused = fused
+        if self.continuous:
+            fused.set_action_bounds(envs.action_space.low, envs.action_space.high)
+        boundary.bind_rollout(self.obs, self.reward, self.done, self.terminated, self.real)
+
+    def collect(self, timing):
+        self._next_rollout()
+        # The whole rollout's sampling noise in one call; each step is one call into the fused policy,
+        # which writes the action, log-prob and value into the rollout and the env's action beside them.
+        noise = (torch.randn if self.continuous else torch.rand)((self.T, self.N, self.fused.n_out))
+        env_actions = self._new_env_actions()
+        act_step = self.fused.bind_rollout(self.obs, noise, self.actions, self.logprobs, self.values, env_actions)
+        env_step, step_at, perf_counter = self.envs.step, self.boundary.step_at, time.perf_counter
+        raw_obs = self.raw_obs
+        for step in range(self.T):
+            t0 = perf_counter()
+            act_step(step)
+            t1 = perf_counter()
+            raw_obs, reward, term, trunc, info = env_step(env_actions[step])
+            step_at(step, raw_obs, reward, term, trunc)
+            timing["env"] += perf_counter() - t1
+            timing["inference"] += t1 - t0
+        self.raw_obs = raw_obs
+        return self.T * self.N
+
+
+class SyncTorchCollector(_SyncCollector):
+    """Sync environments and the torch agent: one ``get_action_and_value`` and one boundary step
+    per environment step."""
+
+    def collect(self, timing):
+        self._next_rollout()
+        obs = torch.from_numpy(self.obs)
+        env_actions = self._new_env_actions()
+        perf_counter, boundary = time.perf_counter, self.boundary
+        for step in range(self.T):
+            t0 = perf_counter()
+            with torch.no_grad():
+                action, logprob, _, value = self.agent.get_action_and_value(obs[step].to(self.device, non_blocking=True))
+            self.values[step], self.actions[step], self.logprobs[step] = value, action, logprob
+            env_action = env_actions[step] = self.to_env(action)
+            t1 = perf_counter()
+            self.raw_obs, reward, term, trunc, info = self.envs.step(env_action)
+            boundary.step(self.raw_obs, reward, term, trunc, self.obs[step + 1], self.reward[step], self.done[step],
+                          self.terminated[step], self.real[step], **episode_bookkeeping(self.family, term, trunc, info))
+            timing["env"] += perf_counter() - t1
+            timing["inference"] += t1 - t0
+        return self.T * self.N
+
+
+class AsyncCollector(Collector):
+    """EnvPool's async mode: ``T`` rounds of ``recv`` (``B`` environments' outcomes into
+    :class:`AsyncRollout`'s slots), the torch agent on their observations, ``send``."""
+
+    def __init__(self, envs, boundary, agent, family, num_steps, async_batch_size, device):
+        super().__init__(envs, boundary, agent, family, num_steps, device, (num_steps * async_batch_size,))
+        obs_dtype = np.uint8 if family == "atari" else np.float32
+        self.slots = AsyncRollout(envs, boundary, family, num_steps, async_batch_size, self.obs_shape, obs_dtype, device)
+
+    def resume(self, checkpoint: dict) -> None:
+        self.boundary.load_statistics(checkpoint["boundary"])  # the slots start afresh
+
+    def collect(self, timing):
+        slots_of, steps, perf_counter = self.slots, 0, time.perf_counter
+        slots_of.pending[:] = -1  # outcomes of the last rollout's in-flight slots are not stored
+        for step in range(self.T):
+            t1 = perf_counter()
+            ids, slots = slots_of.recv(step)
+            t0 = perf_counter()
+            timing["env"] += t0 - t1
+            steps += len(ids)
+            obs = torch.from_numpy(slots_of.obs[slots]).to(self.device)
+            with torch.no_grad():
+                action, logprob, _, value = self.agent.get_action_and_value(obs)
+            flat = torch.as_tensor(slots, device=self.device)
+            self.values[flat], self.actions[flat], self.logprobs[flat] = value, action.to(self.actions.dtype), logprob
+            self.envs.send(self.to_env(action), ids.astype(np.int32))
+            timing["inference"] += perf_counter() - t0
+        return steps
+
+    def batch(self, gamma, gae_lambda, gae=fastppo.gae, timing=None) -> Batch:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            advantages, returns = self.slots.advantages(self.values, gamma, gae_lambda, gae)
+        if timing is not None:
+            timing["gae"] += time.perf_counter() - t0
+        return Batch(torch.from_numpy(self.slots.obs).to(self.device), self.actions, self.logprobs, advantages, returns,
+                     self.values, torch.from_numpy(self.slots.real).to(self.device))
+
+
+def make_collector(args, envs, agent, family: str, device: torch.device, fused=None, group=None) -> Collector:
+    """The collector for ``args`` (``fastppo.train.Args``, one rank's share): async mode when
+    ``async_batch_size`` is set, else sync with the fused policy ``fused`` when given, else sync
+    torch; with its env step boundary (the MuJoCo preset's normalization; with a data-parallel
+    ``group`` the statistics are deferred, to be merged over the ranks after each rollout)."""
+    mujoco = family == "mujoco"
+    boundary = EnvStepBoundary(args.num_envs, envs.observation_space.shape, normalize_obs=mujoco,
+                               normalize_reward=mujoco, gamma=args.gamma)
+    if group is not None:
+        boundary.defer_stats()  # the ranks' statistics are merged after each rollout, so all normalize alike
+    if args.async_batch_size is not None:
+        return AsyncCollector(envs, boundary, agent, family, args.num_steps, args.async_batch_size, device)
+    if fused is not None:
+        return SyncFusedCollector(envs, boundary, agent, fused, family, args.num_steps, device, args.resume_replay)
+    return SyncTorchCollector(envs, boundary, agent, family, args.num_steps, device, args.resume_replay)
