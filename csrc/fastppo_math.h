@@ -322,13 +322,16 @@ FASTPPO_HD S whiten(S x, S mean, S inv_std, S shift) {
 // Categorical policy head over logits x (softmax p = exp(x - lse)), streamed through once.
 // Running state of the online softmax (Milakov & Gimelshein 2018), extended with t = sum e^(x-m) x
 // for the entropy: lse = m + log s, H = lse - t / s. A logit of -inf (a masked action) adds
-// nothing, so a row may mix -inf with finite logits; a row of only -inf gives lse = -inf.
+// nothing (e^(x - m) = 0), so a row may mix -inf with finite logits. A row without a distribution
+// comes out as torch.log_softmax gives it: a NaN logit makes s NaN, a +inf one too (e^(x - m) at
+// x = m = +inf is e^NaN), and a row of only -inf leaves s = 0; each gives lse = NaN, so the row's
+// log-probs, entropy and (p = e^(x - NaN)) gradients are NaN.
 
 template <typename S>
 struct SoftmaxState {
-  S m;  // running max (-inf before the first finite logit)
-  S s;  // sum of e^(x - m)
-  S t;  // sum of e^(x - m) * x
+  S m;  // running max (-inf before the first logit above -inf)
+  S s;  // sum of e^(x - m): 0 while every logit is -inf, NaN once one is NaN or +inf
+  S t;  // sum of e^(x - m) * x over the logits with e^(x - m) > 0
 };
 
 template <typename S>
@@ -336,36 +339,40 @@ FASTPPO_HD SoftmaxState<S> softmax_empty() {
   return SoftmaxState<S>{S(-INFINITY), S(0), S(0)};
 }
 
-// Merges two states (also how one logit is added: {x, 1, x}).
+// Merges two states. An empty one (s = 0) changes nothing; a NaN one makes the result NaN.
 template <typename S>
 FASTPPO_HD SoftmaxState<S> softmax_merge(SoftmaxState<S> a, SoftmaxState<S> b) {
-  if (!(b.s > S(0))) return a;
-  if (!(a.s > S(0))) return b;
+  if (b.s == S(0)) return a;
+  if (a.s == S(0)) return b;
   const S m = a.m > b.m ? a.m : b.m;
   const S ea = scalar_exp(a.m - m), eb = scalar_exp(b.m - m);
   return SoftmaxState<S>{m, a.s * ea + b.s * eb, a.t * ea + b.t * eb};
 }
 
+// Adds one logit: the state {x, e^(x - x), x}, with e^(x - x) written as (x - x) + 1: 1 for a
+// finite x, NaN for NaN and +inf as the exp would give. -inf adds nothing.
 template <typename S>
 FASTPPO_HD SoftmaxState<S> softmax_push(SoftmaxState<S> state, S x) {
-  const bool live = x > -finite_max(x);  // -inf adds nothing
-  return live ? softmax_merge(state, SoftmaxState<S>{x, S(1), x}) : state;
+  return x == S(-INFINITY) ? state : softmax_merge(state, SoftmaxState<S>{x, (x - x) + S(1), x});
 }
 
+// NaN where s is 0 or NaN (see above), where a log-sum-exp would give -inf for a row of only -inf.
 template <typename S>
 FASTPPO_HD S softmax_lse(SoftmaxState<S> st) {
-  return st.s > S(0) ? st.m + scalar_log(st.s) : st.m;
+  return st.s > S(0) ? st.m + scalar_log(st.s) : S(NAN);
 }
 
 template <typename S>
 FASTPPO_HD S softmax_entropy(SoftmaxState<S> st) {
-  return st.s > S(0) ? softmax_lse(st) - st.t / st.s : S(0);
+  return softmax_lse(st) - st.t / st.s;
 }
 
 // d/dx_j of (g_logprob * log p_a + g_entropy * H) without the action's own term, given
-// p_j = exp(x_j - lse) (computed by the caller's exp; 0 for a -inf logit) and lse, H of the row:
+// p_j = exp(x_j - lse) (softmax_prob) and lse, H of the row:
 //   -g_logprob * p_j - g_entropy * p_j * (x_j - lse + H);   the action a adds + g_logprob.
-// A -inf logit gets exactly 0 (no 0 * inf).
+// The entropy term of a -inf logit is exactly 0 (p = 0, not 0 * inf). In a row without a
+// distribution p is NaN at every logit, and -g_logprob * p makes each gradient NaN. The select is on
+// x, not on p: GCC merges a select on p with vexp's own selects into a longer loop.
 template <typename S>
 FASTPPO_HD S categorical_grad(S x, S p, S lse, S entropy, S g_logprob, S g_entropy) {
   const bool live = x > -finite_max(x);
@@ -375,11 +382,19 @@ FASTPPO_HD S categorical_grad(S x, S p, S lse, S entropy, S g_logprob, S g_entro
 
 // Gumbel-max sampling: argmax_j (x_j - log(-log u_j)) over uniform u in (0, 1) is a sample of
 // softmax(x). u = 0 (torch.rand can return it) is taken as the smallest positive value; a -inf
-// logit is never chosen.
+// logit is never chosen unless every logit of the row is -inf.
 template <typename S>
 FASTPPO_HD S gumbel_score(S x, S u) {
   const S tiny = sizeof(S) == 4 ? S(1.17549435e-38f) : S(2.2250738585072014e-308);
   return x - scalar_log(-scalar_log(u > tiny ? u : tiny));
+}
+
+// Whether `score` replaces `best`, the largest so far, in an argmax that picks as torch.argmax
+// does: the first NaN, else the first largest (index 0 when every score is -inf). A row without a
+// distribution so still yields an index in range.
+template <typename S>
+FASTPPO_HD bool argmax_takes(S score, S best) {
+  return best == best && !(score <= best);
 }
 
 // exp as a function object, for the element functions that take the caller's exp.
@@ -396,10 +411,11 @@ FASTPPO_HD S categorical_logprob(S x_a, S inv_temperature, S lse) {
   return x_a * inv_temperature - lse;
 }
 
-// p_j = exp(x_j - lse) with the given exp; 0 for a -inf logit.
+// p_j = exp(x_j - lse) with the given exp (which must give exp(-inf) = 0 and exp(NaN) = NaN): 0
+// for a -inf logit where lse is finite; NaN wherever lse is NaN.
 template <typename S, typename Exp>
 FASTPPO_HD S softmax_prob(S x, S lse, Exp exp_fn) {
-  return x > -finite_max(x) ? exp_fn(x - lse) : S(0);
+  return exp_fn(x - lse);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 // The fused policy heads on CUDA. Categorical: one block per row streams the logits once with
 // each thread's online softmax state, then merges the states in a fixed tree (same bits every
 // run); backward writes each logit's gradient from the row's saved lse and entropy. bf16 / f16
-// logits accumulate in float. Diagonal Gaussian: one thread per row; a shared log_std's gradient
-// is summed per chunk of rows and then over chunks in order. Math: fastppo_math.h.
+// logits accumulate in float. Non-finite logits as on the CPU (the softmax state's rules): a row
+// with a NaN or +inf logit, or only -inf ones, is NaN; a masked (-inf) logit has p = 0. Diagonal
+// Gaussian: one thread per row; a shared log_std's gradient is summed per chunk of rows and then
+// over chunks in order. Math: fastppo_math.h.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from fastppo import categorical_logprob_entropy, normal_logprob_entropy
+import fastppo
+from fastppo import categorical_logprob_entropy, categorical_sample, normal_logprob_entropy
+from fastppo.policy import FusedActorCritic
 
 from peers import torch_categorical, torch_normal
+from references import categorical_reference
 
 
 def weighted_grads(logprob, entropy, leaves, seed=0):
@@ -140,6 +148,182 @@ def test_categorical_bad_input(make, error, words):
         assert word in str(info.value), (word, str(info.value))
     with pytest.raises(ValueError, match="temperature"):
         categorical_logprob_entropy(logits, actions, temperature=0.0)
+
+
+# ---------------------------------------------------------------- non-finite logits
+
+INF, NAN = math.inf, math.nan
+
+# The rows that categorical_logprob_entropy's docstring lists, each with the action taken (a
+# column of the row) and whether the row has a distribution.
+NONFINITE_ROWS = [
+    ([0.5, NAN, -1.0, 2.0], 0, False),  # NaN
+    ([0.5, NAN, -1.0, 2.0], 1, False),  # NaN, taken
+    ([0.5, -1.0, INF, 2.0], 0, False),  # +inf
+    ([0.5, -1.0, INF, 2.0], 2, False),  # +inf, taken
+    ([INF, 0.5, INF, -1.0], 1, False),  # two +inf
+    ([-INF, -INF, -INF, -INF], 2, False),  # only -inf
+    ([-INF, NAN, 1.0, -INF], 2, False),  # NaN next to masked actions
+    ([-INF, 1.0, INF, -INF], 1, False),  # +inf next to masked actions
+    ([NAN, INF, 1.0, -INF], 3, False),  # NaN and +inf
+    ([-INF, 0.5, -INF, 2.0], 1, True),  # masked actions
+    ([-INF, 0.5, -INF, 2.0], 0, True),  # a masked action taken: log-prob -inf
+]
+# "A4": the rows as written (the small-action-space path). "A1300-...": the four values at columns
+# spread over the 512-wide blocks of the streaming softmax, the other columns -inf (a block may then
+# hold a NaN or +inf among -inf only) or finite.
+LAYOUTS = ["A4", "A1300-masked", "A1300-finite"]
+
+
+def nonfinite_batch(layout, dtype, device):
+    """The rows above, each followed by a finite row (a row's NaN must not reach the next one):
+    ``[2 * rows, A]`` logits, actions, and the documented rows without a distribution."""
+    A = 4 if layout == "A4" else 1300
+    cols = torch.tensor([0, 1, 2, 3] if A == 4 else [5, 700, 1030, A - 1])
+    g = torch.Generator().manual_seed(A)
+    n = 2 * len(NONFINITE_ROWS)
+    logits = torch.randn(n, A, generator=g, dtype=torch.float64) * 2
+    actions = torch.randint(0, A, (n,), generator=g)
+    for i, (row, action, _) in enumerate(NONFINITE_ROWS):
+        if layout != "A1300-finite":
+            logits[2 * i] = -INF
+        logits[2 * i, cols] = torch.tensor(row, dtype=torch.float64)
+        actions[2 * i] = cols[action]
+    no_distribution = logits.isnan().any(-1) | (logits == INF).any(-1) | (logits == -INF).all(-1)
+    if layout != "A1300-finite":  # (finite columns give the row of -inf a distribution)
+        assert no_distribution[::2].tolist() == [not ok for _, _, ok in NONFINITE_ROWS]
+    return logits.to(dtype=dtype, device=device), actions.to(device), no_distribution
+
+
+def log_softmax_reference(logits, actions, no_distribution, w1, w2):
+    """torch in float64: ``log_softmax(logits)[action]``, ``-sum p log p`` (0 log 0 = 0) and the
+    gradient of ``sum(w1 * logprob + w2 * entropy)``. In a row with a distribution a -inf logit is
+    taken as -1e300 for the gradient (p = 0 there all the same, where autograd through p log p at
+    -inf gives 0 * inf); a row without one keeps its logits."""
+    x = logits.detach().cpu().double()
+    actions = actions.cpu()
+    logprob, entropy = categorical_reference(x, actions)
+    assert torch.equal(entropy.isnan(), no_distribution)  # torch's NaN rows are the documented ones
+    leaf = torch.where(no_distribution[:, None], x, x.clamp(min=-1e300)).requires_grad_()
+    lp, ent = categorical_reference(leaf, actions)
+    (grad,) = torch.autograd.grad((lp * w1 + ent * w2).sum(), leaf)
+    return logprob, entropy, grad
+
+
+@pytest.mark.parametrize("outputs", ["both", "logprob", "entropy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_categorical_nonfinite_logits_as_log_softmax(device, layout, dtype, outputs):
+    """NaN, +inf and only -inf make a row's log-prob, entropy and gradient NaN, as torch's
+    log_softmax does; masked actions next to finite logits keep p = 0 and a zero gradient."""
+    logits, actions, no_distribution = nonfinite_batch(layout, dtype, device)
+    x = logits.clone().requires_grad_()
+    logprob, entropy = categorical_logprob_entropy(x, actions)
+    g = torch.Generator().manual_seed(1)
+    w1, w2 = (torch.randn(logits.shape[0], generator=g, dtype=torch.float64) for _ in range(2))
+    w1, w2 = (w1 if outputs != "entropy" else w1 * 0), (w2 if outputs != "logprob" else w2 * 0)
+    terms = [(out * w.to(out)).sum() for out, w, used in ((logprob, w1, outputs != "entropy"),
+                                                          (entropy, w2, outputs != "logprob")) if used]
+    (grad,) = torch.autograd.grad(sum(terms), x)  # one output alone: the other's gradient is None
+    want_lp, want_ent, want_grad = log_softmax_reference(logits, actions, no_distribution, w1, w2)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logprob.cpu().double(), want_lp, equal_nan=True, **tol)
+    torch.testing.assert_close(entropy.cpu().double(), want_ent, equal_nan=True, **tol)
+    torch.testing.assert_close(grad.cpu().double(), want_grad, equal_nan=True, **tol)
+    assert grad.dtype == dtype
+    # Stated outright: NaN on every row without a distribution, exact zeros at masked logits elsewhere
+    # (but for a taken masked action's own log-prob term).
+    none = no_distribution.to(device)
+    assert logprob[none].isnan().all() and entropy[none].isnan().all() and grad[none].isnan().all()
+    masked = (logits == -INF) & ~none[:, None]
+    if outputs != "entropy":
+        masked[torch.arange(len(actions), device=device), actions] = False
+    assert (grad[masked] == 0).all() and grad[~none].isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_categorical_sample_nonfinite_rows(device, layout, dtype):
+    """A row without a distribution samples torch.argmax's pick (the first NaN, else the first
+    +inf, else 0) on the fused CPU kernel and the torch path alike, with NaN log-prob and entropy;
+    a masked action is never sampled."""
+    logits, _, no_distribution = nonfinite_batch(layout, dtype, device)
+    x = logits.cpu().double()
+    nan, pos_inf = x.isnan(), x == INF
+    want = torch.where(nan.any(-1), nan.int().argmax(-1), torch.where(pos_inf.any(-1), pos_inf.int().argmax(-1), 0))
+    for records in (False, True):  # the fused kernel (CPU), and the torch argmax that autograd takes
+        for seed in range(4):
+            g = torch.Generator(device=device).manual_seed(seed)
+            action, logprob, entropy = categorical_sample(logits.clone().requires_grad_(records), generator=g)
+            action, logprob, entropy = action.cpu(), logprob.detach().cpu(), entropy.detach().cpu()
+            assert torch.equal(action[no_distribution], want[no_distribution])
+            assert logprob[no_distribution].isnan().all() and entropy[no_distribution].isnan().all()
+            ok = ~no_distribution
+            assert (x[ok].gather(-1, action[ok, None]) > -INF).all()  # never a masked action
+            assert logprob[ok].isfinite().all() and entropy[ok].isfinite().all()
+
+
+class LinearActorCritic(nn.Module):
+    """A categorical actor-critic of one Linear each: the actor's bias puts the non-finite values
+    into every row's logits."""
+
+    def __init__(self, obs_dim, n_out):
+        super().__init__()
+        self.actor = nn.Linear(obs_dim, n_out)
+        self.critic = nn.Linear(obs_dim, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("row", [0, 2, 4, 5, 9], ids=["nan", "+inf", "two+inf", "only-inf", "masked"])
+def test_fused_actor_critic_nonfinite_logits(row, dtype):
+    """The fused actor-critic's copy of the head: act samples as torch.argmax and gives
+    log_softmax's log-prob, and an update's loss statistics and gradients (before the clip and
+    Adam step) equal torch's on the same module in float64, NaN for NaN."""
+    bias = NONFINITE_ROWS[row][0]
+    torch.manual_seed(row)
+    module = LinearActorCritic(5, 4).to(dtype)
+    with torch.no_grad():
+        module.actor.bias.copy_(torch.tensor(bias))
+    ref = copy.deepcopy(module).double()
+    fused = FusedActorCritic(module, ent_coef=0.01)
+    g = torch.Generator().manual_seed(0)
+    M = 16
+    obs = torch.randn(M, 5, generator=g, dtype=torch.float64).to(dtype)
+    noise = torch.rand(M, 4, generator=g, dtype=torch.float64).to(dtype)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        out = ref.actor(obs.double())
+    no_distribution = NONFINITE_ROWS[row][2] is False
+    for u in (None, noise):
+        action, logprob, _ = fused.act(obs, u)
+        scores = out if u is None else out - torch.log(-torch.log(u.double()))
+        assert torch.equal(action, scores.argmax(-1))
+        want = torch.log_softmax(out, -1).gather(-1, action[:, None])[:, 0]
+        torch.testing.assert_close(logprob.double(), want, equal_nan=True, **tol)
+        assert logprob.isnan().all() == no_distribution
+
+    # One update on the batch acted on (a masked action is never in it), its step left undone.
+    old_logprob = (logprob.double() - 0.3).nan_to_num(-1.0)
+    adv, ret, old_value = (torch.randn(M, generator=g, dtype=torch.float64) for _ in range(3))
+    batch = [t.to(dtype).contiguous() for t in (old_logprob, adv, ret, old_value)]
+    fused.set_batch(obs, action, batch[0], batch[1], batch[2], batch[3])
+    idx = torch.arange(M)
+    stats = np.zeros(7)
+    fused.update_at(M, idx.data_ptr(), 1e-3, stats.ctypes.data, apply_step=False)
+    out = ref.actor(obs.double())
+    leaf_out = out if no_distribution else out.clamp(min=-1e300)  # see log_softmax_reference
+    lp, ent = categorical_reference(leaf_out, action)
+    res = fastppo.ppo_loss(lp, old_logprob, adv, ref.critic(obs.double()).squeeze(-1), old_value, ret, ent,
+                           clip_coef=0.2, vf_coef=0.5, ent_coef=0.01, clip_vloss=True, vf_clip_coef=0.2)
+    res.loss.backward()
+    for i, name in enumerate(("pg_loss", "v_loss", "entropy")):
+        torch.testing.assert_close(torch.tensor(stats[i]), getattr(res, name).double(), equal_nan=True, **tol)
+    for (name, p), q in zip(module.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.double(), q.grad, equal_nan=True, **tol, msg=lambda m: f"d {name}: {m}")
+    if no_distribution:
+        assert module.actor.bias.grad.isnan().all() and module.critic.bias.grad.isfinite().all()
+    else:  # the masked actions' logits get no gradient
+        assert (module.actor.bias.grad[[0, 2]] == 0).all() and (module.actor.weight.grad[[0, 2]] == 0).all()
 
 
 # ---------------------------------------------------------------- diagonal Gaussian

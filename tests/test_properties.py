@@ -26,8 +26,8 @@ entropy is differentiated. ppo_loss takes the clipped branch where the ratio ove
 element is computed from are finite; where one is NaN the loss is NaN and the value of its
 gradient a convention (torch's max passes the whole gradient to both sides of a comparison with
 NaN, the kernel half of it), so there only an unselected element's zero gradient is required.
-One known difference in the compiled kernels is a strict xfail below: a NaN or +inf logit is
-skipped like a masked action by the categorical head.
+The categorical head gives a row with a NaN or +inf logit, or only -inf logits, NaN as
+log_softmax does (documented).
 
 Error budgets: an output may differ from the reference by K * eps(dtype) times a bound on the
 magnitudes that enter it (as flash-attention bounds low-precision error rather than hand-tuning
@@ -827,11 +827,6 @@ def check_categorical(device: str, data, defect: str | None) -> None:
         assert_matches(got, want, scatter_to_base(logits_arg, np.broadcast_to(per_element, shape)), "gradient of logits")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the heads' streaming softmax (softmax_push and softmax_prob in csrc/fastppo_math.h, the row max in "
-    "heads_cpu_loops.inc) skips any logit that is not > -FLT_MAX, so a NaN logit is ignored like a masked (-inf) "
-    "action: its row's log-probs and entropy come out finite instead of NaN (a +inf logit gives -inf log-probs and "
-    "entropy 0, a row of only -inf logits entropy 0, where log_softmax gives NaN)"))
 @settings(PROPERTY, max_examples=40)
 @given(row=st.lists(st.sampled_from((0.0, 1.5, -2.0, -math.inf, math.inf, math.nan)), min_size=1, max_size=5),
        action=st.integers(0, 4), dtype=st.sampled_from(FLOATS))

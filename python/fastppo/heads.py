@@ -150,6 +150,20 @@ def categorical_logprob_entropy(logits: Tensor, actions: Tensor, temperature: fl
     so memory beyond the inputs and ``grad_logits`` is O(rows). An action out of range raises
     ``IndexError`` on CPU; on CUDA (where checking would sync with the host) that row's log-prob
     and entropy are NaN and its gradient 0.
+
+    Non-finite logits, row by row (after dividing by ``temperature``):
+
+    - ``-inf`` next to at least one finite logit (a masked action): probability 0, log-prob
+      ``-inf`` if it is the action taken, nothing added to the entropy, and gradient 0 at that
+      logit (but for the taken action's own log-prob term, as in ``log_softmax``), where
+      ``torch.distributions.Categorical``'s entropy gradient is NaN on the whole row.
+    - a NaN logit, a ``+inf`` logit (one or more), or only ``-inf`` logits: the row has no
+      distribution, and its log-prob, entropy and gradient at every logit are NaN, which is what
+      ``torch.log_softmax`` gives (its max subtraction makes ``inf - inf`` or ``-inf - -inf``) and
+      ``-(p * log_softmax).sum(-1)`` with ``p = exp(log_softmax)`` on it. (``Categorical`` refuses
+      such logits when it validates its arguments.)
+
+    The CPU and CUDA paths give the same NaN rows and the same masked zeros.
     """
     fn = "fastppo.categorical_logprob_entropy"
     _check_logits(fn, logits)
@@ -192,6 +206,13 @@ def categorical_sample(logits: Tensor, temperature: float = 1.0,
     and the entropy (on CUDA the argmax is a torch op, then the fused head). When autograd records
     (``logits.requires_grad``), ``logprob`` and ``entropy`` are differentiable w.r.t. ``logits``
     exactly as from :func:`categorical_logprob_entropy`.
+
+    A masked action (a ``-inf`` logit next to a finite one) is never sampled. A row without a
+    distribution (a NaN or ``+inf`` logit, or only ``-inf`` logits), which
+    ``torch.distributions.Categorical`` refuses, still gets an index in ``[0, A)``, whatever the
+    noise and on every path: the argmax is ``torch.argmax``'s, so the first NaN logit, else the
+    first ``+inf`` one, else 0 for a row of only ``-inf``; its log-prob and entropy are NaN (see
+    :func:`categorical_logprob_entropy`), which marks the row downstream.
     """
     fn = "fastppo.categorical_sample"
     _check_logits(fn, logits)
