@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import fastppo
 from fastppo.distributed import Group
 from fastppo.envstep import EnvStepBoundary
+from fastppo.learner import Batch, Learner
 from fastppo.policy import FusedActorCritic
 
 
@@ -39,10 +39,10 @@ def params_hash(params) -> str:
 
 def record_updates(hashes: list) -> None:
     """Appends the parameters' hash after every optimizer step, on either backend."""
-    apply_at, adam_step = FusedActorCritic.apply_at, torch.optim.Adam.step
+    apply_gradients, adam_step = FusedActorCritic.apply_gradients, torch.optim.Adam.step
 
     def fused_apply(self, *a, **k):
-        apply_at(self, *a, **k)
+        apply_gradients(self, *a, **k)
         hashes.append(params_hash([self.params]))
 
     def torch_step(self, *a, **k):
@@ -50,12 +50,12 @@ def record_updates(hashes: list) -> None:
         hashes.append(params_hash([p for g in self.param_groups for p in g["params"]]))
         return out
 
-    FusedActorCritic.apply_at, torch.optim.Adam.step = fused_apply, torch_step
+    FusedActorCritic.apply_gradients, torch.optim.Adam.step = fused_apply, torch_step
 
 
 def update_problem(seed: int = 0, rows: int = 64, obs_dim: int = 4):
     """A batch of ``2 * rows`` transitions (the two ranks' halves) for CleanRL's CartPole agent."""
-    from fastppo.train import Agent
+    from fastppo.agent import Agent
 
     class Space:
         n, shape = 2, ()
@@ -73,30 +73,13 @@ def update_problem(seed: int = 0, rows: int = 64, obs_dim: int = 4):
 
 def one_update(agent, batch, idx, backend: str, group=None, moments=None) -> list:
     """One minibatch update (lr 1e-2, CleanRL's loss settings) on rows ``idx`` of ``batch``."""
-    K = 1 if group is None else group.size
+    learner = Learner(agent, backend, lr=1e-2, eps=1e-5, max_grad_norm=0.5, clip_coef=0.2, vf_coef=0.5, ent_coef=0.01,
+                      clip_vloss=True, norm_adv=True, group=group)
+    learner.set_batch(Batch(batch["obs"], batch["actions"], batch["logprobs"], batch["advantages"], batch["returns"],
+                            batch["values"], batch["real"]))
+    learner.minibatch(idx, group_moments=moments)
     if backend == "fused":
-        fused = FusedActorCritic(agent, lr=1e-2, eps=1e-5, max_grad_norm=0.5, clip_coef=0.2, vf_coef=0.5,
-                                 ent_coef=0.01, clip_vloss=True, norm_adv=True)
-        fused.set_batch(batch["obs"], batch["actions"], batch["logprobs"], batch["advantages"], batch["returns"],
-                        batch["values"], batch["real"])
-        stats = np.zeros(7)
-        if group is None:
-            fused.update(idx, stats=stats)
-        else:
-            fused.update_at(len(idx), idx.data_ptr(), 1e-2, stats.ctypes.data, moments.data_ptr(), K, apply_step=False)
-            group.average_([fused.grads])
-            fused.apply_at(1e-2, stats.ctypes.data)
-        return [fused.params.clone()]
-    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-2, eps=1e-5)
-    _, logprob, entropy, value = agent.get_action_and_value(batch["obs"][idx], batch["actions"][idx])
-    extra = {} if group is None else dict(group_moments=moments, group_size=K)
-    out = fastppo.ppo_loss(logprob, batch["logprobs"][idx], batch["advantages"][idx], value, batch["values"][idx],
-                           batch["returns"][idx], entropy, mask=batch["real"][idx], ent_coef=0.01, **extra)
-    out.loss.backward()
-    if group is not None:
-        group.average_([p.grad for p in agent.parameters()])
-    torch.nn.utils.clip_grad_norm_(agent.parameters(), 0.5)
-    optimizer.step()
+        return [learner.fused.params.clone()]
     return [p.detach().clone() for p in agent.parameters()]
 
 

@@ -1,8 +1,9 @@
 """fastppo.policy: the fused MLP and the fused actor-critic against the same computation in torch.
 
 Every reference is eager torch: ``seq(x)`` for :func:`fused_mlp` (in float64), and for
-:class:`FusedActorCritic` the torch training step it replaces: the module's forward, fastppo's
-heads and ``ppo_loss``, ``loss.backward()``, ``clip_grad_norm_`` and ``torch.optim.Adam``.
+:class:`FusedActorCritic` the torch training step it replaces, ``fastppo.learner.Learner``'s torch
+backend: the module's forward, fastppo's heads and ``ppo_loss``, ``loss.backward()``,
+``clip_grad_norm_`` and ``torch.optim.Adam``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 
 import fastppo
+from fastppo.learner import Batch as LearnerBatch
+from fastppo.learner import Learner
 from fastppo.policy import FusedActorCritic, NotFusable, fused_mlp, mlp_layers
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
@@ -266,6 +269,11 @@ class ActorCritic(nn.Module):
         h = self.trunk(obs) if self.shared else obs
         return self.actor(h), self.critic(h).squeeze(-1)
 
+    def get_action_and_value(self, obs, actions):
+        """fastppo.train.Agent's interface, as fastppo.learner.Learner calls it."""
+        out, value = self(obs)
+        return (actions, *self.heads(out, actions), value)
+
     def heads(self, out, actions):
         if self.continuous:  # the shared [D] log-std, as train.py's Agent passes it (see test_expanded_log_std_head)
             return fastppo.normal_logprob_entropy(out, self.actor_logstd, actions)
@@ -314,31 +322,22 @@ def make_batch(module, B, seed=0, mask_p=None) -> Batch:
                  value + randn(B), value + randn(B, scale=0.3), mask)
 
 
-def torch_update(module, optimizer, batch: Batch, idx, opts: dict):
-    """The torch path of one minibatch update; returns (stats [6], grad norm before clipping)."""
-    out, value = module(batch.obs[idx])
-    logprob, entropy = module.heads(out, batch.actions[idx])
-    res = fastppo.ppo_loss(
-        logprob, batch.logprobs[idx], batch.advantages[idx], value, batch.values[idx], batch.returns[idx], entropy,
-        mask=None if batch.mask is None else batch.mask[idx], clip_coef=opts["clip_coef"], vf_coef=opts["vf_coef"],
-        ent_coef=opts["ent_coef"], clip_vloss=opts["clip_vloss"], vf_clip_coef=opts["vf_clip_coef"],
-        norm_adv=opts["norm_adv"],
-    )
-    optimizer.zero_grad()
-    res.loss.backward()
-    norm = nn.utils.clip_grad_norm_(list(module.parameters()), opts["max_grad_norm"])
-    optimizer.step()
-    return [float(x) for x in res[1:]], float(norm)
+def torch_update(learner: Learner, batch: Batch, idx, lr=None):
+    """The torch path of one minibatch update, fastppo.learner.Learner's (the module's forward and
+    heads, fastppo.ppo_loss, backward, clip_grad_norm_, torch.optim.Adam); returns (stats [6], grad
+    norm before clipping)."""
+    learner.set_batch(LearnerBatch(*batch.tensors()))
+    stats = learner.minibatch(idx, lr)
+    return stats[:6].tolist(), float(stats[6])
 
 
 def fused_and_reference(module, **opts):
-    """(FusedActorCritic on `module`, a deep copy of the module as it was, its torch Adam, opts)."""
+    """(FusedActorCritic on `module`, a deep copy of the module as it was, a torch Learner of it, opts)."""
     opts = dict(dict(lr=3e-4, max_grad_norm=0.5, clip_coef=0.2, vf_coef=0.5, ent_coef=0.01, clip_vloss=True,
                      vf_clip_coef=None, norm_adv=True), **opts)
     ref = copy.deepcopy(module)
     fused = FusedActorCritic(module, **opts)
-    optimizer = torch.optim.Adam(ref.parameters(), lr=opts["lr"], betas=opts.get("betas", (0.9, 0.999)), eps=1e-5)
-    return fused, ref, optimizer, opts
+    return fused, ref, Learner(ref, "torch", eps=1e-5, **opts), opts
 
 
 def assert_same_parameters(module, ref, tol, what=""):
@@ -422,13 +421,13 @@ def test_update_matches_torch(case: UpdateCase):
                          **(case.widths or {}))
     batch = make_batch(module, B, seed=case.n_out, mask_p={None: None, "random": 0.7, "edge": 0.4}[case.mask])
     opts = dict(clip_vloss=case.clip_vloss, norm_adv=case.norm_adv, max_grad_norm=case.max_grad_norm)
-    fused, ref, optimizer, opts = fused_and_reference(module, **opts, **(case.extra or {}))
+    fused, ref, learner, opts = fused_and_reference(module, **opts, **(case.extra or {}))
     fused.set_batch(*batch.tensors())
     tol = TOL[case.dtype]
     clipped = []
     for k, idx in enumerate(minibatches(case, batch, seed=case.M + 1)):
         stats = fused.update(idx)
-        want_stats, want_norm = torch_update(ref, optimizer, batch, idx, opts)
+        want_stats, want_norm = torch_update(learner, batch, idx)
         assert stats.dtype == np.float64 and stats.shape == (7,)
         for name, a, b in zip(("pg_loss", "v_loss", "entropy", "approx_kl", "old_approx_kl", "clipfrac"),
                               stats[:6], want_stats):
@@ -452,14 +451,13 @@ def test_update_lr_argument_and_zero_grad_step_moves_parameters():
     batch = make_batch(module, 256, seed=2)
     batch.mask = torch.ones(256, dtype=torch.bool)
     batch.mask[128:] = False
-    fused, ref, optimizer, opts = fused_and_reference(module, lr=1e-3)
+    fused, ref, learner, opts = fused_and_reference(module, lr=1e-3)
     fused.set_batch(*batch.tensors())
     schedule = [(torch.arange(0, 64), 2e-3), (torch.arange(128, 192), 5e-4), (torch.arange(64, 128), None)]
     for k, (idx, lr) in enumerate(schedule):
         before = fused.params.clone()
         stats = fused.update(idx, lr=lr)
-        optimizer.param_groups[0]["lr"] = opts["lr"] if lr is None else lr
-        torch_update(ref, optimizer, batch, idx, opts)
+        torch_update(learner, batch, idx, opts["lr"] if lr is None else lr)
         assert_same_parameters(module, ref, 1e-9, f"update {k}: ")
         assert not torch.equal(before, fused.params)
         if k == 1:
@@ -483,17 +481,19 @@ class LinearPolicy(nn.Module):
     def heads(self, out, actions):
         return fastppo.categorical_logprob_entropy(out, actions)
 
+    get_action_and_value = ActorCritic.get_action_and_value
+
 
 def test_update_linear_policy():
     torch.manual_seed(0)
     module = LinearPolicy(9, 4).double()
     batch = make_batch(module, 500, seed=1)
-    fused, ref, optimizer, opts = fused_and_reference(module)
+    fused, ref, learner, opts = fused_and_reference(module)
     fused.set_batch(*batch.tensors())
     for k in range(3):
         idx = torch.randperm(500)[:200]
         stats = fused.update(idx)
-        want_stats, want_norm = torch_update(ref, optimizer, batch, idx, opts)
+        want_stats, want_norm = torch_update(learner, batch, idx)
         close(stats, want_stats + [want_norm], 1e-9, f"update {k}: stats")
         assert_same_parameters(module, ref, 1e-9, f"update {k}: ")
     close(fused.act(batch.obs[:7])[2], ref(batch.obs[:7])[1].detach(), 1e-9)
@@ -503,7 +503,7 @@ def test_train_agent_is_fusable():
     """train.py's Agent for vector observations (trunk = nn.Identity) runs fused and steps like torch."""
     import gymnasium as gym
 
-    from fastppo.train import Agent
+    from fastppo.agent import Agent
 
     for space in (gym.spaces.Discrete(3), gym.spaces.Box(-1.0, 1.0, (2,), np.float32)):
         torch.manual_seed(0)
@@ -634,7 +634,7 @@ def test_act_after_update_and_after_refresh(continuous, shared):
     """act_at (no refresh of its own) uses the weights of the last update; after load_state_dict
     from outside, refresh() brings it up to date."""
     module = make_module(8, 5, continuous, torch.float64, shared=shared, seed=3)
-    fused, ref, optimizer, opts = fused_and_reference(module, lr=0.05)  # large steps: visible changes
+    fused, ref, learner, opts = fused_and_reference(module, lr=0.05)  # large steps: visible changes
     batch = make_batch(module, 512, seed=4)
     fused.set_batch(*batch.tensors())
     obs = torch.randn(97, 8, dtype=torch.float64)
@@ -643,7 +643,7 @@ def test_act_after_update_and_after_refresh(continuous, shared):
     for k in range(2):
         idx = torch.randperm(512)[:128]
         fused.update(idx)
-        torch_update(ref, optimizer, batch, idx, opts)
+        torch_update(learner, batch, idx)
         check_act_at(fused, ref, obs, noise, 1e-9, f"after update {k}")
         check_act_at(fused, module, obs, None, 1e-9, f"after update {k}, greedy")
     assert (act_at(fused, obs, noise)[2] - before).abs().max() > 1e-3
@@ -777,7 +777,7 @@ def test_actor_critic_not_fusable(make, words):
 def test_train_atari_agent_not_fusable():
     import gymnasium as gym
 
-    from fastppo.train import Agent
+    from fastppo.agent import Agent
 
     with pytest.raises(NotFusable, match="Conv2d"):
         FusedActorCritic(Agent((4, 84, 84), gym.spaces.Discrete(6), "atari"))
@@ -961,17 +961,47 @@ def test_update_after_parameters_changed_from_outside(continuous):
     """The forward pass of an update reads a transposed copy of the weights; update() refreshes it,
     so parameters changed by the caller between updates are the ones that are trained."""
     module = make_module(5, 3, continuous, torch.float64)
-    fused, ref, optimizer, opts = fused_and_reference(module)
+    fused, ref, learner, opts = fused_and_reference(module)
     batch = make_batch(module, 256, seed=4)
     fused.set_batch(*batch.tensors())
     idx = torch.arange(64)
     fused.update(idx)
-    torch_update(ref, optimizer, batch, idx, opts)
+    torch_update(learner, batch, idx)
     with torch.no_grad():  # the same outside change on both sides
         for p, q in zip(module.parameters(), ref.parameters()):
             p.mul_(1.5)
             q.mul_(1.5)
     stats = fused.update(idx + 64)
-    want, _ = torch_update(ref, optimizer, batch, idx + 64, opts)
+    want, _ = torch_update(learner, batch, idx + 64)
     close(stats[:6], want, 1e-9, "stats after an outside change")
     assert_same_parameters(module, ref, 1e-9, "after an outside change")
+
+
+# ------------------------------------------------------------------ a training loop's calls
+
+
+def test_update_rows_and_apply_gradients_equal_update():
+    """update_rows on slices of an index tensor, writing into rows of a stats array (the trainer's
+    call), makes update()'s step; with group moments it stops before the step, and
+    apply_gradients() completes it."""
+    module = make_module(6, 3, False, torch.float64, seed=7)
+    twin = copy.deepcopy(module)
+    batch = make_batch(module, 256, seed=8, mask_p=0.7)
+    rows, checked = FusedActorCritic(module, lr=1e-2), FusedActorCritic(twin, lr=1e-2)
+    rows.set_batch(*batch.tensors())
+    checked.set_batch(*batch.tensors())
+    order, stats = torch.randperm(256), np.zeros((3, 7))
+    rows.update_rows(order[:64], 1e-2, stats[0])
+    np.testing.assert_array_equal(stats[0], checked.update(order[:64].clone()))
+    rows.update_rows(order[64:128], 1e-2, stats[1])
+    np.testing.assert_array_equal(stats[1], checked.update(order[64:128].clone()))
+    assert torch.equal(rows.params, checked.params) and rows.step == 2
+    idx = order[128:192]
+    sel = batch.advantages[idx][batch.mask[idx]]
+    moments = torch.stack([sel.new_tensor(float(sel.numel())), sel.mean(), ((sel - sel.mean()) ** 2).sum()])
+    before = rows.params.clone()
+    rows.update_rows(idx, 1e-2, stats[2], moments, 1)
+    assert torch.equal(rows.params, before) and rows.step == 2  # gradients only
+    rows.apply_gradients(1e-2, stats[2])
+    close(stats[2], checked.update(idx.clone()), 1e-12, "stats")
+    close(rows.params, checked.params, 1e-12, "parameters")

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..heads import categorical_logprob_entropy
+from ..learner import apply_gradients
 from ..loss import ppo_loss
 from .kernels import KL_ESTIMATORS, kl_penalty_rewards, masked_mean, masked_whiten, token_gae
 from .models import ScalarHeadModel, disable_dropout, hidden_size, lm_forward
@@ -300,7 +301,15 @@ class PPOTrainer:
     def update(self, batch: Rollout, orders: Optional[list] = None) -> Dict[str, list]:
         """The PPO epochs over ``batch``: shuffled minibatches (``orders``: each epoch's order of the
         batch's rows instead), micro-batches accumulating gradients, one optimizer step per
-        minibatch (after the gradients' mean over the group's ranks). Returns the per-micro-batch stats."""
+        minibatch (after the gradients' mean over the group's ranks). Returns the per-micro-batch stats.
+
+        The optimizer step is fastppo.learner's (``apply_gradients``); the loop around it is not
+        ``fastppo.learner.Learner``'s because token-level PPO's update differs from it: gradients
+        accumulate over micro-batches of sequences (``[B, R]`` tokens), the advantages were whitened
+        over the whole batch at rollout time (no per-minibatch normalization), each rank's loss means
+        are its own (its gradients are averaged, FSDP's sharded ones by backward itself), the order
+        comes from the trainer's generator, and each micro-batch adds the value clip fraction and
+        the ratio to the metrics."""
         cfg = self.config
         Lq = batch.query.shape[1]
         minibatch = cfg.batch_size // cfg.num_minibatches
@@ -332,10 +341,8 @@ class PPOTrainer:
                     for key, value in (("approxkl", out.approx_kl), ("clipfrac", out.clipfrac), ("pg", out.pg_loss),
                                        ("vf", out.v_loss), ("entropy", out.entropy)):
                         sums[key].append(value)
-                if self.group is not None and self._replicated:
-                    self.group.average_([p.grad for p in self._replicated if p.grad is not None])
-                nn.utils.clip_grad_norm_(self.trainable_parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
+                apply_gradients(self.optimizer, self.trainable_parameters(), cfg.max_grad_norm, self.group,
+                                averaged=self._replicated)
         self.policy.eval()
         return sums
 
