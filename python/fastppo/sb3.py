@@ -85,6 +85,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.utils import explained_variance
 
 import fastppo
+from fastppo.learner import apply_gradients
 
 __all__ = ["PPO", "RolloutBuffer", "DictRolloutBuffer", "fused_evaluator"]
 
@@ -223,7 +224,12 @@ class PPO(_SB3PPO):
 
     def train(self) -> None:
         """One PPO update over the collected rollout: ``n_epochs`` passes of shuffled minibatches,
-        stopped early by ``target_kl``; logs SB3's ``train/*`` keys."""
+        stopped early by ``target_kl``; logs SB3's ``train/*`` keys.
+
+        The optimizer step is fastppo.learner's (``apply_gradients``: clip, step); the loop around
+        it is SB3's, not ``fastppo.learner.Learner``'s, because SB3's update differs from it: the
+        minibatches are the buffer's, the value clip is on the prediction, ``target_kl`` is checked
+        at 1.5x before each step (not after an epoch), and the stats are SB3's."""
         policy = self.policy
         policy.set_training_mode(True)
         self._update_learning_rate(policy.optimizer)
@@ -252,8 +258,7 @@ class PPO(_SB3PPO):
                     break
                 policy.optimizer.zero_grad()
                 out.loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), self.max_grad_norm)
-                policy.optimizer.step()
+                apply_gradients(policy.optimizer, policy.parameters(), self.max_grad_norm)
             self._n_updates += 1  # SB3 counts epochs, the one cut short included
             if stop:
                 break
