@@ -516,3 +516,21 @@ def test_learner_backends_make_the_same_update_and_target_kl_stops_after_an_epoc
         Learner(agent, "jit")
     with pytest.raises(ValueError, match="num_minibatches must be an integer >= 1, got 0"):
         Learner(agent, num_minibatches=0)
+
+
+def test_names_stay_importable_from_where_they_were():
+    import fastppo.envs
+    from fastppo import agent, config, learner, rollout, runs
+
+    for name in ("Args", "PRESETS", "FAST_PRESET_TASKS", "FromPreset", "resolve", "rank_share", "train_device",
+                 "policy_backend"):
+        assert getattr(T, name) is getattr(config, name), name
+    for name in ("Agent", "Kernels", "layer_init"):
+        assert getattr(T, name) is getattr(agent, name), name
+    for name in ("keep_log_until", "resume_state", "saved_args", "check_resumed_settings", "PLACE_SETTINGS"):
+        assert getattr(T, name) is getattr(runs, name), name
+    assert T.UPDATE_STATS is learner.UPDATE_STATS
+    assert fastppo.envs.AsyncRollout is rollout.AsyncRollout
+    assert fastppo.envs.rollout_advantages is rollout.rollout_advantages
+    with pytest.raises(AttributeError, match="no attribute 'Missing'"):
+        fastppo.envs.Missing  # noqa: B018

@@ -99,8 +99,8 @@ class Learner:
             from fastppo.policy import FusedActorCritic
 
             self.fused = FusedActorCritic(agent, lr=lr, betas=betas, eps=eps, max_grad_norm=max_grad_norm,
-                                          vf_clip_coef=vf_clip_coef, **{k: v for k, v in self.loss_options.items()
-                                                                        if k != "vf_clip_coef"})
+                                          clip_coef=clip_coef, vf_coef=vf_coef, ent_coef=ent_coef, clip_vloss=clip_vloss,
+                                          vf_clip_coef=vf_clip_coef, norm_adv=norm_adv)
         else:
             self.optimizer = torch.optim.Adam(agent.parameters(), lr=lr, betas=betas, eps=eps)
         self._batch: Optional[Batch] = None
@@ -149,8 +149,7 @@ class Learner:
                 return self.fused.update(idx, lr=lr, stats=stats)
             self._fused_step(idx.contiguous(), lr, stats, group_moments)
             return stats
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self._set_lr(lr)
         out, norm = self._torch_step(idx, group_moments)
         stats[:6] = torch.stack([getattr(out, name) for name in UPDATE_STATS]).tolist()
         stats[6] = float(norm)
@@ -204,9 +203,12 @@ class Learner:
         out.loss.backward()
         return out, apply_gradients(self.optimizer, self.agent.parameters(), self.max_grad_norm, self.group)
 
-    def _torch_epochs(self, lr: float) -> List[float]:
+    def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+
+    def _torch_epochs(self, lr: float) -> List[float]:
+        self._set_lr(lr)
         n = self._batch.obs.shape[0]
         size = n // self.num_minibatches
         stats = []
