@@ -170,6 +170,7 @@ def main(kind: str, out_dir: str, *args: str) -> None:
             trainer.group = group
         trainer.update(type(full)(*(x[rows] for x in full)), orders=[torch.arange(half)])
         torch.save(dict(params=trained_params(trainer)), out / f"rank{group.rank}.pt")
+        del trainer, full  # FSDP's modules hold the group: close() ends it only once they are gone
     elif kind == "update":
         backend = args[0]
         agent, batch = update_problem()

@@ -104,6 +104,10 @@ group = Group("cpu")
 torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))])  # imports torch.distributed.nn (through torch._dynamo)
 for _ in range(20):
     group.sum([1.0])
+model = group.shard(torch.nn.Linear(2, 2))
+model(torch.ones(1, 2)).sum().backward()
+[p.full_tensor() for p in model.parameters()]  # torch's DTensor caches now hold the mesh
+del model
 assert gloo_threads(), "gloo started no thread: nothing to check"
 group.close()
 assert not gloo_threads(), gloo_threads()
@@ -114,9 +118,10 @@ assert not gloo_threads(), gloo_threads()
 def test_close_ends_the_group_and_its_threads():
     """After ``Group.close()`` no gloo thread is left for the interpreter's shutdown, where one that
     drops its last collective's tensor takes the GIL, is ended by pthread_exit and aborts the process
-    ("terminate called without an active exception"): an optimizer made once the group exists
-    (its constructor imports torch.distributed.nn, whose default arguments hold the group they see)
-    must not keep the group alive."""
+    ("terminate called without an active exception"). Neither an optimizer made once the group
+    exists (its constructor imports torch.distributed.nn, whose default arguments hold the group they
+    see) nor a model sharded over it (torch's DTensor caches keep its device mesh, which holds the
+    group) may keep the group alive."""
     package_root = str(Path(fastppo.__file__).resolve().parents[1])
     env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()), PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))

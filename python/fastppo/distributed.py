@@ -18,6 +18,7 @@ environment) nothing here is used.
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any, List, Optional, Sequence
 
@@ -63,6 +64,7 @@ class Group:
             torch.cuda.set_device(self.local_rank)
         self.device = torch.device("cuda", self.local_rank) if device_type == "cuda" else torch.device("cpu")
         self._owns = not dist.is_initialized()
+        self._mesh = None  # FSDP's device mesh, made by the first shard()
         if self._owns:
             dist.init_process_group(self.backend, rank=self.rank, world_size=self.size)
 
@@ -72,8 +74,16 @@ class Group:
         return self.rank == 0
 
     def close(self) -> None:
+        """Ends the group (when this Group began it) and with it gloo's threads, which must not outlive
+        it into the interpreter's shutdown (see the import of torch.distributed.nn above)."""
         if self._owns and dist.is_initialized():
+            gc.collect()  # sharded modules dropped by the caller hold the group in reference cycles
             dist.destroy_process_group()
+            if self._mesh is not None:
+                # torch's DTensor caches (redistribution plans, mesh topologies) keep a mesh for the
+                # life of the process, and the mesh keeps its process groups: it lets go of ours.
+                getattr(self._mesh, "_pg_registry", {}).clear()
+                self._mesh = None
 
     # ------------------------------------------------------------------ collectives
 
@@ -154,13 +164,16 @@ class Group:
         across the ranks, gathered per unit for its forward and backward, and their gradients are
         reduce-scattered (averaged over the ranks) by backward itself. ``methods``: the module's
         methods other than ``forward`` that run it (they gather its parameters too)."""
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+        if self._mesh is None:  # one mesh for every module, which close() can let go of
+            self._mesh = init_device_mesh(self.device.type, (self.size,))
         for child in list(module.modules()):
             if isinstance(child, torch.nn.ModuleList):
                 for block in child:
-                    fully_shard(block)
-        fully_shard(module)
+                    fully_shard(block, mesh=self._mesh)
+        fully_shard(module, mesh=self._mesh)
         for name in methods:
             register_fsdp_forward_method(module, name)
         return module
