@@ -443,6 +443,7 @@ def test_async_rollout_advantages_follow_each_env():
         assert not rollout.real[slots[-1]]  # in flight: masked out
 
 
+@pytest.mark.learning
 def test_async_mode_trains(tmp_path):
     summary = run(tmp_path, env_id="CartPole-v1", num_envs=8, async_batch_size=4, total_timesteps=50_000, device="cpu")
     assert summary["global_step"] >= 49_000
