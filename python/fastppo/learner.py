@@ -179,15 +179,12 @@ class Learner:
         n = self._batch.obs.shape[0]
         size = n // self.num_minibatches
         stats = np.zeros((self.update_epochs * self.num_minibatches, len(UPDATE_STATS) + 1))
-        update_rows, done = self.fused.update_rows, 0
+        done = 0
         for _ in range(self.update_epochs):
             order = torch.randperm(n)
             moments = self._minibatch_moments(order)
             for i, start in enumerate(range(0, n, size)):
-                if moments is None:  # the common case, called straight
-                    update_rows(order[start:start + size], lr, stats[done])
-                else:
-                    self._fused_step(order[start:start + size], lr, stats[done], moments[i])
+                self._fused_step(order[start:start + size], lr, stats[done], None if moments is None else moments[i])
                 done += 1
             if self.target_kl is not None and self._group_mean(stats[done - 1, _APPROX_KL]) > self.target_kl:
                 break
