@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import pytest
 
 import fastppo
-from fastppo.checkpoint import checkpoint_kind, load_checkpoint, read_checkpoint
+from fastppo.checkpoint import checkpoint_kind, load_checkpoint, read_checkpoint, save_checkpoint
 
 pytest.importorskip("envpool")
 
@@ -345,6 +345,41 @@ def test_rlhf_refuses_train_checkpoints_and_other_settings(rlhf_run, tmp_path, c
     assert "--batch-size 8 (asked: 16)" in err
     err = resume_rlhf(run_dir, capsys, "--preset", "digits-hf")
     assert "stages.pt is from a digits run (seed 1); this run asks for a digits-hf run (seed 1)" in err
+
+
+def test_rlhf_run_saved_under_the_old_setting_names_resumes(rlhf_run, tmp_path, capsys):
+    """A run saved when PPOConfig said cliprange, cliprange_value and lam (TRL's names) resumes, and
+    its settings are compared with the asked ones as clip_coef, vf_clip_coef and gae_lambda."""
+    old_names = {"clip_coef": "cliprange", "vf_clip_coef": "cliprange_value", "gae_lambda": "lam"}
+
+    def with_old_names(settings: dict) -> dict:
+        assert old_names.keys() <= settings.keys()
+        return {old_names.get(name, name): value for name, value in settings.items()}
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(rlhf_run, run_dir)
+    ckpt, stages = run_dir / "kl" / "checkpoint.pt", run_dir / "stages.pt"
+    state = read_checkpoint(ckpt)
+    state["settings"] = with_old_names(state["settings"])
+    state["trainer"]["config"] = with_old_names(state["trainer"]["config"])
+    save_checkpoint(ckpt, state)
+    saved_stages = read_checkpoint(stages)
+    saved_stages["args"]["ppo"] = with_old_names(saved_stages["args"]["ppo"])
+    save_checkpoint(stages, saved_stages)
+    args = json.loads((run_dir / "args.json").read_text())
+    (run_dir / "args.json").write_text(json.dumps({**args, "ppo": with_old_names(args["ppo"])}, indent=1))
+
+    err = resume_rlhf(run_dir, capsys, "--iterations", "3", "--clip-coef", "0.1")
+    assert "with other settings than asked: --clip-coef 0.2 (asked: 0.1)" in err  # the same setting under both names
+    with pytest.warns(DeprecationWarning, match="fastppo rlhf's flag --lam is renamed --gae-lambda"):
+        err = resume_rlhf(run_dir, capsys, "--iterations", "3", "--lam", "0.9")
+    assert "--gae-lambda 0.95 (asked: 0.9)" in err
+    assert rlhf_main(["--run-dir", str(run_dir), "--resume"] + TINY_RLHF + ["--iterations", "3"]) == 0
+    assert "kl: resumed after iteration 2" in capsys.readouterr().out
+    state = read_checkpoint(ckpt)
+    assert state["iteration"] == 3 and state["settings"]["clip_coef"] == 0.2 and "cliprange" not in state["settings"]
+    lines = (run_dir / "kl" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3]
 
 
 def test_rlhf_full_disk_keeps_the_previous_checkpoint(rlhf_run, tmp_path, monkeypatch, capsys):

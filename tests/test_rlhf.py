@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import tyro
 
 from fastppo import categorical_logprob_entropy
 from fastppo.rlhf import (AdaptiveKLController, PPOConfig, PPOTrainer, ScalarHeadModel, TinyGPT, bradley_terry_loss,
@@ -148,6 +149,49 @@ def test_config_rejects_bad_values():
         PPOConfig(kl_estimator="k4").validate()
     with pytest.raises(ValueError, match="temperature"):
         PPOConfig(temperature=0).validate()
+    with pytest.raises(ValueError, match="PPOConfig.vf_clip_coef must be > 0, got 0"):
+        PPOConfig(vf_clip_coef=0).validate()
+    with pytest.raises(ValueError, match="PPOConfig.gae_lambda must be in"):
+        PPOConfig(gae_lambda=1.5).validate()
+
+
+OLD_NAMES = [("cliprange", "clip_coef"), ("cliprange_value", "vf_clip_coef"), ("lam", "gae_lambda")]
+
+
+@pytest.mark.parametrize("old,new", OLD_NAMES)
+def test_config_old_names_warn_and_set_the_new_fields(old, new):
+    with pytest.warns(DeprecationWarning, match=f"fastppo.rlhf.PPOConfig's keyword {old} is renamed {new}") as caught:
+        config = PPOConfig(**{old: 0.125})
+    assert caught[0].filename == __file__  # the warning points at the call
+    assert getattr(config, new) == 0.125 != getattr(PPOConfig(), new)  # the new field is set, not left at its default
+    assert config == PPOConfig(**{new: 0.125})
+    with pytest.warns(DeprecationWarning, match=f"fastppo.rlhf.PPOConfig.{old} is renamed {new}"):
+        assert getattr(config, old) == 0.125  # TRL's attribute reads the field
+    with pytest.warns(DeprecationWarning, match=f"fastppo.rlhf.PPOConfig.{old} is renamed {new}"):
+        setattr(config, old, 0.25)
+    assert getattr(config, new) == 0.25
+    assert old not in dataclasses.asdict(config) and old not in PPOConfig.__dataclass_fields__  # an alias, not a field
+    with pytest.raises(TypeError, match=f"fastppo.rlhf.PPOConfig: got both {old}= and {new}="):
+        PPOConfig(**{old: 0.125, new: 0.125})
+
+
+@pytest.mark.parametrize("old,new", OLD_NAMES)
+def test_cli_old_flags_warn_and_set_the_new_settings(old, new, capsys):
+    old_flag, new_flag = "--" + old.replace("_", "-"), "--" + new.replace("_", "-")
+
+    def parse(argv):  # as fastppo rlhf parses its flags
+        return tyro.cli(R.RLHFArgs, args=R.renamed_flags(argv), config=(tyro.conf.DisallowNone,))
+
+    with pytest.warns(DeprecationWarning, match=f"fastppo rlhf's flag {old_flag} is renamed {new_flag}"):
+        args = parse(["--seed", "3", old_flag, "0.125"])
+    assert getattr(args.ppo, new) == 0.125 and args.seed == 3
+    with pytest.warns(DeprecationWarning, match=f"fastppo rlhf's flag {old_flag} is renamed {new_flag}"):
+        assert getattr(parse([f"--{old}=0.25"]).ppo, new) == 0.25  # also as --flag=value, with underscores
+    assert getattr(parse([new_flag, "0.5"]).ppo, new) == 0.5  # and no warning (warnings are errors in the tests)
+    with pytest.raises(ValueError, match=f"got both {old_flag} and {new_flag}"):
+        R.renamed_flags([old_flag, "0.1", f"{new_flag}=0.1"])
+    assert R.main([old_flag, "0.1", new_flag, "0.1"]) == 2  # both: an error naming both, before anything runs
+    assert f"error: got both {old_flag} and {new_flag}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -207,6 +251,8 @@ def test_cli_help_and_bad_flags():
     assert "--kl-coef" in help_text and "beta of the per-token KL penalty" in help_text
     assert "--no-compare-kl-off" in help_text and "--kl-target FLOAT" in help_text and "--ppo." not in help_text
     assert "--ppo-epochs INT" in help_text and "--no-whiten-rewards" in help_text  # every PPOConfig field is a flag
+    assert "--clip-coef FLOAT" in help_text and "--vf-clip-coef FLOAT" in help_text and "--gae-lambda FLOAT" in help_text
+    assert "cliprange" in help_text and "--cliprange" not in help_text  # TRL's name is documented, not a flag of its own
     bad = subprocess.run([sys.executable, "-m", "fastppo", "rlhf", "--preset", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--preset" in bad.stderr
 

@@ -10,7 +10,7 @@ One iteration:
    first update's ratio is exactly 1;
 4. KL estimate per token and shaped rewards ``-beta * kl`` + score at the last real token
    (:func:`~fastppo.rlhf.kl_penalty_rewards`), beta fixed or adapted to a KL target;
-5. GAE over the response tokens (gamma 1, lam 0.95; :func:`~fastppo.rlhf.token_gae`), then masked
+5. GAE over the response tokens (gamma 1, gae_lambda 0.95; :func:`~fastppo.rlhf.token_gae`), then masked
    whitening of the advantages (:func:`~fastppo.rlhf.masked_whiten`);
 6. epochs x minibatches x micro-batches of the fused token-level PPO loss
    (:func:`fastppo.ppo_loss`: clipped surrogate, clipped value loss, masked token means).
@@ -28,6 +28,7 @@ from typing import Callable, Dict, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from .._deprecation import renamed_keywords, warn_renamed
 from ..heads import categorical_logprob_entropy
 from ..learner import apply_gradients
 from ..loss import ppo_loss
@@ -35,9 +36,43 @@ from .kernels import KL_ESTIMATORS, kl_penalty_rewards, masked_mean, masked_whit
 from .models import ScalarHeadModel, disable_dropout, hidden_size, lm_forward
 
 
+# PPOConfig's old field names (TRL's, for the clip ranges) and their names now: the constructor, the
+# attributes and fastppo rlhf's flags take the old ones this release, with a DeprecationWarning, and
+# a checkpoint's settings saved under them are read as the new ones.
+RENAMED = {"cliprange": "clip_coef", "cliprange_value": "vf_clip_coef", "lam": "gae_lambda"}
+
+
+def _alias(old: str) -> property:
+    """``PPOConfig.<old>``: reads and writes the field's new name, with a DeprecationWarning."""
+    new = RENAMED[old]
+
+    def get(self):
+        warn_renamed(f"fastppo.rlhf.PPOConfig.{old}", new)
+        return getattr(self, new)
+
+    def set(self, value):
+        warn_renamed(f"fastppo.rlhf.PPOConfig.{old}", new)
+        setattr(self, new, value)
+
+    return property(get, set, doc=f"the old name of {new} (deprecated)")
+
+
+def current_settings(settings: dict) -> dict:
+    """``settings`` (a saved run's, by field name) with PPOConfig's old names read as the new ones."""
+    return {RENAMED.get(name, name): value for name, value in settings.items()}
+
+
 @dataclass
 class PPOConfig:
-    """Settings of token-level PPO (defaults follow common RLHF practice, scaled to small models)."""
+    """Settings of token-level PPO (defaults follow common RLHF practice, scaled to small models).
+
+    The names are those of ``fastppo train`` and :func:`fastppo.ppo_loss` (``clip_coef``,
+    ``vf_clip_coef``, ``gae_lambda``). TRL's PPOConfig calls the first two ``cliprange`` and
+    ``cliprange_value``; they, and ``lam`` (this class's name of ``gae_lambda`` before), are
+    accepted as aliases this release, as constructor keywords, attributes and ``fastppo rlhf``
+    flags, with a DeprecationWarning naming the new name. Giving an alias together with its new
+    name is a TypeError naming both (see :data:`RENAMED`).
+    """
 
     batch_size: int = 64
     """prompts (and responses) per iteration"""
@@ -67,18 +102,18 @@ class PPOConfig:
     """horizon of the adaptive KL controller, in sequences"""
     missing_eos_penalty: Optional[float] = 1.0
     """subtracted from the score of a response that never emitted EOS (None or 0: no penalty)"""
-    cliprange: float = 0.2
-    """clip range of the policy ratio"""
-    cliprange_value: float = 0.2
-    """clip range of the value update"""
+    clip_coef: float = 0.2
+    """clip range of the policy ratio (TRL's cliprange, a deprecated alias here)"""
+    vf_clip_coef: float = 0.2
+    """clip range of the value update (TRL's cliprange_value, a deprecated alias here)"""
     vf_coef: float = 0.1
     """weight of the value loss"""
     ent_coef: float = 0.0
     """weight of the entropy bonus"""
     gamma: float = 1.0
     """discount over response tokens"""
-    lam: float = 0.95
-    """GAE lambda"""
+    gae_lambda: float = 0.95
+    """GAE lambda over response tokens (TRL's lam, a deprecated alias here)"""
     whiten_rewards: bool = False
     """whiten the shaped rewards (keeping their mean) before GAE"""
 
@@ -102,8 +137,20 @@ class PPOConfig:
         need(self.kl_clamp is None or self.kl_clamp > 0, "kl_clamp", "None or > 0")
         need(self.kl_target is None or self.kl_target > 0, "kl_target", "None or > 0")
         need(self.kl_horizon >= 1, "kl_horizon", ">= 1")
-        need(self.cliprange > 0 and self.cliprange_value > 0, "cliprange", "> 0 (and cliprange_value too)")
-        need(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "in [0, 1] (and lam too)")
+        need(self.clip_coef > 0, "clip_coef", "> 0")
+        need(self.vf_clip_coef > 0, "vf_clip_coef", "> 0")
+        need(0 <= self.gamma <= 1, "gamma", "in [0, 1]")
+        need(0 <= self.gae_lambda <= 1, "gae_lambda", "in [0, 1]")
+
+    # TRL's names of the clip ranges and the old name of gae_lambda (not fields: aliases that warn).
+    cliprange = _alias("cliprange")
+    cliprange_value = _alias("cliprange_value")
+    lam = _alias("lam")
+
+
+# The constructor takes the old names too (a dataclass's __init__ is made by @dataclass, so it is
+# wrapped here): each warns and sets its field; an old name with its new one is a TypeError.
+PPOConfig.__init__ = renamed_keywords("fastppo.rlhf.PPOConfig", **RENAMED)(PPOConfig.__init__)  # type: ignore[method-assign]
 
 
 class Rollout(NamedTuple):
@@ -279,7 +326,7 @@ class PPOTrainer:
         shaped = kl_penalty_rewards(logprob, ref_logprob, response_mask, scores, beta=self.beta,
                                     estimator=cfg.kl_estimator, kl_clamp=cfg.kl_clamp)
         rewards = self._whiten(shaped.rewards, response_mask, shift_mean=False) if cfg.whiten_rewards else shaped.rewards
-        adv, ret = token_gae(rewards, value, shaped.last_index, cfg.gamma, cfg.lam)
+        adv, ret = token_gae(rewards, value, shaped.last_index, cfg.gamma, cfg.gae_lambda)
         adv = self._whiten(adv, response_mask)
         return Rollout(query, sequence, mask, response, response_mask, has_eos, logprob, ref_logprob, value, scores,
                        shaped.kl, shaped.rewards, adv, ret)
@@ -328,14 +375,14 @@ class PPOTrainer:
                     out = ppo_loss(
                         new_logprob, batch.logprob[idx], batch.advantages[idx], new_value=values.to(new_logprob.dtype),
                         old_value=batch.values[idx], returns=batch.returns[idx], entropy=entropy, mask=mask,
-                        clip_coef=cfg.cliprange, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef, clip_vloss=True,
-                        vf_clip_coef=cfg.cliprange_value, norm_adv=False,
+                        clip_coef=cfg.clip_coef, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef, clip_vloss=True,
+                        vf_clip_coef=cfg.vf_clip_coef, norm_adv=False,
                     )
                     (out.loss * (cfg.micro_batch_size / minibatch)).backward()
                     with torch.no_grad():
                         logratio = torch.where(mask, new_logprob - batch.logprob[idx], new_logprob.new_zeros(()))
                         old_v, ret = batch.values[idx], batch.returns[idx]
-                        clipped = old_v + (values - old_v).clamp(-cfg.cliprange_value, cfg.cliprange_value)
+                        clipped = old_v + (values - old_v).clamp(-cfg.vf_clip_coef, cfg.vf_clip_coef)
                         sums["vf_clipfrac"].append(masked_mean(((clipped - ret) ** 2 > (values - ret) ** 2).to(ret.dtype), mask))
                         sums["ratio"].append(masked_mean(logratio.exp(), mask))
                     for key, value in (("approxkl", out.approx_kl), ("clipfrac", out.clipfrac), ("pg", out.pg_loss),

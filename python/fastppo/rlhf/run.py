@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Optional
@@ -27,12 +28,13 @@ import torch
 import tyro
 
 from .. import runs
+from .._deprecation import warn_renamed
 from ..checkpoint import CheckpointError, checkpoint_kind, describe, read_checkpoint, save_checkpoint
 from ..distributed import Group, in_torchrun
 from ..progress import Progress
 from . import digits as D
 from .models import ScalarHeadModel, frozen_copy
-from .ppo import PPOConfig, PPOTrainer
+from .ppo import RENAMED, PPOConfig, PPOTrainer, current_settings
 
 
 @dataclass
@@ -162,7 +164,9 @@ def read_ppo_checkpoint(path: Path, args: RLHFArgs, world_size: int) -> dict:
         raise CheckpointError(f"checkpoint {path} is {describe(state, path)}, not the checkpoint of a fastppo rlhf PPO run")
     runs.check_world_size(state, world_size, path)
     if "settings" in state:  # written before they were recorded: not checked
-        _check_settings(path, state["settings"], run_settings(args))
+        # A run saved before PPOConfig's renames holds cliprange, cliprange_value and lam: the same
+        # settings as clip_coef, vf_clip_coef and gae_lambda.
+        _check_settings(path, current_settings(state["settings"]), run_settings(args))
     return state
 
 
@@ -311,8 +315,37 @@ def plot(run_dir: Path, runs: dict, sft_gold: float) -> Optional[Path]:
     return path
 
 
+def renamed_flags(argv: list) -> list:
+    """``argv`` with PPOConfig's old flags (``--cliprange``, ``--cliprange-value``, ``--lam``, also
+    as ``--flag=value``) given as their new names, each with a DeprecationWarning naming the new
+    one; an old flag together with its new one is a ValueError naming both."""
+    renamed = {f"--{old}".replace("_", "-"): f"--{new}".replace("_", "-") for old, new in RENAMED.items()}
+    flags = [arg.partition("=")[0].replace("_", "-") if arg.startswith("--") else None for arg in argv]
+    out = []
+    for arg, flag in zip(argv, flags):
+        new = renamed.get(flag)
+        if new is None:
+            out.append(arg)
+            continue
+        if new in flags:
+            raise ValueError(f"got both {flag} and {new}; {flag} is the old name of {new}, pass {new} only")
+        warn_renamed(f"fastppo rlhf's flag {flag}", new)
+        _, equals, value = arg.partition("=")
+        out.append(new + equals + value)
+    return out
+
+
 def main(argv=None) -> int:
-    """``fastppo rlhf``: a flag per ``RLHFArgs`` field."""
+    """``fastppo rlhf``: a flag per ``RLHFArgs`` field (PPOConfig's old flags still work this release)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with warnings.catch_warnings():
+        if not sys.warnoptions:  # a command line's user sees its DeprecationWarnings (hidden by default)
+            warnings.simplefilter("default", DeprecationWarning)
+        try:
+            argv = renamed_flags(argv)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     args = tyro.cli(RLHFArgs, args=argv, prog="fastppo rlhf", config=(tyro.conf.DisallowNone,),
                     description="The whole RLHF story on the offline digits task, with checkpoints and resume.")
     world_size = int(os.environ["WORLD_SIZE"]) if in_torchrun() else 1
