@@ -3,12 +3,14 @@ responses, PPO updates it, and a per-token KL penalty against a frozen reference
 to what it knew.
 
 - kernels: :func:`kl_penalty_rewards`, :func:`masked_whiten`, :func:`token_gae`, :func:`masked_mean`
+- critic-free advantages: :func:`group_advantages` (GRPO, Dr. GRPO, RLOO over groups of responses)
 - models: :class:`TinyGPT`, :class:`ScalarHeadModel` (reward and value models), :func:`lm_forward`
   (also any transformers causal LM), :func:`bradley_terry_loss`, :func:`frozen_copy`
 - the loop: :class:`PPOConfig`, :class:`PPOTrainer`, :func:`generate`, :func:`truncate_after_eos`
 - the offline demo and CLI: ``fastppo rlhf`` (:mod:`fastppo.rlhf.run`, task in :mod:`fastppo.rlhf.digits`)
 """
 
+from .group import group_advantages
 from .kernels import ShapedRewards, kl_penalty_rewards, masked_mean, masked_whiten, token_gae
 from .models import (GPTConfig, ScalarHeadModel, TinyGPT, bradley_terry_loss, frozen_copy, lm_forward,
                      position_ids_from_mask)
@@ -16,6 +18,6 @@ from .ppo import AdaptiveKLController, PPOConfig, PPOTrainer, Rollout, generate,
 
 __all__ = [
     "AdaptiveKLController", "GPTConfig", "PPOConfig", "PPOTrainer", "Rollout", "ScalarHeadModel", "ShapedRewards",
-    "TinyGPT", "bradley_terry_loss", "frozen_copy", "generate", "kl_penalty_rewards", "lm_forward", "masked_mean",
-    "masked_whiten", "position_ids_from_mask", "token_gae", "truncate_after_eos",
+    "TinyGPT", "bradley_terry_loss", "frozen_copy", "generate", "group_advantages", "kl_penalty_rewards",
+    "lm_forward", "masked_mean", "masked_whiten", "position_ids_from_mask", "token_gae", "truncate_after_eos",
 ]
