@@ -1,9 +1,9 @@
 """fastppo: Proximal Policy Optimization with fused C++/CUDA kernels.
 
-Public API: :func:`gae` (numpy or torch), :func:`ppo_loss`, :func:`categorical_logprob_entropy`
-and :func:`normal_logprob_entropy` (torch); :func:`cuda_available` and
-:func:`build_info` describe the compiled core. The torch-only parts are imported on first use,
-so ``import fastppo`` never imports torch.
+Public API: :func:`gae` (numpy or torch), :func:`ppo_loss`, :func:`categorical_logprob_entropy`,
+:func:`normal_logprob_entropy`, :func:`linear_logprob_entropy` and :func:`linear_ppo_loss`
+(torch); :func:`cuda_available` and :func:`build_info` describe the compiled core. The torch-only
+parts are imported on first use, so ``import fastppo`` never imports torch.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ __all__ = [
     "categorical_sample",
     "cuda_available",
     "gae",
+    "linear_logprob_entropy",
+    "linear_ppo_loss",
     "normal_logprob_entropy",
     "ppo_loss",
 ]
@@ -31,6 +33,8 @@ _TORCH_ONLY = {
     "categorical_logprob_entropy": "heads",
     "categorical_sample": "heads",
     "normal_logprob_entropy": "heads",
+    "linear_logprob_entropy": "linear",
+    "linear_ppo_loss": "linear",
 }
 
 
