@@ -493,7 +493,8 @@ def test_linear_ppo_loss_flat_tokens_and_bf16():
         assert float((g.double() - r).abs().max()) <= 0.05 * float(r.abs().max())
 
 
-COMPILE_OPTIONS = [dict(agg="seq-mean-token-mean"), dict(agg="token-mean", chunk=5), dict(clip_coef_high=0.28),
+COMPILE_OPTIONS = [dict(agg="seq-mean-token-mean"), dict(agg="token-mean", chunk=5), dict(agg="seq-mean-token-sum", chunk=4),
+                   dict(clip_coef_high=0.28),
                    dict(ratio_level="sequence"), dict(kl_coef=0.05, kl_estimator="k3", ref_logprob=True),
                    dict(is_weights=True, agg="seq-mean-token-sum-norm")]
 
@@ -536,3 +537,16 @@ def test_linear_ppo_loss_refuses_value_inputs():
         linear_ppo_loss(hidden, weight, targets, old[:1], adv)
     with pytest.raises(TypeError, match="advantages"):
         linear_ppo_loss(hidden, weight, targets, old, adv.long())
+
+
+def test_linear_ppo_loss_passes_other_options_to_ppo_loss():
+    """An option the one pass does not know (group_moments here) takes the two-phase path, equal to the
+    logits path; ppo_loss's own checks name a bad option."""
+    hidden, weight, targets, bias, mask, old, adv = loss_inputs(3, 5, 4, 29, seed=6)
+    chosen = adv[mask]
+    moments = torch.stack([torch.tensor(float(chosen.numel() * 2)), chosen.mean() + 0.1,
+                           chosen.var(unbiased=False) * chosen.numel() * 2]).double()
+    assert_matches_logits_path(dict(group_moments=moments, group_size=2, ent_coef=0.01), B=3, T=5, H=4, V=29,
+                               chunk=4, seed=6)
+    with pytest.raises(ValueError, match="clip_coef"):
+        linear_ppo_loss(hidden, weight, targets, old, adv, clip_coef=-1.0)
