@@ -82,5 +82,5 @@ PYBIND11_MODULE(_C, m) {
   fastppo::bind::bind_heads(m);
   fastppo::bind::bind_rlhf(m);
   fastppo::bind::bind_env_step(m);
-  fastppo::bind::bind_mlp(m);
+  fastppo::bind::bind_actor_critic(m);
 }

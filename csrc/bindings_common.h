@@ -134,6 +134,6 @@ void bind_loss(py::module_& m);
 void bind_heads(py::module_& m);
 void bind_rlhf(py::module_& m);
 void bind_env_step(py::module_& m);
-void bind_mlp(py::module_& m);
+void bind_actor_critic(py::module_& m);
 
 }  // namespace fastppo::bind

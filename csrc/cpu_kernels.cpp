@@ -16,7 +16,7 @@
 #include "fastppo_omp.h"
 #include "gae.h"
 #include "heads.h"
-#include "mlp.h"
+#include "actor_critic.h"
 #include "ppo_loss.h"
 #include "rlhf.h"
 

@@ -106,7 +106,7 @@ class EnvStepper:
         self, t: int, obs: np.ndarray, reward: np.ndarray, terminated: np.ndarray, truncated: np.ndarray,
     ) -> int: ...
 
-# The fused actor-critic (csrc/bindings_mlp.cpp). A layer is
+# The fused actor-critic (csrc/bindings_actor_critic.cpp). A layer is
 # (weight, bias, grad_weight, grad_bias, in_features, out_features); addresses are ints, 0 = none.
 _Layer = tuple[int, int, int, int, int, int]
 

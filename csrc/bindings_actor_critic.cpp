@@ -1,4 +1,4 @@
-// Bindings of the fused actor-critic (mlp.h): mlp_forward / mlp_backward for an autograd op, and
+// Bindings of the fused actor-critic (actor_critic.h): mlp_forward / mlp_backward for an autograd op, and
 // ActorCriticPlan, which holds the network's layout and parameter addresses so that the trainer's
 // per-step and per-minibatch calls pass only a few integers. Addresses are Python ints (torch's
 // data_ptr(), numpy's ctypes.data); python/fastppo/policy.py checks shapes, dtypes and devices.
@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "bindings_common.h"
-#include "mlp.h"
+#include "actor_critic.h"
 
 namespace fastppo::bind {
 namespace {
@@ -232,7 +232,7 @@ class ActorCriticPlan {
 
 }  // namespace
 
-void bind_mlp(py::module_& m) {
+void bind_actor_critic(py::module_& m) {
   m.def("mlp_forward", &mlp_forward, py::arg("dtype"), py::arg("layers"), py::arg("activation"),
         py::arg("last_linear"), py::arg("rows"), py::arg("x"), py::arg("ldx"), py::arg("saved"),
         "Forward of a Linear/activation stack on the CPU; every layer's output lands in `saved`.");
