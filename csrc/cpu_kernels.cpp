@@ -10,12 +10,14 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_isa_regions.h"
 #include "fastppo_omp.h"
 #include "gae.h"
 #include "heads.h"
+#include "lowp.h"
 #include "mlp.h"
 #include "ppo_loss.h"
 #include "rlhf.h"
