@@ -38,16 +38,22 @@ CategoricalArgs categorical_args(int64_t rows, int64_t A, const std::string& dty
   return a;
 }
 
+// stats: [2, rows] contiguous, in the accumulation type (float for bf16 / f16 logits): the
+// log-sum-exp and the entropy of each row, written by forward and read by backward.
+void set_stats(CategoricalArgs& a, const py::object& stats) {
+  char* base = static_cast<char*>(address(stats));
+  a.lse = base;
+  a.entropy_acc = base + a.rows * (a.dtype == kF64 ? sizeof(double) : sizeof(float));
+}
+
 void categorical_forward(int64_t rows, int64_t A, const std::string& dtype, Strided2 logits, Strided1 actions,
                          const std::string& actions_dtype, double temperature, py::object logprob, py::object entropy,
-                         py::object lse, int device, std::uintptr_t stream) {
+                         py::object stats, int device, std::uintptr_t stream) {
   CategoricalArgs a = categorical_args(rows, A, dtype, logits, actions, actions_dtype, temperature);
   a.logprob = address(logprob);
   a.entropy = address(entropy);
-  a.lse = address(lse);
+  set_stats(a, stats);
   if (rows == 0) return;
-  if (device < 0 && a.dtype != kF32 && a.dtype != kF64)
-    throw py::type_error("fastppo._C.categorical: bfloat16 / float16 logits run on CUDA only");
   if (device < 0) {
     const int64_t bad = categorical_check_actions_cpu(a);
     if (bad >= 0) throw py::index_error("fastppo._C.categorical: row " + std::to_string(bad) + " has an action out of range");
@@ -59,14 +65,12 @@ void categorical_forward(int64_t rows, int64_t A, const std::string& dtype, Stri
 // Gumbel-max sample per row (CPU), then the forward pass on the sampled actions: one call.
 void categorical_sample(int64_t rows, int64_t A, const std::string& dtype, Strided2 logits, std::uintptr_t noise,
                         int64_t noise_sr, double temperature, std::uintptr_t actions, py::object logprob,
-                        py::object entropy, py::object lse) {
+                        py::object entropy, py::object stats) {
   CategoricalArgs a = categorical_args(rows, A, dtype, logits, Strided1{py::int_(actions), 1}, "int64", temperature);
   a.logprob = address(logprob);
   a.entropy = address(entropy);
-  a.lse = address(lse);
+  set_stats(a, stats);
   if (rows == 0) return;
-  if (a.dtype != kF32 && a.dtype != kF64)
-    throw py::type_error("fastppo._C.categorical_sample: logits must be float32 or float64");
   require(noise != 0 && actions != 0, "categorical_sample", "null noise or actions");
   py::gil_scoped_release no_gil;
   categorical_sample_cpu(a, reinterpret_cast<const void*>(noise), noise_sr, reinterpret_cast<int64_t*>(actions));
@@ -74,12 +78,11 @@ void categorical_sample(int64_t rows, int64_t A, const std::string& dtype, Strid
 }
 
 void categorical_backward(int64_t rows, int64_t A, const std::string& dtype, Strided2 logits, Strided1 actions,
-                          const std::string& actions_dtype, double temperature, py::object lse, py::object entropy,
+                          const std::string& actions_dtype, double temperature, py::object stats,
                           py::object grad_logprob, py::object grad_entropy, py::object grad_logits, int device,
                           std::uintptr_t stream) {
   CategoricalArgs a = categorical_args(rows, A, dtype, logits, actions, actions_dtype, temperature);
-  a.lse = address(lse);
-  a.entropy = address(entropy);
+  set_stats(a, stats);
   optional_vector(grad_logprob, &a.grad_logprob, &a.grad_logprob_s);
   optional_vector(grad_entropy, &a.grad_entropy, &a.grad_entropy_s);
   a.grad_logits = address(grad_logits);
@@ -136,17 +139,21 @@ void normal_backward(int64_t rows, int64_t D, const std::string& dtype, Strided2
 void bind_heads(py::module_& m) {
   m.def("categorical_forward", &categorical_forward, py::arg("rows"), py::arg("A"), py::arg("dtype"), py::arg("logits"),
         py::arg("actions"), py::arg("actions_dtype"), py::arg("temperature"), py::arg("logprob"), py::arg("entropy"),
-        py::arg("lse"), py::arg("device"), py::arg("stream"),
-        "Categorical head forward over [rows, A] logits: writes logprob, entropy and lse ([rows] each).");
+        py::arg("stats"), py::arg("device"), py::arg("stream"),
+        "Categorical head forward over [rows, A] logits: writes logprob and entropy ([rows] each, in the logits' "
+        "dtype) and stats ([2, rows] in the accumulation dtype: the log-sum-exp and the entropy).");
   m.def("categorical_sample", &categorical_sample, py::arg("rows"), py::arg("A"), py::arg("dtype"), py::arg("logits"),
         py::arg("noise"), py::arg("noise_sr"), py::arg("temperature"), py::arg("actions"), py::arg("logprob"),
-        py::arg("entropy"), py::arg("lse"),
-        "CPU: Gumbel-max sample of one action per row of logits / temperature from uniform noise [rows, A], "
-        "then its log-prob, the entropy and the log-sum-exp: writes actions (int64), logprob, entropy, lse.");
+        py::arg("entropy"), py::arg("stats"),
+        "CPU: Gumbel-max sample of one action per row of logits / temperature from uniform noise [rows, A] (in "
+        "the accumulation dtype), then its log-prob and the entropy: writes actions (int64), logprob, entropy, "
+        "stats as categorical_forward does.");
   m.def("categorical_backward", &categorical_backward, py::arg("rows"), py::arg("A"), py::arg("dtype"),
-        py::arg("logits"), py::arg("actions"), py::arg("actions_dtype"), py::arg("temperature"), py::arg("lse"),
-        py::arg("entropy"), py::arg("grad_logprob"), py::arg("grad_entropy"), py::arg("grad_logits"),
-        py::arg("device"), py::arg("stream"), "Categorical head backward: writes contiguous [rows, A] grad_logits.");
+        py::arg("logits"), py::arg("actions"), py::arg("actions_dtype"), py::arg("temperature"), py::arg("stats"),
+        py::arg("grad_logprob"), py::arg("grad_entropy"), py::arg("grad_logits"), py::arg("device"),
+        py::arg("stream"),
+        "Categorical head backward from forward's stats: writes contiguous [rows, A] grad_logits in the logits' "
+        "dtype (grad_logprob and grad_entropy: in the logits' dtype too).");
   m.def("normal_forward", &normal_forward, py::arg("rows"), py::arg("D"), py::arg("dtype"), py::arg("mean"),
         py::arg("log_std"), py::arg("actions"), py::arg("logprob"), py::arg("entropy"), py::arg("device"),
         py::arg("stream"), "Diagonal Gaussian head forward: writes logprob and entropy ([rows] each).");

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_isa_regions.h"
@@ -17,6 +18,7 @@
 #include "gae.h"
 #include "heads.h"
 #include "actor_critic.h"
+#include "lowp.h"
 #include "ppo_loss.h"
 #include "rlhf.h"
 

@@ -349,11 +349,20 @@ FASTPPO_HD SoftmaxState<S> softmax_merge(SoftmaxState<S> a, SoftmaxState<S> b) {
   return SoftmaxState<S>{m, a.s * ea + b.s * eb, a.t * ea + b.t * eb};
 }
 
-// Adds one logit: the state {x, e^(x - x), x}, with e^(x - x) written as (x - x) + 1: 1 for a
-// finite x, NaN for NaN and +inf as the exp would give. -inf adds nothing.
+// Adds one logit: softmax_merge with the state {x, e^(x - x), x}, e^(x - x) written as (x - x) + 1:
+// 1 for a finite x, NaN for NaN and +inf as the exp would give. -inf adds nothing. Written out so
+// that it takes one exp, not the merge's two (one of which is e^0 = 1): the same values.
 template <typename S>
 FASTPPO_HD SoftmaxState<S> softmax_push(SoftmaxState<S> state, S x) {
-  return x == S(-INFINITY) ? state : softmax_merge(state, SoftmaxState<S>{x, (x - x) + S(1), x});
+  if (x == S(-INFINITY)) return state;
+  const S one = (x - x) + S(1);
+  if (state.s == S(0)) return SoftmaxState<S>{x, one, x};
+  if (x > state.m) {  // a new max: the sums so far are rescaled
+    const S e = scalar_exp(state.m - x);
+    return SoftmaxState<S>{x, state.s * e + one, state.t * e + x};
+  }
+  const S e = scalar_exp(x - state.m);  // NaN for a NaN x, and for +inf after +inf
+  return SoftmaxState<S>{state.m, state.s + e, state.t + e * x};
 }
 
 // NaN where s is 0 or NaN (see above), where a log-sum-exp would give -inf for a row of only -inf.

@@ -9,7 +9,8 @@
 
 namespace fastppo {
 
-// Element types of head inputs. bf16 / f16 logits are CUDA-only and accumulate in float.
+// Element types of the logits. bf16 / f16 logits are read as they are stored (no wider copy is
+// made) and computed in float, on the CPU (lowp.h) and on CUDA alike.
 enum ScalarType : int { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3 };
 
 struct CategoricalArgs {
@@ -18,13 +19,16 @@ struct CategoricalArgs {
   const void* logits = nullptr; int64_t logits_sr = 0, logits_sc = 1;
   const void* actions = nullptr; int actions_type = kFlagI64; int64_t actions_s = 0;
   double inv_temperature = 1.0;  // x = logits / temperature
-  // Forward outputs, [rows] each, in the accumulation type (float for bf16 / f16, else as logits):
-  // the log-prob of the action, the entropy and the log-sum-exp that backward reuses.
+  // Forward outputs, [rows] each: the log-prob of the action and the entropy in the logits' type,
+  // and the stats backward reads, in the accumulation type (float for bf16 / f16, else as the
+  // logits): the log-sum-exp and the entropy again, unrounded.
   void* logprob = nullptr;
   void* entropy = nullptr;
   void* lse = nullptr;
-  // Backward inputs: incoming gradients of logprob and entropy ([rows], strided; null = zero)
-  // and the output: contiguous [rows, A] gradient of the logits, in the logits' type.
+  void* entropy_acc = nullptr;
+  // Backward inputs: incoming gradients of logprob and entropy ([rows], strided, in the logits'
+  // type; null = zero), lse and entropy_acc as the forward pass wrote them, and the output:
+  // contiguous [rows, A] gradient of the logits, in the logits' type.
   const void* grad_logprob = nullptr; int64_t grad_logprob_s = 0;
   const void* grad_entropy = nullptr; int64_t grad_entropy_s = 0;
   void* grad_logits = nullptr;
@@ -40,7 +44,7 @@ FASTPPO_HD int64_t categorical_action(const CategoricalArgs& a, int64_t row) {
 
 // Gumbel-max sampling of one action per row from softmax(logits / temperature): `noise` holds
 // uniform [0, 1) draws ([rows, A], row stride noise_sr, contiguous columns, in the accumulation
-// type); the sampled indices go to actions_out ([rows] int64). The log-prob and entropy of the
+// type: float for bf16 / f16 logits); the sampled indices go to actions_out ([rows] int64). The log-prob and entropy of the
 // sample then come from categorical_forward with these actions.
 void categorical_sample_cpu(const CategoricalArgs& args, const void* noise, int64_t noise_sr, int64_t* actions_out);
 

@@ -1,7 +1,8 @@
 // The fused policy heads on CUDA. Categorical: one block per row streams the logits once with
 // each thread's online softmax state, then merges the states in a fixed tree (same bits every
 // run); backward writes each logit's gradient from the row's saved lse and entropy. bf16 / f16
-// logits accumulate in float. Non-finite logits as on the CPU (the softmax state's rules): a row
+// logits are loaded as they are stored and computed in float; log-prob, entropy and the logits'
+// gradient are stored in the logits' type, the saved lse and entropy in float. Non-finite logits as on the CPU (the softmax state's rules): a row
 // with a NaN or +inf logit, or only -inf ones, is NaN; a masked (-inf) logit has p = 0. Diagonal
 // Gaussian: one thread per row; a shared log_std's gradient is summed per chunk of rows and then
 // over chunks in order. Math: fastppo_math.h.
@@ -24,10 +25,16 @@ __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T from_acc(float x);
-template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half(x); }
+// Rounded to nearest even, as torch casts.
+template <typename T, typename S> __device__ __forceinline__ T from_acc(S x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ __half from_acc<__half, float>(float x) { return __float2half_rn(x); }
+
+// An incoming gradient of row r (null: zero), in the accumulation type.
+template <typename T, typename S>
+__device__ __forceinline__ S row_grad(const void* g, int64_t stride, int64_t r) {
+  return g ? S(to_acc(static_cast<const T*>(g)[r * stride])) : S(0);
+}
 
 // Logit j of row r in the accumulation type, unscaled and at the temperature.
 template <typename T, typename S>
@@ -48,55 +55,50 @@ __global__ void categorical_forward_kernel(CategoricalArgs a) {
   const SoftmaxState<S> total = block_reduce<kRowThreads>(state, shared, MergeSoftmax{});
   if (threadIdx.x == 0) {
     const int64_t action = categorical_action(a, r);
-    const S lse = softmax_lse(total);
     const S nan = S(NAN);
-    static_cast<S*>(a.lse)[r] = action < 0 ? nan : lse;
-    static_cast<S*>(a.entropy)[r] = action < 0 ? nan : softmax_entropy(total);
-    static_cast<S*>(a.logprob)[r] = action < 0 ? nan : categorical_logprob(raw_logit<T, S>(a, r, action), S(a.inv_temperature), lse);
+    const S lse = action < 0 ? nan : softmax_lse(total);
+    const S entropy = action < 0 ? nan : softmax_entropy(total);
+    const S logprob = action < 0 ? nan : categorical_logprob(raw_logit<T, S>(a, r, action), S(a.inv_temperature), lse);
+    static_cast<S*>(a.lse)[r] = lse;
+    static_cast<S*>(a.entropy_acc)[r] = entropy;
+    static_cast<T*>(a.entropy)[r] = from_acc<T, S>(entropy);
+    static_cast<T*>(a.logprob)[r] = from_acc<T, S>(logprob);
   }
 }
 
-template <typename T, typename S, typename Store>
-__device__ void categorical_backward_element(const CategoricalArgs& a, Store store, int64_t r, int64_t j) {
+template <typename T, typename S>
+__device__ void categorical_backward_element(const CategoricalArgs& a, int64_t r, int64_t j) {
   const int64_t action = categorical_action(a, r);
   T* grad = static_cast<T*>(a.grad_logits) + r * a.A;
   if (action < 0) {
-    grad[j] = store(S(0));
+    grad[j] = from_acc<T, S>(S(0));
     return;
   }
-  const S g_logprob = a.grad_logprob ? static_cast<const S*>(a.grad_logprob)[r * a.grad_logprob_s] : S(0);
-  const S g_entropy = a.grad_entropy ? static_cast<const S*>(a.grad_entropy)[r * a.grad_entropy_s] : S(0);
+  const S g_logprob = row_grad<T, S>(a.grad_logprob, a.grad_logprob_s, r);
+  const S g_entropy = row_grad<T, S>(a.grad_entropy, a.grad_entropy_s, r);
   const S lse = static_cast<const S*>(a.lse)[r];
-  const S entropy = static_cast<const S*>(a.entropy)[r];
+  const S entropy = static_cast<const S*>(a.entropy_acc)[r];
   const S x = logit<T, S>(a, r, j);
   const S p = softmax_prob(x, lse, ScalarExp{});
   const S d = categorical_grad(x, p, lse, entropy, g_logprob, g_entropy) + (j == action ? g_logprob : S(0));
-  grad[j] = store(S(a.inv_temperature) * d);
+  grad[j] = from_acc<T, S>(S(a.inv_temperature) * d);
 }
 
-template <typename T, typename S, typename Store>
-__global__ void categorical_backward_kernel(CategoricalArgs a, Store store) {
+template <typename T, typename S>
+__global__ void categorical_backward_kernel(CategoricalArgs a) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= a.A) return;
-  for (int64_t r = blockIdx.y; r < a.rows; r += gridDim.y) categorical_backward_element<T, S>(a, store, r, j);
+  for (int64_t r = blockIdx.y; r < a.rows; r += gridDim.y) categorical_backward_element<T, S>(a, r, j);
 }
 
-template <typename T>
-struct StoreAs {
-  __device__ T operator()(float x) const { return from_acc<T>(x); }
-};
-struct StoreDouble {
-  __device__ double operator()(double x) const { return x; }
-};
-
-template <typename T, typename S, typename Store>
-void categorical_launch(const CategoricalArgs& a, cudaStream_t stream, bool forward, Store store) {
+template <typename T, typename S>
+void categorical_launch(const CategoricalArgs& a, cudaStream_t stream, bool forward) {
   if (forward) {
     categorical_forward_kernel<T, S><<<static_cast<unsigned>(a.rows), kRowThreads, 0, stream>>>(a);
   } else {
     const unsigned rows = static_cast<unsigned>(a.rows < 65535 ? a.rows : 65535);  // grid.y limit; rows loop beyond it
     const dim3 grid(static_cast<unsigned>((a.A + kColumnThreads - 1) / kColumnThreads), rows);
-    categorical_backward_kernel<T, S><<<grid, kColumnThreads, 0, stream>>>(a, store);
+    categorical_backward_kernel<T, S><<<grid, kColumnThreads, 0, stream>>>(a);
   }
 }
 
@@ -105,10 +107,10 @@ void categorical_run(const CategoricalArgs& a, int device, std::uintptr_t stream
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   on_device(device, "fastppo.categorical_logprob_entropy", [&] {
     switch (a.dtype) {
-      case kF64: categorical_launch<double, double>(a, stream, forward, StoreDouble{}); break;
-      case kBF16: categorical_launch<__nv_bfloat16, float>(a, stream, forward, StoreAs<__nv_bfloat16>{}); break;
-      case kF16: categorical_launch<__half, float>(a, stream, forward, StoreAs<__half>{}); break;
-      default: categorical_launch<float, float>(a, stream, forward, StoreAs<float>{}); break;
+      case kF64: categorical_launch<double, double>(a, stream, forward); break;
+      case kBF16: categorical_launch<__nv_bfloat16, float>(a, stream, forward); break;
+      case kF16: categorical_launch<__half, float>(a, stream, forward); break;
+      default: categorical_launch<float, float>(a, stream, forward); break;
     }
   });
 }

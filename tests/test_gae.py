@@ -237,7 +237,7 @@ def call_with(**changes):
     "changes,error,words",
     [
         (dict(rewards=[[0.0] * 3] * 4), TypeError, ["rewards", "list"]),
-        (dict(rewards=np.zeros((4, 3), np.int64)), TypeError, ["rewards", "int64", "float32 or float64"]),
+        (dict(rewards=np.zeros((4, 3), np.int64)), TypeError, ["rewards", "int64", "float32, float64, bfloat16 or float16"]),
         (dict(rewards=np.zeros((4, 3), np.complex64)), TypeError, ["rewards", "complex64"]),
         (dict(rewards=np.zeros((), np.float32)), ValueError, ["rewards", "time dimension"]),
         (dict(values=np.zeros((4, 3), np.float64)), TypeError, ["values", "float64", "float32"]),

@@ -65,6 +65,8 @@ EPS = {"float16": float(np.finfo(np.float16).eps), "bfloat16": 2.0 ** -7, "float
 FLOATS = ("float32", "float64")
 FLAGS = ("bool", "uint8", "int8", "int32", "int64", "float32", "float64")
 NOT_FLOATS = ("float16", "int32", "int64", "bool", "complex64")  # refused where float32/float64 is expected
+# refused where float16/bfloat16 are taken too (the heads, GAE, the RLHF kernels)
+NOT_FLOATS_OR_HALVES = ("int32", "int64", "bool", "complex64")
 NOT_FLAGS = ("float16", "complex64")
 SPECIALS = (math.nan, math.inf, -math.inf)
 NONFINITE_COUNTS = st.sampled_from((0, 1, 3))  # how many elements of an input are NaN or +-inf
@@ -103,7 +105,8 @@ def place(values: np.ndarray, layout: str, axis: int, gap: Any) -> Placed:
         perm = tuple(reversed(range(nd)))
         return Placed(np.ascontiguousarray(values.transpose(perm)), lambda b: _permute(b, perm))
     if layout == "sliced" and nd >= 1:
-        base = np.full(tuple(2 * s + 1 for s in shape), gap, dtype=values.dtype)
+        with np.errstate(over="ignore"):  # a gap past float16's range is inf there (never read all the same)
+            base = np.full(tuple(2 * s + 1 for s in shape), gap, dtype=values.dtype)
         every_other = (slice(1, None, 2),) * nd
         base[every_other] = values
         return Placed(base, lambda b: b[every_other])
@@ -334,7 +337,7 @@ def check_gae(device: str, data, defect: str | None) -> None:
         return wrong_shape(data, good) if defect == f"shape:{name}" else good
 
     # rewards, values, last_value
-    r_dtype = refused_dtype(data) if defect == "dtype:rewards" else dtype
+    r_dtype = refused_dtype(data, NOT_FLOATS_OR_HALVES) if defect == "dtype:rewards" else dtype
     rewards = arg(with_specials(rng, rng.normal(size=shape), data.draw(nonfinite)), r_dtype)
     v_dtype = other_dtype(data, dtype) if defect == "dtype:values" else dtype
     v_shape = shape_of("values", shape)
@@ -742,7 +745,7 @@ def check_categorical(device: str, data, defect: str | None) -> None:
     lead = leading_shape(data)
     A = data.draw(st.integers(1, 6) | st.just(33), label="A")
     shape = lead + (A,)
-    halves = ("float16", "bfloat16") if device == "cuda" else ()  # accumulated in float32, on CUDA only
+    halves = ("float16", "bfloat16")  # read as stored, accumulated in float32
     dtype = data.draw(st.sampled_from(FLOATS + halves), label="dtype")
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
     logits = rng.normal(size=shape) * data.draw(st.sampled_from((1.0, 30.0)))
@@ -759,7 +762,7 @@ def check_categorical(device: str, data, defect: str | None) -> None:
     requires_grad = data.draw(st.booleans())
     expected = None
     if defect == "dtype:logits":
-        dtype = refused_dtype(data, ("int32", "int64", "bool", "complex64") + (() if halves else ("float16", "bfloat16")))
+        dtype = refused_dtype(data, NOT_FLOATS_OR_HALVES)
         requires_grad, expected = False, (TypeError, "logits")
     elif defect == "dtype:actions":
         action_dtype, expected = data.draw(st.sampled_from(("float32", "int16", "uint8", "bool"))), (TypeError, "actions")
@@ -793,7 +796,7 @@ def check_categorical(device: str, data, defect: str | None) -> None:
     before = unchanged(dict(logits=logits_arg, actions=actions_arg))
     logprob, entropy = fastppo.categorical_logprob_entropy(**kwargs)
     assert_unchanged(before, dict(logits=logits_arg, actions=actions_arg))
-    out_dtype = "float32" if dtype in halves else dtype
+    out_dtype = dtype  # the logits' dtype, bfloat16 and float16 included
     for result in (logprob, entropy):
         assert result.shape == lead and result.dtype == getattr(torch, out_dtype)
         assert result.device == logits_arg.value.device
@@ -869,7 +872,7 @@ def check_normal(device: str, data, defect: str | None) -> None:
     if defect is not None and defect.startswith(("dtype:", "shape:")):
         name = defect.split(":")[1]
         if defect.startswith("dtype:"):
-            dtypes[name] = refused_dtype(data) if name == "mean" else other_dtype(data, dtype)
+            dtypes[name] = refused_dtype(data, NOT_FLOATS_OR_HALVES) if name == "mean" else other_dtype(data, dtype)
             requires_grad[name] = False
         elif name == "mean":  # no dimension to sum over, or a 0-d mean
             shapes = dict.fromkeys(shapes, data.draw(st.sampled_from((lead + (0,), ()))))
@@ -1008,7 +1011,7 @@ def check_kl_penalty_rewards(device: str, data, defect: str | None) -> None:
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
     dtypes = dict(logprob=dtype, ref_logprob=dtype, scores=dtype)
     if defect == "dtype:logprob":
-        dtypes = dict.fromkeys(dtypes, refused_dtype(data))
+        dtypes = dict.fromkeys(dtypes, refused_dtype(data, NOT_FLOATS_OR_HALVES))
     elif defect in ("dtype:ref_logprob", "dtype:scores"):
         dtypes[defect.split(":")[1]] = other_dtype(data, dtype)
     logprob = -np.abs(rng.normal(size=shape)) * 3
@@ -1080,7 +1083,7 @@ def check_masked_whiten(device: str, data, defect: str | None) -> None:
     shape = batch_shape(data)
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
-    x_dtype = refused_dtype(data) if defect == "dtype:x" else dtype
+    x_dtype = refused_dtype(data, NOT_FLOATS_OR_HALVES) if defect == "dtype:x" else dtype
     x = rlhf_arg(data, rng, rng.normal(loc=1.5, scale=2.0, size=shape), x_dtype, device)
     mask = mask_arg(data, rng, shape, device, defect)
     options = dict(shift_mean=data.draw(st.booleans()), eps=data.draw(st.sampled_from((1e-8, 0.5, 0.0))))
@@ -1156,7 +1159,7 @@ def check_token_gae(device: str, data, defect: str | None) -> None:
     B, T = shape
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
-    r_dtype = refused_dtype(data) if defect == "dtype:rewards" else dtype
+    r_dtype = refused_dtype(data, NOT_FLOATS_OR_HALVES) if defect == "dtype:rewards" else dtype
     v_dtype = other_dtype(data, dtype) if defect == "dtype:values" else dtype
     v_shape = wrong_shape(data, shape) if defect == "shape:values" else shape
     args = dict(rewards=rlhf_arg(data, rng, rng.normal(size=shape), r_dtype, device),

@@ -507,8 +507,10 @@ def _kl_inputs():
     [
         (dict(logprob=torch.zeros(3, 5, dtype=torch.int64), ref_logprob=torch.zeros(3, 5, dtype=torch.int64)),
          TypeError, r"kl_penalty_rewards: logprob has dtype torch\.int64"),
-        (dict(logprob=torch.zeros(3, 5, dtype=torch.float16), ref_logprob=torch.zeros(3, 5, dtype=torch.float16)),
-         TypeError, r"kl_penalty_rewards: logprob has dtype torch\.float16"),
+        (dict(logprob=torch.zeros(3, 5, dtype=torch.complex64), ref_logprob=torch.zeros(3, 5, dtype=torch.complex64)),
+         TypeError, r"kl_penalty_rewards: logprob has dtype torch\.complex64"),
+        (dict(logprob=torch.zeros(3, 5, dtype=torch.bfloat16)), TypeError,
+         r"kl_penalty_rewards: ref_logprob has dtype torch\.float32; expected torch\.bfloat16"),
         (dict(ref_logprob=torch.zeros(3, 5, dtype=torch.float64)), TypeError, r"kl_penalty_rewards: ref_logprob has dtype"),
         (dict(ref_logprob=torch.zeros(3, 4)), ValueError, r"kl_penalty_rewards: ref_logprob has shape \(3, 4\)"),
         (dict(logprob=torch.zeros(15), ref_logprob=torch.zeros(15)), ValueError, r"kl_penalty_rewards: logprob must have shape \[B, T\]"),
@@ -543,7 +545,7 @@ def test_kl_bad_input_names_the_argument(changes, error, match):
     [
         ((torch.zeros(7),), {}, ValueError, r"masked_whiten: x must have shape \[B, T\]"),
         ((torch.zeros(2, 7, dtype=torch.int32),), {}, TypeError, r"masked_whiten: x has dtype torch\.int32"),
-        ((torch.zeros(2, 7, dtype=torch.float16),), {}, TypeError, r"masked_whiten: x has dtype torch\.float16"),
+        ((torch.zeros(2, 7, dtype=torch.complex64),), {}, TypeError, r"masked_whiten: x has dtype torch\.complex64"),
         ((torch.zeros(2, 7), torch.ones(7, 2, dtype=torch.bool)), {}, ValueError, r"masked_whiten: mask has shape \(7, 2\)"),
         ((torch.zeros(2, 7), torch.ones(2, 7, dtype=torch.complex64)), {}, TypeError, r"masked_whiten: mask has dtype"),
         ((torch.zeros(2, 7),), dict(eps=-1e-8), ValueError, r"masked_whiten: eps must be"),

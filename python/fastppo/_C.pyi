@@ -40,15 +40,15 @@ def ppo_loss(
 # Policy heads (csrc/bindings_heads.cpp)
 def categorical_forward(
     rows: int, A: int, dtype: str, logits: _Strided2, actions: _Strided1, actions_dtype: str, temperature: float,
-    logprob: _Data, entropy: _Data, lse: _Data, device: int, stream: int,
+    logprob: _Data, entropy: _Data, stats: _Data, device: int, stream: int,
 ) -> None: ...
 def categorical_sample(
     rows: int, A: int, dtype: str, logits: _Strided2, noise: int, noise_sr: int, temperature: float, actions: int,
-    logprob: _Data, entropy: _Data, lse: _Data,
+    logprob: _Data, entropy: _Data, stats: _Data,
 ) -> None: ...
 def categorical_backward(
     rows: int, A: int, dtype: str, logits: _Strided2, actions: _Strided1, actions_dtype: str, temperature: float,
-    lse: _Data, entropy: _Data, grad_logprob: _Strided1 | None, grad_entropy: _Strided1 | None, grad_logits: _Data,
+    stats: _Data, grad_logprob: _Strided1 | None, grad_entropy: _Strided1 | None, grad_logits: _Data,
     device: int, stream: int,
 ) -> None: ...
 def normal_forward(

@@ -25,6 +25,8 @@ from . import _C
 # ------------------------------------------------------------------ dtypes
 
 FLOAT_DTYPES = ("float32", "float64")
+# Accepted where a kernel reads them (as stored, or through a float32 copy) and computes in float32.
+LOW_PRECISION_DTYPES = ("bfloat16", "float16")
 FLAG_DTYPES = ("bool", "uint8", "int8", "int32", "int64", "float32", "float64")
 INDEX_DTYPES = ("int64", "int32")
 _DTYPES_WHAT = {
@@ -339,3 +341,32 @@ def full_like_scalar(x: Any, value: float) -> Any:
     if isinstance(x, np.ndarray):
         return np.full((1,), value, dtype=x.dtype.newbyteorder("="))
     return sys.modules["torch"].full((1,), value, dtype=x.dtype, device=x.device)
+
+
+# ------------------------------------------------------------------ low precision through float32
+
+
+def is_low_precision(x: Any) -> bool:
+    """Whether ``x`` holds bfloat16 or float16 (numpy's float16 included)."""
+    return DTYPE_NAMES[x.dtype] in LOW_PRECISION_DTYPES
+
+
+def widen(x: Any) -> Any:
+    """A float32 copy of a bfloat16 / float16 array (exact), of its kind and device; anything
+    else (None, a flag array, a Python number) as it is."""
+    if x is None or isinstance(x, numbers.Real) or not is_low_precision(x):
+        return x
+    return x.astype(np.float32) if isinstance(x, np.ndarray) else x.float()
+
+
+def narrow(x: Any, like: Any, out: Any = None) -> Any:
+    """float32 results ``x`` rounded (to nearest even) to ``like``'s dtype: into ``out`` when
+    given (reshaped to its shape), else as a new array of ``x``'s kind and device."""
+    if isinstance(x, np.ndarray):
+        if out is None:
+            return x.astype(like.dtype.newbyteorder("="))
+        np.copyto(out, x.reshape(out.shape), casting="same_kind")
+        return out
+    if out is None:
+        return x.to(like.dtype)
+    return out.copy_(x.reshape(out.shape))

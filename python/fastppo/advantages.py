@@ -27,7 +27,8 @@ def gae(
     """Generalized advantage estimation over a time-major rollout.
 
     Args:
-        rewards: ``[T, ...]`` float32 or float64 (numpy array, or torch tensor on CPU or CUDA).
+        rewards: ``[T, ...]`` float32 or float64 (numpy array, or torch tensor on CPU or CUDA), or
+            bfloat16 / float16 (torch; numpy's float16 too), computed through float32: see below.
             Any trailing shape: ``[T]``, ``[T, N]``, ``[T, N, K]``. Strided views (for example a
             batch-major ``[B, T]`` tensor passed as ``x.T``) are read in place.
         values: ``[T, ...]``, same dtype as ``rewards``: V(s_t), the critic's value of the
@@ -66,8 +67,14 @@ def gae(
         fastppo_dones = torch.cat([cleanrl_dones[1:], next_done[None]])
 
     CUDA tensors are processed on the current stream of their device, without a host sync.
+
+    bfloat16 / float16 rewards (and then values and last_value of that dtype, and ``out`` too):
+    rewards, values and last_value are widened to float32 (exact), the float32 kernel runs, and the
+    advantages and returns are rounded once to the input dtype, so they are within one rounding of
+    that dtype (a relative 2^-8 for bfloat16, 2^-11 for float16) of the float64 result on the same
+    inputs. The float32 copies cost two ``[T, ...]`` float32 arrays in and two out.
     """
-    kind = B.require_array(_FN, "rewards", rewards, dtypes=B.FLOAT_DTYPES)
+    kind = B.require_array(_FN, "rewards", rewards, dtypes=B.FLOAT_DTYPES + B.LOW_PRECISION_DTYPES)
     if rewards.ndim == 0:
         raise ValueError(f"{_FN}: rewards must have a time dimension [T, ...], got a 0-d array")
     shape = tuple(rewards.shape)
@@ -92,6 +99,13 @@ def gae(
     gamma = B.require_real(_FN, "gamma", gamma, "a number in [0, 1]", 0.0, 1.0)
     gae_lambda = B.require_real(_FN, "gae_lambda", gae_lambda, "a number in [0, 1]", 0.0, 1.0)
     B.check_device(_FN, "rewards", rewards)
+    if B.is_low_precision(rewards):
+        if out is not None:
+            _check_out(out, rewards, (rewards, values, dones, terminated, last))
+        adv, ret = gae(B.widen(rewards), B.widen(values), dones, B.widen(last_value), terminated, gamma, gae_lambda)
+        if out is None:
+            return B.narrow(adv, rewards), B.narrow(ret, rewards)
+        return B.narrow(adv, rewards, out[0]), B.narrow(ret, rewards, out[1])
 
     if out is None:
         adv, ret = B.empty_like_rows(rewards, T, N), B.empty_like_rows(rewards, T, N)

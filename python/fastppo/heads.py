@@ -15,7 +15,8 @@ from torch import Tensor
 from . import _C
 from . import _buffers as B
 
-_LOGIT_DTYPES_CUDA = B.FLOAT_DTYPES + ("bfloat16", "float16")
+_LOGIT_DTYPES = B.FLOAT_DTYPES + B.LOW_PRECISION_DTYPES
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def _flat(x: Optional[Tensor]) -> Optional[Tensor]:
@@ -34,30 +35,44 @@ def _categorical_views(logits: Tensor, actions: Tensor):
     return logits.reshape(-1, logits.shape[-1]), actions.reshape(-1)
 
 
+def _categorical_outputs(logits: Tensor, rows: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Log-prob and entropy ``[rows]`` in the logits' dtype, and the stats ``[2, rows]`` in the
+    accumulation dtype (the log-sum-exp and the unrounded entropy, which backward reads)."""
+    logprob = torch.empty(rows, dtype=logits.dtype, device=logits.device)
+    entropy = torch.empty(rows, dtype=logits.dtype, device=logits.device)
+    stats = torch.empty((2, rows), dtype=_acc_dtype(logits.dtype), device=logits.device)
+    return logprob, entropy, stats
+
+
 def _categorical_forward(logits: Tensor, actions: Tensor, temperature: float) -> Tuple[Tensor, Tensor, Tensor]:
     rows2d, flat_actions = _categorical_views(logits, actions)
     rows, A = rows2d.shape
-    acc = _acc_dtype(logits.dtype)
-    logprob = torch.empty(rows, dtype=acc, device=logits.device)
-    entropy = torch.empty(rows, dtype=acc, device=logits.device)
-    lse = torch.empty(rows, dtype=acc, device=logits.device)
+    logprob, entropy, stats = _categorical_outputs(logits, rows)
     _C.categorical_forward(
         rows, A, B.DTYPE_NAMES[logits.dtype], B.spec(rows2d), B.spec(flat_actions), B.DTYPE_NAMES[actions.dtype],
-        temperature, logprob.data_ptr(), entropy.data_ptr(), lse.data_ptr(), *B.device_stream(logits),
+        temperature, logprob.data_ptr(), entropy.data_ptr(), stats.data_ptr(), *B.device_stream(logits),
     )
-    return logprob.reshape(actions.shape), entropy.reshape(actions.shape), lse
+    return logprob.reshape(actions.shape), entropy.reshape(actions.shape), stats
 
 
-def _categorical_backward(logits: Tensor, actions: Tensor, temperature: float, lse: Tensor, entropy: Tensor,
+def _grad_as(grad: Optional[Tensor], logits: Tensor) -> Optional[Tensor]:
+    """An incoming gradient as the kernel reads it: ``[rows]`` in the logits' dtype (autograd hands
+    it over in the output's dtype, which is that one; a reshape or cast may copy: the caller holds
+    the result through the kernel call)."""
+    return None if grad is None else grad.reshape(-1).to(logits.dtype)
+
+
+def _categorical_backward(logits: Tensor, actions: Tensor, temperature: float, stats: Tensor,
                           grad_logprob: Optional[Tensor], grad_entropy: Optional[Tensor]) -> Tensor:
     rows2d, flat_actions = _categorical_views(logits, actions)
     A = rows2d.shape[1]
     grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    g_lp, g_ent = _flat(grad_logprob), _flat(grad_entropy)  # a reshape may copy: held for the call
+    g_lp, g_ent = _grad_as(grad_logprob, logits), _grad_as(grad_entropy, logits)
+    stats = stats.contiguous()
     _C.categorical_backward(
         rows2d.shape[0], A, B.DTYPE_NAMES[logits.dtype], B.spec(rows2d), B.spec(flat_actions),
-        B.DTYPE_NAMES[actions.dtype], temperature, lse.data_ptr(), entropy.reshape(-1).data_ptr(), B.spec(g_lp),
-        B.spec(g_ent), grad_logits.data_ptr(), *B.device_stream(logits),
+        B.DTYPE_NAMES[actions.dtype], temperature, stats.data_ptr(), B.spec(g_lp), B.spec(g_ent),
+        grad_logits.data_ptr(), *B.device_stream(logits),
     )
     return grad_logits
 
@@ -65,8 +80,8 @@ def _categorical_backward(logits: Tensor, actions: Tensor, temperature: float, l
 class _Categorical(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, actions, temperature):
-        logprob, entropy, lse = _categorical_forward(logits, actions, temperature)
-        ctx.save_for_backward(logits, actions, lse, entropy)
+        logprob, entropy, stats = _categorical_forward(logits, actions, temperature)
+        ctx.save_for_backward(logits, actions, stats)
         ctx.temperature = temperature
         ctx.set_materialize_grads(False)
         return logprob, entropy
@@ -75,44 +90,43 @@ class _Categorical(torch.autograd.Function):
     def backward(ctx, grad_logprob, grad_entropy):
         if grad_logprob is None and grad_entropy is None:
             return None, None, None
-        logits, actions, lse, entropy = ctx.saved_tensors
-        return _categorical_backward(logits, actions, ctx.temperature, lse, entropy, grad_logprob, grad_entropy), None, None
+        logits, actions, stats = ctx.saved_tensors
+        return _categorical_backward(logits, actions, ctx.temperature, stats, grad_logprob, grad_entropy), None, None
 
 
 @torch.library.custom_op("fastppo::categorical_logprob_entropy", mutates_args=())
 def _categorical_op(logits: Tensor, actions: Tensor, temperature: float) -> Tuple[Tensor, Tensor, Tensor]:
-    logprob, entropy, lse = _categorical_forward(logits, actions, temperature)
-    return logprob, entropy, lse
+    logprob, entropy, stats = _categorical_forward(logits, actions, temperature)
+    return logprob, entropy, stats
 
 
 @_categorical_op.register_fake
 def _categorical_fake(logits, actions, temperature):
-    acc = _acc_dtype(logits.dtype)
     rows = actions.numel()
-    return actions.new_empty(actions.shape, dtype=acc), actions.new_empty(actions.shape, dtype=acc), actions.new_empty(rows, dtype=acc)
+    stats = logits.new_empty((2, rows), dtype=_acc_dtype(logits.dtype))
+    return logits.new_empty(actions.shape), logits.new_empty(actions.shape), stats
 
 
 @torch.library.custom_op("fastppo::categorical_backward", mutates_args=())
-def _categorical_backward_op(logits: Tensor, actions: Tensor, temperature: float, lse: Tensor, entropy: Tensor,
+def _categorical_backward_op(logits: Tensor, actions: Tensor, temperature: float, stats: Tensor,
                              grad_logprob: Optional[Tensor], grad_entropy: Optional[Tensor]) -> Tensor:
-    return _categorical_backward(logits, actions, temperature, lse, entropy, grad_logprob, grad_entropy)
+    return _categorical_backward(logits, actions, temperature, stats, grad_logprob, grad_entropy)
 
 
 @_categorical_backward_op.register_fake
-def _categorical_backward_fake(logits, actions, temperature, lse, entropy, grad_logprob, grad_entropy):
+def _categorical_backward_fake(logits, actions, temperature, stats, grad_logprob, grad_entropy):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _categorical_setup(ctx, inputs, output):
     logits, actions, temperature = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(logits, actions, lse, entropy)
+    ctx.save_for_backward(logits, actions, output[2])
     ctx.temperature = temperature
 
 
-def _categorical_op_backward(ctx, grad_logprob, grad_entropy, _grad_lse):
-    logits, actions, lse, entropy = ctx.saved_tensors
-    return _categorical_backward_op(logits, actions, ctx.temperature, lse, entropy, grad_logprob, grad_entropy), None, None
+def _categorical_op_backward(ctx, grad_logprob, grad_entropy, _grad_stats):
+    logits, actions, stats = ctx.saved_tensors
+    return _categorical_backward_op(logits, actions, ctx.temperature, stats, grad_logprob, grad_entropy), None, None
 
 
 _categorical_op.register_autograd(_categorical_op_backward, setup_context=_categorical_setup)
@@ -120,12 +134,7 @@ _categorical_op.register_autograd(_categorical_op_backward, setup_context=_categ
 
 def _check_logits(fn: str, logits) -> None:
     """``[..., A]`` logits, A >= 1, of a dtype the heads take on their device."""
-    B.require_array(fn, "logits", logits, "torch")
-    if logits.is_cuda:
-        B.require_dtype(fn, "logits", logits, _LOGIT_DTYPES_CUDA)
-    else:
-        B.require_dtype(fn, "logits", logits, B.FLOAT_DTYPES,
-                        "float32 or float64 on the CPU (bfloat16/float16 on CUDA)")
+    B.require_array(fn, "logits", logits, "torch", _LOGIT_DTYPES)
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"{fn}: logits must have shape [..., A] with A >= 1, got {tuple(logits.shape)}")
     B.check_device(fn, "logits", logits)
@@ -135,15 +144,21 @@ def categorical_logprob_entropy(logits: Tensor, actions: Tensor, temperature: fl
     """Log-prob of the taken actions and entropy of a categorical policy, fused.
 
     Args:
-        logits: ``[..., A]`` unnormalized log-probabilities; float32/float64 (CPU and CUDA), or
-            bfloat16/float16 on CUDA (accumulated in float32). Differentiable. ``-inf`` marks an
-            action that cannot be taken. The last dimension may be strided.
+        logits: ``[..., A]`` unnormalized log-probabilities; float32, float64, bfloat16 or float16,
+            on the CPU or CUDA. Differentiable. ``-inf`` marks an action that cannot be taken. The
+            last dimension may be strided. bfloat16 and float16 logits are read as they are stored
+            (no float32 copy of them is made, in forward or backward) and every sum (max,
+            log-sum-exp, entropy) is taken in float32.
         actions: ``[...]`` int64 or int32 indices in ``[0, A)``.
         temperature: > 0; the distribution is ``softmax(logits / temperature)`` (RLHF sampling).
 
     Returns:
-        ``(logprob, entropy)``, each ``[...]``: ``log softmax(logits / T)[action]`` and
-        ``-sum p log p``; float32 for bf16/f16 logits, else the logits' dtype.
+        ``(logprob, entropy)``, each ``[...]`` in the logits' dtype: ``log softmax(logits /
+        T)[action]`` and ``-sum p log p``. For bfloat16 / float16 logits they, and the gradient of
+        the logits, are float32 results rounded once to the logits' dtype (nearest even), so
+        their error against float64 is about one rounding of that dtype (a relative 2^-8 for
+        bfloat16, 2^-11 for float16); backward reads the log-sum-exp and the entropy saved in
+        float32, not the rounded outputs.
 
     One streaming pass per row (online softmax): no ``log_softmax`` of the logits is made in
     forward, and backward writes ``grad_logits`` from the saved per-row log-sum-exp and entropy,
@@ -192,14 +207,15 @@ def categorical_sample(logits: Tensor, temperature: float = 1.0,
     ``torch.distributions.Categorical``.
 
     Args:
-        logits: ``[..., A]`` float32/float64 (bfloat16/float16 on CUDA), CPU or CUDA.
+        logits: ``[..., A]`` float32, float64, bfloat16 or float16, CPU or CUDA. The noise and
+            the scores are float32 for bfloat16 / float16 logits (the logits are not copied).
         temperature: > 0; samples from ``softmax(logits / temperature)``.
         generator: the ``torch.Generator`` that draws the uniform noise (on the logits' device);
             None: torch's default generator, so ``torch.manual_seed`` makes runs repeatable.
 
     Returns:
-        ``(action, logprob, entropy)``: int64 ``[...]``, and ``[...]`` each as
-        :func:`categorical_logprob_entropy` gives them for that action.
+        ``(action, logprob, entropy)``: int64 ``[...]``, and ``[...]`` each (in the logits' dtype)
+        as :func:`categorical_logprob_entropy` gives them for that action.
 
     Sampling is Gumbel-max, ``argmax(logits / T - log(-log u))`` with ``u`` uniform ``[..., A]``
     from ``generator``: one ``torch.rand`` and, on the CPU, one kernel for the argmax, the log-prob
@@ -226,16 +242,18 @@ def categorical_sample(logits: Tensor, temperature: float = 1.0,
     records = torch.is_grad_enabled() and logits.requires_grad
     if logits.is_cuda or records or torch.compiler.is_compiling():
         with torch.no_grad():
-            scores = logits.to(acc) / temperature - torch.log(-torch.log(noise.clamp_(min=torch.finfo(acc).tiny)))
-            action = scores.argmax(-1)
+            # -log(-log u) + logits / T, in place in the noise: the logits are read, never copied
+            # (a bfloat16 / float16 logit is widened as the addition reads it).
+            scores = noise.clamp_(min=torch.finfo(acc).tiny).log_().neg_().log_().neg_()
+            action = scores.add_(logits, alpha=1.0 / temperature).argmax(-1)
         logprob, entropy = categorical_logprob_entropy(logits, action, temperature)
         return action, logprob, entropy
     rows2d = logits.detach().reshape(-1, logits.shape[-1])
     rows, A = rows2d.shape
     action = torch.empty(rows, dtype=torch.int64)
-    logprob, entropy, lse = (torch.empty(rows, dtype=acc) for _ in range(3))
+    logprob, entropy, stats = _categorical_outputs(logits, rows)
     _C.categorical_sample(rows, A, B.DTYPE_NAMES[logits.dtype], B.spec(rows2d), noise.data_ptr(), A, temperature,
-                          action.data_ptr(), logprob.data_ptr(), entropy.data_ptr(), lse.data_ptr())
+                          action.data_ptr(), logprob.data_ptr(), entropy.data_ptr(), stats.data_ptr())
     shape = logits.shape[:-1]
     return action.reshape(shape), logprob.reshape(shape), entropy.reshape(shape)
 
@@ -342,7 +360,7 @@ def normal_logprob_entropy(mean: Tensor, log_std: Tensor, actions: Tensor) -> Tu
     """Log-prob and entropy of a diagonal Gaussian policy, summed over the last dimension, fused.
 
     Args:
-        mean: ``[..., D]`` float32/float64; differentiable.
+        mean: ``[..., D]`` float32, float64, bfloat16 or float16; differentiable.
         log_std: ``[D]`` (one log-std shared by every row, as CleanRL's continuous agent learns it)
             or ``[..., D]`` like ``mean``; same dtype; differentiable. A shared log_std's gradient
             is summed over rows in a fixed order (the same bits every run).
@@ -350,10 +368,14 @@ def normal_logprob_entropy(mean: Tensor, log_std: Tensor, actions: Tensor) -> Tu
 
     Returns:
         ``(logprob, entropy)``, each ``[...]``: ``sum_d log N(a_d; mean_d, exp(log_std_d))`` and
-        ``sum_d (0.5 + 0.5 log(2 pi) + log_std_d)``.
+        ``sum_d (0.5 + 0.5 log(2 pi) + log_std_d)``; in ``mean``'s dtype.
+
+    bfloat16 / float16: the three inputs are widened to float32 (a copy of ``[..., D]`` each,
+    small next to a policy's activations), the kernel runs in float32 and the outputs are rounded
+    to the input dtype, as are the gradients (autograd's casts); the sum over D is in float32.
     """
     fn = "fastppo.normal_logprob_entropy"
-    B.require_array(fn, "mean", mean, "torch", B.FLOAT_DTYPES)
+    B.require_array(fn, "mean", mean, "torch", B.FLOAT_DTYPES + B.LOW_PRECISION_DTYPES)
     if mean.dim() < 1 or mean.shape[-1] < 1:
         raise ValueError(f"{fn}: mean must have shape [..., D] with D >= 1, got {tuple(mean.shape)}")
     B.require_like(fn, "actions", actions, mean, "mean")
@@ -361,6 +383,9 @@ def normal_logprob_entropy(mean: Tensor, log_std: Tensor, actions: Tensor) -> Tu
     B.require_like(fn, "log_std", log_std, mean, "mean", shape=mean.shape[-1:] if shared else None,
                    shape_what="mean.shape[-1:] (shared by every row) or mean.shape (per row)")
     B.check_device(fn, "mean", mean)
+    if mean.dtype in _LOW_PRECISION:  # per-row work: a float32 copy of the inputs costs little
+        logprob, entropy = normal_logprob_entropy(mean.float(), log_std.float(), actions.float())
+        return logprob.to(mean.dtype), entropy.to(mean.dtype)
     if torch.compiler.is_compiling():
         return _normal_op(mean, log_std, actions)
     if not (torch.is_grad_enabled() and (mean.requires_grad or log_std.requires_grad)):

@@ -10,6 +10,12 @@
 None of them is differentiable: they prepare the data the PPO update reads. All run on the CPU and
 on CUDA (on the current stream), take float32 or float64 and any strided ``[B, T]`` view, and
 never synchronize with the host.
+
+bfloat16 / float16 inputs (every float input of a call in one dtype) are widened to float32 in
+Python (exact), the float32 kernel runs, and the float outputs are rounded once to the input dtype
+(so within one rounding of it, a relative 2^-8 for bfloat16 and 2^-11 for float16, of the float64
+result on the same inputs); statistics (``masked_whiten``'s mean and variance) stay float64.
+These are per-token kernels: the float32 copies are ``[B, T]`` each.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ KL_ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2}
 
 def _check_rows(fn: str, name: str, x) -> None:
     """``x`` must be a ``[B, T]`` float tensor on a device fastppo runs on."""
-    B.require_array(fn, name, x, "torch", B.FLOAT_DTYPES)
+    B.require_array(fn, name, x, "torch", B.FLOAT_DTYPES + B.LOW_PRECISION_DTYPES)
     if x.dim() != 2:
         raise ValueError(f"{fn}: {name} must have shape [B, T], got {tuple(x.shape)}")
     B.check_device(fn, name, x)
@@ -59,7 +65,7 @@ def kl_penalty_rewards(
     ``-beta * kl_t``, and ``scores[b]`` is added at response b's last selected token.
 
     Args:
-        logprob: ``[B, T]`` float32/float64: log pi(token) of the sampled response tokens under the
+        logprob: ``[B, T]`` float32/float64 (bfloat16/float16 through float32, see the module): log pi(token) of the sampled response tokens under the
             policy that sampled them (with the sampling temperature).
         ref_logprob: like ``logprob``: the same tokens under the frozen reference model.
         mask: optional ``[B, T]`` bool or 0/1: the real tokens of each response (a prefix of the row
@@ -86,6 +92,9 @@ def kl_penalty_rewards(
         raise ValueError(f"{fn}: estimator must be one of {sorted(KL_ESTIMATORS)}, got {estimator!r}")
     clamp = 0.0 if kl_clamp is None else B.require_real(fn, "kl_clamp", kl_clamp, "None or a number > 0", 0.0,
                                                          open_low=True, finite=False)
+    if B.is_low_precision(logprob):
+        out = kl_penalty_rewards(logprob.float(), ref_logprob.float(), mask, B.widen(scores), beta, estimator, kl_clamp)
+        return ShapedRewards(out.rewards.to(logprob.dtype), out.kl.to(logprob.dtype), out.last_index)
     R, T = logprob.shape
     rewards = torch.empty((R, T), dtype=logprob.dtype, device=logprob.device)
     kl = torch.empty_like(rewards)
@@ -103,7 +112,8 @@ def masked_whiten(x: Tensor, mask: Optional[Tensor] = None, shift_mean: bool = T
     """``(x - mean) / sqrt(var + eps)`` with the mean and unbiased variance of the selected elements.
 
     Args:
-        x: ``[B, T]`` float32/float64 (advantages or rewards of response tokens).
+        x: ``[B, T]`` float32/float64 (advantages or rewards of response tokens); bfloat16/float16
+            through float32 (see the module), the statistics in float64 all the same.
         mask: optional ``[B, T]`` bool or 0/1; all elements when None.
         shift_mean: when False the mean is added back (only the scale changes), as for rewards.
         eps: added to the variance.
@@ -127,6 +137,8 @@ def masked_whiten(x: Tensor, mask: Optional[Tensor] = None, shift_mean: bool = T
             raise ValueError(f"{fn}: group_moments must be a float64 [3] tensor on {x.device}, got shape "
                              f"{tuple(group_moments.shape)} on {group_moments.device}")
         group_moments = group_moments.contiguous()
+    if B.is_low_precision(x):
+        return masked_whiten(x.float(), mask, shift_mean, eps, group_moments).to(x.dtype)
     R, T = x.shape
     out = torch.empty((R, T), dtype=x.dtype, device=x.device)
     workspace = torch.empty(_C.masked_whiten_workspace(R, T), dtype=torch.float64, device=x.device)
@@ -168,7 +180,8 @@ def token_gae(
     """GAE over response tokens: each response is one episode that ends at its last real token.
 
     Args:
-        rewards: ``[B, T]`` float32/float64 token rewards (from :func:`kl_penalty_rewards`).
+        rewards: ``[B, T]`` float32/float64 token rewards (from :func:`kl_penalty_rewards`);
+            bfloat16/float16 through float32 (see the module).
         values: like ``rewards``: the value model's estimate before each token.
         last_index: ``[B]`` int64: each response's last real token (-1: none; an index past the
             end counts as T - 1), as returned by :func:`kl_penalty_rewards`. Positions after it are
@@ -190,6 +203,9 @@ def token_gae(
     gae_lambda = B.require_real(fn, "gae_lambda", gae_lambda, "a number in [0, 1]", 0.0, 1.0)
     if mask is not None:
         B.require_like(fn, "mask", mask, rewards, "rewards", B.FLAG_DTYPES)
+    if B.is_low_precision(rewards):
+        adv, ret = token_gae(rewards.float(), values.float(), last_index, gamma, gae_lambda, mask)
+        return adv.to(rewards.dtype), ret.to(rewards.dtype)
     R, T = rewards.shape
     adv = torch.empty((R, T), dtype=rewards.dtype, device=rewards.device)
     ret = torch.empty_like(adv)
