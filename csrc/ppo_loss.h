@@ -145,11 +145,15 @@ FASTPPO_HD LossElement<S> loss_element(S logratio, S ratio, S policy_ratio, S ad
   const S adv = (adv_raw - adv_mean) * adv_inv_std;
   const Term<S> pg = policy_term(policy_ratio, adv, k.clip, k.clip_high, k.dual_clip);
   const Term<S> v = value_term(value, old_value, ret, k.clip_vloss, k.vf_clip);
+  // CleanRL's |ratio - 1| > c, per side. Selects on one compare each (GCC leaves a select on a || or
+  // && of two compares branchy here, and the CPU loops over it scalar; benchmarks/vector_code.py
+  // counts); the sides exclude each other, so their sum is the or.
   const S deviation = policy_ratio - S(1);
-  const bool above = deviation > k.clip_high, below = -deviation > k.clip;
-  const S clipped = (above || below) ? S(1) : S(0);
-  const S clipped_low = (policy_ratio < S(1) - k.clip && adv < S(0)) ? S(1) : S(0);
-  const S clipped_high = (policy_ratio > S(1) + k.clip_high && adv > S(0)) ? S(1) : S(0);
+  const S below = -deviation > k.clip ? S(1) : S(0);
+  const S above = deviation > k.clip_high ? S(1) : S(0);
+  const S clipped = below + above;
+  const S clipped_low = adv < S(0) ? below : S(0);
+  const S clipped_high = adv > S(0) ? above : S(0);
   return LossElement<S>{pg.grad, v.grad, pg.value, v.value, approx_kl_k3(ratio, logratio), -logratio,
                         clipped, clipped_low, clipped_high};
 }

@@ -70,7 +70,9 @@ def ppo_loss_reference(new_logprob, old_logprob, advantages, new_value=None, old
     0 before anything reads them. The LLM options follow TRL's GRPOTrainer: the clip
     [1 - clip_coef, 1 + clip_coef_high], per-token weights of the policy term, the sequence ratio
     exp(mean of the selected log-ratios) of GSPO, the loss plus kl_coef times the aggregated KL
-    estimate, the constant normalizer B * T of Dr. GRPO, and TRL's low / high clip fractions."""
+    estimate, the constant normalizer B * T of Dr. GRPO, and TRL's low / high clip fractions (TRL
+    compares ratio < 1 - clip_coef, here 1 - ratio > clip_coef as CleanRL's clipfrac: the same but
+    for rounding at the bound)."""
     import torch
     m = torch.ones_like(new_logprob, dtype=torch.bool) if mask is None else mask != 0
     zero = torch.zeros((), dtype=new_logprob.dtype)
@@ -139,8 +141,8 @@ def ppo_loss_reference(new_logprob, old_logprob, advantages, new_value=None, old
     return dict(loss=loss, pg_loss=pg_loss, v_loss=v_loss, entropy=entropy_loss,
                 approx_kl=token_mean((token_ratio - 1) - token_logratio), old_approx_kl=token_mean(-token_logratio),
                 clipfrac=token_mean(((ratio - 1 > clip_high) | (1 - ratio > clip_coef)).to(ratio.dtype)),
-                kl=kl.detach(), clipfrac_low=token_mean(((ratio < 1 - clip_coef) & (adv < 0)).to(ratio.dtype)),
-                clipfrac_high=token_mean(((ratio > 1 + clip_high) & (adv > 0)).to(ratio.dtype)))
+                kl=kl.detach(), clipfrac_low=token_mean(((1 - ratio > clip_coef) & (adv < 0)).to(ratio.dtype)),
+                clipfrac_high=token_mean(((ratio - 1 > clip_high) & (adv > 0)).to(ratio.dtype)))
 
 
 # ---------------------------------------------------------------------------------------------
