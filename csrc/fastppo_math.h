@@ -198,13 +198,14 @@ struct Term {
 FASTPPO_HD float finite_max(float) { return 3.402823466e38f; }
 FASTPPO_HD double finite_max(double) { return 1.7976931348623157e308; }
 
-// Negated clipped surrogate: max(-A r, -A clip(r, 1-c, 1+c)) with r = exp(logratio); gradient
-// with respect to the new log-prob. With dual_clip > 1 and A < 0 it is bounded by -dual_clip A.
+// Negated clipped surrogate: max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)) with r = exp(logratio);
+// gradient with respect to the log-ratio. clip_high > clip_low is DAPO's clip-higher; equal, it is
+// PPO's symmetric clip. With dual_clip > 1 and A < 0 it is bounded by -dual_clip A.
 // An overflowed ratio (exp(logratio) = inf) takes the clipped branch: finite value, zero gradient.
 // Written with selects only, so a CPU loop over it vectorizes.
 template <typename S>
-FASTPPO_HD Term<S> policy_term(S ratio, S adv, S clip_coef, S dual_clip) {
-  const S lo = S(1) - clip_coef, hi = S(1) + clip_coef;
+FASTPPO_HD Term<S> policy_term(S ratio, S adv, S clip_low, S clip_high, S dual_clip) {
+  const S lo = S(1) - clip_low, hi = S(1) + clip_high;
   const bool overflow = ratio > finite_max(ratio);
   const S r = overflow ? hi : ratio;
   const S unclipped = -adv * r, clipped = -adv * clamp(r, lo, hi);
@@ -246,11 +247,19 @@ FASTPPO_HD S approx_kl_k3(S ratio, S logratio) {
 // can be negative), k2 = d^2 / 2 (biased, low variance), k3 = (e^-d - 1) + d (unbiased, >= 0).
 enum KlEstimator : int { kKlK1 = 0, kKlK2 = 1, kKlK3 = 2 };
 
+// An estimate and its derivative with respect to log pi, given d and e = exp(-d) (read by k3 only:
+// the caller's exp, so the CPU loops pass their vectorizable one). With the estimator a constant of
+// the caller, the selects fold away.
+template <typename S>
+FASTPPO_HD Term<S> kl_term(S d, S exp_neg_d, int estimator) {
+  if (estimator == kKlK2) return Term<S>{S(0.5) * d * d, d};
+  if (estimator == kKlK3) return Term<S>{approx_kl_k3(exp_neg_d, -d), S(1) - exp_neg_d};
+  return Term<S>{d, S(1)};
+}
+
 template <typename S>
 FASTPPO_HD S kl_estimate(S d, int estimator) {
-  if (estimator == kKlK2) return S(0.5) * d * d;
-  if (estimator == kKlK3) return approx_kl_k3(scalar_exp(-d), -d);
-  return d;
+  return kl_term(d, estimator == kKlK3 ? scalar_exp(-d) : S(0), estimator).value;
 }
 
 // The estimate clamped to [-clamp, clamp] (clamp <= 0: not clamped); NaN stays NaN.

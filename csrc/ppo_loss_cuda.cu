@@ -16,11 +16,18 @@ constexpr int kThreads = 256;
 template <typename S>
 __global__ void adv_moments_kernel(PpoLossArgs a) {
   __shared__ Moments shared[kThreads];
+  __shared__ Sums<1> shared_logratio[kThreads];
   const ChunkRange range = chunk_range(a, blockIdx.x);
   Moments m{0.0, 0.0, 0.0};
-  for (int64_t c = range.c0 + threadIdx.x; c < range.c1; c += blockDim.x) m = adv_moments_element<S>(a, range.r, c, m);
+  Sums<1> logratio = {};
+  for (int64_t c = range.c0 + threadIdx.x; c < range.c1; c += blockDim.x) {
+    m = adv_moments_element<S>(a, range.r, c, m);
+    if (a.sequence_ratio) logratio.v[0] += selected_logratio<S>(a, range.r, c);
+  }
   const Moments total = block_reduce<kThreads>(m, shared, MergeMoments{});
-  if (threadIdx.x == 0) adv_moments_store(a, blockIdx.x, total);
+  const Sums<1> logratio_total =
+      a.sequence_ratio ? block_reduce<kThreads>(logratio, shared_logratio, AddSums{}) : Sums<1>{};
+  if (threadIdx.x == 0) adv_moments_store(a, blockIdx.x, total, logratio_total.v[0]);
 }
 
 template <typename S>
@@ -40,12 +47,19 @@ template <typename S>
 __global__ void ppo_loss_finish_kernel(PpoLossArgs a) { ppo_loss_finish<S>(a); }
 
 template <typename S>
+__global__ void sequence_grad_kernel(PpoLossArgs a) {
+  const ChunkRange range = chunk_range(a, blockIdx.x);
+  for (int64_t c = range.c0 + threadIdx.x; c < range.c1; c += blockDim.x) sequence_grad_element<S>(a, range.r, c);
+}
+
+template <typename S>
 void launch(const PpoLossArgs& a, cudaStream_t stream) {
   const auto chunks = static_cast<unsigned>(a.chunks());
   if (chunks > 0 && a.needs_pass1()) adv_moments_kernel<S><<<chunks, kThreads, 0, stream>>>(a);
   loss_pass1_finish_kernel<S><<<1, 1, 0, stream>>>(a);
   if (chunks > 0) ppo_loss_kernel<S><<<chunks, kThreads, 0, stream>>>(a);
   ppo_loss_finish_kernel<S><<<1, 1, 0, stream>>>(a);
+  if (chunks > 0 && a.sequence_ratio) sequence_grad_kernel<S><<<chunks, kThreads, 0, stream>>>(a);
 }
 
 }  // namespace

@@ -63,19 +63,27 @@ def rollout(T, *trailing, seed=0, done_p=0.05):
 
 def ppo_loss_reference(new_logprob, old_logprob, advantages, new_value=None, old_value=None, returns=None,
                        entropy=None, mask=None, clip_coef=0.2, vf_coef=0.5, ent_coef=0.0, clip_vloss=True,
-                       vf_clip_coef=None, norm_adv=True, dual_clip=None, agg="token-mean"):
+                       vf_clip_coef=None, norm_adv=True, dual_clip=None, agg="token-mean", clip_coef_high=None,
+                       is_weights=None, ratio_level="token", ref_logprob=None, kl_coef=0.0, kl_estimator="k1"):
     """The documented semantics, plainly: masked means, per-sequence aggregation, dual clip, and
-    the clipped branch (no gradient) where exp(new_logprob - old_logprob) overflows. Unselected
-    elements are replaced by 0 before anything reads them."""
+    the clipped branch (no gradient) where the ratio overflows. Unselected elements are replaced by
+    0 before anything reads them. The LLM options follow TRL's GRPOTrainer: the clip
+    [1 - clip_coef, 1 + clip_coef_high], per-token weights of the policy term, the sequence ratio
+    exp(mean of the selected log-ratios) of GSPO, the loss plus kl_coef times the aggregated KL
+    estimate, the constant normalizer B * T of Dr. GRPO, and TRL's low / high clip fractions (TRL
+    compares ratio < 1 - clip_coef, here 1 - ratio > clip_coef as CleanRL's clipfrac: the same but
+    for rounding at the bound)."""
     import torch
     m = torch.ones_like(new_logprob, dtype=torch.bool) if mask is None else mask != 0
     zero = torch.zeros((), dtype=new_logprob.dtype)
+    clip_high = clip_coef if clip_coef_high is None else clip_coef_high
 
     def only_selected(x):
         return None if x is None else torch.where(m, x, zero)
 
-    new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy = map(
-        only_selected, (new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy))
+    new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy, is_weights, ref_logprob = map(
+        only_selected, (new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy, is_weights,
+                        ref_logprob))
 
     def token_mean(x):
         return torch.where(m, x, zero).sum() / m.sum() if m.any() else zero
@@ -83,6 +91,8 @@ def ppo_loss_reference(new_logprob, old_logprob, advantages, new_value=None, old
     def aggregate(x):
         if agg == "token-mean":
             return token_mean(x)
+        if agg == "seq-mean-token-sum-norm":
+            return torch.where(m, x, zero).sum() / m.numel() if m.numel() else zero
         per_seq = torch.where(m, x, zero).sum(-1)
         counts = m.sum(-1)
         if agg == "seq-mean-token-mean":
@@ -90,18 +100,23 @@ def ppo_loss_reference(new_logprob, old_logprob, advantages, new_value=None, old
         keep = counts > 0
         return per_seq[keep].mean() if keep.any() else zero
 
-    logratio = new_logprob - old_logprob
+    token_logratio = new_logprob - old_logprob
+    logratio = token_logratio
+    if ratio_level == "sequence":
+        logratio = (token_logratio.sum(-1) / m.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(token_logratio)
     ratio = logratio.exp()
     overflow = torch.isposinf(ratio.detach())
-    clipped_ratio = torch.where(overflow, 1 + clip_coef, torch.where(overflow, zero, logratio).exp())
+    clipped_ratio = torch.where(overflow, 1 + clip_high, torch.where(overflow, zero, logratio).exp())
     adv = advantages
     if norm_adv:
         chosen = advantages[m]
         std = chosen.std() if chosen.numel() >= 2 else zero
         adv = (advantages - chosen.mean()) / (std + 1e-8) if chosen.numel() else advantages
-    pg = torch.max(-adv * clipped_ratio, -adv * torch.clamp(clipped_ratio, 1 - clip_coef, 1 + clip_coef))
+    pg = torch.max(-adv * clipped_ratio, -adv * torch.clamp(clipped_ratio, 1 - clip_coef, 1 + clip_high))
     if dual_clip is not None:
         pg = torch.where(adv < 0, torch.min(pg, -dual_clip * adv), pg)
+    if is_weights is not None:
+        pg = pg * is_weights
     v_loss = zero
     if new_value is not None:
         cv = clip_coef if vf_clip_coef is None else vf_clip_coef
@@ -113,10 +128,21 @@ def ppo_loss_reference(new_logprob, old_logprob, advantages, new_value=None, old
             v_loss = 0.5 * aggregate(unclipped)
     entropy_loss = aggregate(entropy) if entropy is not None else zero
     pg_loss = aggregate(pg)
-    ratio, logratio = ratio.detach(), logratio.detach()
-    return dict(loss=pg_loss - ent_coef * entropy_loss + vf_coef * v_loss, pg_loss=pg_loss, v_loss=v_loss,
-                entropy=entropy_loss, approx_kl=token_mean((ratio - 1) - logratio),
-                old_approx_kl=token_mean(-logratio), clipfrac=token_mean(((ratio - 1).abs() > clip_coef).to(ratio.dtype)))
+    kl = zero
+    if ref_logprob is not None:
+        d = new_logprob - ref_logprob
+        per_token_kl = {"k1": d, "k2": 0.5 * d ** 2, "k3": torch.exp(-d) + d - 1}[kl_estimator]
+        kl = aggregate(per_token_kl)
+    loss = pg_loss - ent_coef * entropy_loss + vf_coef * v_loss
+    if kl_coef != 0:
+        loss = loss + kl_coef * kl
+    ratio, token_logratio, adv = ratio.detach(), token_logratio.detach(), adv.detach()
+    token_ratio = token_logratio.exp()
+    return dict(loss=loss, pg_loss=pg_loss, v_loss=v_loss, entropy=entropy_loss,
+                approx_kl=token_mean((token_ratio - 1) - token_logratio), old_approx_kl=token_mean(-token_logratio),
+                clipfrac=token_mean(((ratio - 1 > clip_high) | (1 - ratio > clip_coef)).to(ratio.dtype)),
+                kl=kl.detach(), clipfrac_low=token_mean(((1 - ratio > clip_coef) & (adv < 0)).to(ratio.dtype)),
+                clipfrac_high=token_mean(((ratio - 1 > clip_high) & (adv > 0)).to(ratio.dtype)))
 
 
 # ---------------------------------------------------------------------------------------------

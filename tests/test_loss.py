@@ -15,6 +15,7 @@ from peers import cleanrl_loss, torch_categorical
 from references import ppo_loss_reference as reference_loss
 
 STATS = ("pg_loss", "v_loss", "entropy", "approx_kl", "old_approx_kl", "clipfrac")
+EXTRA_STATS = ("kl", "clipfrac_low", "clipfrac_high")  # PPOLossOutput's attributes
 
 
 def batch(shape, dtype=torch.float64, device="cpu", seed=0, spread=0.3):
@@ -44,20 +45,24 @@ def values_and_grads(fn, inputs, **kwargs):
     """Stats and gradients of `fn(**inputs, **kwargs)` on fresh leaves."""
     leaves = {k: (v.detach().clone().requires_grad_() if k in DIFFERENTIABLE else v) for k, v in inputs.items()}
     out = fn(**leaves, **kwargs)
-    out = out._asdict() if hasattr(out, "_asdict") else out
+    if hasattr(out, "_asdict"):
+        out = dict(out._asdict(), **{k: getattr(out, k) for k in EXTRA_STATS if hasattr(out, k)})
     present = [leaves[k] for k in DIFFERENTIABLE if k in leaves]
     grads = torch.autograd.grad(out["loss"], present, allow_unused=True)
     return {k: v.detach() for k, v in out.items()}, dict(zip([k for k in DIFFERENTIABLE if k in leaves], grads))
 
 
-def assert_match(ours, theirs, rtol, atol):
+def assert_match(ours, theirs, rtol, atol, stats=STATS, grad_floor=1e-30):
+    """Values within rtol / atol; gradients within rtol and atol times their largest magnitude (or
+    grad_floor: where the gradient is a sum that cancels, as a sequence ratio's over normalized
+    advantages, its rounding is relative to the terms summed, not to the near-0 result)."""
     (ov, og), (tv, tg) = ours, theirs
-    for k in ("loss",) + STATS:
+    for k in ("loss",) + stats:
         torch.testing.assert_close(ov[k].cpu(), tv[k].cpu().to(ov[k].dtype), rtol=rtol, atol=atol, msg=k)
     for k in tg:
         expected = tg[k] if tg[k] is not None else torch.zeros_like(og[k])
         scale = expected.abs().max().item() if expected.numel() else 0.0
-        torch.testing.assert_close(og[k].cpu(), expected.cpu(), rtol=rtol, atol=atol * max(scale, 1e-30), msg=k)
+        torch.testing.assert_close(og[k].cpu(), expected.cpu(), rtol=rtol, atol=atol * max(scale, grad_floor), msg=k)
 
 
 SIZES = [2, 97, 4096, 100003]
@@ -334,6 +339,10 @@ def good():
 def test_bad_input_names_the_argument(changes, kwargs, error, words):
     inputs = good()
     inputs.update(changes)
+    assert_refused(inputs, kwargs, error, words)
+
+
+def assert_refused(inputs, kwargs, error, words):
     with pytest.raises(error) as info:
         ppo_loss(**inputs, **kwargs)
     message = str(info.value)
@@ -400,3 +409,255 @@ def test_group_moments_bad_input():
     two_d = batch((4, 4), seed=2)
     with pytest.raises(ValueError, match="token-mean"):
         ppo_loss(**two_d, group_moments=good, agg="seq-mean-token-mean")
+
+
+# ---------------------------------------------------------------- the loss family of LLM training
+
+ALL_STATS = STATS + EXTRA_STATS
+
+
+def llm_batch(shape, dtype=torch.float64, device="cpu", seed=0, spread=0.3, masked=0.2):
+    """batch() plus what the LLM options read: the reference policy's log-probs, truncated importance
+    weights (some at the truncation bound), and a mask with an empty sequence when there are rows
+    enough (padding after each response is what it stands for)."""
+    inputs = batch(shape, dtype=dtype, device=device, seed=seed, spread=spread)
+    g = torch.Generator().manual_seed(seed + 1)
+    old = inputs["old_logprob"].detach().cpu().double()
+    ref = old + torch.randn(shape, generator=g, dtype=torch.float64) * 0.4
+    weights = torch.exp(torch.randn(shape, generator=g, dtype=torch.float64) * 0.3).clamp(max=1.3)
+    mask = torch.rand(shape, generator=g) >= masked
+    if len(shape) == 2 and shape[0] > 2:
+        mask[1] = False
+    return dict(inputs, ref_logprob=ref.to(dtype=dtype, device=device),
+                is_weights=weights.to(dtype=dtype, device=device), mask=mask.to(device))
+
+
+# Each option alone, with the arguments that switch it on.
+OPTIONS = {
+    "clip_coef_high": dict(clip_coef=0.2, clip_coef_high=0.28),
+    "clip_coef_high_below": dict(clip_coef=0.3, clip_coef_high=0.1),
+    "is_weights": dict(use=("is_weights",)),
+    "agg_norm": dict(agg="seq-mean-token-sum-norm"),
+    "kl_k1": dict(use=("ref_logprob",), kl_coef=0.1, kl_estimator="k1"),
+    "kl_k2": dict(use=("ref_logprob",), kl_coef=0.1, kl_estimator="k2"),
+    "kl_k3": dict(use=("ref_logprob",), kl_coef=0.04, kl_estimator="k3"),
+    "kl_reported_only": dict(use=("ref_logprob",), kl_estimator="k3"),
+    "sequence": dict(ratio_level="sequence"),
+    "sequence_clip_high": dict(ratio_level="sequence", clip_coef=3e-4, clip_coef_high=4e-4),
+}
+PLAIN = ("new_logprob", "old_logprob", "advantages", "mask")
+
+
+def family_case(inputs, option, **more):
+    """The inputs the option reads and its keyword arguments."""
+    kwargs = dict(OPTIONS[option], **more)
+    use = PLAIN + kwargs.pop("use", ())
+    return {k: v for k, v in inputs.items() if k in use}, kwargs
+
+
+def family_values_and_grads(inputs, option):
+    case, kwargs = family_case(inputs, option)
+    return values_and_grads(ppo_loss, case, **kwargs)
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+@pytest.mark.parametrize("B,T", [(1, 1), (4, 97), (3, 1025), (97, 5), (1, 4099)])
+def test_each_option_alone_against_the_reference(device, option, B, T):
+    inputs, kwargs = family_case(llm_batch((B, T), device=device, seed=B + T), option)
+    ours = values_and_grads(ppo_loss, inputs, **kwargs)
+    assert_match(ours, values_and_grads(reference_loss, inputs, **kwargs), rtol=1e-9, atol=1e-12, stats=ALL_STATS, grad_floor=1e-6)
+
+
+def test_each_option_changes_the_result():
+    # So the comparisons above can fail: every option moves the loss, a stat or the gradient.
+    inputs = llm_batch((6, 50), seed=3, spread=0.6)
+    plain_values, plain_grads = values_and_grads(ppo_loss, {k: inputs[k] for k in PLAIN})
+    for option in OPTIONS:
+        if option == "kl_reported_only":
+            continue
+        values, grads = family_values_and_grads(inputs, option)
+        moved = [k for k in ("loss",) + ALL_STATS if not torch.equal(values[k], plain_values[k])]
+        assert moved and not torch.equal(grads["new_logprob"], plain_grads["new_logprob"]), option
+    values, grads = family_values_and_grads(inputs, "kl_reported_only")
+    assert values["kl"].item() > 0 and torch.equal(values["loss"], plain_values["loss"])
+    assert torch.equal(grads["new_logprob"], plain_grads["new_logprob"])
+
+
+@pytest.mark.parametrize("agg", sorted(fastppo.loss.AGG_MODES))
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+@pytest.mark.parametrize("B,T", [(1, 97), (5, 33), (2, 1025)])
+def test_options_combined_against_the_reference(device, agg, ratio_level, B, T):
+    inputs = llm_batch((B, T), device=device, seed=B * T, spread=0.5)
+    kwargs = dict(agg=agg, ratio_level=ratio_level, clip_coef=0.2, clip_coef_high=0.28, kl_coef=0.05,
+                  kl_estimator="k3", ent_coef=0.01, vf_clip_coef=0.3, dual_clip=3.0)
+    ours = values_and_grads(ppo_loss, inputs, **kwargs)
+    assert_match(ours, values_and_grads(reference_loss, inputs, **kwargs), rtol=1e-9, atol=1e-12, stats=ALL_STATS, grad_floor=1e-6)
+    without_value = {k: v for k, v in inputs.items() if k not in ("new_value", "old_value", "returns")}
+    kwargs.update(norm_adv=False, kl_estimator="k2")  # GRPO: group advantages, no critic
+    assert_match(values_and_grads(ppo_loss, without_value, **kwargs),
+                 values_and_grads(reference_loss, without_value, **kwargs), rtol=1e-9, atol=1e-12, stats=ALL_STATS, grad_floor=1e-6)
+
+
+@pytest.mark.parametrize("option", ["is_weights", "kl_k3", "sequence", "agg_norm"])
+def test_float32_against_the_reference(device, option):
+    inputs = llm_batch((7, 300), dtype=torch.float32, device=device, seed=5)
+    inputs, kwargs = family_case(inputs, option)
+    as64 = {k: v.detach().double() if v.is_floating_point() else v for k, v in inputs.items()}
+    ours = values_and_grads(ppo_loss, inputs, **kwargs)
+    want_values, want_grads = values_and_grads(reference_loss, as64, **kwargs)
+    assert_match(ours, ({k: v.float() for k, v in want_values.items()}, {k: g.float() for k, g in want_grads.items()}),
+                 rtol=1e-4, atol=1e-5, stats=ALL_STATS)
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_every_token_masked_gives_zeros(device, option):
+    inputs = llm_batch((3, 9), device=device, seed=8)
+    inputs["mask"] = torch.zeros((3, 9), dtype=torch.bool, device=device)
+    values, grads = family_values_and_grads(inputs, option)
+    assert all(v.item() == 0.0 for v in values.values())
+    assert grads["new_logprob"].abs().max().item() == 0.0
+
+
+def test_non_contiguous_views_against_the_reference(device):
+    inputs = llm_batch((40, 7), device=device, seed=13, spread=0.5)
+    # [B, T] views of [T, B] storage, as a time-major buffer read batch-major
+    views = {k: v.detach().t().contiguous().t().requires_grad_(k in DIFFERENTIABLE) for k, v in inputs.items()}
+    assert not views["ref_logprob"].is_contiguous() and not views["is_weights"].is_contiguous()
+    kwargs = dict(ratio_level="sequence", clip_coef_high=0.28, kl_coef=0.05, kl_estimator="k3",
+                  agg="seq-mean-token-sum-norm", ent_coef=0.01)
+    assert_match(values_and_grads(ppo_loss, views, **kwargs), values_and_grads(reference_loss, inputs, **kwargs),
+                 rtol=1e-9, atol=1e-12, stats=ALL_STATS, grad_floor=1e-6)
+    # every other column: a stride of 2 along T
+    wide = llm_batch((6, 64), device=device, seed=14)
+    strided = {k: v.detach()[:, ::2] for k, v in wide.items()}
+    assert_match(values_and_grads(ppo_loss, strided, **kwargs), values_and_grads(reference_loss, strided, **kwargs),
+                 rtol=1e-9, atol=1e-12, stats=ALL_STATS, grad_floor=1e-6)
+
+
+def test_sequence_ratio_is_one_ratio_per_sequence():
+    # One token per sequence: the sequence ratio is the token's. And a sequence's tokens all get the
+    # same d loss / d log-prob from the policy term when their advantages are equal (GRPO).
+    inputs = llm_batch((9, 1), seed=2, masked=0.0)
+    assert_match(values_and_grads(ppo_loss, inputs, ratio_level="sequence"), values_and_grads(ppo_loss, inputs),
+                 rtol=1e-12, atol=1e-15, stats=ALL_STATS)
+    inputs = llm_batch((4, 30), seed=3, masked=0.3)
+    inputs["advantages"] = torch.randn(4, 1, dtype=torch.float64).expand(4, 30)
+    _, grads = values_and_grads(ppo_loss, inputs, ratio_level="sequence", norm_adv=False)
+    for row, sel in zip(grads["new_logprob"], inputs["mask"]):
+        assert (row[~sel] == 0).all()
+        if sel.any():
+            torch.testing.assert_close(row[sel], row[sel][:1].expand(int(sel.sum())), rtol=0, atol=0)
+
+
+def test_unpacks_into_seven_values_with_the_new_stats_as_attributes():
+    inputs = llm_batch((3, 8), seed=1)
+    out = ppo_loss(inputs["new_logprob"], inputs["old_logprob"], inputs["advantages"], mask=inputs["mask"],
+                   ref_logprob=inputs["ref_logprob"], kl_coef=0.1)
+    loss, pg_loss, v_loss, entropy, approx_kl, old_approx_kl, clipfrac = out
+    assert loss is out.loss and clipfrac is out.clipfrac and len(out) == 7
+    for name in EXTRA_STATS:
+        value = getattr(out, name)
+        assert value.shape == () and not value.requires_grad
+    assert out.kl.item() != 0.0
+    plain = ppo_loss(inputs["new_logprob"], inputs["old_logprob"], inputs["advantages"])
+    assert plain.kl.item() == 0.0  # no reference: no KL
+
+
+def test_torch_compile_fullgraph_matches_eager_with_the_family():
+    inputs = llm_batch((16, 12), seed=9)
+    mask, ref, weights = inputs.pop("mask"), inputs.pop("ref_logprob"), inputs.pop("is_weights")
+
+    def step(new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy):
+        out = ppo_loss(new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy, mask=mask,
+                       ent_coef=0.01, agg="seq-mean-token-sum-norm", clip_coef_high=0.28, is_weights=weights,
+                       ratio_level="sequence", ref_logprob=ref, kl_coef=0.05, kl_estimator="k3")
+        return out.loss, out.clipfrac, out.kl, out.clipfrac_low, out.clipfrac_high
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (step, compiled):
+        leaves = {k: (v.detach().clone().requires_grad_() if k in DIFFERENTIABLE else v) for k, v in inputs.items()}
+        outs = fn(**leaves)
+        grads = torch.autograd.grad(outs[0], [leaves[k] for k in DIFFERENTIABLE])
+        results.append((outs[0].detach(),) + outs[1:] + grads)
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, rtol=0, atol=0)
+
+
+def test_opcheck_with_the_family():
+    inputs = llm_batch((5, 10), seed=4)
+    args = [inputs["new_logprob"].detach().clone().requires_grad_(), inputs["old_logprob"], inputs["advantages"],
+            None, None, None, None, inputs["mask"], 0.2, 0.5, 0.0, 0.2, 0.0, True, False, 3, None, 1.0,
+            inputs["is_weights"], inputs["ref_logprob"], 0.28, 0.05, 2, True]
+    torch.library.opcheck(torch.ops.fastppo.ppo_loss.default, tuple(args))
+
+
+def low_precision_errors(fn, inputs, dtype, **kwargs):
+    """The max abs error of fn on `dtype` inputs against the float64 reference on the same (rounded)
+    inputs: of the loss, of each stat, and of the gradient."""
+    rounded = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    exact = {k: v.double() if v.is_floating_point() else v for k, v in rounded.items()}
+    want_values, want_grads = values_and_grads(reference_loss, exact, **kwargs)
+    got_values, got_grads = values_and_grads(fn, rounded, **kwargs)
+    assert got_grads["new_logprob"].dtype == dtype
+    errors = {k: (got_values[k].double() - want_values[k]).abs().item() for k in ("loss", "pg_loss", "kl")}
+    errors["grad"] = (got_grads["new_logprob"].double() - want_grads["new_logprob"]).abs().max().item()
+    return errors, got_values
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_low_precision_within_the_error_of_torch_in_that_precision(device, dtype, ratio_level):
+    # The error budget is torch's own: the same formula (the reference) run in bf16 / fp16.
+    inputs = llm_batch((8, 257), device=device, seed=6, spread=0.2)
+    kwargs = dict(ratio_level=ratio_level, clip_coef_high=0.28, kl_coef=0.05, kl_estimator="k3", ent_coef=0.01,
+                  agg="seq-mean-token-mean")
+    ours, values = low_precision_errors(ppo_loss, inputs, dtype, **kwargs)
+    torchs, _ = low_precision_errors(reference_loss, inputs, dtype, **kwargs)
+    for k in ours:
+        assert ours[k] <= 2 * torchs[k] + 1e-6, (k, ours[k], torchs[k])
+    assert all(values[k].dtype == torch.float32 for k in ("loss",) + ALL_STATS)  # stats in float32
+
+
+def test_low_precision_gradients_flow_to_value_and_entropy(device):
+    inputs = {k: v.detach().to(torch.bfloat16) if v.is_floating_point() else v
+              for k, v in llm_batch((4, 16), device=device, seed=7).items()}
+    values, grads = values_and_grads(ppo_loss, inputs, ent_coef=0.01, kl_coef=0.1)
+    assert all(grads[k].dtype == torch.bfloat16 and grads[k].abs().max() > 0 for k in DIFFERENTIABLE)
+    want_values, want_grads = values_and_grads(
+        ppo_loss, {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}, ent_coef=0.01, kl_coef=0.1)
+    for k in DIFFERENTIABLE:  # the float32 kernel on the same values, its gradients rounded once
+        torch.testing.assert_close(grads[k], want_grads[k].to(torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(values["loss"], want_values["loss"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,words",
+    [
+        (dict(clip_coef_high=0.0), ValueError, ["clip_coef_high", "> 0"]),
+        (dict(clip_coef_high=-0.1), ValueError, ["clip_coef_high", "-0.1"]),
+        (dict(clip_coef_high=float("inf")), ValueError, ["clip_coef_high"]),
+        (dict(clip_coef_high="0.28"), TypeError, ["clip_coef_high", "str"]),
+        (dict(kl_estimator="k4"), ValueError, ["kl_estimator", "'k4'", "k1", "k3"]),
+        (dict(kl_estimator=3), ValueError, ["kl_estimator", "3"]),
+        (dict(ratio_level="seq"), ValueError, ["ratio_level", "'seq'", "sequence"]),
+        (dict(ratio_level="sequence", flat=True), ValueError, ["ratio_level", "2-D", "(24,)"]),
+        (dict(ref_logprob=torch.zeros(4, 5, dtype=torch.float64)), ValueError, ["ref_logprob", "(4, 5)", "(4, 6)"]),
+        (dict(ref_logprob=torch.zeros(4, 6, dtype=torch.float32)), TypeError, ["ref_logprob", "float32", "float64"]),
+        (dict(is_weights=torch.zeros(4, 6, 1, dtype=torch.float64)), ValueError, ["is_weights", "(4, 6, 1)"]),
+        (dict(is_weights=torch.zeros(4, 6, dtype=torch.int64)), TypeError, ["is_weights", "int64"]),
+        (dict(kl_coef=-0.1, ref=True), ValueError, ["kl_coef", ">= 0", "-0.1"]),
+        (dict(kl_coef=float("nan"), ref=True), ValueError, ["kl_coef", "nan"]),
+        (dict(kl_coef=float("inf"), ref=True), ValueError, ["kl_coef", "inf"]),
+        (dict(kl_coef=0.1), ValueError, ["kl_coef", "ref_logprob"]),
+        (dict(agg="seq-mean-token-sum-norm", flat=True), ValueError, ["agg", "2-D"]),
+    ],
+)
+def test_family_bad_input_names_the_argument(kwargs, error, words):
+    kwargs = dict(kwargs)
+    inputs = {k: v.detach() for k, v in batch((4, 6), seed=0).items() if k in ("new_logprob", "old_logprob", "advantages")}
+    if kwargs.pop("flat", False):
+        inputs = {k: v.reshape(-1) for k, v in inputs.items()}
+    if kwargs.pop("ref", False):
+        kwargs["ref_logprob"] = inputs["old_logprob"]
+    assert_refused(inputs, kwargs, error, words)

@@ -466,13 +466,17 @@ def check_gae(device: str, data, defect: str | None) -> None:
 # fastppo.ppo_loss
 
 LOSS_STATS = ("pg_loss", "v_loss", "entropy", "approx_kl", "old_approx_kl", "clipfrac")
-LOSS_INPUTS = ("new_logprob", "old_logprob", "advantages", "new_value", "old_value", "returns", "entropy")
+LOSS_INPUTS = ("new_logprob", "old_logprob", "advantages", "new_value", "old_value", "returns", "entropy", "is_weights",
+               "ref_logprob")
+LOSS_EXTRA_STATS = ("kl", "clipfrac_low", "clipfrac_high")
+LOSS_NOT_FLOATS = tuple(d for d in NOT_FLOATS if d != "float16")  # ppo_loss takes float16 (through float32)
 DIFFERENTIABLE = ("new_logprob", "new_value", "entropy")
 LOSS_DEFECTS = ("dtype:new_logprob", "dtype:old_logprob", "dtype:advantages", "dtype:new_value", "dtype:entropy",
                 "dtype:mask", "shape:old_logprob", "shape:returns", "shape:entropy", "shape:mask", "kind:new_logprob",
                 "kind:advantages", "missing:returns", "missing:old_value", "missing:new_value", "value:clip_coef",
                 "value:vf_clip_coef", "value:dual_clip", "value:ent_coef", "value:agg", "value:agg_ndim",
-                "value:group_size", "dtype:group_moments", "shape:group_moments")
+                "value:group_size", "dtype:group_moments", "shape:group_moments", "dtype:is_weights",
+                "shape:ref_logprob", "value:clip_coef_high", "value:kl_coef", "value:kl_estimator")
 
 
 def loss_weights(sel: np.ndarray, agg: str) -> np.ndarray:
@@ -480,6 +484,8 @@ def loss_weights(sel: np.ndarray, agg: str) -> np.ndarray:
     n = sel.sum()
     if agg == "token-mean" or sel.ndim != 2:
         return sel / max(n, 1)
+    if agg == "seq-mean-token-sum-norm":
+        return sel / max(sel.size, 1)
     counts = sel.sum(-1, keepdims=True)
     rows = max(int((counts > 0).sum()), 1)
     per_token = 1.0 / np.maximum(counts, 1) if agg == "seq-mean-token-mean" else np.ones_like(counts, F64)
@@ -517,8 +523,17 @@ def check_ppo_loss(device: str, data, defect: str | None) -> None:
         ent_coef=data.draw(st.sampled_from((0.0, 0.01, -0.3))), clip_vloss=clip_vloss,
         vf_clip_coef=data.draw(st.sampled_from((None, 0.3, 10.0))), norm_adv=data.draw(st.booleans()),
         dual_clip=data.draw(st.sampled_from((None, 1.5, 3.0))),
-        agg=data.draw(st.sampled_from(("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"))) if ndim == 2
-        else "token-mean")
+        agg=data.draw(st.sampled_from(("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                       "seq-mean-token-sum-norm"))) if ndim == 2 else "token-mean",
+        clip_coef_high=data.draw(st.sampled_from((None, 0.28, 0.05))))
+    # The LLM options: truncated importance weights, a KL term against a reference (its log-probs
+    # near the new ones wherever those are finite, so that k3's exp stays finite). The sequence
+    # ratio is tested in test_loss.py.
+    has_weights = data.draw(st.booleans(), label="is_weights") or defect == "dtype:is_weights"
+    has_ref = data.draw(st.booleans(), label="ref_logprob") or defect == "shape:ref_logprob"
+    if has_ref:
+        options.update(kl_coef=data.draw(st.sampled_from((0.0, 0.05, 1.0))),
+                       kl_estimator=data.draw(st.sampled_from(("k1", "k2", "k3"))))
     nonfinite = NONFINITE_COUNTS
 
     old = -np.abs(rng.normal(size=shape)) * 3
@@ -535,7 +550,13 @@ def check_ppo_loss(device: str, data, defect: str | None) -> None:
         if has_value and (clip_vloss or data.draw(st.booleans())) else None,
         returns=with_specials(rng, rng.normal(size=shape), data.draw(nonfinite)) if has_value else None,
         entropy=with_specials(rng, rng.random(shape), data.draw(nonfinite)) if has_entropy else None,
+        is_weights=rng.uniform(0.2, 1.5, size=shape) if has_weights else None,
+        ref_logprob=None,
     )
+    if has_ref:
+        new = logical["new_logprob"]
+        with np.errstate(all="ignore"):
+            logical["ref_logprob"] = np.where(np.isfinite(new), new + rng.normal(size=shape) * 0.5, old)
     requires_grad = {k: data.draw(st.booleans()) for k in DIFFERENTIABLE}
     dtypes = {k: dtype for k in LOSS_INPUTS}
     shapes = {k: shape for k in LOSS_INPUTS + ("mask",)}
@@ -543,7 +564,7 @@ def check_ppo_loss(device: str, data, defect: str | None) -> None:
     if defect is not None and defect.startswith(("dtype:", "shape:")) and not defect.endswith("group_moments"):
         name = defect.split(":")[1]
         if defect.startswith("dtype:") and name != "mask":
-            dtypes[name] = refused_dtype(data) if name == "new_logprob" else other_dtype(data, dtype)
+            dtypes[name] = refused_dtype(data, LOSS_NOT_FLOATS) if name == "new_logprob" else other_dtype(data, dtype)
             requires_grad[name] = False  # integer tensors cannot require grad
         elif name != "mask":
             shapes[name] = wrong_shape(data, shape)
@@ -610,6 +631,14 @@ def check_ppo_loss(device: str, data, defect: str | None) -> None:
     elif defect == "value:agg_ndim":
         if ndim != 2:
             kwargs["agg"], expected = "seq-mean-token-sum", (ValueError, "agg")
+    elif defect in ("value:clip_coef_high", "value:kl_coef"):
+        name = defect.split(":")[1]
+        bad = (0.0, -0.5, math.nan, math.inf, "0.2", True) if name == "clip_coef_high" else (-0.1, math.nan, math.inf, "0.1")
+        kwargs[name] = data.draw(st.sampled_from(bad))
+        expected = (ValueError if isinstance(kwargs[name], float) else TypeError, name)
+    elif defect == "value:kl_estimator":
+        kwargs["kl_estimator"] = data.draw(st.sampled_from(("k4", "K1", "", None)))
+        expected = (ValueError, "kl_estimator")
     elif defect == "value:group_size":
         kwargs["group_size"] = data.draw(st.sampled_from((0, -1, 1.0, True, "2")))
         expected = (ValueError if isinstance(kwargs["group_size"], int) and not isinstance(kwargs["group_size"], bool)
@@ -628,7 +657,7 @@ def check_ppo_loss(device: str, data, defect: str | None) -> None:
     got_grads = dict(zip(unique, gradients(out.loss * upstream, list(unique.values()))))
     assert out.loss.requires_grad == bool(leaves)
     assert out._fields == ("loss",) + LOSS_STATS
-    for name, value in zip(out._fields, out):
+    for name, value in list(zip(out._fields, out)) + [(k, getattr(out, k)) for k in LOSS_EXTRA_STATS]:
         assert value.shape == () and value.dtype == getattr(torch, dtype) and value.device.type == device
         if name != "loss":
             assert not value.requires_grad
@@ -648,17 +677,24 @@ def check_ppo_loss(device: str, data, defect: str | None) -> None:
     # Error budget: each term's magnitude, weighted as the mean weighs it.
     x = {k: a.logical.astype(F64) for k, a in args.items()}
     c = options["clip_coef"]
+    c_high = c if options["clip_coef_high"] is None else options["clip_coef_high"]
     cv = c if options["vf_clip_coef"] is None else options["vf_clip_coef"]
     with np.errstate(all="ignore"):
         logratio = finite_abs(x["new_logprob"] - x["old_logprob"])
-        ratio = np.maximum(np.exp(np.minimum(logratio, 700.0)), 1 + c)
+        ratio = np.maximum(np.exp(np.minimum(logratio, 700.0)), 1 + max(c, c_high))
         adv = finite_abs(x["advantages"])
         if options["norm_adv"] and sel.any():  # (A - mean) / (std + 1e-8) rounds relative to |A| + |mean|
             chosen = x["advantages"][sel]
             std = chosen.std(ddof=1) if chosen.size >= 2 else 0.0
             adv = finite_abs(2 * (adv + abs(chosen.mean())) / (std + 1e-8))
         pg_mag = adv * ratio * (2 + logratio) * max(1.0, options["dual_clip"] or 1.0)  # (may overflow to inf)
+        if has_weights:
+            pg_mag = pg_mag * x["is_weights"]
         kl_mag = ratio + 1 + logratio
+        # the reference KL: each estimate and its derivative are bounded by 1 + |d| + d^2 + e^|d|
+        d = finite_abs(x["ref_logprob"] - x["new_logprob"]) if has_ref else 0 * adv
+        ref_kl_mag = 1 + d + d * d + np.exp(np.minimum(d, 700.0))
+        kl_coef = options.get("kl_coef", 0.0)
     v_grad_mag = sum(finite_abs(x[k]) for k in ("new_value", "old_value", "returns") if k in x) + cv if has_value else 0 * adv
     ent_mag = finite_abs(x["entropy"]) if "entropy" in x else 0 * adv
     eps = EPS[dtype]
@@ -671,12 +707,18 @@ def check_ppo_loss(device: str, data, defect: str | None) -> None:
             return K * (eps * terms.sum() + EPS["float64"] * (count + 1) * (terms.max(initial=0.0)))
 
     tol = dict(pg_loss=budget(w, pg_mag), v_loss=budget(w, v_grad_mag ** 2), entropy=budget(w, ent_mag),
-               approx_kl=budget(w_tok, kl_mag), old_approx_kl=budget(w_tok, logratio), clipfrac=K * eps)
-    parts = [float(v) for v in (want["pg_loss"], options["ent_coef"] * want["entropy"], options["vf_coef"] * want["v_loss"])]
+               approx_kl=budget(w_tok, kl_mag), old_approx_kl=budget(w_tok, logratio), clipfrac=K * eps,
+               kl=budget(w, ref_kl_mag), clipfrac_low=K * eps, clipfrac_high=K * eps)
+    parts = [float(v) for v in (want["pg_loss"], options["ent_coef"] * want["entropy"], options["vf_coef"] * want["v_loss"],
+                                kl_coef * want["kl"])]
     tol["loss"] = (tol["pg_loss"] + abs(options["ent_coef"]) * tol["entropy"] + abs(options["vf_coef"]) * tol["v_loss"]
-                   + K * eps * sum(abs(v) for v in parts if math.isfinite(v)))
-    for name, value in zip(out._fields, out):
-        assert_matches(value, float(want[name]), tol[name], name)
+                   + (kl_coef * tol["kl"] if kl_coef else 0.0) + K * eps * sum(abs(v) for v in parts if math.isfinite(v)))
+    # The clip fractions by sign read the normalized advantages' signs, which are a convention where
+    # the normalization's statistics are not finite (torch's are NaN, the kernel's std then 0).
+    stats_finite = not options["norm_adv"] or bool(np.isfinite(x["advantages"][sel]).all())
+    for name, value in list(zip(out._fields, out)) + [(k, getattr(out, k)) for k in LOSS_EXTRA_STATS]:
+        if stats_finite or name not in ("clipfrac_low", "clipfrac_high"):
+            assert_matches(value, float(want[name]), tol[name], name)
 
     finite_inputs = all(np.isfinite(v[sel]).all() for v in x.values())
     event("computed" if finite_inputs else "computed, non-finite inputs")
@@ -687,10 +729,10 @@ def check_ppo_loss(device: str, data, defect: str | None) -> None:
     def finite(*names):
         return np.logical_and.reduce([np.isfinite(x[k]) for k in names if k in x] + [np.ones(shape, bool)])
 
-    stats_finite = not options["norm_adv"] or bool(np.isfinite(x["advantages"][sel]).all())
-    defined = dict(new_logprob=finite("new_logprob", "old_logprob", "advantages") & stats_finite | ~sel,
+    defined = dict(new_logprob=finite("new_logprob", "old_logprob", "advantages", "ref_logprob") & stats_finite | ~sel,
                    new_value=finite("new_value", "old_value", "returns") | ~sel, entropy=np.ones(shape, bool))
-    grad_mags = dict(new_logprob=pg_mag, new_value=v_grad_mag, entropy=abs(options["ent_coef"]) + 0 * adv)
+    grad_mags = dict(new_logprob=pg_mag + kl_coef * ref_kl_mag, new_value=v_grad_mag,
+                     entropy=abs(options["ent_coef"]) + 0 * adv)
     for (leaf_id, got), wanted in zip(got_grads.items(), want_grads):
         users = [k for k in DIFFERENTIABLE if k in args and id(args[k].base) == leaf_id]
         with np.errstate(all="ignore"):

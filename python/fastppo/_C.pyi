@@ -35,6 +35,8 @@ def ppo_loss(
     ent_coef: float, vf_clip_coef: float, dual_clip: float, clip_vloss: bool, norm_adv: bool, agg: int,
     grad_logprob: _Data | None, grad_value: _Data | None, loss: _Data, stats: _Data, row_scale: _Data,
     workspace: _Data, device: int, stream: int, group: _Data | None = None, group_size: float = 1.0,
+    clip_coef_high: float = -1.0, is_weights: _Strided2 | None = None, ref_logprob: _Strided2 | None = None,
+    kl_coef: float = 0.0, kl_estimator: int = -1, sequence_ratio: bool = False,
 ) -> None: ...
 
 # Policy heads (csrc/bindings_heads.cpp)
