@@ -575,7 +575,10 @@ def _compile_options(options: Dict[str, object]) -> Optional[Dict[str, object]]:
 def _output(loss: Tensor, stats: Tensor) -> PPOLossOutput:
     """ppo_loss's output type from the loss and the stats vector (in ``_STATS``' order)."""
     values = dict(zip(_STATS, stats.detach().unbind()))
-    return PPOLossOutput(loss, *(values[name] for name in PPOLossOutput._fields[1:]))
+    out = PPOLossOutput(loss, *(values[name] for name in PPOLossOutput._fields[1:]))
+    for name in _EXTRA_STATS:
+        setattr(out, name, values[name])
+    return out
 
 
 def linear_ppo_loss(
