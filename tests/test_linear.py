@@ -438,7 +438,7 @@ def test_linear_ppo_loss_new_options_equal_the_logits_path(options, chunk):
 def test_linear_ppo_loss_one_pass_makes_three_gemms(monkeypatch):
     """The one pass: a logits GEMM per chunk in forward and two gradient GEMMs, none in backward;
     the two-phase path (a sequence longer than a chunk under a per-sequence aggregation) recomputes."""
-    import fastppo.linear as linear
+    import fastppo.linear as linear  # the chunk GEMM of both functions lives there
 
     calls = []
     original = linear._chunk_logits

@@ -34,7 +34,7 @@ _TORCH_ONLY = {
     "categorical_sample": "heads",
     "normal_logprob_entropy": "heads",
     "linear_logprob_entropy": "linear",
-    "linear_ppo_loss": "linear",
+    "linear_ppo_loss": "linear_loss",
 }
 
 
