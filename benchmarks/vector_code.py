@@ -12,6 +12,11 @@ The module fastppo installs is stripped, so compile the CPU kernels of a tree to
 Prints, per object, per copy (avx2, avx512) and dtype: instructions, those on ymm/zmm registers,
 and scalar compares (ucomis*/comis*). A copy whose loop the compiler left scalar has a few hundred
 vector instructions where a vectorized one has thousands.
+
+    python benchmarks/vector_code.py --function masked_moments_unit /tmp/old.o /tmp/new.o
+
+counts another function's instantiations instead (here the advantage moments of ppo_loss's pass 1
+and of rlhf.masked_whiten).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ def count(obj: str, function: str = "chunk_loss_unit<") -> dict:
             name = head.group(1)
             current = None
             if function in name and "dispatch" not in name and "::baseline::" not in name:
-                current = (name.split("::")[1], "float" if "<float" in name else "double")
+                current = (re.search(r"fastppo::(\w+)::", name.replace("fastppo::Moments", "")).group(1),
+                           "float" if "<float" in name else "double")
             continue
         if current and "\t" in line:
             instruction = line.split("\t", 1)[1]
@@ -45,14 +51,17 @@ def count(obj: str, function: str = "chunk_loss_unit<") -> dict:
 
 
 def main(argv=None) -> int:
-    objects = sys.argv[1:] if argv is None else argv
-    if not objects:
+    args = list(sys.argv[1:] if argv is None else argv)
+    function = "chunk_loss_unit<"
+    if len(args) >= 2 and args[0] == "--function":
+        function, args = args[1], args[2:]
+    if not args:
         print(__doc__)
         return 2
     print("| object | copy | dtype | instructions | on ymm/zmm | scalar compares |")
     print("|---|---|---|---:|---:|---:|")
-    for obj in objects:
-        for (copy, dtype), (n, vector, scalar) in sorted(count(obj).items()):
+    for obj in args:
+        for (copy, dtype), (n, vector, scalar) in sorted(count(obj, function).items()):
             print(f"| {obj} | {copy} | {dtype} | {n:,} | {vector:,} | {scalar} |")
     return 0
 

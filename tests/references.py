@@ -283,3 +283,46 @@ def masked_mean_reference(x, mask=None, dim=None):
     rows, row_sel = lines.reshape(n_lines, x.shape[dim]), chosen.reshape(n_lines, x.shape[dim])
     means = [rows[i][row_sel[i]].sum().item() / max(int(row_sel[i].sum()), 1) for i in range(rows.shape[0])]
     return torch.tensor(means, dtype=torch.float64).reshape(lines.shape[:-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Language-model pieces
+
+
+def logprob_entropy_reference(hidden, weight, targets, bias=None, temperature=1.0, mask=None):
+    """linear_logprob_entropy in float64: the full logits, log_softmax, gather and entropy. A masked
+    token reads neither its hidden state nor its target (both replaced by 0) and gives 0."""
+    import torch
+    m = torch.ones(targets.shape, dtype=torch.bool) if mask is None else mask != 0
+    hidden = torch.where(m.unsqueeze(-1), hidden.double(), 0.0)
+    logits = hidden @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    taken = logp.gather(-1, torch.where(m, targets.long(), 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(m, taken, 0.0), torch.where(m, entropy, 0.0)
+
+
+def group_advantages_reference(scores, group_size: int, estimator: str, eps: float) -> np.ndarray:
+    """fastppo.rlhf.group_advantages in float64, one group after the other, as the formulas read."""
+    x = [float(v) for v in scores]
+    out = []
+    for start in range(0, len(x), group_size):
+        group = x[start:start + group_size]
+        g = len(group)
+        mean = sum(group) / g
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (g - 1)) if g > 1 else 0.0  # group_size 1: 0
+        for i, r in enumerate(group):
+            if estimator == "dr_grpo":
+                out.append(r - mean)
+            elif estimator == "rloo":
+                others = group[:i] + group[i + 1:]
+                out.append(r - sum(others) / len(others))
+            elif math.isnan(r - mean):
+                out.append(math.nan)
+            elif std + eps == 0:  # equal scores and eps 0: defined as 0
+                out.append(0.0)
+            else:
+                out.append((r - mean) / (std + eps))
+    return np.array(out, dtype=np.float64)

@@ -12,35 +12,12 @@ import pytest
 import torch
 
 from fastppo.rlhf import group_advantages
+from references import group_advantages_reference as reference
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 # (B, group_size): one response, pairs, threes, TRL's usual 16, a prime group, a large batch
 SIZES = [(1, 1), (2, 2), (6, 3), (96, 3), (80, 16), (291, 97), (1024, 2), (1024, 16), (1024, 1024)]
-
-
-def reference(scores, group_size: int, estimator: str, eps: float) -> np.ndarray:
-    """The advantages in float64, one group after the other, as the formulas read."""
-    x = [float(v) for v in scores]
-    out = []
-    for start in range(0, len(x), group_size):
-        group = x[start:start + group_size]
-        g = len(group)
-        mean = sum(group) / g
-        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (g - 1)) if g > 1 else 0.0  # group_size 1: 0
-        for i, r in enumerate(group):
-            if estimator == "dr_grpo":
-                out.append(r - mean)
-            elif estimator == "rloo":
-                others = group[:i] + group[i + 1:]
-                out.append(r - sum(others) / len(others))
-            elif math.isnan(r - mean):
-                out.append(math.nan)
-            elif std + eps == 0:  # equal scores and eps 0: defined as 0
-                out.append(0.0)
-            else:
-                out.append((r - mean) / (std + eps))
-    return np.array(out, dtype=np.float64)
 
 
 def random_scores(n: int, seed: int, dtype=torch.float64, device="cpu", offset: float = 0.0) -> torch.Tensor:

@@ -11,23 +11,10 @@ import torch
 
 import fastppo
 from fastppo import categorical_logprob_entropy, linear_logprob_entropy, linear_ppo_loss, ppo_loss
+from references import logprob_entropy_reference
 
 
 # ------------------------------------------------------------------ references, written plainly
-
-
-def logprob_entropy_reference(hidden, weight, targets, bias=None, temperature=1.0, mask=None):
-    """float64: the full logits, log_softmax, gather and entropy. A masked token reads neither its
-    hidden state nor its target (both replaced by 0) and gives 0."""
-    m = torch.ones(targets.shape, dtype=torch.bool) if mask is None else mask != 0
-    hidden = torch.where(m.unsqueeze(-1), hidden.double(), 0.0)
-    logits = hidden @ weight.double().T
-    if bias is not None:
-        logits = logits + bias.double()
-    logp = torch.log_softmax(logits / temperature, dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    taken = logp.gather(-1, torch.where(m, targets.long(), 0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(m, taken, 0.0), torch.where(m, entropy, 0.0)
 
 
 def ppo_reference(logprob, entropy, old_logprob, advantages, mask=None, clip_coef=0.2, ent_coef=0.0, norm_adv=True,

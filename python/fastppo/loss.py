@@ -129,7 +129,12 @@ def _backward(
         elif len(shape) != 1:
             per_token = per_token.reshape(())  # one row
         # Any nonzero mask value selects its element (as in the kernel): a 2 or a -1 is not a weight.
-        d_entropy = per_token.expand(shape) if mask is None else (mask != 0).to(per_token.dtype) * per_token
+        # One where() pass: no float copy of the mask to multiply by.
+        if mask is None:
+            d_entropy = per_token.expand(shape)
+        else:
+            selected = mask if mask.dtype == torch.bool else mask != 0
+            d_entropy = torch.where(selected, per_token, per_token.new_zeros(()))
     return d_logprob, d_value, d_entropy
 
 
