@@ -92,24 +92,39 @@ def _chunk_targets(targets: Tensor, selected: Optional[Tensor]) -> Tensor:
 def _apply_logit_grad(grad_logits: Tensor, hidden: Tensor, weight: Tensor, start: int,
                       d_hidden: Optional[Tensor], d_weight: Optional[Tensor], d_bias: Optional[Tensor]) -> None:
     """The two gradient GEMMs of a chunk: ``d hidden[rows] = g @ weight`` and ``d weight += g.T @ hidden``
-    (in place, no ``[V, H]`` temporary), and ``d bias += g.sum(0)``; ``g`` is cast to the weight's dtype
-    first (bf16/fp16 GEMMs accumulate in float32 inside the BLAS)."""
+    (in place, no ``[V, H]`` temporary), and ``d bias += g.sum(0)``. ``g`` is cast to the weight's dtype
+    for the first (bf16/fp16 GEMMs accumulate in float32 inside the BLAS). ``d weight`` and ``d bias``
+    of a bf16/fp16 head are float32 sums (``_zero_grads``): the chunk's GEMM then runs in float32, so
+    the sum over chunks is not rounded to 16 bits once per chunk."""
     g = grad_logits.to(weight.dtype)
     if d_hidden is not None:
         torch.mm(g, weight, out=d_hidden[start:start + g.shape[0]])
     if d_weight is not None:
-        d_weight.addmm_(g.t(), hidden)
+        if d_weight.dtype == weight.dtype:
+            d_weight.addmm_(g.t(), hidden)
+        else:
+            d_weight.addmm_(grad_logits.to(d_weight.dtype).t(), hidden.to(d_weight.dtype))
     if d_bias is not None:
-        d_bias += g.sum(0)
+        d_bias += (g if d_bias.dtype == g.dtype else grad_logits).sum(0, dtype=d_bias.dtype)
 
 
 def _zero_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], needs: Tuple[bool, bool, bool]):
-    """Zero-filled ``(d hidden [N, H], d weight, d bias)``, each None where not needed."""
+    """Zero-filled ``(d hidden [N, H], d weight, d bias)``, each None where not needed; d weight and
+    d bias are summed over the chunks in float32 for a bf16/fp16 head (``_grads_in_dtype`` rounds
+    them once at the end)."""
     N, H = hidden.numel() // max(hidden.shape[-1], 1), hidden.shape[-1]
     d_hidden = hidden.new_zeros((N, H)) if needs[0] else None
-    d_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format) if needs[1] else None
-    d_bias = torch.zeros_like(bias) if needs[2] and bias is not None else None
+    d_weight = (torch.zeros_like(weight, dtype=_acc_dtype(weight.dtype), memory_format=torch.contiguous_format)
+                if needs[1] else None)
+    d_bias = torch.zeros_like(bias, dtype=_acc_dtype(bias.dtype)) if needs[2] and bias is not None else None
     return d_hidden, d_weight, d_bias
+
+
+def _grads_in_dtype(d_weight: Optional[Tensor], weight: Tensor, d_bias: Optional[Tensor],
+                    bias: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """The float32 sums of a bf16/fp16 head's gradients rounded once to its dtype."""
+    return (None if d_weight is None else d_weight.to(weight.dtype),
+            None if d_bias is None else d_bias.to(bias.dtype))
 
 
 # ------------------------------------------------------------------ linear_logprob_entropy: the loops
@@ -174,6 +189,7 @@ def _backward(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Te
                                      None if g_ent is None else g_ent[start:stop])
             _apply_logit_grad(g, h, weight, start, d_hidden, d_weight, d_bias)
             del h, g  # before the next chunk's GEMM
+    d_weight, d_bias = _grads_in_dtype(d_weight, weight, d_bias, bias)
     return None if d_hidden is None else d_hidden.reshape(hidden.shape), d_weight, d_bias
 
 

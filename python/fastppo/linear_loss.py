@@ -18,7 +18,7 @@ from torch import Tensor
 from . import _buffers as B
 from . import linear as _chunks
 from .linear import (_acc_dtype, _apply_logit_grad, _as_rows, _check_linear, _check_targets, _chunk_targets,
-                     _needs, _zero_grads, linear_logprob_entropy)
+                     _grads_in_dtype, _needs, _zero_grads, linear_logprob_entropy)
 from .heads import categorical_logprob_entropy
 from .loss import PPOLossOutput, ppo_loss
 
@@ -126,6 +126,7 @@ def _loss_pass(hidden: Tensor, weight: Tensor, targets: Tensor, old_logprob: Ten
                 _apply_logit_grad(g.reshape(h.shape[0], -1), h, weight, start, d_hidden, d_weight, d_bias)
             del g
         del h, logits, lp, ent, out  # before the next chunk's GEMM
+    d_weight, d_bias = _grads_in_dtype(d_weight, weight, d_bias, bias)
     grads = (None if d_hidden is None else d_hidden.reshape(hidden.shape), d_weight, d_bias)
     return (loss.to(acc), stats.to(acc)) + grads
 
