@@ -214,6 +214,17 @@ class Contenders:
 # --- Memory ---------------------------------------------------------------------------------------
 
 
+def reset_peak_rss() -> bool:
+    """Starts the process's peak resident set (VmHWM) again from its resident set now (Linux >= 4.0,
+    /proc/self/clear_refs); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_extra_bytes(call, device):
     """Peak bytes allocated during one ``call()`` above what was allocated before it.
 

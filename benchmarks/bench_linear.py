@@ -69,16 +69,6 @@ def _status_kib(field):
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _reset_peak_rss():
-    """Resets VmHWM to the current resident set (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def make_inputs(torch, kernel, dtype, tokens, H, V, B, seed=0):
     """hidden [tokens, H] (or [B, tokens / B, H] for the loss) and weight [V, H], leaves made in their
     dtype directly (no larger temporary); targets; the loss's old log-probs and advantages, or the
@@ -147,7 +137,7 @@ def worker(spec):
     hidden.grad = weight.grad = None
     gc.collect()
     memory = "n/a (/proc/self/clear_refs not writable)"
-    if _reset_peak_rss():
+    if common.reset_peak_rss():
         before = _status_kib("VmRSS")
         call()
         grad_bytes = sum(t.grad.numel() * t.grad.element_size() for t in (hidden, weight))

@@ -83,9 +83,11 @@ def worker(module: str, vocab: int, length: int, completions: int, threads: int)
         return call
 
     trainer.compute_loss, trainer.accelerator.backward = timed(compute_loss), timed(backward)
+    from benchmarks._common import reset_peak_rss
+
     before = rss_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
+    if not reset_peak_rss():
+        raise RuntimeError("the peak resident set cannot be reset here (/proc/self/clear_refs)")
     t0 = time.perf_counter()
     trainer.train()
     step_s = time.perf_counter() - t0

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .models import GPTConfig, ScalarHeadModel, TinyGPT, bradley_terry_loss, lm_forward
-from .ppo import generate, truncate_after_eos
+from .rollout import generate, truncate_after_eos
 
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
 DIGIT0 = 4

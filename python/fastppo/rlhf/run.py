@@ -6,7 +6,10 @@ Stages, each saved in the run directory so a resumed run skips what is done:
    (Bradley-Terry noise around the hidden gold rule); the reward model trained on them, its
    held-out accuracy against the noise-free ceiling, then normalized to mean 0 / std 1 on
    reference-policy samples.
-2. ``kl/``: PPO with the per-token KL penalty (``metrics.jsonl``, ``checkpoint.pt``).
+2. ``kl/``: the RL run with the KL against the reference (``metrics.jsonl``, ``checkpoint.pt``):
+   ``--algo ppo`` (the default: a value model, the per-token KL penalty in the rewards) or the
+   critic-free ``grpo``, ``dr_grpo``, ``rloo`` (``--group-size`` responses per prompt, group
+   advantages, the KL as a loss term unless ``--kl-in reward``; no value model is built).
 3. ``kl_off/`` (with ``--compare-kl-off``): the same run with beta = 0, which over-optimizes the
    reward model: its score keeps rising while the hidden gold score falls.
 4. ``rlhf.png``: proxy (reward-model) and gold scores and the KL of both runs per iteration.
@@ -33,8 +36,9 @@ from ..checkpoint import CheckpointError, checkpoint_kind, describe, read_checkp
 from ..distributed import Group, in_torchrun
 from ..progress import Progress
 from . import digits as D
+from .config import RENAMED, PPOConfig, current_settings
 from .models import ScalarHeadModel, frozen_copy
-from .ppo import RENAMED, PPOConfig, PPOTrainer, current_settings
+from .ppo import PPOTrainer
 
 
 @dataclass
@@ -48,13 +52,13 @@ class RLHFArgs:
     seed: int = 1
     """seed of every stage"""
     iterations: int = 150
-    """PPO iterations per run"""
+    """iterations (rollout and update) per run"""
     compare_kl_off: bool = True
-    """also run PPO without the KL penalty, to show reward-model over-optimization"""
+    """also run without the KL (beta 0), to show reward-model over-optimization"""
     resume: bool = False
     """continue the run in run_dir from its stages and checkpoints"""
     checkpoint_every: int = 10
-    """PPO iterations between checkpoints"""
+    """iterations between checkpoints"""
     sft_steps: int = 600
     """fine-tuning steps on valid sequences"""
     rm_pairs: int = 4000
@@ -65,13 +69,13 @@ class RLHFArgs:
     """passes of Bradley-Terry training over the pairs"""
     ppo: Annotated[PPOConfig, tyro.conf.OmitArgPrefixes] = field(
         default_factory=lambda: PPOConfig(response_length=D.RESPONSE_LENGTH))
-    """PPO settings (flags without a prefix); minibatches and micro-batches are capped by the batch"""
+    """PPO and group-method settings (flags without a prefix); minibatches and micro-batches are capped by the batch"""
     critic: str = "separate"
-    """value model: separate (a copy of the reward model) or shared (a zero-initialized value head on the policy trunk)"""
+    """value model of --algo ppo: separate (a copy of the reward model) or shared (a zero-initialized value head on the policy trunk)"""
     device: str = "cpu"
-    """where the four models run: cpu or cuda"""
+    """where the models run (four with ppo, three with the critic-free methods): cpu or cuda"""
     fsdp: bool = False
-    """under torchrun: shard the policy and value model over the ranks with FSDP2 (for models that do not fit one device)"""
+    """under torchrun: shard the policy (and value model) over the ranks with FSDP2 (for models that do not fit one device)"""
     threads: int = 0
     """torch CPU threads (0: torch's default)"""
     plot: bool = True
@@ -80,6 +84,9 @@ class RLHFArgs:
     def validate(self, world_size: int = 1) -> None:
         if self.critic not in ("separate", "shared"):
             raise ValueError(f"--critic must be separate or shared, got {self.critic!r}")
+        if self.ppo.critic_free and self.critic != "separate":
+            raise ValueError(f"--critic {self.critic} chooses the value model, but --algo {self.ppo.algo} builds none; "
+                             "drop --critic")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -96,7 +103,13 @@ class RLHFArgs:
             raise ValueError("--fsdp shards the models over the ranks of a torchrun group; run it under torchrun")
         if self.ppo.batch_size % world_size:
             raise ValueError(f"--batch-size ({self.ppo.batch_size}) must be divisible by the world size ({world_size}): "
-                             "each rank rolls out batch_size / world_size prompts")
+                             "each rank rolls out batch_size / world_size responses")
+        group_size = self.ppo.resolved().group_size
+        if isinstance(group_size, int) and group_size >= 1 and self.ppo.batch_size % (group_size * world_size):
+            where = "" if world_size == 1 else f" on each of the {world_size} ranks"
+            raise ValueError(f"--batch-size ({self.ppo.batch_size}) must hold whole groups of --group-size "
+                             f"({group_size}) responses to a prompt{where}: make it a multiple of "
+                             f"{group_size * world_size}")
         self.ppo_config(world_size=world_size).validate()
 
     def ppo_config(self, kl_off: bool = False, world_size: int = 1) -> PPOConfig:
@@ -128,14 +141,16 @@ def _hf_gpt2(seed: int) -> torch.nn.Module:
 
 PRESETS = {"digits": _tiny_gpt, "digits-hf": _hf_gpt2}
 
-# The settings that make the stages, and with the critic and every PPO setting, a PPO run: a resume
-# must give the same (the rest, such as --iterations or --threads, may change).
+# The settings that make the stages, and with the critic and every PPO setting (algo, group_size,
+# kl_in and kl_estimator as the run resolved them), an RL run: a resume must give the same (the rest,
+# such as --iterations or --threads, may change).
 STAGE_SETTINGS = ("preset", "seed", "sft_steps", "rm_pairs", "rm_heldout_pairs", "rm_epochs")
 
 
 def run_settings(args: RLHFArgs) -> dict:
-    """What a PPO checkpoint records of the settings that made its run (PPO settings by flag name)."""
-    return {**{name: getattr(args, name) for name in STAGE_SETTINGS + ("critic",)}, **asdict(args.ppo)}
+    """What a PPO checkpoint records of the settings that made its run (PPO settings by flag name,
+    the ones left to the algorithm as it chose them)."""
+    return {**{name: getattr(args, name) for name in STAGE_SETTINGS + ("critic",)}, **asdict(args.ppo.resolved())}
 
 
 def _check_settings(path: Path, saved: dict, asked: dict) -> None:
@@ -165,7 +180,7 @@ def read_ppo_checkpoint(path: Path, args: RLHFArgs, world_size: int) -> dict:
     runs.check_world_size(state, world_size, path)
     if "settings" in state:  # written before they were recorded: not checked
         # A run saved before PPOConfig's renames holds cliprange, cliprange_value and lam: the same
-        # settings as clip_coef, vf_clip_coef and gae_lambda.
+        # settings as clip_coef, vf_clip_coef and gae_lambda; one saved before --algo was PPO.
         _check_settings(path, current_settings(state["settings"]), run_settings(args))
     return state
 
@@ -233,8 +248,8 @@ def _trainer(args: RLHFArgs, stages: dict, kl_off: bool, group: Optional[Group] 
     rm.eval()
     for p in rm.parameters():
         p.requires_grad_(False)
-    critic = None  # shared: PPOTrainer puts a zero-initialized value head on the policy trunk
-    if args.critic == "separate":
+    critic = None  # shared: PPOTrainer puts a zero-initialized value head on the policy trunk; none for group methods
+    if args.critic == "separate" and not args.ppo.critic_free:
         critic = copy.deepcopy(rm)  # the value model starts as the reward model
         for p in critic.parameters():
             p.requires_grad_(True)
@@ -306,13 +321,23 @@ def plot(run_dir: Path, runs: dict, sft_gold: float) -> Optional[Path]:
     axes[1].axhline(sft_gold, color="gray", linestyle=":", label="SFT policy")
     for ax, title in zip(axes, ("proxy: reward-model score", "hidden gold score", "KL(policy || reference) per response")):
         ax.set_title(title)
-        ax.set_xlabel("PPO iteration")
+        ax.set_xlabel("iteration")
         ax.legend()
     fig.tight_layout()
     path = run_dir / "rlhf.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def run_label(ppo: PPOConfig, kl_off: bool) -> str:
+    """The name of a run in the log and the plot: PPO's as before, the group methods' with theirs."""
+    cfg = ppo.resolved()
+    where = "penalty" if cfg.kl_in == "reward" else "loss term"
+    label = f"no KL {where}" if kl_off else f"KL {where} (beta {cfg.kl_coef:g})"
+    if cfg.algo == "ppo" and cfg.kl_in == "reward":
+        return label
+    return f"{cfg.algo} (group {cfg.group_size}), {label}" if cfg.critic_free else f"{cfg.algo}, {label}"
 
 
 def renamed_flags(argv: list) -> list:
@@ -379,9 +404,9 @@ def _run(args: RLHFArgs, group: Optional[Group]) -> int:
         stages = build_stages(args, run_dir)
     if group is not None:  # the reference, reward and starting models are rank 0's on every rank
         stages = group.broadcast_object(stages)
-    histories = {"KL penalty (beta %g)" % args.ppo.kl_coef: run_ppo(args, stages, run_dir / "kl", False, group)}
+    histories = {run_label(args.ppo, False): run_ppo(args, stages, run_dir / "kl", False, group)}
     if args.compare_kl_off:
-        histories["no KL penalty"] = run_ppo(args, stages, run_dir / "kl_off", True, group)
+        histories[run_label(args.ppo, True)] = run_ppo(args, stages, run_dir / "kl_off", True, group)
     if not is_main:
         return 0
     sft_gold = stages["report"]["sft_gold"]
