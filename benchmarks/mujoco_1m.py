@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 try:
-    from benchmarks._common import RESULTS, pyplot  # python -m benchmarks.mujoco_1m
+    from benchmarks._common import RESULTS  # python -m benchmarks.mujoco_1m
 except ImportError:
-    from _common import RESULTS, pyplot  # python benchmarks/mujoco_1m.py
+    from _common import RESULTS  # python benchmarks/mujoco_1m.py
 
 RUNS = RESULTS / "mujoco_1m"
 # CleanRL's published results for ppo_continuous_action.py at 1M steps (v4 tasks; mean over seeds
@@ -112,32 +112,18 @@ def report(runs: list) -> str:
 
 
 def plot(runs: list, path: Path) -> None:
+    """The curves of the stored runs, drawn by ``fastppo plot``'s :func:`fastppo.plot.plot_curves`: a panel per
+    task, against steps (top) and wall time (bottom), CleanRL's 1M-step return as a dashed line."""
     import numpy as np
 
-    plt = pyplot()
+    from fastppo.plot import Curve, Reference, plot_curves
 
-    envs = [e for e in CLEANRL_1M if any(r["env_id"] == e for r in runs)]
-    if not envs:
+    curves = [Curve(r["env_id"], "fastppo", r["seed"], *(np.array([c[i] for c in r["curve"]], np.float64) for i in range(3)))
+              for e in CLEANRL_1M for r in runs if r["env_id"] == e]
+    if not curves:
         return
-    fig, axes = plt.subplots(2, len(envs), figsize=(4.5 * len(envs), 7), squeeze=False)
-    for col, env_id in enumerate(envs):
-        rs = [r for r in runs if r["env_id"] == env_id]
-        for row, (index, xlabel) in enumerate(((0, "environment steps"), (1, "wall time (s)"))):
-            ax = axes[row][col]
-            grid = np.linspace(0, min(max(c[index] for c in r["curve"]) for r in rs), 200)
-            ys = np.array([np.interp(grid, [c[index] for c in r["curve"]], [c[2] for c in r["curve"]]) for r in rs])
-            ax.plot(grid, ys.mean(0), color="tab:blue", label=f"fastppo, mean of {len(rs)} seeds")
-            ax.fill_between(grid, ys.min(0), ys.max(0), color="tab:blue", alpha=0.2)
-            ax.axhline(CLEANRL_1M[env_id], color="tab:orange", linestyle="--", label="CleanRL at 1M steps")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("mean return (last 100 episodes)")
-            ax.set_title(env_id)
-            ax.grid(alpha=0.3)
-            if row == 0 and col == 0:
-                ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    references = [Reference("CleanRL at 1M steps", value, env_id) for env_id, value in CLEANRL_1M.items()]
+    plot_curves(curves, path, axes=("steps", "seconds"), references=references)
 
 
 def main(argv=None) -> int:

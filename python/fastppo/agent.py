@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import fastppo
 
-__all__ = ["Agent", "Kernels", "layer_init"]
+__all__ = ["Agent", "Kernels", "layer_init", "nature_cnn", "sample_and_score"]
 
 
 
@@ -24,6 +24,32 @@ def layer_init(layer: nn.Module, std: float = math.sqrt(2), bias_const: float = 
     nn.init.orthogonal_(layer.weight, std)
     nn.init.constant_(layer.bias, bias_const)
     return layer
+
+
+def nature_cnn(channels: int) -> nn.Sequential:
+    """The Nature DQN trunk over ``[B, channels, 84, 84]`` frames (scaled to [0, 1]), 512 features."""
+    return nn.Sequential(
+        layer_init(nn.Conv2d(channels, 32, 8, stride=4)), nn.ReLU(),
+        layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
+        layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(), nn.Flatten(),
+        layer_init(nn.Linear(64 * 7 * 7, 512)), nn.ReLU(),
+    )
+
+
+def sample_and_score(kernels: "Kernels", out, log_std=None, action=None):
+    """The policy head on the actor's output ``out`` ``[..., A]``: logits of a categorical policy,
+    or the mean of a Gaussian with ``log_std`` ``[A]``. Samples ``action`` when None (Gumbel-max
+    for the categorical, without a distribution object); returns ``(action, logprob, entropy)``."""
+    if log_std is not None:
+        if action is None:
+            action = out + log_std.exp() * torch.randn_like(out)
+        logprob, entropy = kernels.normal_logprob_entropy(out, log_std, action)
+    else:
+        if action is None:  # Gumbel-max: a sample of softmax(out) without a distribution object
+            noise = torch.rand_like(out).clamp_(min=torch.finfo(out.dtype).tiny)
+            action = (out - torch.log(-torch.log(noise))).argmax(-1)
+        logprob, entropy = kernels.categorical_logprob_entropy(out, action.long())
+    return action, logprob, entropy
 
 
 @dataclass(frozen=True)
@@ -50,12 +76,7 @@ class Agent(nn.Module):
         self.continuous = len(action_space.shape) > 0
         n_out = action_space.shape[0] if self.continuous else int(action_space.n)
         if family == "atari":
-            self.trunk = nn.Sequential(
-                layer_init(nn.Conv2d(obs_shape[0], 32, 8, stride=4)), nn.ReLU(),
-                layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
-                layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(), nn.Flatten(),
-                layer_init(nn.Linear(64 * 7 * 7, 512)), nn.ReLU(),
-            )
+            self.trunk = nature_cnn(obs_shape[0])
             self.actor = layer_init(nn.Linear(512, n_out), std=0.01)
             self.critic = layer_init(nn.Linear(512, 1), std=1)
             self.scale = 1.0 / 255.0
@@ -86,13 +107,6 @@ class Agent(nn.Module):
     def get_action_and_value(self, obs, action=None):
         h = self.features(obs)
         out = self.actor(h)
-        if self.continuous:
-            if action is None:
-                action = out + self.actor_logstd.exp() * torch.randn_like(out)
-            logprob, entropy = self.kernels.normal_logprob_entropy(out, self.actor_logstd, action)
-        else:
-            if action is None:  # Gumbel-max: a sample of softmax(out) without a distribution object
-                noise = torch.rand_like(out).clamp_(min=torch.finfo(out.dtype).tiny)
-                action = (out - torch.log(-torch.log(noise))).argmax(-1)
-            logprob, entropy = self.kernels.categorical_logprob_entropy(out, action.long())
+        action, logprob, entropy = sample_and_score(self.kernels, out, self.actor_logstd if self.continuous else None,
+                                                    action)
         return action, logprob, entropy, self.critic(h).squeeze(-1)

@@ -1,16 +1,19 @@
-"""Command line: ``fastppo train|eval|rlhf ...`` (also ``python -m fastppo train ...``).
+"""Command line: ``fastppo train|eval|plot|export|rlhf ...`` (also ``python -m fastppo train ...``).
 
 Each command parses its own flags with tyro (``train.Args``, the arguments of
-``evaluate.evaluate``, ``rlhf.run.RLHFArgs``); it is imported only when it runs, so
-``fastppo --help`` does not import torch.
+``evaluate.evaluate``, ``plot.PlotArgs``, ``export.ExportArgs``, ``rlhf.run.RLHFArgs``); it is
+imported only when it runs, so ``fastppo --help`` does not import torch.
 """
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"train": "train PPO on an EnvPool task (--resume RUN_DIR continues one)",
-            "eval": "evaluate a saved policy: fastppo eval RUN_DIR --episodes N",
+COMMANDS = {"train": "train PPO on an EnvPool or gymnasium task, or your own (--env-id my_pkg.envs:MyEnv-v0); "
+                     "--track logs to W&B, --capture-video records videos (--resume RUN_DIR continues a run)",
+            "eval": "evaluate a saved policy: fastppo eval RUN_DIR --episodes N [--video FILE.mp4]",
+            "plot": "learning curves of runs: fastppo plot RUN_DIR... [--x steps|seconds] [--metric NAME] [--out FILE.png]",
+            "export": "a policy that runs without fastppo: fastppo export RUN_DIR --format onnx|torchscript --out FILE",
             "rlhf": "RLHF end to end on the offline digits task: SFT, reward model, PPO with a KL penalty"}
 
 
@@ -21,10 +24,14 @@ def main(argv=None) -> int:
         from .train import main as run
     elif command == "eval":
         from .evaluate import eval_main as run
+    elif command == "plot":
+        from .plot import plot_main as run
+    elif command == "export":
+        from .export import export_main as run
     elif command == "rlhf":
         from .rlhf.run import main as run
     else:
-        usage = "usage: fastppo {train,eval,rlhf} ...\n\n" + "\n".join(f"  {k:8s}{v}" for k, v in COMMANDS.items())
+        usage = "usage: fastppo {train,eval,plot,export,rlhf} ...\n\n" + "\n".join(f"  {k:8s}{v}" for k, v in COMMANDS.items())
         if command not in (None, "-h", "--help"):
             print(f"fastppo: unknown command {command!r}\n{usage}", file=sys.stderr)
             return 2

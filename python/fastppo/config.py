@@ -16,9 +16,12 @@ import tyro
 from fastppo.agent import Kernels
 from fastppo.envs import env_family
 
-__all__ = ["Args", "FAST_PRESET_TASKS", "PRESETS", "policy_backend", "rank_share", "resolve", "train_device"]
+__all__ = ["Args", "FAST_PRESET_TASKS", "LSTM_PRESET_TASKS", "PRESETS", "RECURRENT", "policy_backend", "rank_share",
+           "recurrent_cell", "resolve", "train_device"]
 
 _T = TypeVar("_T")
+# --recurrent's choices: a feed-forward policy, or the RNN cell of a recurrent one.
+RECURRENT = ("none", "lstm", "gru")
 # A setting that resolve() takes from the preset when it is left at None.
 FromPreset = Annotated[Optional[_T], tyro.conf.arg(help_behavior_hint="(default: the preset's)")]
 
@@ -26,9 +29,9 @@ FromPreset = Annotated[Optional[_T], tyro.conf.arg(help_behavior_hint="(default:
 @dataclass
 class Args:
     env_id: str = "CartPole-v1"
-    """the EnvPool task id (CartPole-v1, Pong-v5, HalfCheetah-v5, ...); other gymnasium ids run on gymnasium's vector env"""
+    """the EnvPool task id (CartPole-v1, Pong-v5, HalfCheetah-v5, ...); other gymnasium ids run on gymnasium's vector env, and MODULE:ID imports MODULE (which registers ID) first, e.g. my_pkg.envs:MyEnv-v0"""
     preset: str = "auto"
-    """hyperparameter preset: classic (CleanRL's ppo.py), classic-fast (least wall time to solve CartPole), atari, mujoco, or auto (classic-fast for CartPole, else chosen from the env family)"""
+    """hyperparameter preset: classic (CleanRL's ppo.py), classic-fast (least wall time to solve CartPole), classic-lstm (rl-baselines3-zoo's RecurrentPPO CartPoleNoVel-v1 settings), atari, mujoco, or auto (classic-fast for CartPole, classic-lstm for CartPoleNoVel-v1, else chosen from the env family)"""
     total_timesteps: FromPreset[int] = None
     """total environment steps"""
     learning_rate: FromPreset[float] = None
@@ -81,30 +84,70 @@ class Args:
     """without a terminal (logs, CI): print a progress line every this many iterations"""
     policy_backend: str = "auto"
     """fused (one C++ call per rollout step and per minibatch update: MLP policies on the CPU), torch (eager PyTorch), or auto (fused where it applies)"""
+    track: bool = False
+    """log to Weights & Biases (CleanRL's metric names, the run's settings, the captured videos); WANDB_MODE=offline logs offline"""
+    wandb_project: str = "fastppo"
+    """the W&B project of --track"""
+    wandb_entity: Optional[str] = None
+    """the W&B entity (team or user) of --track (unset: your default)"""
+    capture_video: bool = False
+    """record an episode of the deterministic policy on the gymnasium task every --video-every iterations and at the end, into the run folder's videos/"""
+    video_every: int = 50
+    """with --capture-video: iterations between videos"""
+    video_max_steps: Optional[int] = None
+    """with --capture-video: end a video's episode after this many steps (unset: when the episode ends)"""
+    recurrent: FromPreset[str] = None
+    """none, lstm or gru: a recurrent policy whose state is carried through each environment's episode (reset at episode starts); minibatches are then whole environments' rollouts (--num-minibatches must divide --num-envs), run through the RNN in one call each; sync environments and the torch backend"""
+    recurrent_hidden_size: int = 64
+    """units of the recurrent policy's LSTM / GRU (with --recurrent)"""
+    recurrent_shared: bool = False
+    """with --recurrent: one RNN read by the actor and the critic (CleanRL's ppo_atari_lstm.py); off: each has its own (sb3-contrib's default)"""
+    normalize_obs: FromPreset[bool] = None
+    """normalize observations by their running mean and std, clipped to +-10 (unset: the preset's, else on for MuJoCo tasks)"""
+    normalize_reward: FromPreset[bool] = None
+    """scale rewards by the running std of the discounted return, clipped to +-10 (unset: the preset's, else on for MuJoCo tasks)"""
+    anneal_clip: FromPreset[bool] = None
+    """anneal the surrogate clipping coefficient linearly to 0 like the learning rate (rl-baselines3-zoo's lin_ clip_range; the value clip follows it under --clip-vloss); the torch backend"""
 
+
+# The feed-forward presets: no RNN, a fixed clipping coefficient. (Their normalization follows the env
+# family: on for MuJoCo tasks; resolve() fills it in.)
+_PLAIN = dict(recurrent="none", anneal_clip=False)
 
 PRESETS = {
     # CleanRL ppo.py
     "classic": dict(total_timesteps=500_000, learning_rate=2.5e-4, num_envs=4, num_steps=128,
-                    num_minibatches=4, update_epochs=4, clip_coef=0.2, ent_coef=0.01, gamma=0.99, gae_lambda=0.95, clip_vloss=True),
+                    num_minibatches=4, update_epochs=4, clip_coef=0.2, ent_coef=0.01, gamma=0.99, gae_lambda=0.95, clip_vloss=True,
+                    **_PLAIN),
     # Least wall time to solve classic control on a small CPU: rl-baselines3-zoo's CartPole-v1 settings
     # (8 envs x 32 steps, one 256-sample minibatch, 20 epochs, gamma 0.98, lambda 0.8, lr 1e-3 annealed),
     # which learn in few steps and leave the fused policy step most of the time
     # (benchmarks/results/e2e_default.md: time to a mean return of 475).
     "classic-fast": dict(total_timesteps=150_000, learning_rate=1e-3, num_envs=8, num_steps=32,
                          num_minibatches=1, update_epochs=20, clip_coef=0.2, ent_coef=0.0, gamma=0.98, gae_lambda=0.8,
-                         clip_vloss=False),
+                         clip_vloss=False, **_PLAIN),
+    # rl-baselines3-zoo's RecurrentPPO CartPoleNoVel-v1 (hyperparams/ppo_lstm.yml): 8 envs x 32 steps, one
+    # 256-sample minibatch, 20 epochs, gamma 0.98, lambda 0.8, lr lin_0.001 and clip_range lin_0.2 (both
+    # annealed), ent_coef 0, no value clipping, VecNormalize (observations and rewards), 1e5 steps, an LSTM
+    # of 64 units for the actor and one for the critic (RecurrentAgent's architecture is that policy's).
+    "classic-lstm": dict(total_timesteps=100_000, learning_rate=1e-3, num_envs=8, num_steps=32,
+                         num_minibatches=1, update_epochs=20, clip_coef=0.2, ent_coef=0.0, gamma=0.98, gae_lambda=0.8,
+                         clip_vloss=False, recurrent="lstm", normalize_obs=True, normalize_reward=True, anneal_clip=True),
     # CleanRL ppo_atari_envpool.py
     "atari": dict(total_timesteps=10_000_000, learning_rate=2.5e-4, num_envs=8, num_steps=128,
-                  num_minibatches=4, update_epochs=4, clip_coef=0.1, ent_coef=0.01, gamma=0.99, gae_lambda=0.95, clip_vloss=True),
+                  num_minibatches=4, update_epochs=4, clip_coef=0.1, ent_coef=0.01, gamma=0.99, gae_lambda=0.95, clip_vloss=True,
+                  **_PLAIN),
     # CleanRL ppo_continuous_action.py
     "mujoco": dict(total_timesteps=1_000_000, learning_rate=3e-4, num_envs=1, num_steps=2048,
-                   num_minibatches=32, update_epochs=10, clip_coef=0.2, ent_coef=0.0, gamma=0.99, gae_lambda=0.95, clip_vloss=True),
+                   num_minibatches=32, update_epochs=10, clip_coef=0.2, ent_coef=0.0, gamma=0.99, gae_lambda=0.95, clip_vloss=True,
+                   **_PLAIN),
 }
 
 
 # Tasks whose --preset auto is classic-fast (the settings it takes were tuned for them).
 FAST_PRESET_TASKS = ("CartPole-v0", "CartPole-v1")
+# Tasks whose --preset auto is classic-lstm (the task its settings were tuned for).
+LSTM_PRESET_TASKS = ("CartPoleNoVel-v1",)
 
 
 def resolve(args: Args) -> Args:
@@ -112,10 +155,13 @@ def resolve(args: Args) -> Args:
     family = env_family(args.env_id)
     preset = args.preset
     if preset == "auto":  # CartPole: the preset that solves it in the least wall time; else CleanRL's
-        preset = "classic-fast" if args.env_id in FAST_PRESET_TASKS else family
+        preset = ("classic-fast" if args.env_id in FAST_PRESET_TASKS else
+                  "classic-lstm" if args.env_id in LSTM_PRESET_TASKS else family)
     if preset not in PRESETS:
         raise ValueError(f"--preset must be one of auto, {', '.join(PRESETS)}; got {args.preset!r}")
     values = {k: (v if getattr(args, k) is None else getattr(args, k)) for k, v in PRESETS[preset].items()}
+    for name in ("normalize_obs", "normalize_reward"):  # unless the preset says: on for MuJoCo tasks, as always
+        values.setdefault(name, family == "mujoco" if getattr(args, name) is None else getattr(args, name))
     args = dataclasses.replace(args, preset=preset, **values)
     checks = [
         ("total_timesteps", args.total_timesteps > 0, "> 0"), ("num_envs", args.num_envs > 0, "> 0"),
@@ -123,11 +169,14 @@ def resolve(args: Args) -> Args:
         ("num_minibatches", args.num_minibatches > 0, "> 0"), ("update_epochs", args.update_epochs > 0, "> 0"),
         ("clip_coef", args.clip_coef > 0, "> 0"), ("gamma", 0 <= args.gamma <= 1, "in [0, 1]"),
         ("gae_lambda", 0 <= args.gae_lambda <= 1, "in [0, 1]"), ("checkpoint_every", args.checkpoint_every > 0, "> 0"),
-        ("log_every", args.log_every > 0, "> 0"), ("env_threads", args.env_threads is None or args.env_threads > 0, "> 0"),
+        ("log_every", args.log_every > 0, "> 0"), ("video_every", args.video_every > 0, "> 0"), ("env_threads", args.env_threads is None or args.env_threads > 0, "> 0"),
     ]
     for name, ok, what in checks:
         if not ok:
             raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)!r}")
+    if args.recurrent not in (None, "none") and args.num_envs % args.num_minibatches:
+        raise ValueError(f"--num-minibatches ({args.num_minibatches}) must divide --num-envs ({args.num_envs}) "
+                         f"with --recurrent {args.recurrent}: each minibatch holds whole environments' rollouts")
     if args.async_batch_size is None and (args.num_envs * args.num_steps) % args.num_minibatches:
         raise ValueError(
             f"--num-minibatches ({args.num_minibatches}) must divide num_envs * num_steps "
@@ -139,6 +188,19 @@ def resolve(args: Args) -> Args:
         if (args.async_batch_size * args.num_steps) % args.num_minibatches:
             raise ValueError(f"--num-minibatches ({args.num_minibatches}) must divide async_batch_size * num_steps "
                              f"({args.async_batch_size} * {args.num_steps})")
+    if args.recurrent not in RECURRENT:
+        raise ValueError(f"--recurrent must be one of {', '.join(RECURRENT)}, got {args.recurrent!r}")
+    if args.recurrent == "none":
+        if args.recurrent_shared or args.recurrent_hidden_size != Args.recurrent_hidden_size:
+            flag = "--recurrent-shared" if args.recurrent_shared else f"--recurrent-hidden-size {args.recurrent_hidden_size}"
+            raise ValueError(f"{flag} shapes a recurrent policy: it needs --recurrent lstm or gru (this run's policy "
+                             "is feed-forward: --recurrent none)")
+    else:
+        if args.recurrent_hidden_size < 1:
+            raise ValueError(f"--recurrent-hidden-size must be >= 1, got {args.recurrent_hidden_size}")
+        if args.async_batch_size is not None:
+            raise ValueError(f"--recurrent {args.recurrent} needs sync environments (--async-batch-size is set): a "
+                             "recurrent state follows each environment's steps in order")
     if args.resume_replay and args.async_batch_size is not None:
         raise ValueError("--resume-replay needs sync environments: async mode's order of steps is not replayable")
     if args.device not in ("auto", "cpu", "cuda"):
@@ -167,6 +229,9 @@ def rank_share(args: Args, world_size: int, rank: int) -> Args:
             raise ValueError(f"--async-batch-size ({args.async_batch_size}) must be divisible by the world size "
                              f"({world_size}) into [1, {local_envs}) per rank (each rank has {local_envs} environments)")
         local_async = args.async_batch_size // world_size
+    if recurrent_cell(args) is not None and local_envs % args.num_minibatches:
+        raise ValueError(f"--num-minibatches ({args.num_minibatches}) must divide each rank's environments ({local_envs}) "
+                         f"with --recurrent {args.recurrent}: each minibatch holds whole environments' rollouts")
     local_batch = (local_async or local_envs) * args.num_steps
     if local_batch % args.num_minibatches:
         raise ValueError(f"--num-minibatches ({args.num_minibatches}) must divide each rank's batch ({local_batch}): "
@@ -187,8 +252,8 @@ def policy_backend(args: Args, family: str, obs_shape=None, device: Optional[tor
                    kernels: Optional[Kernels] = None) -> str:
     """The backend ``--policy-backend`` resolves to: ``fused`` runs the MLP actor-critic of the
     classic and MuJoCo presets as one C++ call per rollout step and per minibatch (sync envs, CPU,
-    fastppo's kernels); everything else (the Atari CNN, async envs, a GPU, the eager baseline's
-    kernels) runs on ``torch``. Asking for ``fused`` where it cannot run is an error that says why."""
+    fastppo's kernels); everything else (the Atari CNN, a recurrent policy, an annealed clipping
+    coefficient, async envs, a GPU, the eager baseline's kernels) runs on ``torch``. Asking for ``fused`` where it cannot run is an error that says why."""
     reasons = []
     if device is None:
         device = train_device(args)
@@ -201,8 +266,19 @@ def policy_backend(args: Args, family: str, obs_shape=None, device: Optional[tor
         reasons.append("it runs sync environments (--async-batch-size is set)")
     if kernels is not None and kernels != Kernels():
         reasons.append("it computes with fastppo's kernels (other kernels were given)")
+    if recurrent_cell(args) is not None:
+        reasons.append(f"it runs feed-forward MLP policies (--recurrent {args.recurrent} is set)")
+    if getattr(args, "anneal_clip", None):
+        reasons.append("its clipping coefficient is fixed (--anneal-clip is set)")
     if args.policy_backend == "fused" and reasons:
         raise ValueError("--policy-backend fused: " + "; ".join(reasons))
     if args.policy_backend == "torch" or reasons:
         return "torch"
     return "fused"
+
+
+def recurrent_cell(args) -> Optional[str]:
+    """The RNN cell of ``args``'s policy (``"lstm"``, ``"gru"``), or None for a feed-forward one
+    (``--recurrent none``, or settings that were not resolved)."""
+    cell = getattr(args, "recurrent", None)
+    return None if cell in (None, "none") else cell

@@ -1,7 +1,7 @@
-"""Environments for the trainer: EnvPool's batched envs (sync and async), a gymnasium vector-env
-fallback for tasks EnvPool lacks, the env family that picks a preset and a network, and what the
-env step boundary needs to know of Atari's episodes. (The rollouts over them are in
-:mod:`fastppo.rollout`.)"""
+"""Environments for the trainer: EnvPool's batched envs (sync and async), tasks made from EnvPool's
+by keeping some observation entries (``CartPoleNoVel-v1``), a gymnasium vector-env fallback for
+tasks EnvPool lacks, the env family that picks a preset and a network, and what the env step
+boundary needs to know of Atari's episodes. (The rollouts over them are in :mod:`fastppo.rollout`.)"""
 
 from __future__ import annotations
 
@@ -16,8 +16,17 @@ def _envpool_ids() -> set:
     return set(envpool.list_all_envs())
 
 
+# Partially observed tasks: an EnvPool task with only some observation entries kept.
+# CartPoleNoVel-v1 is rl-baselines3-zoo's (its MaskVelocityWrapper): CartPole-v1 without the cart's
+# and the pole's velocities (entries 1 and 3), so that a policy must infer them from the past;
+# rl-baselines3-zoo zeroes those entries, here they are left out (the same information).
+OBSERVATION_SUBSETS = {"CartPoleNoVel-v1": ("CartPole-v1", (0, 2))}
+
+
 def env_family(env_id: str) -> str:
     """classic, atari or mujoco (continuous control): picks the preset and the network."""
+    if env_id in OBSERVATION_SUBSETS:
+        return env_family(OBSERVATION_SUBSETS[env_id][0])
     if env_id in _envpool_ids():
         import envpool
 
@@ -27,7 +36,9 @@ def env_family(env_id: str) -> str:
         return "mujoco" if len(spec.action_space.shape) > 0 else "classic"
     import gymnasium as gym
 
-    if env_id in gym.registry:  # the gymnasium vector-env fallback
+    if ":" in env_id:  # MODULE:ID: a task of the user's own, registered when MODULE is imported
+        import_env_module(env_id)
+    if env_id.rpartition(":")[2] in gym.registry:  # the gymnasium vector-env fallback
         probe = gym.make(env_id)
         continuous = isinstance(probe.action_space, gym.spaces.Box)
         probe.close()
@@ -35,6 +46,24 @@ def env_family(env_id: str) -> str:
     close = sorted(e for e in _envpool_ids() if env_id.split("-")[0].lower() in e.lower())[:5]
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     raise ValueError(f"--env-id {env_id!r} is not an EnvPool or gymnasium task{hint}")
+
+
+def import_env_module(env_id: str) -> None:
+    """Imports the module of a ``MODULE:ID`` task id (which registers ``ID`` with gymnasium), as
+    ``gymnasium.make`` does; a module that cannot be imported or registers no ``ID`` is a ValueError."""
+    import importlib
+
+    import gymnasium as gym
+
+    module, _, name = env_id.rpartition(":")
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        raise ValueError(f"--env-id {env_id!r}: cannot import {module!r} ({err}); MODULE:ID needs MODULE on the "
+                         "Python path (installed, or in the working directory)") from err
+    if name not in gym.registry:
+        raise ValueError(f"--env-id {env_id!r}: importing {module!r} registered no gymnasium task {name!r} "
+                         f"(it should call gymnasium.register(id={name!r}, entry_point=...))")
 
 
 class GymnasiumVecEnv:
@@ -60,9 +89,47 @@ class GymnasiumVecEnv:
         self.envs.close()
 
 
+class ObservationSubset:
+    """EnvPool's batched environments with only the observation entries ``keep`` of their vector
+    observations (``obs[:, keep]``, a C-contiguous copy); actions, rewards, episodes and every other
+    attribute (``send``, ``async_reset``, ``close``, ...) are the wrapped environments'."""
+
+    def __init__(self, envs, keep):
+        import gymnasium as gym
+
+        self.envs, self.keep = envs, np.asarray(keep, np.int64)
+        space = envs.observation_space
+        self.observation_space = gym.spaces.Box(space.low[self.keep], space.high[self.keep], dtype=space.dtype)
+        self.action_space = envs.action_space
+
+    def reset(self, *args, **kwargs):
+        obs, info = self.envs.reset(*args, **kwargs)
+        return self._kept(obs), info
+
+    def step(self, *args, **kwargs):
+        obs, reward, terminated, truncated, info = self.envs.step(*args, **kwargs)
+        return self._kept(obs), reward, terminated, truncated, info
+
+    def recv(self, *args, **kwargs):
+        obs, reward, terminated, truncated, info = self.envs.recv(*args, **kwargs)
+        return self._kept(obs), reward, terminated, truncated, info
+
+    def _kept(self, obs: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.asarray(obs)[:, self.keep])
+
+    def __getattr__(self, name):
+        if name == "envs":  # not set yet (copying, unpickling): no wrapped environments to ask
+            raise AttributeError(name)
+        return getattr(self.envs, name)
+
+
 def make_env(args, family: str):
     """The batched environments of ``args`` (its ``env_id``, ``num_envs``, ``seed``, ``env_threads``
-    and ``async_batch_size``): EnvPool's, or gymnasium's vector env for a task EnvPool lacks."""
+    and ``async_batch_size``): EnvPool's (with the kept observation entries of a task of
+    :data:`OBSERVATION_SUBSETS`), or gymnasium's vector env for a task EnvPool lacks."""
+    if args.env_id in OBSERVATION_SUBSETS:
+        base, keep = OBSERVATION_SUBSETS[args.env_id]
+        return ObservationSubset(make_env(_with_env_id(args, base), family), keep)
     if args.env_id not in _envpool_ids():
         if args.async_batch_size is not None:
             raise ValueError(f"--async-batch-size needs an EnvPool task; {args.env_id!r} runs on gymnasium")
@@ -84,6 +151,18 @@ def make_env(args, family: str):
         envs = envpool.make(args.env_id, **kwargs)
         envs.observation_space, envs.action_space  # built on first access: inside this block
         return envs
+
+
+def _with_env_id(args, env_id: str):
+    """``args`` (a dataclass, or any object with ``env_id``) for another task."""
+    import copy
+    import dataclasses
+
+    if dataclasses.is_dataclass(args):
+        return dataclasses.replace(args, env_id=env_id)
+    other = copy.copy(args)
+    other.env_id = env_id
+    return other
 
 
 def episode_bookkeeping(family: str, term, trunc, info) -> dict:

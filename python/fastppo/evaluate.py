@@ -1,4 +1,5 @@
-"""``fastppo eval``: the saved policy run greedily with its frozen normalization statistics."""
+"""``fastppo eval``: the saved policy run greedily with its frozen normalization statistics (a
+recurrent policy with its state carried through each episode)."""
 
 from __future__ import annotations
 
@@ -6,28 +7,34 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 import tyro
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .agent import Agent
 from .config import Args
 from .envs import env_family, episode_bookkeeping, make_env
 from .envstep import EnvStepBoundary
+from .recurrent import make_agent
+from .rollout import normalization
 
 
-def evaluate(path: str, episodes: int = 10, device: str = "cpu", seed: int = 12345) -> dict:
+def evaluate(path: str, episodes: int = 10, device: str = "cpu", seed: int = 12345, video: Optional[str] = None,
+             video_max_steps: Optional[int] = None) -> dict:
     """Runs the saved policy (greedy for discrete actions, the mean for continuous ones) with the
     saved normalization statistics, frozen, until ``episodes`` episodes end; returns their mean
-    and std return.
+    and std return. A recurrent policy's state follows each episode from zeros at its start.
 
     Args:
         path: a run directory or its checkpoint.pt
         episodes: episodes to run
         device: cpu or cuda
         seed: seed of the evaluation environments
+        video: also write one episode on the gymnasium task (rendered, same policy and frozen
+            statistics) to this MP4 file (needs fastppo[video]; see fastppo.video)
+        video_max_steps: end the video's episode after this many steps (unset: when it ends)
     """
     if episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
@@ -36,10 +43,11 @@ def evaluate(path: str, episodes: int = 10, device: str = "cpu", seed: int = 123
     family = env_family(args.env_id)
     envs = make_env(args, family)
     obs_shape = envs.observation_space.shape
-    agent = Agent(obs_shape, envs.action_space, family).to(device)
+    agent = make_agent(args, obs_shape, envs.action_space, family).to(device)
     agent.load_state_dict(state["model"])
     agent.eval()
-    boundary = EnvStepBoundary(args.num_envs, obs_shape, normalize_obs=family == "mujoco", gamma=args.gamma)
+    recurrent = getattr(agent, "recurrent", False)
+    boundary = EnvStepBoundary(args.num_envs, obs_shape, normalize_obs=normalization(args, family)[0], gamma=args.gamma)
     saved = state["boundary"] if "boundary" in state else state["ranks"][0]["boundary"]  # torchrun: rank 0's
     for name in ("obs_count", "obs_mean", "obs_m2"):
         getattr(boundary, name)[...] = saved[name]
@@ -49,20 +57,31 @@ def evaluate(path: str, episodes: int = 10, device: str = "cpu", seed: int = 123
     boundary.prime(raw_obs, obs, update_stats=False)
     returns = []
     continuous = len(envs.action_space.shape) > 0
+    if recurrent:  # the state of each environment's episode; reset where an observation starts one
+        hidden, start = agent.initial_state(args.num_envs, device), np.ones(args.num_envs, np.bool_)
     while len(returns) < episodes:
         with torch.no_grad():
-            h = agent.features(torch.from_numpy(obs).to(device))
-            out = agent.actor(h)
+            if recurrent:
+                out, _, hidden = agent.step(torch.from_numpy(obs).to(device), hidden, torch.from_numpy(start).to(device))
+            else:
+                out = agent.actor(agent.features(torch.from_numpy(obs).to(device)))
             action = (out if continuous else out.argmax(-1)).cpu().numpy()
         action = np.clip(action, envs.action_space.low, envs.action_space.high) if continuous else action.astype(np.int32)
         raw_obs, reward, term, trunc, info = envs.step(action)
         finished = boundary.step(raw_obs, reward, term, trunc, obs, *scratch, update_stats=False,
                                  **episode_bookkeeping(family, term, trunc, info))
         returns.extend(r for r, _ in finished)
+        if recurrent:
+            start = ~scratch[3]  # after a dummy reset step (not real), the observation starts an episode
     envs.close()
     returns = np.array(returns[:episodes])
-    return dict(env_id=args.env_id, episodes=int(returns.size), mean_return=float(returns.mean()),
-                std_return=float(returns.std()), checkpoint_step=state["global_step"])
+    result = dict(env_id=args.env_id, episodes=int(returns.size), mean_return=float(returns.mean()),
+                  std_return=float(returns.std()), checkpoint_step=state["global_step"])
+    if video is not None:
+        from .video import record_trained_video
+
+        result["video"] = record_trained_video(path, video, device, seed, video_max_steps)
+    return result
 
 
 def eval_main(argv=None) -> int:

@@ -8,6 +8,10 @@ same update. In a data-parallel group each minibatch's advantage moments and los
 group's, and the gradients are averaged over the ranks before the clip and the Adam step, so the
 ranks' parameters stay bit-identical.
 
+A recurrent agent's rollout comes as a :class:`SequenceBatch` (torch backend): its minibatches are
+sets of whole environments, each environment's ``T`` steps in order, run through the RNN in one
+call per minibatch (:meth:`fastppo.recurrent.RecurrentAgent.evaluate_sequences`).
+
 :func:`apply_gradients` is that last part alone (the ranks' mean, the clip, the optimizer step),
 shared by every torch update in fastppo, including those whose loss differs (``fastppo.sb3``,
 ``fastppo.rlhf``).
@@ -22,8 +26,9 @@ import torch
 from torch import Tensor, nn
 
 import fastppo
+from fastppo.recurrent import plan_segments
 
-__all__ = ["Batch", "Learner", "UPDATE_STATS", "apply_gradients"]
+__all__ = ["Batch", "Learner", "SequenceBatch", "UPDATE_STATS", "apply_gradients"]
 
 # A minibatch update's stats by name: PPOLossOutput's fields after the loss, FusedActorCritic's row (+ grad norm).
 UPDATE_STATS = ("pg_loss", "v_loss", "entropy", "approx_kl", "old_approx_kl", "clipfrac")
@@ -42,6 +47,17 @@ class Batch(NamedTuple):
     returns: Tensor
     values: Tensor
     mask: Optional[Tensor] = None
+
+
+class SequenceBatch(NamedTuple):
+    """A recurrent agent's rollout of ``T`` steps of ``N`` environments: ``rows``, its :class:`Batch`
+    of ``T * N`` rows in time-major order (row ``t * N + e``), ``starts`` bool ``[T, N]`` (the state
+    is reset before step ``t`` of environment ``e``: its observation starts an episode) and
+    ``state`` ``[K, N, H]``, the agent's recurrent state when the rollout began (before row 0's resets)."""
+
+    rows: Batch
+    starts: Tensor
+    state: Tensor
 
 
 def apply_gradients(optimizer: torch.optim.Optimizer, params: Iterable[Tensor], max_grad_norm: float,
@@ -88,9 +104,12 @@ class Learner:
         for name, value in (("update_epochs", update_epochs), ("num_minibatches", num_minibatches)):
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"Learner: {name} must be an integer >= 1, got {value!r}")
+        if backend == "fused" and getattr(agent, "recurrent", False):
+            raise ValueError("Learner: the fused backend runs feed-forward MLP policies; a recurrent agent needs "
+                             "backend='torch'")
         self.agent, self.backend, self.lr, self.max_grad_norm = agent, backend, lr, max_grad_norm
         self.update_epochs, self.num_minibatches, self.target_kl = update_epochs, num_minibatches, target_kl
-        self.group, self.ppo_loss = group, ppo_loss
+        self.group, self.ppo_loss, self.clip_coef = group, ppo_loss, clip_coef
         self.group_size = 1 if group is None else group.size
         self.loss_options = dict(clip_coef=clip_coef, vf_coef=vf_coef, ent_coef=ent_coef, clip_vloss=clip_vloss,
                                  norm_adv=norm_adv, **({} if vf_clip_coef is None else dict(vf_clip_coef=vf_clip_coef)))
@@ -104,6 +123,7 @@ class Learner:
         else:
             self.optimizer = torch.optim.Adam(agent.parameters(), lr=lr, betas=betas, eps=eps)
         self._batch: Optional[Batch] = None
+        self._sequences: Optional[SequenceBatch] = None
 
     # ------------------------------------------------------------------ state
 
@@ -124,14 +144,32 @@ class Learner:
         if self.fused is not None:
             self.fused.set_batch(*batch)
 
-    def update(self, batch: Batch, lr: Optional[float] = None) -> List[float]:
+    def update(self, batch, lr: Optional[float] = None, clip_coef: Optional[float] = None) -> List[float]:
         """``update_epochs`` epochs over ``batch``, each a fresh ``torch.randperm`` cut into
         ``num_minibatches`` minibatches, at learning rate ``lr`` (default: the constructor's);
-        ``target_kl`` may stop after any epoch. Returns the mean of each of :data:`UPDATE_STATS` over
-        the minibatches done (and over the group's ranks)."""
+        ``target_kl`` may stop after any epoch. A :class:`SequenceBatch` (a recurrent agent's) is cut
+        into minibatches of whole environments instead: a permutation of the ``N`` environments
+        (none with one minibatch), ``N / num_minibatches`` of them per minibatch. ``clip_coef``: the
+        surrogate clipping coefficient of this update (and of the value clip when it follows it;
+        default: the constructor's; the torch backend only). Returns the mean of each of
+        :data:`UPDATE_STATS` over the minibatches done (and over the group's ranks)."""
         lr = self.lr if lr is None else lr
-        self.set_batch(batch)
-        mean = self._fused_epochs(lr) if self.fused is not None else self._torch_epochs(lr)
+        if clip_coef is not None and self.fused is not None:
+            raise ValueError("Learner.update: clip_coef is fixed when the fused policy is built; a changing "
+                             "clipping coefficient needs backend='torch'")
+        self.loss_options["clip_coef"] = self.clip_coef if clip_coef is None else clip_coef
+        if isinstance(batch, SequenceBatch):
+            if not getattr(self.agent, "recurrent", False):
+                raise ValueError("Learner.update: a SequenceBatch needs a recurrent agent (evaluate_sequences)")
+            self._sequences = batch
+            self.set_batch(batch.rows)
+            mean = self._sequence_epochs(lr)
+        else:
+            if getattr(self.agent, "recurrent", False):
+                raise ValueError("Learner.update: a recurrent agent learns from a SequenceBatch (whole environments' "
+                                 f"sequences), got {type(batch).__name__}")
+            self.set_batch(batch)
+            mean = self._fused_epochs(lr) if self.fused is not None else self._torch_epochs(lr)
         if self.group is not None:
             mean = [x / self.group_size for x in self.group.sum(mean)]
         return mean
@@ -142,6 +180,9 @@ class Learner:
         ``group_moments``: in a group, the group's float64 ``[3]`` advantage moments of this
         minibatch (``fastppo.ppo_loss``'s). Returns ``stats`` (float64 ``[7]``: :data:`UPDATE_STATS`
         and the gradient norm before clipping)."""
+        if getattr(self.agent, "recurrent", False):
+            raise ValueError("Learner.minibatch: a recurrent agent's minibatches are whole environments' sequences; "
+                             "call update() with a SequenceBatch")
         lr = self.lr if lr is None else lr
         stats = np.zeros(7) if stats is None else stats
         if self.fused is not None:
@@ -218,3 +259,56 @@ class Learner:
             if self.target_kl is not None and self._group_mean(out.approx_kl.item()) > self.target_kl:
                 break
         return torch.stack(stats).mean(0).tolist()
+
+    def _sequence_epochs(self, lr: float) -> List[float]:
+        # Minibatches of whole environments (CleanRL's ppo_atari_lstm.py, sb3-contrib's sequences):
+        # each is one pass of the RNN over its environments' segments.
+        self._set_lr(lr)
+        seq, b = self._sequences, self._batch
+        T, N = seq.starts.shape
+        per = N // self.num_minibatches
+        if per * self.num_minibatches != N:
+            raise ValueError(f"Learner.update: num_minibatches ({self.num_minibatches}) must divide the "
+                             f"environments of a SequenceBatch ({N}): each minibatch holds whole environments")
+        device = b.obs.device
+        steps = torch.arange(T, device=device)[:, None] * N
+        starts = seq.starts.cpu()
+        plans = {}  # with one minibatch every epoch has the same environments, so the same segments
+        stats = []
+        for _ in range(self.update_epochs):
+            order = torch.arange(N) if self.num_minibatches == 1 else torch.randperm(N)
+            envs = order.view(self.num_minibatches, per)
+            rows = (steps[None] + envs.to(device)[:, None, :]).reshape(self.num_minibatches, T * per)
+            moments = self._sequence_moments(rows)
+            for i in range(self.num_minibatches):
+                key = tuple(envs[i].tolist())
+                if key not in plans:
+                    plans = {key: plan_segments(starts[:, envs[i]]).to(device)}
+                out, _ = self._sequence_step(rows[i], envs[i].to(device), plans[key], T,
+                                             None if moments is None else moments[i])
+                stats.append(torch.stack([getattr(out, name) for name in UPDATE_STATS]))
+            if self.target_kl is not None and self._group_mean(out.approx_kl.item()) > self.target_kl:
+                break
+        return torch.stack(stats).mean(0).tolist()
+
+    def _sequence_moments(self, rows: Tensor) -> Optional[Tensor]:
+        """The group's advantage moments of each minibatch of rows ``[num_minibatches, m]``."""
+        if self.group is None:
+            return None
+        b = self._batch
+        return self.group.advantage_moments(b.advantages[rows], None if b.mask is None else b.mask[rows])
+
+    def _sequence_step(self, idx: Tensor, envs: Tensor, plan, T: int, moments: Optional[Tensor]):
+        """One minibatch of whole environments ``envs``: ``idx`` their rows ``[T * n]`` in time-major order."""
+        b, seq = self._batch, self._sequences
+        n = envs.numel()
+        obs = b.obs[idx].view((T, n) + tuple(b.obs.shape[1:]))
+        actions = b.actions[idx].view((T, n) + tuple(b.actions.shape[1:]))
+        logprob, entropy, value = self.agent.evaluate_sequences(obs, actions, plan, seq.state[:, envs])
+        group = {} if moments is None else dict(group_moments=moments, group_size=self.group_size)
+        out = self.ppo_loss(logprob.reshape(-1), b.logprobs[idx], b.advantages[idx], value.reshape(-1), b.values[idx],
+                            b.returns[idx], entropy.reshape(-1), mask=None if b.mask is None else b.mask[idx],
+                            **self.loss_options, **group)
+        self.optimizer.zero_grad()
+        out.loss.backward()
+        return out, apply_gradients(self.optimizer, self.agent.parameters(), self.max_grad_norm, self.group)

@@ -5,7 +5,9 @@
   them) and one into the env step boundary, which writes the step's outcome into the storage;
 - :class:`SyncTorchCollector`: sync environments, the torch ``Agent`` (the Atari CNN, a GPU, the
   eager baseline);
-- :class:`AsyncCollector`: EnvPool's async mode over :class:`AsyncRollout`'s slots.
+- :class:`AsyncCollector`: EnvPool's async mode over :class:`AsyncRollout`'s slots;
+- :class:`SyncRecurrentCollector`: sync environments, a recurrent agent
+  (:class:`fastppo.recurrent.RecurrentAgent`), its state carried from step to step.
 
 Each :meth:`~Collector.collect` fills one rollout and :meth:`~Collector.batch` returns its GAE
 advantages and returns with the rest as a :class:`fastppo.learner.Batch`. A collector starts its
@@ -30,10 +32,10 @@ import fastppo
 from fastppo.checkpoint import CheckpointError
 from fastppo.envs import episode_bookkeeping
 from fastppo.envstep import EnvStepBoundary
-from fastppo.learner import Batch
+from fastppo.learner import Batch, SequenceBatch
 
-__all__ = ["AsyncCollector", "AsyncRollout", "Collector", "SyncFusedCollector", "SyncTorchCollector",
-           "make_collector", "rollout_advantages"]
+__all__ = ["AsyncCollector", "AsyncRollout", "Collector", "SyncFusedCollector", "SyncRecurrentCollector",
+           "SyncTorchCollector", "make_collector", "rollout_advantages"]
 
 
 def rollout_advantages(rewards, values, dones, terminated, real, next_value, gamma, gae_lambda, gae=fastppo.gae):
@@ -292,6 +294,84 @@ class SyncTorchCollector(_SyncCollector):
         return self.T * self.N
 
 
+class SyncRecurrentCollector(_SyncCollector):
+    """Sync environments and a recurrent agent: one ``get_action_and_value`` and one boundary step
+    per environment step, the agent's state ``[K, N, H]`` carried from each step to the next. The
+    state is reset to zeros before a step whose observation starts an episode: the first of a run
+    (or of a resume with fresh environments), and the step after each dummy reset step (which,
+    from the ended episode's final observation, still continues that episode's state). A rollout
+    keeps the state it began with and where the resets fell (``starts`` ``[T, N]``), which the
+    update's sequence pass starts from; a checkpoint keeps the state after its last step."""
+
+    def __init__(self, envs, boundary, agent, family, num_steps, device, log_actions=False):
+        super().__init__(envs, boundary, agent, family, num_steps, device, log_actions)
+        self.starts = np.zeros((self.T, self.N), np.bool_)
+        self.hidden = agent.initial_state(self.N, device)
+        self.first_hidden = self.hidden
+        self.next_start = np.ones(self.N, np.bool_)  # whether the next step's observation starts an episode
+
+    def start(self) -> None:
+        super().start()
+        self.hidden = self.agent.initial_state(self.N, self.device)
+        self.next_start[:] = True
+
+    def resume(self, checkpoint: dict) -> None:
+        super().resume(checkpoint)  # fresh environments: start() (new episodes, zero state)
+        if "actions" in checkpoint:  # the environments replayed to the checkpoint: their episodes go on
+            saved = torch.as_tensor(checkpoint["recurrent_state"])
+            if saved.shape != self.hidden.shape:
+                raise CheckpointError(f"the checkpoint's recurrent state has shape {tuple(saved.shape)}; this run's "
+                                      f"agent has {tuple(self.hidden.shape)}")
+            self.hidden = saved.to(self.hidden.device, self.hidden.dtype)
+            self.next_start[:] = np.asarray(checkpoint["episode_start"], np.bool_)
+
+    def state(self) -> dict:
+        return dict(super().state(), recurrent_state=self.hidden.cpu().clone(), episode_start=self.next_start.copy())
+
+    def collect(self, timing):
+        self._next_rollout()
+        obs = torch.from_numpy(self.obs)
+        starts = torch.from_numpy(self.starts)
+        env_actions = self._new_env_actions()
+        perf_counter, boundary = time.perf_counter, self.boundary
+        self.first_hidden = self.hidden
+        self.starts[0] = self.next_start
+        for step in range(self.T):
+            t0 = perf_counter()
+            if step:
+                np.logical_not(self.real[step - 1], out=self.starts[step])  # after a dummy step: a new episode
+            with torch.no_grad():
+                action, logprob, _, value, self.hidden = self.agent.get_action_and_value(
+                    obs[step].to(self.device, non_blocking=True), self.hidden, starts[step].to(self.device))
+            self.values[step], self.actions[step], self.logprobs[step] = value, action, logprob
+            env_action = env_actions[step] = self.to_env(action)
+            t1 = perf_counter()
+            self.raw_obs, reward, term, trunc, info = self.envs.step(env_action)
+            boundary.step(self.raw_obs, reward, term, trunc, self.obs[step + 1], self.reward[step], self.done[step],
+                          self.terminated[step], self.real[step], **episode_bookkeeping(self.family, term, trunc, info))
+            timing["env"] += perf_counter() - t1
+            timing["inference"] += t1 - t0
+        self.next_start = ~self.real[self.T - 1]
+        return self.T * self.N
+
+    def batch(self, gamma, gae_lambda, gae=fastppo.gae, timing=None) -> SequenceBatch:
+        t0 = time.perf_counter()
+        rewards, dones, terminated, real = (torch.from_numpy(x).to(self.device)
+                                            for x in (self.reward, self.done, self.terminated, self.real))
+        obs = torch.from_numpy(self.obs).to(self.device)
+        with torch.no_grad():  # the value of row T after the rollout's state (reset there if it starts an episode)
+            next_value = self.agent.get_value(obs[self.T], self.hidden, torch.from_numpy(self.next_start).to(self.device))
+            advantages, returns = rollout_advantages(rewards, self.values, dones, terminated, real, next_value,
+                                                     gamma, gae_lambda, gae)
+        if timing is not None:
+            timing["gae"] += time.perf_counter() - t0
+        self._rolled = True
+        rows = Batch(obs[:self.T].reshape((-1,) + self.obs_shape), self.actions.reshape((-1,) + self.action_shape),
+                     self.logprobs.reshape(-1), advantages.reshape(-1), returns.reshape(-1), self.values.reshape(-1),
+                     real.reshape(-1))
+        return SequenceBatch(rows, torch.from_numpy(self.starts.copy()).to(self.device), self.first_hidden)
+
+
 class AsyncCollector(Collector):
     """EnvPool's async mode: ``T`` rounds of ``recv`` (``B`` environments' outcomes into
     :class:`AsyncRollout`'s slots), the torch agent on their observations, ``send``."""
@@ -334,16 +414,28 @@ class AsyncCollector(Collector):
 
 def make_collector(args, envs, agent, family: str, device: torch.device, fused=None, group=None) -> Collector:
     """The collector for ``args`` (``fastppo.train.Args``, one rank's share): async mode when
-    ``async_batch_size`` is set, else sync with the fused policy ``fused`` when given, else sync
-    torch; with its env step boundary (the MuJoCo preset's normalization; with a data-parallel
+    ``async_batch_size`` is set, else sync with a recurrent ``agent``, else sync with the fused policy
+    ``fused`` when given, else sync torch; with its env step boundary (the observation and reward
+    normalization of ``args``, by default the MuJoCo preset's; with a data-parallel
     ``group`` the statistics are deferred, to be merged over the ranks after each rollout)."""
-    mujoco = family == "mujoco"
-    boundary = EnvStepBoundary(args.num_envs, envs.observation_space.shape, normalize_obs=mujoco,
-                               normalize_reward=mujoco, gamma=args.gamma)
+    normalize_obs, normalize_reward = normalization(args, family)
+    boundary = EnvStepBoundary(args.num_envs, envs.observation_space.shape, normalize_obs=normalize_obs,
+                               normalize_reward=normalize_reward, gamma=args.gamma)
     if group is not None:
         boundary.defer_stats()  # the ranks' statistics are merged after each rollout, so all normalize alike
     if args.async_batch_size is not None:
         return AsyncCollector(envs, boundary, agent, family, args.num_steps, args.async_batch_size, device)
+    if getattr(agent, "recurrent", False):
+        return SyncRecurrentCollector(envs, boundary, agent, family, args.num_steps, device, args.resume_replay)
     if fused is not None:
         return SyncFusedCollector(envs, boundary, agent, fused, family, args.num_steps, device, args.resume_replay)
     return SyncTorchCollector(envs, boundary, agent, family, args.num_steps, device, args.resume_replay)
+
+
+def normalization(args, family: str) -> Tuple[bool, bool]:
+    """Whether the observations and the rewards of a run of ``args`` are normalized: its
+    ``normalize_obs`` / ``normalize_reward``, or where they are unset (settings that were not
+    resolved, checkpoints of earlier runs) the env family's (the MuJoCo preset's normalization)."""
+    default = family == "mujoco"
+    obs, reward = getattr(args, "normalize_obs", None), getattr(args, "normalize_reward", None)
+    return default if obs is None else bool(obs), default if reward is None else bool(reward)

@@ -28,13 +28,15 @@ from fastppo.distributed import Group, in_torchrun
 from fastppo.envs import env_family, make_env
 from fastppo.envstep import EnvStepBoundary
 from fastppo.learner import UPDATE_STATS, Learner
-from fastppo.progress import Progress, tensorboard_writer
+from fastppo.progress import Progress, tensorboard_writer  # noqa: F401 (importable from here, as before)
+from fastppo.track import RunLogger
+from fastppo.recurrent import make_agent
 from fastppo.rollout import make_collector
 from fastppo.runs import (append_record, check_world_size, checkpoint_path, keep_log_until, metrics_path,
                           restore_learning, resume_state, start_run)
 from fastppo.runs import PLACE_SETTINGS, check_resumed_settings, saved_args  # noqa: F401 (importable from here, as before)
 
-__all__ = ["Agent", "Args", "Kernels", "PRESETS", "main", "rank_share", "resolve", "train"]
+__all__ = ["Agent", "Args", "Kernels", "PRESETS", "main", "make_agent", "rank_share", "resolve", "train"]
 
 
 def episode_statistics(boundary: EnvStepBoundary, group: Optional[Group]) -> tuple:
@@ -94,7 +96,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         args = dataclasses.replace(args, seed=args.seed + 7919 * checkpoint["iteration"])
     envs = make_env(args, family) if envs is None else envs
     obs_shape = envs.observation_space.shape
-    agent = Agent(obs_shape, envs.action_space, family, kernels).to(device)
+    agent = make_agent(args, obs_shape, envs.action_space, family, kernels).to(device)
     if group is not None:
         group.broadcast_(list(agent.state_dict().values()))  # every rank starts from rank 0's weights
         torch.manual_seed(run_args.seed + 1000003 * rank)  # and samples its own actions and minibatches
@@ -123,7 +125,7 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
     log_path = metrics_path(run_dir)
     if is_main:  # a killed run may have logged iterations after its checkpoint; a new run starts a new log
         keep_log_until(log_path, 0 if checkpoint is None else checkpoint["iteration"])
-    writer = tensorboard_writer(run_dir) if is_main else None
+    writer = RunLogger(run_dir, run_args) if is_main else None  # TensorBoard, --track's W&B, --capture-video
     progress = Progress(num_iterations, first_iteration - 1, args.log_every if is_main else 0)
     start = time.perf_counter()
     timing = dict(env=0.0, inference=0.0, gae=0.0, learn=0.0)
@@ -132,12 +134,15 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         lr_now = args.learning_rate
         if args.anneal_lr:
             lr_now = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
+        clip_now = None  # the learner's fixed clip_coef
+        if getattr(args, "anneal_clip", None):
+            clip_now = (1.0 - (iteration - 1.0) / num_iterations) * args.clip_coef
         global_step += collector.collect(timing) * K
         if group is not None:
             group.merge_env_statistics(boundary)
         batch = collector.batch(args.gamma, args.gae_lambda, kernels.gae, timing)
         t0 = time.perf_counter()
-        mean_stats = learner.update(batch, lr_now)
+        mean_stats = learner.update(batch, lr_now, clip_now)
         timing["learn"] += time.perf_counter() - t0
 
         episodic_return, episodic_return_last10, episodes = episode_statistics(boundary, group)
@@ -147,15 +152,16 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
             sps=(iteration - first_iteration + 1) * collector.batch_size / elapsed, time=elapsed,
             first_iteration=first_iteration, episodic_return=episodic_return,
             episodic_return_last10=episodic_return_last10, episodes=episodes, learning_rate=lr_now,
-            explained_variance=explained_variance(batch), **dict(zip(UPDATE_STATS, mean_stats)),
+            explained_variance=explained_variance(getattr(batch, "rows", batch)), **dict(zip(UPDATE_STATS, mean_stats)),
+            **({} if clip_now is None else dict(clip_coef=clip_now)),
             **{f"time_{k}": v for k, v in timing.items()},
         )
         if is_main:
             append_record(log_path, record)
         if writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("iteration", "global_step", "first_iteration"):
-                    writer.add_scalar(key, value, global_step)
+            writer.log(record, global_step)
+            writer.capture(iteration, iteration in (num_iterations, stop_after), global_step, agent, boundary,
+                           envs.action_space, family)
         ret = "n/a" if record["episodic_return"] is None else f"{record['episodic_return']:.1f}"
         progress.update(iteration, f"step {global_step} | {record['sps']:.0f} SPS | return {ret} | "
                         + " ".join(f"{k} {v:.1f}s" for k, v in timing.items()))
