@@ -5,7 +5,8 @@ unswapped one. Written for the tests (short runs on gymnasium's CartPole-v1 / Pe
 not a training script to use.
 
 Run as ``exec`` of its source with ``SETTINGS`` (a dict) in the namespace; it leaves ``RESULTS``:
-per iteration the advantages, returns and losses, and the final parameters.
+per iteration the actions, dones, advantages, returns, losses and the learning rate CleanRL logs
+(``charts/learning_rate``), and the final parameters.
 """
 
 import random
@@ -131,7 +132,7 @@ if __name__ == "__main__":
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     RESULTS = dict(advantages=[], returns=[], pg_loss=[], v_loss=[], entropy_loss=[], approx_kl=[],
-                   old_approx_kl=[], clipfrac=[], actions=[])
+                   old_approx_kl=[], clipfrac=[], learning_rate=[], actions=[], dones=[])
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -178,6 +179,7 @@ if __name__ == "__main__":
             rewards[step] = torch.tensor(reward).to(device).view(-1)
             next_obs, next_done = torch.Tensor(next_obs).to(device), torch.Tensor(next_done).to(device)
         RESULTS["actions"].append(actions.clone())
+        RESULTS["dones"].append(dones.clone())
 
         with torch.no_grad():
             next_value = agent.get_value(next_obs).reshape(1, -1)
@@ -253,6 +255,7 @@ if __name__ == "__main__":
                             ("approx_kl", approx_kl), ("old_approx_kl", old_approx_kl)):
             RESULTS[name].append(value.item())
         RESULTS["clipfrac"].append(float(np.mean(clipfracs)))
+        RESULTS["learning_rate"].append(optimizer.param_groups[0]["lr"])  # CleanRL's charts/learning_rate
 
     RESULTS["parameters"] = {k: v.detach().clone() for k, v in agent.state_dict().items()}
     envs.close()

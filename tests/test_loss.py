@@ -509,6 +509,31 @@ def test_float32_against_the_reference(device, option):
                  rtol=1e-4, atol=1e-5, stats=ALL_STATS)
 
 
+@pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+@pytest.mark.parametrize("layout", ["one_chunk_rows", "rows_over_chunks", "strided", "unmasked"])
+def test_float32_critic_free_loops_against_the_reference(device, kl_estimator, ratio_level, layout):
+    """The float32 loops without a value model (the KL term and the sequence ratio's last pass inside
+    the main sweep when a row is one chunk) against the float64 reference: rows of one chunk, rows
+    over several (4099 > the 4096-element chunk), a strided view (the element loop), no mask."""
+    shape = (5, 4099) if layout == "rows_over_chunks" else (6, 300)
+    inputs = llm_batch(shape, dtype=torch.float32, device=device, seed=11)
+    inputs = {k: v for k, v in inputs.items() if k in PLAIN + ("ref_logprob", "is_weights")}
+    if layout == "unmasked":
+        del inputs["mask"]
+    if layout == "strided":
+        inputs = {k: torch.stack([v.detach(), v.detach()], -1)[..., 0].requires_grad_(v.requires_grad)
+                  for k, v in inputs.items()}
+        assert inputs["new_logprob"].stride(-1) == 2
+    kwargs = dict(ratio_level=ratio_level, kl_estimator=kl_estimator, kl_coef=0.05, clip_coef_high=0.28, dual_clip=3.0,
+                  agg="seq-mean-token-mean", norm_adv=False)
+    as64 = {k: v.detach().double().requires_grad_(v.requires_grad) if v.is_floating_point() else v for k, v in inputs.items()}
+    want_values, want_grads = values_and_grads(reference_loss, as64, **kwargs)
+    assert_match(values_and_grads(ppo_loss, inputs, **kwargs),
+                 ({k: v.float() for k, v in want_values.items()}, {k: g.float() for k, g in want_grads.items()}),
+                 rtol=1e-4, atol=1e-5, stats=ALL_STATS)
+
+
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_every_token_masked_gives_zeros(device, option):
     inputs = llm_batch((3, 9), device=device, seed=8)

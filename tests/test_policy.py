@@ -803,7 +803,7 @@ def test_set_batch_bad_arguments(continuous, name):
     fused = FusedActorCritic(make_module(4, 2, continuous, torch.float64))
     args = set_batch_args(continuous)
     fused.set_batch(**args)  # the good ones pass
-    bad_dtype = {"actions": args["actions"].float() if continuous else args["actions"].int(),
+    bad_dtype = {"actions": args["actions"].float() if continuous else args["actions"].bool(),
                  "mask": args["mask"].to(torch.uint8)}.get(name, args[name].float())
     with pytest.raises(TypeError, match=rf"set_batch: {name} has dtype"):
         fused.set_batch(**dict(args, **{name: bad_dtype}))
@@ -814,7 +814,7 @@ def test_set_batch_bad_arguments(continuous, name):
     for bad_shape in bad_shapes:
         with pytest.raises(ValueError, match=rf"set_batch: {name} (must have|has) shape"):
             fused.set_batch(**dict(args, **{name: bad_shape}))
-    if x.dim() == 2:  # the right shape, not contiguous
+    if x.dim() == 2:  # the right shape, not contiguous (a categorical head's actions are copied: see below)
         with pytest.raises(ValueError, match=rf"set_batch: {name} must be C-contiguous"):
             fused.set_batch(**dict(args, **{name: x.T.contiguous().T}))
 
@@ -829,15 +829,146 @@ def test_update_errors():
             fused.update(idx)
     with pytest.raises(ValueError, match="empty"):
         fused.update(torch.zeros(0, dtype=torch.int64))
-    for idx, error, match in ((torch.arange(4, dtype=torch.int32), TypeError, "idx has dtype torch.int32; expected int64"),
-                              ([0, 1], TypeError, "idx must be a torch.Tensor"),
-                              (torch.arange(8)[::2], ValueError, "idx must be C-contiguous"),
-                              (torch.zeros(2, 2, dtype=torch.int64), ValueError, "idx must be 1-D")):
+    for idx, error, match in ((torch.arange(4.0), TypeError, r"idx has dtype torch.float32; expected int64 \(or another"),
+                              (np.arange(4.0), TypeError, "idx has dtype float64; expected int64"),
+                              (torch.ones(4, dtype=torch.bool), TypeError, "idx has dtype torch.bool"),
+                              ([0, 1], TypeError, "idx must be a numpy.ndarray or a torch.Tensor, got list"),
+                              (torch.zeros(2, 2, dtype=torch.int64), ValueError, "idx must be 1-D"),
+                              (np.zeros((2, 2), np.int64), ValueError, "idx must be 1-D"),
+                              (np.int64(3), TypeError, "idx must be a numpy.ndarray"),
+                              (np.array(3), ValueError, "idx must be 1-D"),
+                              (np.arange(20)[::2], ValueError, r"idx must be in \[0, 16\), got values from 0 to 18"),
+                              (np.array([-1, 3], np.int32), ValueError, r"idx must be in \[0, 16\)"),
+                              (np.array([2**63 + 1], np.uint64), ValueError, r"idx must be in \[0, 16\)"),
+                              (torch.tensor([0, 17], dtype=torch.int32), ValueError, r"idx must be in \[0, 16\)"),
+                              (np.zeros(0, np.int64), ValueError, "empty")):
         with pytest.raises(error, match=match):
             fused.update(idx)
     assert fused.step == 0  # refused calls do not count as Adam steps
     fused.update(torch.arange(16))
     assert fused.step == 1
+
+
+# ------------------------------------------------------------------ what CleanRL's scripts pass
+
+
+def twin_fused(continuous=False, dtype=torch.float64, n_out=3, **opts):
+    """Two fused learners on equal copies of one module, and a batch of it."""
+    module = make_module(5, n_out, continuous, dtype, seed=3)
+    batch = make_batch(module, 97, seed=4)
+    return FusedActorCritic(module, **opts), FusedActorCritic(copy.deepcopy(module), **opts), batch
+
+
+def assert_same_update(fused, twin, got, want):
+    np.testing.assert_array_equal(got, want)
+    assert torch.equal(fused.params, twin.params) and torch.equal(fused.exp_avg_sq, twin.exp_avg_sq)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.int32, torch.uint8], ids=str)
+def test_categorical_actions_of_other_dtypes_equal_int64(dtype):
+    """A categorical head's actions as CleanRL stores them (float32) or in another dtype or layout
+    give the int64 batch's updates, bit for bit; the copy is taken at set_batch."""
+    fused, twin, batch = twin_fused()
+    actions = batch.actions.to(dtype)
+    fused.set_batch(batch.obs, actions, *batch.tensors()[2:])
+    twin.set_batch(*batch.tensors())
+    actions.fill_(2)  # set_batch copied them: later writes do not reach the batch
+    idx = torch.randperm(97, generator=torch.Generator().manual_seed(0))[:33]
+    assert_same_update(fused, twin, fused.update(idx), twin.update(idx))
+    strided = torch.stack([batch.actions.double(), torch.full((97,), 0.5, dtype=torch.float64)], 1)[:, 0]  # stride 2
+    assert not strided.is_contiguous()
+    fused.set_batch(batch.obs, strided, *batch.tensors()[2:])
+    assert_same_update(fused, twin, fused.update(idx), twin.update(idx))
+
+
+def test_int64_actions_and_indices_are_read_in_place():
+    fused, _, batch = twin_fused()
+    fused.set_batch(*batch.tensors())
+    assert fused._batch[1] is batch.actions  # no copy of a batch that fits
+    idx = np.arange(10)
+    assert fused._minibatch_rows(idx)[1] == idx.ctypes.data
+    idx_t = torch.arange(10)
+    assert fused._minibatch_rows(idx_t)[1] == idx_t.data_ptr()
+    assert fused._minibatch_rows(idx_t[::2])[1] != idx_t.data_ptr()
+
+
+@pytest.mark.parametrize("bad,words", [
+    (0.5, r"actions must hold whole action indices, got 0.5 at row 6 \(torch.float32\)"),
+    (float("nan"), "actions must hold whole action indices, got nan at row 6"),
+    (float("inf"), "actions must hold whole action indices, got inf at row 6"),
+    (1e30, "actions must hold whole action indices"),
+    (-1.0, r"actions must be action indices in \[0, 3\), got values from -1 to"),
+    (3.0, r"actions must be action indices in \[0, 3\), got values from 0 to 3"),
+], ids=["half", "nan", "inf", "huge", "negative", "too-large"])
+def test_categorical_float_actions_refused(bad, words):
+    fused, _, batch = twin_fused()
+    actions = batch.actions.float()
+    actions[6] = bad
+    with pytest.raises(ValueError, match="set_batch: " + words):
+        fused.set_batch(batch.obs, actions, *batch.tensors()[2:])
+    assert fused._batch is None  # nothing was bound
+
+
+def test_categorical_int64_actions_out_of_range_refused():
+    """The compiled update reads logits[action] unchecked: set_batch checks every head's range."""
+    fused, _, batch = twin_fused()
+    for bad in (-1, 3, 2**40):
+        actions = batch.actions.clone()
+        actions[96] = bad
+        with pytest.raises(ValueError, match=r"set_batch: actions must be action indices in \[0, 3\)"):
+            fused.set_batch(batch.obs, actions, *batch.tensors()[2:])
+    with pytest.raises(TypeError, match=r"set_batch: actions has dtype torch.complex64; expected int64 \(or another"):
+        fused.set_batch(batch.obs, batch.actions.to(torch.complex64), *batch.tensors()[2:])
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_numpy_and_strided_indices_equal_contiguous_int64(continuous):
+    """update() on numpy indices (CleanRL's b_inds[start:end]), strided slices and other integer
+    dtypes makes the step of the same rows as a contiguous int64 tensor, bit for bit."""
+    fused, twin, batch = twin_fused(continuous, dtype=torch.float32)
+    fused.set_batch(*batch.tensors())
+    twin.set_batch(*batch.tensors())
+    b_inds = np.arange(97)
+    np.random.default_rng(0).shuffle(b_inds)
+    for idx in (b_inds[:32], b_inds[32:64].astype(np.int32), b_inds[::3], b_inds[1::2].astype(">i8"),
+                b_inds[:40].astype(np.uint8), torch.from_numpy(b_inds)[::2], torch.from_numpy(b_inds[5:30]).int(),
+                torch.from_numpy(b_inds).flip(0)):
+        want = torch.from_numpy(np.array(idx, dtype=np.int64)) if isinstance(idx, np.ndarray) else idx.long().contiguous()
+        assert_same_update(fused, twin, fused.update(idx), twin.update(want))
+    assert fused.step == twin.step == 8
+
+
+def test_lr_is_a_settable_property():
+    """fused.lr is the rate of update() calls given none (a schedule sets it between updates)."""
+    fused, twin, batch = twin_fused(lr=1e-3)
+    fused.set_batch(*batch.tensors())
+    twin.set_batch(*batch.tensors())
+    assert fused.lr == 1e-3
+    fused.lr = np.float32(2e-3)
+    assert type(fused.lr) is float and fused.lr == pytest.approx(2e-3)
+    idx = torch.arange(40)
+    assert_same_update(fused, twin, fused.update(idx), twin.update(idx, lr=fused.lr))
+    fused.lr = 0
+    before = fused.params.clone()
+    fused.update(idx)
+    assert torch.equal(before, fused.params)  # lr 0: no step
+    for bad in (-1e-3, float("nan"), float("inf"), "3e-4", None):
+        with pytest.raises(ValueError, match="FusedActorCritic: lr must be a finite number >= 0"):
+            fused.lr = bad
+    assert fused.lr == 0
+
+
+def test_act_action_dtypes():
+    """act's action: int64 [rows] for a categorical head, the parameters' dtype [rows, D] for a
+    Gaussian one (float32 for CleanRL's agent; int64 is refused)."""
+    categorical = FusedActorCritic(make_module(4, 3, False, torch.float32))
+    action, logprob, value = categorical.act(torch.zeros(2, 4), torch.rand(2, 3))
+    assert action.dtype == torch.int64 and action.shape == (2,) and logprob.dtype == value.dtype == torch.float32
+    gaussian = FusedActorCritic(make_module(4, 3, True, torch.float32))
+    action, logprob, value = gaussian.act(torch.zeros(2, 4), torch.randn(2, 3))
+    assert action.dtype == torch.float32 and action.shape == (2, 3)
+    with pytest.raises(TypeError, match="act: action has dtype torch.int64; expected float32"):
+        gaussian.act(torch.zeros(2, 4), action=torch.zeros(2, 3, dtype=torch.int64))
 
 
 def test_act_bad_arguments():

@@ -103,16 +103,19 @@ def _trainer(stages, **overrides):
     return R._trainer(_args(stages["args"], **overrides), stages, kl_off=False)
 
 
-def test_first_update_ratio_is_exactly_one_with_temperature(stages):
-    trainer = _trainer(stages, temperature=0.6)
+@pytest.mark.parametrize("fused", [True, False])
+def test_first_update_ratio_is_exactly_one_with_temperature(stages, fused):
+    args = _args(stages["args"], temperature=0.6)
+    trainer = R._trainer(dataclasses.replace(args, lm=dataclasses.replace(args.lm, fused_logprob=fused)), stages,
+                         kl_off=False)
     batch = trainer.rollout()
     Lq, mb = batch.query.shape[1], trainer.config.micro_batch_size
     idx = torch.arange(mb)  # the same micro-batch the rollout's forward saw
-    logits, _ = trainer._response_logits_values(batch.sequence[idx], batch.attention_mask[idx], Lq)
-    new, _ = categorical_logprob_entropy(logits, batch.response[idx], 0.6)
-    new = torch.where(batch.response_mask[idx], new, new.new_zeros(()))
+    new, _, _ = trainer._response_logprobs_values(batch.sequence[idx], batch.attention_mask[idx], Lq,
+                                                  batch.response[idx], batch.response_mask[idx])
     assert torch.equal(new, batch.logprob[idx])  # ratio exactly 1 before the first step
     # Forgetting the temperature in training would not give ratio 1.
+    logits = lm_forward(trainer.policy, batch.sequence[idx], batch.attention_mask[idx])[0][:, Lq - 1:-1]
     wrong, _ = categorical_logprob_entropy(logits, batch.response[idx], 1.0)
     assert (wrong - batch.logprob[idx])[batch.response_mask[idx]].abs().max() > 1e-2
 

@@ -21,6 +21,8 @@ the fused object after moving the module to its device and dtype; CPU float32 an
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -33,6 +35,10 @@ from . import _buffers as B
 __all__ = ["FusedActorCritic", "NotFusable", "fused_mlp", "mlp_layers"]
 
 _ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
+# What update() takes as minibatch rows (int64 C-contiguous is read in place, the others copied once)
+# and what set_batch() takes as a categorical head's actions (float: CleanRL's action storage).
+_INDEX_DTYPES = ("int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64")
+_CATEGORICAL_ACTION_DTYPES = _INDEX_DTYPES + ("float32", "float64", "float16", "bfloat16")
 
 
 class NotFusable(ValueError):
@@ -171,7 +177,12 @@ class FusedActorCritic:
     The module's parameters are moved into one flat buffer and keep being the module's
     parameters; Adam's moments live here (:meth:`state_dict`). Arguments are those of
     ``torch.optim.Adam`` (``lr``, ``betas``, ``eps``) and of ``fastppo.ppo_loss`` with
-    ``agg="token-mean"``, plus ``max_grad_norm`` (``<= 0``: no clip).
+    ``agg="token-mean"``, plus ``max_grad_norm`` (``<= 0``: no clip). :attr:`lr` is the learning
+    rate :meth:`update` uses when given none, settable (a learning-rate schedule sets it between
+    updates, as CleanRL sets ``optimizer.param_groups[0]["lr"]``).
+
+    Every call runs on the CPU, on a module whose parameters are on the CPU: build the module (and
+    the rollout storage) there, not on a GPU.
     """
 
     def __init__(self, module: nn.Module, *, lr: float = 3e-4, betas: Tuple[float, float] = (0.9, 0.999),
@@ -230,13 +241,13 @@ class FusedActorCritic:
                 offset += k
         self._named, self._grad_views = named, [p.grad for p in named]
         self.step = 0
-        self.lr = float(lr)
+        self.lr = lr
         self._plan = _C.ActorCriticPlan(
             self._dtype_name, self.activation, _layer_specs(trunk_linears, True), _layer_specs(actor_linears, True),
             _layer_specs(critic_linears, True), self.continuous, log_std.data_ptr() if self.continuous else 0,
             log_std.grad.data_ptr() if self.continuous else 0, self.params.data_ptr(), self.grads.data_ptr(),
             self.exp_avg.data_ptr(), self.exp_avg_sq.data_ptr(), n)
-        for name, value in (("lr", lr), ("eps", eps), ("clip_coef", clip_coef), ("vf_coef", vf_coef)):
+        for name, value in (("eps", eps), ("clip_coef", clip_coef), ("vf_coef", vf_coef)):
             if not value >= 0:
                 raise ValueError(f"FusedActorCritic: {name} must be >= 0, got {value}")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
@@ -245,6 +256,17 @@ class FusedActorCritic:
                                clip_vloss, norm_adv, max_grad_norm, betas[0], betas[1], eps)
         self._batch = None
         self._low = self._high = None
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of :meth:`update` calls given no ``lr`` (float, >= 0)."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        if not (isinstance(value, numbers.Real) and 0 <= value < math.inf):
+            raise ValueError(f"FusedActorCritic: lr must be a finite number >= 0, got {value!r}")
+        self._lr = float(value)
 
     # -------------------------------------------------------------- rollout inference
 
@@ -260,7 +282,8 @@ class FusedActorCritic:
         ``noise``: uniform ``[rows, A]`` in [0, 1) (Gumbel-max sampling of the categorical) or
         standard normal ``[rows, D]`` (``mean + exp(log_std) * noise``), the parameters' dtype;
         None takes the greedy action (argmax, or the mean). Outputs, allocated when not given:
-        ``action`` (int64 ``[rows]`` or ``[rows, D]``), ``logprob`` and ``value`` ``[rows]``;
+        ``action`` (categorical: int64 ``[rows]``; Gaussian: ``[rows, D]`` in the parameters' dtype,
+        the sample before any clipping), ``logprob`` and ``value`` ``[rows]`` in the parameters' dtype;
         ``env_action`` (optional numpy array): int32 ``[rows]``, or float32 ``[rows, D]`` clipped to
         the bounds of :meth:`set_action_bounds`. Returns ``(action, logprob, value)``.
         """
@@ -309,7 +332,8 @@ class FusedActorCritic:
         ``env_action[t]`` (one call with one integer: the trainer's rollout step).
 
         ``obs`` ``[>= T, N, obs_dim]`` (numpy or tensor) in the parameters' dtype; ``noise``
-        ``[T, N, n_out]``; ``action`` int64 ``[T, N]`` or ``[T, N, D]``; ``logprob``, ``value``
+        ``[T, N, n_out]``; ``action`` int64 ``[T, N]`` (categorical) or ``[T, N, D]`` in the parameters'
+        dtype (Gaussian); ``logprob``, ``value``
         ``[T, N]``; ``env_action`` numpy int32 ``[T, N]`` or float32 ``[T, N, D]``; all C-contiguous
         CPU memory, kept alive by the caller while ``act_step`` is used."""
         T, N = value.shape if isinstance(value, Tensor) and value.dim() == 2 else (-1, -1)
@@ -356,13 +380,21 @@ class FusedActorCritic:
                   values: Tensor, mask: Optional[Tensor] = None) -> None:
         """The rollout ``[B, ...]`` that :meth:`update` draws minibatches from (held by reference:
         keep the tensors alive and unchanged until the next ``set_batch``). ``obs [B, obs_dim]``,
-        ``actions`` int64 ``[B]`` (categorical) or ``[B, D]``, ``logprobs``, ``advantages``,
-        ``returns``, ``values`` ``[B]`` in the parameters' dtype, ``mask`` bool ``[B]`` (False:
-        left out of every mean, as ``fastppo.ppo_loss``'s mask)."""
+        ``logprobs``, ``advantages``, ``returns``, ``values`` ``[B]``, all in the parameters' dtype
+        and C-contiguous; ``mask`` bool ``[B]`` (False: left out of every mean, as
+        ``fastppo.ppo_loss``'s mask).
+
+        ``actions``: a Gaussian head's ``[B, D]`` in the parameters' dtype, C-contiguous; a
+        categorical head's ``[B]`` action indices in ``[0, A)``, int64 C-contiguous (read in place)
+        or any integer or float dtype and strides (CleanRL keeps them in a float32 tensor), which is
+        checked to hold whole numbers in range and copied once into int64 here (so that copy, not
+        ``actions``, is what later updates read)."""
         B.require_array("set_batch", "obs", obs, "torch")
         if obs.dim() != 2 or obs.shape[1] != self.obs_dim:
             raise ValueError(f"set_batch: obs must have shape [B, {self.obs_dim}], got {list(obs.shape)}")
         n = obs.shape[0]
+        if not self.continuous:
+            actions = self._action_indices(actions, n)
         checks = [("obs", obs, self._dtype_name, (n, self.obs_dim)),
                   ("actions", actions, self._action_dtype, (n, self.n_out) if self.continuous else (n,))]
         checks += [(name, x, self._dtype_name, (n,)) for name, x in (("logprobs", logprobs), ("advantages", advantages),
@@ -376,20 +408,44 @@ class FusedActorCritic:
         self._plan.set_batch(obs.data_ptr(), actions.data_ptr(), logprobs.data_ptr(), advantages.data_ptr(),
                              returns.data_ptr(), values.data_ptr(), 0 if mask is None else mask.data_ptr())
 
-    def update(self, idx: Tensor, lr: Optional[float] = None, stats: Optional[np.ndarray] = None) -> np.ndarray:
-        """One minibatch update on rows ``idx`` (int64 ``[M]``, contiguous) of the batch: forward,
-        heads, the clipped loss, backward into the parameters' ``.grad``, the grad-norm clip and one
-        Adam step at ``lr`` (default: the constructor's). Returns ``stats`` (float64 ``[7]``: pg_loss,
-        v_loss, entropy, approx_kl, old_approx_kl, clipfrac, the grad norm before clipping)."""
+    def _action_indices(self, actions, n: int) -> Tensor:
+        """A categorical head's ``actions [n]`` as the int64 C-contiguous indices in ``[0, A)`` that
+        the compiled update reads (unchecked there): ``actions`` itself when it is one, else a copy."""
+        B.require_array("set_batch", "actions", actions, "torch", _CATEGORICAL_ACTION_DTYPES,
+                        "int64 (or another integer or a float dtype holding action indices)")
+        if actions.shape != (n,):
+            raise ValueError(f"set_batch: actions has shape {tuple(actions.shape)}; expected {(n,)}")
+        if not actions.is_cpu:
+            raise ValueError(f"set_batch: actions is on {actions.device}; expected the CPU")
+        if actions.dtype != torch.int64 or not actions.is_contiguous():
+            indices = torch.empty(n, dtype=torch.int64).copy_(actions)  # floats are truncated: checked below
+            if actions.is_floating_point():
+                inexact = indices.to(actions.dtype) != actions  # fractions, NaN, infinities, out of int64
+                if bool(inexact.any()):
+                    row = int(inexact.nonzero()[0, 0])
+                    raise ValueError(f"set_batch: actions must hold whole action indices, got {actions[row].item()} "
+                                     f"at row {row} ({actions.dtype})")
+            actions = indices
+        if n:
+            low, high = (int(v) for v in torch.aminmax(actions))
+            if low < 0 or high >= self.n_out:
+                raise ValueError(f"set_batch: actions must be action indices in [0, {self.n_out}), got values "
+                                 f"from {low} to {high}")
+        return actions
+
+    def update(self, idx, lr: Optional[float] = None, stats: Optional[np.ndarray] = None) -> np.ndarray:
+        """One minibatch update on rows ``idx`` (``[M]``) of the batch: forward, heads, the clipped
+        loss, backward into the parameters' ``.grad``, the grad-norm clip and one Adam step at ``lr``
+        (default: :attr:`lr`). ``idx``: a torch tensor or numpy array of any integer dtype and
+        strides (CleanRL's ``b_inds[start:end]`` is numpy int64); int64 C-contiguous is read in
+        place, anything else copied once into int64. Returns ``stats``, a numpy float64 ``[7]``
+        array: pg_loss, v_loss, entropy, approx_kl, old_approx_kl, clipfrac, the grad norm before
+        clipping (written into ``stats`` when given, a C-contiguous float64 ``[7]`` array)."""
         if self._batch is None:
             raise RuntimeError("update: call set_batch first")
-        B.require_contiguous("update", "idx", idx, "torch", ("int64",))
-        if idx.dim() != 1:
-            raise ValueError(f"update: idx must be 1-D [M], got shape {tuple(idx.shape)}")
-        if idx.numel() == 0:
-            raise ValueError("update: idx is empty")
-        if int(idx.min()) < 0 or int(idx.max()) >= self._batch_size:
-            raise ValueError(f"update: idx must be in [0, {self._batch_size})")
+        rows, address, low, high = self._minibatch_rows(idx)  # rows: the int64 indices read, alive until returning
+        if low < 0 or high >= self._batch_size:
+            raise ValueError(f"update: idx must be in [0, {self._batch_size}), got values from {low} to {high}")
         if stats is None:
             stats = np.zeros(7)
         else:
@@ -398,8 +454,27 @@ class FusedActorCritic:
             if p.grad is None:
                 p.grad = view
         self._plan.refresh()  # the parameters may have been changed from outside since the last update
-        self.update_at(idx.numel(), idx.data_ptr(), self.lr if lr is None else lr, stats.ctypes.data)
+        self.update_at(rows.shape[0], address, self.lr if lr is None else lr, stats.ctypes.data)
         return stats
+
+    @staticmethod
+    def _minibatch_rows(idx) -> tuple:
+        """``idx`` as the compiled update reads it: (``idx`` or its int64 copy, its address, min, max)."""
+        kind = B.require_array("update", "idx", idx, None, _INDEX_DTYPES, "int64 (or another integer dtype)")
+        if idx.ndim != 1:
+            raise ValueError(f"update: idx must be 1-D [M], got shape {tuple(idx.shape)}")
+        if idx.shape[0] == 0:
+            raise ValueError("update: idx is empty")
+        if kind == "numpy":
+            if not (idx.dtype == np.int64 and idx.flags.c_contiguous and idx.flags.aligned):  # also byte-swapped
+                idx = np.ascontiguousarray(idx, dtype=np.int64)
+            return idx, idx.ctypes.data, int(idx.min()), int(idx.max())
+        if not idx.is_cpu:
+            raise ValueError(f"update: idx is on {idx.device}; expected the CPU")
+        if idx.dtype != torch.int64 or not idx.is_contiguous():
+            idx = torch.empty(idx.shape[0], dtype=torch.int64).copy_(idx)
+        low, high = torch.aminmax(idx)
+        return idx, idx.data_ptr(), int(low), int(high)
 
     def update_at(self, M: int, idx: int, lr: float, stats: int, group: int = 0, group_size: int = 1,
                   apply_step: bool = True) -> None:

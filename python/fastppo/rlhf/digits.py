@@ -18,22 +18,25 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .models import GPTConfig, ScalarHeadModel, TinyGPT, bradley_terry_loss, lm_forward
+from .build import tiny_gpt_config
+from .models import GPTConfig, ScalarHeadModel, TinyGPT, bradley_terry_loss, response_logprobs
+from .precision import MasterWeights
 from .rollout import generate, truncate_after_eos
 
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
 DIGIT0 = 4
 VOCAB_SIZE = DIGIT0 + 10
+SPECIAL_IDS = {"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}  # of a transformers config
 PROMPT_DIGITS = 4
 SFT_MAX_DIGITS = 8
 RESPONSE_LENGTH = 12  # the policy may write longer responses than it was fine-tuned on
 
 
 def model_config() -> GPTConfig:
-    return GPTConfig(vocab_size=VOCAB_SIZE, n_layer=2, n_head=4, n_embd=64, max_positions=32)
+    """TinyGPT's shape here: 2 layers of width 64, 4 heads, 32 positions."""
+    return tiny_gpt_config(VOCAB_SIZE)
 
 
 def prompts(batch_size: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
@@ -52,8 +55,9 @@ def sft_responses(batch_size: int, generator: torch.Generator) -> Tensor:
 
 
 def gold_score(query: Tensor, response: Tensor, response_mask: Tensor, has_eos: Tensor) -> Tensor:
-    """The hidden rule (see the module docstring); ``[B]`` float32."""
-    is_digit = (response >= DIGIT0) & response_mask
+    """The hidden rule (see the module docstring); ``[B]`` float32. A token outside the task's
+    vocabulary (a model with a larger one may sample it) is no digit."""
+    is_digit = (response >= DIGIT0) & (response < VOCAB_SIZE) & response_mask
     prompt_digits = query[:, 1:1 + PROMPT_DIGITS]
     in_prompt = (response[:, :, None] == prompt_digits[:, None, :]).any(-1) & is_digit
     triple = is_digit[:, 2:] & (response[:, 2:] == response[:, 1:-1]) & (response[:, 1:-1] == response[:, :-2])
@@ -64,10 +68,14 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def sft(policy: TinyGPT, steps: int, batch_size: int, lr: float, generator: torch.Generator) -> float:
-    """Fine-tunes ``policy`` on random valid sequences (next-token loss on the response); returns
-    the last loss."""
-    opt = torch.optim.AdamW(policy.parameters(), lr=lr)
+def sft(policy: TinyGPT, steps: int, batch_size: int, lr: float, generator: torch.Generator,
+        fused: bool = True) -> float:
+    """Fine-tunes ``policy`` on random valid sequences (next-token loss, the mean over the response's
+    tokens up to EOS); returns the last loss. ``fused``: the log-probs from the hidden state and the
+    LM head (:func:`~fastppo.rlhf.models.response_logprobs`); a bf16/fp16 policy is stepped through
+    float32 master weights (:class:`~fastppo.rlhf.precision.MasterWeights`)."""
+    weights = MasterWeights(policy.parameters(), _device(policy).type)
+    opt = torch.optim.AdamW(weights.master, lr=lr)
     device = _device(policy)
     policy.train()
     loss = torch.zeros(())
@@ -75,12 +83,13 @@ def sft(policy: TinyGPT, steps: int, batch_size: int, lr: float, generator: torc
         query, qmask = (x.to(device) for x in prompts(batch_size, generator))
         response = sft_responses(batch_size, generator).to(device)
         seq = torch.cat([query, response], 1)
-        mask = torch.cat([qmask, (response != PAD).long()], 1)
-        logits = lm_forward(policy, seq, mask)[0][:, query.shape[1] - 1:-1]
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), response.reshape(-1), ignore_index=PAD)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        real = response != PAD
+        mask = torch.cat([qmask, real.long()], 1)
+        logprob, _, _ = response_logprobs(policy, seq, mask, query.shape[1], response, real, 1.0, fused, entropy=False)
+        loss = -logprob.sum() / real.sum()
+        weights.zero_grad()
+        weights.backward(loss)
+        weights.step(opt)
     policy.eval()
     return float(loss.detach())
 
@@ -129,8 +138,10 @@ def gold_accuracy(pairs: Pairs) -> float:
 
 def train_reward_model(rm: ScalarHeadModel, pairs: Pairs, epochs: int, batch_size: int, lr: float,
                        generator: torch.Generator, center_coef: float = 0.01, margin: Optional[Tensor] = None) -> float:
-    """Bradley-Terry training on ranked pairs; returns the last loss."""
-    opt = torch.optim.AdamW(rm.parameters(), lr=lr)
+    """Bradley-Terry training on ranked pairs; returns the last loss (a bf16/fp16 model through
+    float32 master weights)."""
+    weights = MasterWeights(rm.parameters(), _device(rm).type)
+    opt = torch.optim.AdamW(weights.master, lr=lr)
     n = pairs.chosen.shape[0]
     rm.train()
     loss = torch.zeros(())
@@ -141,9 +152,9 @@ def train_reward_model(rm: ScalarHeadModel, pairs: Pairs, epochs: int, batch_siz
             r_c = rm.score(pairs.chosen[idx], pairs.chosen_mask[idx])
             r_r = rm.score(pairs.rejected[idx], pairs.rejected_mask[idx])
             loss = bradley_terry_loss(r_c, r_r, 0.0 if margin is None else margin[idx], center_coef)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            weights.zero_grad()
+            weights.backward(loss)
+            weights.step(opt)
     rm.eval()
     return float(loss.detach())
 

@@ -8,8 +8,9 @@ One iteration:
 2. truncate each response after its first EOS; score query + response with the reward model at
    the last real token; subtract ``missing_eos_penalty`` from responses without an EOS;
 3. per-token log-probs of the response under the policy and the frozen reference, every time
-   from ``logits / T`` (:func:`fastppo.categorical_logprob_entropy`, no full log_softmax), so the
-   first update's ratio is exactly 1;
+   from ``logits / T``, so the first update's ratio is exactly 1: by default from the last hidden
+   state and the LM head (:func:`fastppo.linear_logprob_entropy`, the ``[tokens, V]`` logits never
+   stored), or from the model's logits (:func:`fastppo.categorical_logprob_entropy`);
 4. KL estimate per token; with the KL in the rewards (PPO's default) shaped rewards ``-beta * kl``
    + score at the last real token (:func:`~fastppo.rlhf.kl_penalty_rewards`), beta fixed or adapted
    to a KL target;
@@ -20,6 +21,9 @@ One iteration:
 6. epochs x minibatches x micro-batches of the fused token-level PPO loss
    (:func:`fastppo.ppo_loss`: clipped surrogate, PPO's clipped value loss, the KL term when the KL
    is in the loss, aggregated as each algorithm does, see :data:`~fastppo.rlhf.config.LOSS_AGG`).
+
+The models may be float32 or bfloat16/float16 (the log-probs, values, scores and the loss are
+float32 then, and the optimizer steps float32 master weights, :mod:`fastppo.rlhf.precision`).
 
 Metrics use the names RLHF users know: ``objective/kl``, ``objective/entropy``,
 ``objective/scores``, ``objective/rlhf_reward``, ``policy/approxkl_avg``, ``policy/clipfrac_avg``,
@@ -34,12 +38,11 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from ..heads import categorical_logprob_entropy
-from ..learner import apply_gradients
 from ..loss import ppo_loss
 from .config import LOSS_AGG, RENAMED, PPOConfig, current_settings  # noqa: F401 (also importable from here)
 from .kernels import masked_mean, masked_whiten
-from .models import ScalarHeadModel, disable_dropout, hidden_size, lm_forward
+from .models import ScalarHeadModel, disable_dropout, hidden_size, logit_transform, response_logprobs, widen
+from .precision import MasterWeights
 from .rollout import Rollout, generate, targets, truncate_after_eos  # noqa: F401 (also importable from here)
 
 
@@ -80,25 +83,46 @@ class PPOTrainer:
             averages the gradients over the ranks, PPO's whitening statistics are the group's, and
             the metrics are the group's means.
         fsdp: with a group, shard the policy and the value model with FSDP2 (``fully_shard``), for
-            models that do not fit one device; the reward and reference models stay replicated.
+            models that do not fit one device; the reward and reference models stay replicated
+            (float32 models only).
+        fused_logprob: the policy's and the reference's log-probs from their last hidden state and LM
+            head with :func:`fastppo.linear_logprob_entropy` (the default), never the ``[tokens, V]``
+            logits; False: from the models' logits with :func:`fastppo.categorical_logprob_entropy`.
+            A model whose logits are scaled or soft-capped needs False (a ValueError says so).
+
+    The models may be float32, float64, bfloat16 or float16 (all in one dtype). With 16-bit
+    trainable parameters the optimizer holds float32 master weights and Adam moments, and a float16
+    loss is scaled (:class:`~fastppo.rlhf.precision.MasterWeights`). Gradient checkpointing is the
+    models' own (:func:`~fastppo.rlhf.models.enable_gradient_checkpointing`): the trainer puts the
+    policy and the value model in training mode for the update, where it takes effect.
     """
 
     def __init__(self, policy: nn.Module, ref_policy: nn.Module, reward_model: ScalarHeadModel,
                  value_model: Optional[ScalarHeadModel], prompts: Callable, eos_id: int, pad_id: int,
                  config: PPOConfig, extra_scores: Optional[Dict[str, Callable]] = None,
-                 generator: Optional[torch.Generator] = None, group=None, fsdp: bool = False):
+                 generator: Optional[torch.Generator] = None, group=None, fsdp: bool = False,
+                 fused_logprob: bool = True):
         config.validate()
         config = config.resolved()
         if config.critic_free and value_model is not None:
             raise ValueError(f"PPOTrainer: algo {config.algo!r} is critic-free; pass value_model=None")
+        if fused_logprob:
+            for name, model in (("policy", policy), ("ref_policy", ref_policy)):
+                problem = logit_transform(getattr(model, "config", None))
+                if problem:
+                    raise ValueError(f"PPOTrainer: {name}'s {problem} changes the logits, which fused_logprob=True "
+                                     "computes as hidden @ lm_head.weight.T; pass fused_logprob=False "
+                                     "(--no-fused-logprob)")
         self.policy, self.ref, self.rm, self.critic = disable_dropout(policy), ref_policy, reward_model, value_model
-        self.device = next(policy.parameters()).device  # every model and batch lives here
+        self.fused_logprob = fused_logprob
+        first = next(policy.parameters())
+        self.device = first.device  # every model and batch lives here
         self.value_head = None
         if value_model is None and not config.critic_free:
             self.value_head = nn.Linear(hidden_size(policy), 1)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
-            self.value_head.to(self.device)
+            self.value_head.to(self.device, first.dtype)
         self.prompts, self.eos_id, self.pad_id, self.config = prompts, eos_id, pad_id, config
         self.extra_scores = extra_scores or {}
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -112,7 +136,12 @@ class PPOTrainer:
         # What the optimizer step averages by hand: everything, or (FSDP) what is not sharded.
         self._replicated = [p for p in self.trainable_parameters()
                             if not (fsdp and type(p).__name__ == "DTensor")]
-        self.optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=config.learning_rate, eps=1e-5)
+        self.weights = MasterWeights(self.trainable_parameters(), self.device.type)
+        if fsdp and self.weights.low_precision:
+            raise ValueError("PPOTrainer: fsdp shards float32 models only (the float32 master weights of 16-bit "
+                             "parameters are not sharded)")
+        # The optimizer steps the float32 masters of 16-bit parameters (the parameters themselves otherwise).
+        self.optimizer = torch.optim.AdamW(self.weights.master, lr=config.learning_rate, eps=1e-5)
         self.kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.kl_target else None
         self.beta = config.kl_coef
 
@@ -128,18 +157,20 @@ class PPOTrainer:
 
     # --- forward passes -------------------------------------------------------------------------
 
-    def _response_logits_values(self, sequence: Tensor, mask: Tensor, query_len: int):
-        """Policy logits predicting each response token ``[B, R, V]`` and values before each ``[B, R]``
-        (None without a value model)."""
-        logits, hidden = lm_forward(self.policy, sequence, mask)
-        logits = logits[:, query_len - 1:-1]
+    def _response_logprobs_values(self, sequence: Tensor, mask: Tensor, query_len: int, response: Tensor,
+                                  response_mask: Tensor, entropy: bool = True):
+        """The policy's log-prob and entropy of each response token ``[B, R]`` (0 at padding; entropy
+        None when not asked) and the values before each ``[B, R]`` (None without a value model), all
+        float32 for 16-bit models."""
+        logprob, ent, hidden = response_logprobs(self.policy, sequence, mask, query_len, response, response_mask,
+                                                 self.config.temperature, self.fused_logprob, entropy)
         if self.config.critic_free:
             values = None
         elif self.critic is None:
-            values = self.value_head(hidden[:, query_len - 1:-1]).squeeze(-1)
+            values = widen(self.value_head(hidden[:, query_len - 1:-1]).squeeze(-1))
         else:
             values = self.critic.values(sequence, mask)[:, query_len - 1:-1]
-        return logits, values
+        return logprob, ent, values
 
     @torch.no_grad()
     def rollout(self) -> Rollout:
@@ -156,20 +187,19 @@ class PPOTrainer:
         mask = torch.cat([query_mask.bool(), response_mask], 1).long()
         logprobs, ref_logprobs, values = [], [], []
         for i in range(0, cfg.batch_size, cfg.micro_batch_size):
-            s, m, r = sequence[i:i + cfg.micro_batch_size], mask[i:i + cfg.micro_batch_size], response[i:i + cfg.micro_batch_size]
-            logits, v = self._response_logits_values(s, m, Lq)
-            logprobs.append(categorical_logprob_entropy(logits, r, cfg.temperature)[0])
-            ref_logits = lm_forward(self.ref, s, m)[0][:, Lq - 1:-1]
-            ref_logprobs.append(categorical_logprob_entropy(ref_logits, r, cfg.temperature)[0])
+            part = slice(i, i + cfg.micro_batch_size)
+            s, m, r, rm = sequence[part], mask[part], response[part], response_mask[part]
+            lp, _, v = self._response_logprobs_values(s, m, Lq, r, rm, entropy=False)
+            logprobs.append(lp)
+            ref_logprobs.append(response_logprobs(self.ref, s, m, Lq, r, rm, cfg.temperature, self.fused_logprob,
+                                                  entropy=False)[0])
             values.append(v)
+        # Both are 0 at padding (never read by the kernels below; the entropy metric sums each response).
         logprob, ref_logprob = torch.cat(logprobs), torch.cat(ref_logprobs)
         value = None if cfg.critic_free else torch.cat(values)
         scores = self.rm.score(sequence, mask).to(logprob.dtype)
         if cfg.missing_eos_penalty is not None:
             scores = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
-        # Padding is never read by the kernels below; the log-probs are zeroed there for the
-        # entropy metric (a sum over each response).
-        logprob = torch.where(response_mask, logprob, logprob.new_zeros(()))
         t = targets(cfg, self.beta, logprob, ref_logprob, response_mask, scores, value, self._whiten)
         return Rollout(query, sequence, mask, response, response_mask, has_eos, logprob, ref_logprob, value, scores,
                        t.kl, t.rewards, t.advantages, t.returns)
@@ -211,7 +241,8 @@ class PPOTrainer:
         batch's rows instead), micro-batches accumulating gradients, one optimizer step per
         minibatch (after the gradients' mean over the group's ranks). Returns the per-micro-batch stats.
 
-        The optimizer step is fastppo.learner's (``apply_gradients``); the loop around it is not
+        The optimizer step is fastppo.learner's (``apply_gradients``, on the float32 masters of a 16-bit
+        model: :meth:`MasterWeights.step <fastppo.rlhf.precision.MasterWeights.step>`); the loop around it is not
         ``fastppo.learner.Learner``'s because token-level PPO's update differs from it: gradients
         accumulate over micro-batches of sequences (``[B, R]`` tokens), the advantages were made
         over the whole batch at rollout time (no per-minibatch normalization), each rank's loss means
@@ -223,19 +254,19 @@ class PPOTrainer:
         minibatch = cfg.batch_size // cfg.num_minibatches
         sums: Dict[str, list] = {k: [] for k in ("approxkl", "clipfrac", "pg", "vf", "vf_clipfrac", "entropy", "ratio",
                                                  "kl")}
-        self.policy.train()
+        self._train_mode(True)
         for epoch in range(cfg.ppo_epochs):
             order = orders[epoch] if orders is not None else torch.randperm(cfg.batch_size, generator=self.generator)
             order = order.to(batch.sequence.device)
             for start in range(0, cfg.batch_size, minibatch):
-                self.optimizer.zero_grad(set_to_none=True)
+                self.weights.zero_grad()
                 for micro in range(start, start + minibatch, cfg.micro_batch_size):
                     idx = order[micro:micro + cfg.micro_batch_size]
                     mask = batch.response_mask[idx]
-                    logits, values = self._response_logits_values(batch.sequence[idx], batch.attention_mask[idx], Lq)
-                    new_logprob, entropy = categorical_logprob_entropy(logits, batch.response[idx], cfg.temperature)
+                    new_logprob, entropy, values = self._response_logprobs_values(
+                        batch.sequence[idx], batch.attention_mask[idx], Lq, batch.response[idx], mask)
                     out = self._loss(batch, idx, new_logprob, entropy, values)
-                    (out.loss * (cfg.micro_batch_size / minibatch)).backward()
+                    self.weights.backward(out.loss * (cfg.micro_batch_size / minibatch))
                     with torch.no_grad():
                         logratio = torch.where(mask, new_logprob - batch.logprob[idx], new_logprob.new_zeros(()))
                         sums["ratio"].append(masked_mean(logratio.exp(), mask))
@@ -246,10 +277,16 @@ class PPOTrainer:
                     for key, value in (("approxkl", out.approx_kl), ("clipfrac", out.clipfrac), ("pg", out.pg_loss),
                                        ("vf", out.v_loss), ("entropy", out.entropy), ("kl", out.kl)):
                         sums[key].append(value)
-                apply_gradients(self.optimizer, self.trainable_parameters(), cfg.max_grad_norm, self.group,
-                                averaged=self._replicated)
-        self.policy.eval()
+                self.weights.step(self.optimizer, cfg.max_grad_norm, self.group, averaged=self._replicated)
+        self._train_mode(False)
         return sums
+
+    def _train_mode(self, on: bool) -> None:
+        """Training mode for the update (where a transformers model's gradient checkpointing acts;
+        dropout is off), eval mode for the rollout: the policy and the value model."""
+        for module in (self.policy, self.critic):
+            if module is not None:
+                module.train(on)
 
     @torch.no_grad()
     def _metrics(self, batch: Rollout, sums: Dict[str, list]) -> Dict[str, float]:
@@ -315,6 +352,8 @@ class PPOTrainer:
             state["critic"] = self.value_module.state_dict()
         state.update(optimizer=self.optimizer.state_dict(), generator=self.generator.get_state(), beta=self.beta,
                      config=asdict(self.config))
+        if self.weights.low_precision:  # the float32 masters (and fp16's loss scale): more than the rounded weights
+            state["master_weights"] = self.weights.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -329,6 +368,8 @@ class PPOTrainer:
             if self.value_module is not None:
                 self.value_module.load_state_dict(state["critic"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.weights.low_precision:
+                self.weights.load_state_dict(state["master_weights"])
         self.generator.set_state(state["generator"])
         self.beta = state["beta"]
         if self.kl_ctl is not None:

@@ -57,7 +57,7 @@ def generate(policy: nn.Module, query: Tensor, query_mask: Tensor, max_new_token
     tokens = []
     done = torch.zeros(B, dtype=torch.bool, device=query.device)
     for _ in range(max_new_tokens):
-        logits = lm_forward(policy, ids, mask)[0][:, -1].float() / temperature
+        logits = lm_forward(policy, ids, mask, logits_to_keep=1)[0][:, -1].float() / temperature  # [B, V] only
         u = torch.rand(logits.shape, generator=generator).clamp_(min=torch.finfo(torch.float32).tiny)
         tok = (logits - torch.log(-torch.log(u)).to(logits.device)).argmax(-1)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)

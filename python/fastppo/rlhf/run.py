@@ -13,6 +13,9 @@ Stages, each saved in the run directory so a resumed run skips what is done:
 3. ``kl_off/`` (with ``--compare-kl-off``): the same run with beta = 0, which over-optimizes the
    reward model: its score keeps rising while the hidden gold score falls.
 4. ``rlhf.png``: proxy (reward-model) and gold scores and the KL of both runs per iteration.
+
+The model (``--model``, :mod:`fastppo.rlhf.build`) is the built-in TinyGPT, a transformers model type
+built from a config, or a local Hugging Face directory, in ``--dtype``; every stage trains it.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ from ..checkpoint import CheckpointError, checkpoint_kind, describe, read_checkp
 from ..distributed import Group, in_torchrun
 from ..progress import Progress
 from . import digits as D
+from .build import BUILTIN, ModelConfig, ModelSource, build_causal_lm
 from .config import RENAMED, PPOConfig, current_settings
-from .models import ScalarHeadModel, frozen_copy
+from .models import ScalarHeadModel, frozen_copy, logit_transform
+from .plot import plot
 from .ppo import PPOTrainer
 
 
@@ -48,7 +53,7 @@ class RLHFArgs:
     run_dir: str = "runs/rlhf"
     """directory for the stages, checkpoints, metrics and plots"""
     preset: str = "digits"
-    """digits: the built-in TinyGPT; digits-hf: a transformers GPT-2 built from a config (nothing is downloaded)"""
+    """digits: the built-in TinyGPT; digits-hf: a transformers GPT-2 built from a config (as --model gpt2); --model picks another"""
     seed: int = 1
     """seed of every stage"""
     iterations: int = 150
@@ -70,6 +75,8 @@ class RLHFArgs:
     ppo: Annotated[PPOConfig, tyro.conf.OmitArgPrefixes] = field(
         default_factory=lambda: PPOConfig(response_length=D.RESPONSE_LENGTH))
     """PPO and group-method settings (flags without a prefix); minibatches and micro-batches are capped by the batch"""
+    lm: Annotated[ModelConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=ModelConfig)
+    """the model: --model, --model-kwargs, --dtype, --gradient-checkpointing, --no-fused-logprob"""
     critic: str = "separate"
     """value model of --algo ppo: separate (a copy of the reward model) or shared (a zero-initialized value head on the policy trunk)"""
     device: str = "cpu"
@@ -93,14 +100,26 @@ class RLHFArgs:
             raise ValueError("--device cuda, but torch sees no CUDA device")
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.lm.model not in (None, PRESETS[self.preset]) and self.preset != "digits":
+            raise ValueError(f"--preset {self.preset} builds --model {PRESETS[self.preset]}; for --model "
+                             f"{self.lm.model} use --preset digits")
         for name in ("iterations", "checkpoint_every", "sft_steps", "rm_pairs", "rm_heldout_pairs", "rm_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        longest = D.model_config().max_positions - D.PROMPT_DIGITS - 2  # the prompt is BOS d d d d SEP
+        source = self.model_source()
+        if self.lm.fused_logprob and logit_transform(source.config):
+            raise ValueError(f"--model {self.lm.name(PRESETS[self.preset])}: {logit_transform(source.config)} changes "
+                             "the logits, which the fused log-prob path computes as hidden @ lm_head.weight.T; pass "
+                             "--no-fused-logprob to take the model's own logits")
+        longest = source.max_positions - D.PROMPT_DIGITS - 2  # the prompt is BOS d d d d SEP
         if self.ppo.response_length > longest:
-            raise ValueError(f"--response-length must be <= {longest}, got {self.ppo.response_length}")
+            raise ValueError(f"--response-length must be <= {longest} (the model's {source.max_positions} positions), "
+                             f"got {self.ppo.response_length}")
         if self.fsdp and world_size == 1:
             raise ValueError("--fsdp shards the models over the ranks of a torchrun group; run it under torchrun")
+        if self.fsdp and self.lm.dtype != "float32":
+            raise ValueError(f"--fsdp shards float32 models only; got --dtype {self.lm.dtype} (its float32 master "
+                             "weights are not sharded)")
         if self.ppo.batch_size % world_size:
             raise ValueError(f"--batch-size ({self.ppo.batch_size}) must be divisible by the world size ({world_size}): "
                              "each rank rolls out batch_size / world_size responses")
@@ -112,6 +131,18 @@ class RLHFArgs:
                              f"{group_size * world_size}")
         self.ppo_config(world_size=world_size).validate()
 
+    def model_source(self) -> ModelSource:
+        """What ``--model`` names, its config not yet built into a model (a ValueError naming the flag)."""
+        return self.lm.source(PRESETS[self.preset], D.VOCAB_SIZE, D.SPECIAL_IDS)
+
+    def make_model(self, log=None) -> torch.nn.Module:
+        """The policy's model as ``--model``, ``--model-kwargs``, ``--dtype`` and
+        ``--gradient-checkpointing`` ask, on ``--device``, initialized from ``--seed``."""
+        return build_causal_lm(self.lm.name(PRESETS[self.preset]), D.VOCAB_SIZE, self.lm.kwargs(),
+                               dtype=self.lm.torch_dtype, device=self.device, seed=self.seed,
+                               gradient_checkpointing=self.lm.gradient_checkpointing, special_ids=D.SPECIAL_IDS,
+                               log=log)
+
     def ppo_config(self, kl_off: bool = False, world_size: int = 1) -> PPOConfig:
         """``ppo`` for one of ``world_size`` ranks (its share of the batch), with minibatches and
         micro-batches capped by that batch, and no KL penalty when ``kl_off``."""
@@ -122,35 +153,36 @@ class RLHFArgs:
         return replace(self.ppo, batch_size=batch, num_minibatches=minibatches, micro_batch_size=micro, **off)
 
 
-def _tiny_gpt(seed: int) -> torch.nn.Module:
-    return D.new_policy(seed)
-
-
 def _hf_gpt2(seed: int) -> torch.nn.Module:
-    try:
-        from transformers import GPT2Config, GPT2LMHeadModel
-    except ImportError as err:
-        raise SystemExit("error: --preset digits-hf needs transformers (pip install transformers)") from err
-    torch.manual_seed(seed)
-    cfg = D.model_config()
-    config = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_positions, n_embd=cfg.n_embd,
-                        n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=D.BOS, eos_token_id=D.EOS, pad_token_id=D.PAD)
-    return GPT2LMHeadModel(config).eval()
+    """``--preset digits-hf``'s model: a transformers GPT-2 of TinyGPT's shape, built from a config."""
+    return build_causal_lm("gpt2", D.VOCAB_SIZE, seed=seed, special_ids=D.SPECIAL_IDS)
 
 
-PRESETS = {"digits": _tiny_gpt, "digits-hf": _hf_gpt2}
+PRESETS = {"digits": BUILTIN, "digits-hf": "gpt2"}  # each preset's --model
 
-# The settings that make the stages, and with the critic and every PPO setting (algo, group_size,
-# kl_in and kl_estimator as the run resolved them), an RL run: a resume must give the same (the rest,
-# such as --iterations or --threads, may change).
+# The settings that make the stages (with the model's: --model, --model-kwargs, --dtype), and with the
+# critic and every PPO setting (algo, group_size, kl_in and kl_estimator as the run resolved them), an
+# RL run: a resume must give the same (the rest, such as --iterations, --threads or
+# --gradient-checkpointing, may change).
 STAGE_SETTINGS = ("preset", "seed", "sft_steps", "rm_pairs", "rm_heldout_pairs", "rm_epochs")
+
+
+def stage_settings(args: RLHFArgs) -> dict:
+    """What the stages record of the settings that made them."""
+    return {**{name: getattr(args, name) for name in STAGE_SETTINGS}, **args.lm.settings(PRESETS[args.preset])}
+
+
+def saved_settings(saved: dict) -> dict:
+    """A saved run's settings with those it predates filled in: the preset's model in float32 (before
+    --model), PPO with the KL in the rewards (before --algo), PPOConfig's new names for its old ones."""
+    return current_settings({"model": PRESETS.get(saved.get("preset"), BUILTIN), "model_kwargs": "{}",
+                             "dtype": "float32", **saved})
 
 
 def run_settings(args: RLHFArgs) -> dict:
     """What a PPO checkpoint records of the settings that made its run (PPO settings by flag name,
     the ones left to the algorithm as it chose them)."""
-    return {**{name: getattr(args, name) for name in STAGE_SETTINGS + ("critic",)}, **asdict(args.ppo.resolved())}
+    return {**stage_settings(args), "critic": args.critic, **asdict(args.ppo.resolved())}
 
 
 def _check_settings(path: Path, saved: dict, asked: dict) -> None:
@@ -167,7 +199,8 @@ def read_stages(path: Path, args: RLHFArgs) -> dict:
     state = read_checkpoint(path)
     if checkpoint_kind(state) != "rlhf stages":
         raise CheckpointError(f"{path} is {describe(state, path)}, not the stages of a fastppo rlhf run")
-    _check_settings(path, state["args"], {name: getattr(args, name) for name in STAGE_SETTINGS})
+    saved = state.get("settings", {name: state["args"][name] for name in STAGE_SETTINGS})
+    _check_settings(path, saved_settings(saved), stage_settings(args))
     return state
 
 
@@ -180,8 +213,9 @@ def read_ppo_checkpoint(path: Path, args: RLHFArgs, world_size: int) -> dict:
     runs.check_world_size(state, world_size, path)
     if "settings" in state:  # written before they were recorded: not checked
         # A run saved before PPOConfig's renames holds cliprange, cliprange_value and lam: the same
-        # settings as clip_coef, vf_clip_coef and gae_lambda; one saved before --algo was PPO.
-        _check_settings(path, current_settings(state["settings"]), run_settings(args))
+        # settings as clip_coef, vf_clip_coef and gae_lambda; one saved before --algo was PPO, one
+        # saved before --model the preset's model in float32.
+        _check_settings(path, saved_settings(state["settings"]), run_settings(args))
     return state
 
 
@@ -206,15 +240,14 @@ def _log(msg: str) -> None:
 def build_stages(args: RLHFArgs, run_dir: Path) -> dict:
     """SFT, ranked pairs, reward model; loaded from ``stages.pt`` when it exists."""
     path = run_dir / "stages.pt"
-    make = PRESETS[args.preset]
     if path.exists():
         state = read_stages(path, args)
         _log(f"stages loaded from {path}")
         return state
     g = torch.Generator().manual_seed(args.seed)
-    policy = make(args.seed).to(args.device)
+    policy = args.make_model()
     start = time.perf_counter()
-    sft_loss = D.sft(policy, args.sft_steps, 128, 1e-3, g)
+    sft_loss = D.sft(policy, args.sft_steps, 128, 1e-3, g, fused=args.lm.fused_logprob)
     _log(f"SFT: {args.sft_steps} steps, loss {sft_loss:.3f} ({time.perf_counter() - start:.0f}s)")
     start = time.perf_counter()
     pairs = D.ranked_pairs(policy, args.rm_pairs + args.rm_heldout_pairs, g)
@@ -234,16 +267,16 @@ def build_stages(args: RLHFArgs, run_dir: Path) -> dict:
     _log(f"reward model: held-out accuracy {report['rm_heldout_accuracy']:.3f} (chance 0.5, noise-free ceiling "
          f"{report['rm_heldout_ceiling']:.3f}); SFT gold score {report['sft_gold']:.3f} "
          f"({time.perf_counter() - start:.0f}s)")
-    state = {"args": asdict(args), "sft": policy.state_dict(), "rm": rm.state_dict(), "report": report}
+    state = {"args": asdict(args), "settings": stage_settings(args), "sft": policy.state_dict(), "rm": rm.state_dict(),
+             "report": report}
     save_checkpoint(path, state)
     return state
 
 
 def _trainer(args: RLHFArgs, stages: dict, kl_off: bool, group: Optional[Group] = None) -> PPOTrainer:
-    make = PRESETS[args.preset]
-    policy = make(args.seed).to(args.device)
+    policy = args.make_model()
     policy.load_state_dict(stages["sft"])
-    rm = ScalarHeadModel(make(args.seed)).to(args.device)
+    rm = ScalarHeadModel(copy.deepcopy(policy))  # its trunk and head come from the stages
     rm.load_state_dict(stages["rm"])
     rm.eval()
     for p in rm.parameters():
@@ -257,7 +290,8 @@ def _trainer(args: RLHFArgs, stages: dict, kl_off: bool, group: Optional[Group] 
     rank, size = (0, 1) if group is None else (group.rank, group.size)
     g = torch.Generator().manual_seed(args.seed + (1000 if kl_off else 0) + 7919 * rank)
     return PPOTrainer(policy.eval(), frozen_copy(policy), rm, critic, D.prompts, D.EOS, D.PAD,
-                      args.ppo_config(kl_off, size), {"gold": D.gold_score}, g, group, fsdp=args.fsdp)
+                      args.ppo_config(kl_off, size), {"gold": D.gold_score}, g, group, fsdp=args.fsdp,
+                      fused_logprob=args.lm.fused_logprob)
 
 
 def run_ppo(args: RLHFArgs, stages: dict, out: Path, kl_off: bool, group: Optional[Group] = None) -> list:
@@ -301,33 +335,6 @@ def run_ppo(args: RLHFArgs, stages: dict, out: Path, kl_off: bool, group: Option
     finally:
         progress.close()
     return history
-
-
-def plot(run_dir: Path, runs: dict, sft_gold: float) -> Optional[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _log("matplotlib is not installed: no plot")
-        return None
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name, history in runs.items():
-        it = [r["iteration"] for r in history]
-        axes[0].plot(it, [r["objective/scores"] for r in history], label=name)
-        axes[1].plot(it, [r["objective/gold"] for r in history], label=name)
-        axes[2].plot(it, [r["objective/kl"] for r in history], label=name)
-    axes[1].axhline(sft_gold, color="gray", linestyle=":", label="SFT policy")
-    for ax, title in zip(axes, ("proxy: reward-model score", "hidden gold score", "KL(policy || reference) per response")):
-        ax.set_title(title)
-        ax.set_xlabel("iteration")
-        ax.legend()
-    fig.tight_layout()
-    path = run_dir / "rlhf.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def run_label(ppo: PPOConfig, kl_off: bool) -> str:
@@ -399,6 +406,7 @@ def _run(args: RLHFArgs, group: Optional[Group]) -> int:
     stages = None
     if is_main:
         check_run_dir(args, run_dir, 1 if group is None else group.size)
+        _log(args.model_source().describe(D.VOCAB_SIZE, args.lm.torch_dtype))
         run_dir.mkdir(parents=True, exist_ok=True)
         runs.write_settings(run_dir / runs.ARGS, asdict(args), indent=1)
         stages = build_stages(args, run_dir)
