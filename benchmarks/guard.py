@@ -159,6 +159,71 @@ def normal(R, D):
     return peer, fast
 
 
+def masked_categorical(R, A):
+    g = torch.Generator().manual_seed(R + A)
+    logits = torch.randn(R, A, generator=g).requires_grad_()
+    mask = torch.rand(R, A, generator=g) < 0.7
+    mask[:, 0] = True
+    scores = torch.where(mask, torch.rand(R, A, generator=g), torch.tensor(-1.0))
+    actions = scores.argmax(-1)  # a legal action per row
+
+    def peer():
+        logprob, entropy = peers.maskable_categorical(logits, actions, mask)
+        torch.autograd.grad(logprob.sum() + 0.01 * entropy.sum(), logits)
+
+    def fast():
+        logprob, entropy = fastppo.categorical_logprob_entropy(logits, actions, mask=mask)
+        torch.autograd.grad(logprob.sum() + 0.01 * entropy.sum(), logits)
+
+    return peer, fast
+
+
+def multi_categorical(R, nvec):
+    g = torch.Generator().manual_seed(R)
+    logits = torch.randn(R, sum(nvec), generator=g).requires_grad_()
+    actions = torch.stack([torch.randint(0, n, (R,), generator=g) for n in nvec], -1)
+
+    def peer():
+        logprob, entropy = peers.torch_multi_categorical(logits, actions, nvec)
+        torch.autograd.grad(logprob.sum() + 0.01 * entropy.sum(), logits)
+
+    def fast():
+        logprob, entropy = fastppo.multi_categorical_logprob_entropy(logits, actions, nvec)
+        torch.autograd.grad(logprob.sum() + 0.01 * entropy.sum(), logits)
+
+    return peer, fast
+
+
+def multi_categorical_sample(R, nvec):
+    logits = torch.randn(R, sum(nvec), generator=torch.Generator().manual_seed(R))
+
+    def peer():
+        torch.stack([torch.distributions.Categorical(logits=part).sample()
+                     for part in torch.split(logits, list(nvec), dim=-1)], -1)
+
+    def fast():
+        fastppo.multi_categorical_sample(logits, nvec)
+
+    return peer, fast
+
+
+def tanh_normal(R, D):
+    g = torch.Generator().manual_seed(R + D)
+    mean = torch.randn(R, D, generator=g).requires_grad_()
+    log_std = torch.zeros(D).requires_grad_()
+    actions = torch.tanh(torch.randn(R, D, generator=g))
+
+    def peer():
+        logprob, entropy = peers.torch_tanh_normal(mean, log_std, actions)
+        torch.autograd.grad(logprob.sum() + 0.01 * entropy.sum(), (mean, log_std))
+
+    def fast():
+        logprob, entropy = fastppo.tanh_normal_logprob_entropy(mean, log_std, actions)
+        torch.autograd.grad(logprob.sum() + 0.01 * entropy.sum(), (mean, log_std))
+
+    return peer, fast
+
+
 def rlhf_inputs(B, T):
     g = torch.Generator().manual_seed(B * T)
     lengths = torch.randint(T // 4, T + 1, (B,), generator=g)
@@ -250,6 +315,10 @@ CASES = {
     "categorical fwd+bwd 256x32000": ("torch.distributions", lambda: categorical(256, 32000)),
     "categorical_sample 4096x18": ("torch.distributions", lambda: categorical_sample(4096, 18)),
     "normal fwd+bwd 4096x6": ("torch.distributions", lambda: normal(4096, 6)),
+    "masked categorical fwd+bwd 4096x18": ("MaskableCategorical's lines", lambda: masked_categorical(4096, 18)),
+    "multi-discrete fwd+bwd 4096x[3,3,3,3]": ("a Categorical per component", lambda: multi_categorical(4096, [3, 3, 3, 3])),
+    "multi-discrete sample 4096x[3,3,3,3]": ("a Categorical per component", lambda: multi_categorical_sample(4096, [3, 3, 3, 3])),
+    "tanh normal fwd+bwd 4096x6": ("TransformedDistribution(Normal, Tanh)", lambda: tanh_normal(4096, 6)),
     "kl_penalty_rewards 256x1024": ("TRL's lines", lambda: kl_rewards(256, 1024)),
     "token_gae 256x1024": ("TRL's loop", lambda: token_gae(256, 1024)),
     "masked_whiten 256x1024": ("TRL's masked_whiten", lambda: whiten(256, 1024)),

@@ -118,6 +118,12 @@ void categorical_backward_cpu(const CategoricalArgs& args) { FASTPPO_DISPATCH(ca
 void categorical_sample_cpu(const CategoricalArgs& args, const void* noise, int64_t noise_sr, int64_t* actions_out) {
   FASTPPO_DISPATCH_V(categorical_sample, args, noise, noise_sr, actions_out);
 }
+void multi_categorical_forward_cpu(const MultiCategoricalArgs& args) { FASTPPO_DISPATCH(multi_categorical_forward, args); }
+void multi_categorical_backward_cpu(const MultiCategoricalArgs& args) { FASTPPO_DISPATCH(multi_categorical_backward, args); }
+void multi_categorical_sample_cpu(const MultiCategoricalArgs& args, const void* noise, int64_t noise_sr,
+                                  int64_t* actions_out) {
+  FASTPPO_DISPATCH_V(multi_categorical_sample, args, noise, noise_sr, actions_out);
+}
 void normal_forward_cpu(const NormalArgs& args) { FASTPPO_DISPATCH(normal_forward, args); }
 void normal_backward_cpu(const NormalArgs& args) { FASTPPO_DISPATCH(normal_backward, args); }
 void kl_rewards_cpu(const KlRewardArgs& args) { FASTPPO_DISPATCH(kl_rewards, args); }
@@ -145,6 +151,34 @@ void actor_critic_update_cpu(const ActorCriticSpec& spec, const UpdateArgs& args
 int64_t categorical_check_actions_cpu(const CategoricalArgs& args) {
   for (int64_t r = 0; r < args.rows; ++r)
     if (categorical_action(args, r) < 0) return r;
+  return -1;
+}
+
+int64_t categorical_check_mask_cpu(const CategoricalArgs& args) {
+  if (!args.mask) return -1;
+  for (int64_t r = 0; r < args.rows; ++r)
+    if (!categorical_legal(args, r, categorical_action(args, r)) &&
+        any_legal(args.mask + r * args.mask_sr, args.mask_sc, args.A))
+      return r;
+  return -1;
+}
+
+int64_t multi_categorical_check_actions_cpu(const MultiCategoricalArgs& args) {
+  for (int64_t r = 0; r < args.rows; ++r)
+    for (int64_t k = 0; k < args.K; ++k)
+      if (multi_categorical_action(args, r, k) < 0) return r * args.K + k;
+  return -1;
+}
+
+int64_t multi_categorical_check_mask_cpu(const MultiCategoricalArgs& args) {
+  if (!args.mask) return -1;
+  for (int64_t r = 0; r < args.rows; ++r)
+    for (int64_t k = 0; k < args.K; ++k) {
+      const int64_t c0 = args.offsets[k];
+      if (!multi_categorical_legal(args, r, c0 + multi_categorical_action(args, r, k)) &&
+          any_legal(args.mask + r * args.mask_sr + c0 * args.mask_sc, args.mask_sc, args.offsets[k + 1] - c0))
+        return r * args.K + k;
+    }
   return -1;
 }
 

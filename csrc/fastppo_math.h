@@ -471,6 +471,35 @@ FASTPPO_HD S normal_grad_log_std(S action, S mean, S inv_var, S g_logprob, S g_e
 }
 
 // ---------------------------------------------------------------------------------------------
+// Tanh-squashed diagonal Gaussian, one dimension: the action is a = tanh(u) with u ~ N(mu, sigma),
+// so log p(a) = log N(u; mu, sigma) - log(1 - tanh(u)^2).
+
+constexpr double kLog2 = 0.69314718055994530942;
+
+FASTPPO_HD float scalar_log1p(float x) { return log1pf(x); }
+FASTPPO_HD double scalar_log1p(double x) { return log1p(x); }
+FASTPPO_HD float scalar_atanh(float x) { return atanhf(x); }
+FASTPPO_HD double scalar_atanh(double x) { return atanh(x); }
+
+// log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)) with softplus(z) = max(z, 0) + log1p(e^-|z|):
+// finite for every finite u, where 1 - tanh(u)^2 itself rounds to 0 from |u| ~ 9 (float32) on.
+template <typename S>
+FASTPPO_HD S tanh_log_det(S u) {
+  const S z = S(-2) * u;
+  const S softplus = (z > S(0) ? z : S(0)) + scalar_log1p(scalar_exp(z > S(0) ? -z : z));
+  return S(2) * (S(kLog2) - u - softplus);
+}
+
+// u = atanh(a) of an action given after the squash, a clamped to [-1 + eps, 1 - eps] with eps the
+// machine epsilon of S (as SB3's TanhBijector), so that a = +-1 (tanh of a large u, rounded) gives
+// a finite u: |u| <= 8.32 in float32, 18.37 in float64. NaN stays NaN.
+template <typename S>
+FASTPPO_HD S tanh_inverse(S a) {
+  const S eps = sizeof(S) == 4 ? S(1.1920928955078125e-07) : S(2.220446049250313e-16);
+  return scalar_atanh(clamp(a, S(-1) + eps, S(1) - eps));
+}
+
+// ---------------------------------------------------------------------------------------------
 // Fused actor-critic MLP: hidden activations (written from the layer's output y, as backward
 // needs them) and the Adam step after a global grad-norm clip.
 

@@ -111,6 +111,36 @@ def torch_categorical(logits, actions, temperature=1.0, validate_args=None):
     return dist.log_prob(actions), dist.entropy()
 
 
+def maskable_categorical(logits, actions, mask, validate_args=None):
+    """sb3-contrib's ``MaskableCategorical``: a copy of the logits with -1e8 where ``mask`` is False,
+    ``Categorical`` over it for the log-prob, and the entropy summed over the legal actions only."""
+    masked = torch.where(mask, logits, torch.tensor(-1e8, dtype=logits.dtype, device=logits.device))
+    dist = torch.distributions.Categorical(logits=masked, validate_args=validate_args)
+    p_log_p = torch.where(mask, dist.logits * dist.probs, torch.tensor(0.0, dtype=logits.dtype, device=logits.device))
+    return dist.log_prob(actions), -p_log_p.sum(-1)
+
+
+def torch_multi_categorical(logits, actions, nvec, validate_args=None):
+    """SB3's ``MultiCategoricalDistribution``: a ``Categorical`` per component over its split of the
+    logits ``[..., sum(nvec)]``; log-probs of the actions ``[..., len(nvec)]`` and entropies
+    stacked and summed over the components."""
+    dists = [torch.distributions.Categorical(logits=part, validate_args=validate_args)
+             for part in torch.split(logits, list(nvec), dim=-1)]
+    logprob = torch.stack([d.log_prob(a) for d, a in zip(dists, torch.unbind(actions, dim=-1))], dim=-1).sum(-1)
+    entropy = torch.stack([d.entropy() for d in dists], dim=-1).sum(-1)
+    return logprob, entropy
+
+
+def torch_tanh_normal(mean, log_std, actions, validate_args=None):
+    """``TransformedDistribution(Normal(mean, log_std.exp()), TanhTransform())``: the log-prob of the
+    squashed actions summed over the last dimension, and the base Normal's entropy (the transformed
+    distribution has none; fastppo.tanh_normal_logprob_entropy returns that one)."""
+    base = torch.distributions.Normal(mean, log_std.exp(), validate_args=validate_args)
+    dist = torch.distributions.TransformedDistribution(base, [torch.distributions.TanhTransform()],
+                                                       validate_args=validate_args)
+    return dist.log_prob(actions).sum(-1), base.entropy().sum(-1)
+
+
 def torch_normal(mean, log_std, actions, validate_args=None):
     """``Normal(mean, log_std.exp())``'s log-prob and entropy summed over the last dimension, as
     CleanRL's continuous agent takes them (``log_std`` ``[..., D]`` or shared ``[D]``)."""

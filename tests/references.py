@@ -170,6 +170,57 @@ def normal_reference(mean, log_std, actions):
     return logprob, entropy
 
 
+def masked_categorical_reference(logits, actions, mask, temperature=1.0):
+    """The categorical head over the legal actions only (``mask`` True): ``log softmax`` of the
+    legal logits at the action and ``-sum p log p`` over them; a row without a legal action gives
+    0 and 0 with zero gradient. An illegal logit is replaced by -1e300 before anything reads it
+    (its p is exactly 0, and autograd through ``p log p`` stays finite), so its gradient is 0 and
+    its value, NaN included, never matters; a legal -inf logit is taken as -1e300 likewise."""
+    import torch
+    legal_any = mask.any(-1)
+    x = torch.where(mask, (logits / temperature).clamp(min=-1e300), torch.full_like(logits, -1e300))
+    x = torch.where(legal_any.unsqueeze(-1), x, torch.zeros_like(x))  # no legal action: a finite row, unused
+    logp = torch.log_softmax(x, dim=-1)
+    p = logp.exp()
+    entropy = -torch.where(mask, p * logp, torch.zeros_like(p)).sum(-1)
+    logprob = logp.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+    zero = torch.zeros_like(logprob)
+    return torch.where(legal_any, logprob, zero), torch.where(legal_any, entropy, zero)
+
+
+def multi_categorical_reference(logits, actions, nvec, mask=None, reduce=True):
+    """Each component's categorical head (masked by its columns of ``mask`` when given) on its
+    columns of ``logits``, one component after the other; summed over components when ``reduce``."""
+    import torch
+    logprobs, entropies = [], []
+    start = 0
+    for k, n in enumerate(nvec):
+        x = logits[..., start:start + n]
+        if mask is None:
+            lp, ent = categorical_reference(x, actions[..., k])
+        else:
+            lp, ent = masked_categorical_reference(x, actions[..., k], mask[..., start:start + n])
+        logprobs.append(lp)
+        entropies.append(ent)
+        start += n
+    logprob, entropy = torch.stack(logprobs, -1), torch.stack(entropies, -1)
+    return (logprob.sum(-1), entropy.sum(-1)) if reduce else (logprob, entropy)
+
+
+def tanh_normal_reference(mean, log_std, actions, pre_tanh=None):
+    """The tanh-squashed Gaussian at u = ``pre_tanh``, else u = atanh of the actions clamped to
+    [-1 + eps, 1 - eps] (eps of their dtype): the Gaussian's log-prob at u minus sum log(1 -
+    tanh(u)^2), written as -2 log cosh(u) (exact in float64 for |u| < 710); the entropy is the
+    Gaussian's."""
+    import torch
+    if pre_tanh is None:
+        eps = torch.finfo(actions.dtype).eps
+        pre_tanh = torch.atanh(actions.clamp(-1 + eps, 1 - eps))
+    logprob, entropy = normal_reference(mean, log_std, pre_tanh)
+    log_det = -2 * torch.log(torch.cosh(pre_tanh))
+    return logprob - log_det.sum(-1), entropy
+
+
 # ---------------------------------------------------------------------------------------------
 # RLHF kernels: float64 on the CPU, one row at a time.
 

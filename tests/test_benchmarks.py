@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNELS = {"gae", "ppo_loss", "categorical_logprob_entropy", "normal_logprob_entropy"}
+KERNELS = {"gae", "ppo_loss", "categorical_logprob_entropy", "normal_logprob_entropy",
+           "multi_categorical_logprob_entropy", "tanh_normal_logprob_entropy"}
 RLHF_KERNELS = {"rlhf.kl_penalty_rewards", "rlhf.token_gae", "rlhf.masked_whiten"}
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -81,6 +82,7 @@ def test_pytest_benchmark_json_feeds_the_suite_tables(tmp_path):
     summary = (out / "suite_cpu.md").read_text()
     # heads and rlhf both time categorical_logprob_entropy: one table each
     for title in ("gae", "ppo_loss", "categorical_logprob_entropy (heads)", "categorical_logprob_entropy (rlhf)",
-                  "normal_logprob_entropy", *RLHF_KERNELS):
+                  "normal_logprob_entropy", "multi_categorical_logprob_entropy", "tanh_normal_logprob_entropy",
+                  *RLHF_KERNELS):
         assert f"### fastppo.{title}\n" in summary, title
     assert (out / "speedups_cpu.png").read_bytes()[:8] == PNG

@@ -32,6 +32,7 @@ def test_every_public_kernel_is_gated():
     import fastppo.rlhf
 
     kernels = {"gae", "ppo_loss", "categorical_logprob_entropy", "categorical_sample", "normal_logprob_entropy",
+               "multi_categorical_logprob_entropy", "multi_categorical_sample", "tanh_normal_logprob_entropy",
                "kl_penalty_rewards", "token_gae", "masked_whiten", "FusedActorCritic"}
     # Compositions of torch's GEMMs with the gated head and loss: benchmarks/bench_linear.py times them.
     composed = {"linear_logprob_entropy", "linear_ppo_loss"}

@@ -40,28 +40,45 @@ def ppo_loss(
 ) -> None: ...
 
 # Policy heads (csrc/bindings_heads.cpp)
+# mask: None or a bool [rows, A] spec of the legal actions.
 def categorical_forward(
     rows: int, A: int, dtype: str, logits: _Strided2, actions: _Strided1, actions_dtype: str, temperature: float,
-    logprob: _Data, entropy: _Data, stats: _Data, device: int, stream: int,
+    logprob: _Data, entropy: _Data, stats: _Data, device: int, stream: int, mask: _Strided2 | None = None,
 ) -> None: ...
 def categorical_sample(
     rows: int, A: int, dtype: str, logits: _Strided2, noise: int, noise_sr: int, temperature: float, actions: int,
-    logprob: _Data, entropy: _Data, stats: _Data,
+    logprob: _Data, entropy: _Data, stats: _Data, mask: _Strided2 | None = None,
 ) -> None: ...
 def categorical_backward(
     rows: int, A: int, dtype: str, logits: _Strided2, actions: _Strided1, actions_dtype: str, temperature: float,
     stats: _Data, grad_logprob: _Strided1 | None, grad_entropy: _Strided1 | None, grad_logits: _Data,
-    device: int, stream: int,
+    device: int, stream: int, mask: _Strided2 | None = None,
 ) -> None: ...
+# Multi-discrete: offsets is the address of int64 [K + 1] column offsets on the logits' device;
+# stats [2, rows, K]; a gradient spec's component stride is 0 when reduce.
+def multi_categorical_forward(
+    rows: int, K: int, A: int, dtype: str, offsets: int, logits: _Strided2, actions: _Strided2, actions_dtype: str,
+    mask: _Strided2 | None, reduce: bool, logprob: _Data, entropy: _Data, stats: _Data, device: int, stream: int,
+) -> None: ...
+def multi_categorical_sample(
+    rows: int, K: int, A: int, dtype: str, offsets: int, logits: _Strided2, mask: _Strided2 | None, noise: int,
+    noise_sr: int, actions: int, logprob: _Data, entropy: _Data, stats: _Data,
+) -> None: ...
+def multi_categorical_backward(
+    rows: int, K: int, A: int, dtype: str, offsets: int, logits: _Strided2, actions: _Strided2, actions_dtype: str,
+    mask: _Strided2 | None, reduce: bool, stats: _Data, grad_logprob: _Strided2 | None,
+    grad_entropy: _Strided2 | None, grad_logits: _Data, device: int, stream: int,
+) -> None: ...
+# squashed: the tanh-squashed head, at pre_tanh ([rows, D] spec) when given.
 def normal_forward(
     rows: int, D: int, dtype: str, mean: _Strided2, log_std: _Strided2, actions: _Strided2, logprob: _Data,
-    entropy: _Data, device: int, stream: int,
+    entropy: _Data, device: int, stream: int, squashed: bool = False, pre_tanh: _Strided2 | None = None,
 ) -> None: ...
 def normal_backward_workspace(rows: int, D: int, shared_log_std: bool) -> int: ...
 def normal_backward(
     rows: int, D: int, dtype: str, mean: _Strided2, log_std: _Strided2, actions: _Strided2,
     grad_logprob: _Strided1 | None, grad_entropy: _Strided1 | None, grad_mean: _Data, grad_log_std: _Data,
-    workspace: _Data | None, device: int, stream: int,
+    workspace: _Data | None, device: int, stream: int, squashed: bool = False, pre_tanh: _Strided2 | None = None,
 ) -> None: ...
 
 # RLHF kernels over [R, C] token rows (csrc/bindings_rlhf.cpp)

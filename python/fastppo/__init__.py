@@ -1,8 +1,10 @@
 """fastppo: Proximal Policy Optimization with fused C++/CUDA kernels.
 
-Public API: :func:`gae` (numpy or torch), :func:`ppo_loss`, :func:`categorical_logprob_entropy`,
-:func:`normal_logprob_entropy`, :func:`linear_logprob_entropy` and :func:`linear_ppo_loss`
-(torch); :func:`cuda_available` and :func:`build_info` describe the compiled core. The torch-only
+Public API: :func:`gae` (numpy or torch), :func:`ppo_loss`, the policy heads
+(:func:`categorical_logprob_entropy`, masked or not, :func:`multi_categorical_logprob_entropy`,
+:func:`normal_logprob_entropy`, :func:`tanh_normal_logprob_entropy`) and their samplers
+(:func:`categorical_sample`, :func:`multi_categorical_sample`), :func:`linear_logprob_entropy` and
+:func:`linear_ppo_loss` (torch); :func:`cuda_available` and :func:`build_info` describe the compiled core. The torch-only
 parts are imported on first use, so ``import fastppo`` never imports torch.
 """
 
@@ -23,8 +25,11 @@ __all__ = [
     "gae",
     "linear_logprob_entropy",
     "linear_ppo_loss",
+    "multi_categorical_logprob_entropy",
+    "multi_categorical_sample",
     "normal_logprob_entropy",
     "ppo_loss",
+    "tanh_normal_logprob_entropy",
 ]
 
 _TORCH_ONLY = {
@@ -33,6 +38,9 @@ _TORCH_ONLY = {
     "categorical_logprob_entropy": "heads",
     "categorical_sample": "heads",
     "normal_logprob_entropy": "heads",
+    "multi_categorical_logprob_entropy": "heads",
+    "multi_categorical_sample": "heads",
+    "tanh_normal_logprob_entropy": "heads",
     "linear_logprob_entropy": "linear",
     "linear_ppo_loss": "linear_loss",
 }
