@@ -124,3 +124,13 @@ def test_a_renderer_that_fails_is_named():
 
     with pytest.raises(ValueError, match="rendered no frame"):
         _frame(Nothing(), "X-v0")
+
+
+def test_bad_video_max_steps_names_the_flag(tmp_path):
+    from fastppo.config import Args, resolve
+    from fastppo.evaluate import evaluate
+
+    with pytest.raises(ValueError, match="--video-max-steps must be >= 1, got 0"):
+        evaluate(str(tmp_path), video=str(tmp_path / "v.mp4"), video_max_steps=0)
+    with pytest.raises(ValueError, match="--video-max-steps must be > 0, got -3"):
+        resolve(Args(env_id="CartPole-v1", video_max_steps=-3))

@@ -169,7 +169,8 @@ def resolve(args: Args) -> Args:
         ("num_minibatches", args.num_minibatches > 0, "> 0"), ("update_epochs", args.update_epochs > 0, "> 0"),
         ("clip_coef", args.clip_coef > 0, "> 0"), ("gamma", 0 <= args.gamma <= 1, "in [0, 1]"),
         ("gae_lambda", 0 <= args.gae_lambda <= 1, "in [0, 1]"), ("checkpoint_every", args.checkpoint_every > 0, "> 0"),
-        ("log_every", args.log_every > 0, "> 0"), ("video_every", args.video_every > 0, "> 0"), ("env_threads", args.env_threads is None or args.env_threads > 0, "> 0"),
+        ("log_every", args.log_every > 0, "> 0"), ("video_every", args.video_every > 0, "> 0"),
+        ("video_max_steps", args.video_max_steps is None or args.video_max_steps > 0, "> 0"), ("env_threads", args.env_threads is None or args.env_threads > 0, "> 0"),
     ]
     for name, ok, what in checks:
         if not ok:

@@ -38,6 +38,8 @@ def evaluate(path: str, episodes: int = 10, device: str = "cpu", seed: int = 123
     """
     if episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
+    if video_max_steps is not None and video_max_steps < 1:
+        raise ValueError(f"--video-max-steps must be >= 1, got {video_max_steps}")
     state = load_checkpoint(Path(path))
     args = dataclasses.replace(Args(**state["args"]), seed=seed, num_envs=min(episodes, 8))
     family = env_family(args.env_id)
