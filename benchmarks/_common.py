@@ -703,3 +703,38 @@ def plot_speedups(document, path):
     fig.tight_layout()
     fig.savefig(Path(path), dpi=110)
     plt.close(fig)
+
+
+def zoo_schedules(params: dict) -> dict:
+    """``params`` with rl-baselines3-zoo's ``"lin_<x>"`` learning rate and clip range (a linear
+    schedule from x to 0) as SB3's callables of the remaining progress."""
+    params = dict(params)
+    for key in ("learning_rate", "clip_range"):
+        if isinstance(params.get(key), str) and params[key].startswith("lin_"):
+            initial = float(params[key][4:])
+            params[key] = lambda progress, initial=initial: progress * initial
+    return params
+
+
+def sb3_return_curve():
+    """``(callback, curve)``: an SB3 callback that appends ``(steps, seconds, mean return)`` to
+    ``curve`` at the end of each rollout, the mean over SB3's last 100 episodes (its Monitor's raw
+    returns); None before the first episode ends."""
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    curve = []
+
+    class Curve(BaseCallback):
+        def __init__(self):
+            super().__init__()
+            self.start = time.perf_counter()
+
+        def _on_rollout_end(self):
+            infos = self.model.ep_info_buffer
+            curve.append((self.num_timesteps, time.perf_counter() - self.start,
+                          float(sum(i["r"] for i in infos) / len(infos)) if infos else None))
+
+        def _on_step(self):
+            return True
+
+    return Curve(), curve

@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 try:  # python -m benchmarks.bench_sb3
-    from benchmarks._common import RESULTS, machine_info, median
+    from benchmarks._common import RESULTS, machine_info, median, zoo_schedules
 except ImportError:  # python benchmarks/bench_sb3.py
-    from _common import RESULTS, machine_info, median
+    from _common import RESULTS, machine_info, median, zoo_schedules
 
 CONTENDERS = {"sb3": "stable-baselines3 PPO", "fastppo.sb3": "fastppo.sb3.PPO"}
 
@@ -65,12 +65,8 @@ def model_kwargs(env_id):
     """(n_envs, normalize, PPO keyword arguments) from the zoo entry."""
     import torch
 
-    params = dict(ZOO[env_id])
+    params = zoo_schedules(ZOO[env_id])
     n_envs, normalize = params.pop("n_envs"), params.pop("normalize", False)
-    for key in ("learning_rate", "clip_range"):
-        if isinstance(params.get(key), str):
-            initial = float(params[key].removeprefix("lin_"))
-            params[key] = lambda progress, initial=initial: progress * initial
     if params.get("policy_kwargs") == "mujoco":  # the zoo's tuned MuJoCo network
         params["policy_kwargs"] = dict(log_std_init=-2, ortho_init=False, activation_fn=torch.nn.ReLU,
                                        net_arch=dict(pi=[256, 256], vf=[256, 256]))

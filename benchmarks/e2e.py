@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 try:
-    from benchmarks._common import RESULTS, cpu_model, median, pyplot  # python -m benchmarks.e2e
+    from benchmarks._common import RESULTS, cpu_model, median, pyplot, sb3_return_curve, zoo_schedules  # python -m benchmarks.e2e
 except ImportError:
-    from _common import RESULTS, cpu_model, median, pyplot  # python benchmarks/e2e.py
+    from _common import RESULTS, cpu_model, median, pyplot, sb3_return_curve, zoo_schedules  # python benchmarks/e2e.py
 
 THRESHOLD = {"CartPole-v1": 475.0}
 SB3_ZOO = {  # rl-baselines3-zoo hyperparams/ppo.yml
@@ -112,40 +112,22 @@ def sb3_run(env_id, seed, total):
     try:
         import gymnasium as gym
         from stable_baselines3 import PPO
-        from stable_baselines3.common.callbacks import BaseCallback
         from stable_baselines3.common.env_util import make_vec_env
     except ImportError as err:
         return dict(skipped=f"stable-baselines3 not installed ({err.name})")
     if env_id not in SB3_ZOO:
         return dict(skipped="no rl-zoo hyperparameters used here for this env")
-    params = dict(SB3_ZOO[env_id])
+    params = zoo_schedules(SB3_ZOO[env_id])
     n_envs = params.pop("n_envs")
-    for key in ("learning_rate", "clip_range"):
-        if isinstance(params[key], str) and params[key].startswith("lin_"):
-            initial = float(params[key][4:])
-            params[key] = lambda progress, initial=initial: progress * initial
-    curve = []
-
-    class Curve(BaseCallback):
-        def __init__(self):
-            super().__init__()
-            self.start = time.perf_counter()
-
-        def _on_rollout_end(self):
-            infos = self.model.ep_info_buffer
-            if infos:
-                curve.append((self.num_timesteps, time.perf_counter() - self.start,
-                              float(sum(i["r"] for i in infos) / len(infos))))
-
-        def _on_step(self):
-            return True
+    callback, curve = sb3_return_curve()
 
     gym.logger.min_level = 40
     env = make_vec_env(env_id, n_envs=n_envs, seed=seed)
     model = PPO("MlpPolicy", env, seed=seed, device="cpu", verbose=0, **params)
     start = time.perf_counter()
-    model.learn(total_timesteps=total, callback=Curve())
+    model.learn(total_timesteps=total, callback=callback)
     seconds = time.perf_counter() - start
+    curve = [point for point in curve if point[2] is not None]  # from the first finished episode on
     return dict(steps=model.num_timesteps, seconds=seconds, sps=model.num_timesteps / seconds,
                 final_return=curve[-1][2] if curve else None, curve=curve)
 

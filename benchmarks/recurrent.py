@@ -34,9 +34,9 @@ import time
 from pathlib import Path
 
 try:  # python -m benchmarks.recurrent
-    from benchmarks._common import RESULTS, machine_info, median, pyplot
+    from benchmarks._common import RESULTS, machine_info, median, pyplot, sb3_return_curve, zoo_schedules
 except ImportError:  # python benchmarks/recurrent.py
-    from _common import RESULTS, machine_info, median, pyplot
+    from _common import RESULTS, machine_info, median, pyplot, sb3_return_curve, zoo_schedules
 
 THRESHOLD = 475.0
 CONTENDERS = {
@@ -88,7 +88,6 @@ def sb3_contrib_run(seed, total):
         import numpy as np
         import torch
         from sb3_contrib import RecurrentPPO
-        from stable_baselines3.common.callbacks import BaseCallback
         from stable_baselines3.common.env_util import make_vec_env
         from stable_baselines3.common.vec_env import VecNormalize
     except ImportError as err:
@@ -104,33 +103,20 @@ def sb3_contrib_run(seed, total):
         def observation(self, observation):
             return observation * self.mask
 
-    curve = []
-
-    class Curve(BaseCallback):
-        def __init__(self):
-            super().__init__()
-            self.start = time.perf_counter()
-
-        def _on_rollout_end(self):
-            infos = self.model.ep_info_buffer
-            curve.append((self.num_timesteps, time.perf_counter() - self.start,
-                          float(sum(i["r"] for i in infos) / len(infos)) if infos else None))
-
-        def _on_step(self):
-            return True
+    callback, curve = sb3_return_curve()
 
     gym.logger.min_level = 40
     env = make_vec_env(lambda: MaskVelocity(gym.make("CartPole-v1")), n_envs=ZOO["n_envs"], seed=seed)
     env = VecNormalize(env, gamma=ZOO["gamma"])  # rl-zoo passes the algorithm's gamma to VecNormalize
-    schedule = lambda initial: (lambda progress: progress * initial)  # noqa: E731
+    zoo = zoo_schedules(ZOO)
     model = RecurrentPPO(
         "MlpLstmPolicy", env, seed=seed, device="cpu", verbose=0, n_steps=ZOO["n_steps"], batch_size=ZOO["batch_size"],
         gae_lambda=ZOO["gae_lambda"], gamma=ZOO["gamma"], n_epochs=ZOO["n_epochs"], ent_coef=ZOO["ent_coef"],
-        learning_rate=schedule(1e-3), clip_range=schedule(0.2),
+        learning_rate=zoo["learning_rate"], clip_range=zoo["clip_range"],
         policy_kwargs=dict(ortho_init=False, activation_fn=torch.nn.ReLU, lstm_hidden_size=64, enable_critic_lstm=True,
                            net_arch=dict(pi=[64], vf=[64])))
     start = time.perf_counter()
-    model.learn(total_timesteps=total, callback=Curve())
+    model.learn(total_timesteps=total, callback=callback)
     seconds = time.perf_counter() - start
     env.close()
     return dict(env_id="CartPoleNoVel-v1", steps=model.num_timesteps, seconds=seconds, sps=model.num_timesteps / seconds,
