@@ -274,27 +274,32 @@ class SyncTorchCollector(_SyncCollector):
     """Sync environments and the torch agent: one ``get_action_and_value`` and one boundary step
     per environment step."""
 
+    def _store_and_step(self, step, action, logprob, value, env_actions, timing, t0) -> None:
+        """Keeps the agent's output for step ``step``, steps the environments with its action and
+        the boundary with their answer; the time since ``t0`` goes to inference, the step's to env."""
+        self.values[step], self.actions[step], self.logprobs[step] = value, action, logprob
+        env_action = env_actions[step] = self.to_env(action)
+        t1 = time.perf_counter()
+        self.raw_obs, reward, term, trunc, info = self.envs.step(env_action)
+        self.boundary.step(self.raw_obs, reward, term, trunc, self.obs[step + 1], self.reward[step], self.done[step],
+                           self.terminated[step], self.real[step], **episode_bookkeeping(self.family, term, trunc, info))
+        timing["env"] += time.perf_counter() - t1
+        timing["inference"] += t1 - t0
+
     def collect(self, timing):
         self._next_rollout()
         obs = torch.from_numpy(self.obs)
         env_actions = self._new_env_actions()
-        perf_counter, boundary = time.perf_counter, self.boundary
+        perf_counter = time.perf_counter
         for step in range(self.T):
             t0 = perf_counter()
             with torch.no_grad():
                 action, logprob, _, value = self.agent.get_action_and_value(obs[step].to(self.device, non_blocking=True))
-            self.values[step], self.actions[step], self.logprobs[step] = value, action, logprob
-            env_action = env_actions[step] = self.to_env(action)
-            t1 = perf_counter()
-            self.raw_obs, reward, term, trunc, info = self.envs.step(env_action)
-            boundary.step(self.raw_obs, reward, term, trunc, self.obs[step + 1], self.reward[step], self.done[step],
-                          self.terminated[step], self.real[step], **episode_bookkeeping(self.family, term, trunc, info))
-            timing["env"] += perf_counter() - t1
-            timing["inference"] += t1 - t0
+            self._store_and_step(step, action, logprob, value, env_actions, timing, t0)
         return self.T * self.N
 
 
-class SyncRecurrentCollector(_SyncCollector):
+class SyncRecurrentCollector(SyncTorchCollector):
     """Sync environments and a recurrent agent: one ``get_action_and_value`` and one boundary step
     per environment step, the agent's state ``[K, N, H]`` carried from each step to the next. The
     state is reset to zeros before a step whose observation starts an episode: the first of a run
@@ -333,7 +338,7 @@ class SyncRecurrentCollector(_SyncCollector):
         obs = torch.from_numpy(self.obs)
         starts = torch.from_numpy(self.starts)
         env_actions = self._new_env_actions()
-        perf_counter, boundary = time.perf_counter, self.boundary
+        perf_counter = time.perf_counter
         self.first_hidden = self.hidden
         self.starts[0] = self.next_start
         for step in range(self.T):
@@ -343,14 +348,7 @@ class SyncRecurrentCollector(_SyncCollector):
             with torch.no_grad():
                 action, logprob, _, value, self.hidden = self.agent.get_action_and_value(
                     obs[step].to(self.device, non_blocking=True), self.hidden, starts[step].to(self.device))
-            self.values[step], self.actions[step], self.logprobs[step] = value, action, logprob
-            env_action = env_actions[step] = self.to_env(action)
-            t1 = perf_counter()
-            self.raw_obs, reward, term, trunc, info = self.envs.step(env_action)
-            boundary.step(self.raw_obs, reward, term, trunc, self.obs[step + 1], self.reward[step], self.done[step],
-                          self.terminated[step], self.real[step], **episode_bookkeeping(self.family, term, trunc, info))
-            timing["env"] += perf_counter() - t1
-            timing["inference"] += t1 - t0
+            self._store_and_step(step, action, logprob, value, env_actions, timing, t0)
         self.next_start = ~self.real[self.T - 1]
         return self.T * self.N
 
