@@ -1,7 +1,7 @@
 """A PPO training script shaped like CleanRL's ppo.py / ppo_continuous_action.py: the same variable
-names, the same loop structure and, in the places the README's recipes replace, the same lines, so
-that tests/test_recipes.py can splice the README's blocks into it and compare a swapped run with an
-unswapped one. Written for the tests (short runs on gymnasium's CartPole-v1 / Pendulum-v1); it is
+names, the same loop structure and, in the places the recipes of docs/recipes.md replace, the same
+lines, so that tests/test_recipes.py can splice those blocks into it and compare a swapped run with
+an unswapped one. Written for the tests (short runs on gymnasium's CartPole-v1 / Pendulum-v1); it is
 not a training script to use.
 
 Run as ``exec`` of its source with ``SETTINGS`` (a dict) in the namespace; it leaves ``RESULTS``:

@@ -1,7 +1,8 @@
-"""The README's CleanRL recipes, tested as a user applies them: each block is read from README.md,
-spliced into tests/cleanrl_shaped.py (a script with CleanRL's names, structure and replaced lines)
-in place of the lines it says it replaces, and the swapped script is run against the unswapped one.
-A README edit that breaks a recipe fails here."""
+"""The CleanRL recipes of the documentation, tested as a user applies them: each block is read from
+docs/recipes.md, spliced into tests/cleanrl_shaped.py (a script with CleanRL's names, structure and
+replaced lines) in place of the lines it says it replaces, and the swapped script is run against the
+unswapped one. An edit of the page that breaks a recipe fails here, and so does a README whose
+CleanRL example is not one of these tested blocks."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ pytest.importorskip("gymnasium")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = (ROOT / "tests" / "cleanrl_shaped.py").read_text()
+RECIPES = ROOT / "docs" / "recipes.md"
 
 
 def recipes() -> dict:
-    """{(name, "old" | "new"): code} from the README's ``<!-- recipe NAME old|new -->`` blocks."""
-    text = (ROOT / "README.md").read_text()
+    """{(name, "old" | "new"): code} from docs/recipes.md's ``<!-- recipe NAME old|new -->`` blocks."""
+    text = RECIPES.read_text()
     found = {}
     for name, which, code in re.findall(r"<!-- recipe (\S+) (old|new) -->\n```python\n(.*?)```", text, re.S):
         found[name, which] = code
@@ -30,7 +32,7 @@ def recipes() -> dict:
 
 def splice(source: str, old: str, new: str) -> str:
     """Replaces, in ``source``, the lines the ``old`` block names: its lines verbatim, where a
-    ``# ...`` line stands for everything between the lines around it (as the README says "from X
+    ``# ...`` line stands for everything between the lines around it (as the page says "from X
     down to and including Y")."""
     lines = source.split("\n")
     old_lines = old.rstrip("\n").split("\n")
@@ -41,11 +43,11 @@ def splice(source: str, old: str, new: str) -> str:
         for i in range(start, len(lines) - len(block) + 1):
             if lines[i:i + len(block)] == block:
                 return i
-        raise AssertionError(f"the README's lines are not in the script:\n" + "\n".join(block))
+        raise AssertionError(f"the recipe's lines are not in the script:\n" + "\n".join(block))
 
     begin = find(head, 0)
     end = find(tail, begin + len(head)) + len(tail) if tail else begin + len(head)
-    assert source.count("\n".join(head)) == 1, "the README's lines match more than one place"
+    assert source.count("\n".join(head)) == 1, "the recipe's lines match more than one place"
     return "\n".join(lines[:begin] + new.rstrip("\n").split("\n") + lines[end:])
 
 
@@ -79,6 +81,12 @@ def test_every_recipe_block_is_present():
         assert (name, "old") in found and (name, "new") in found, name
     for name in ("categorical-head", "fused-import", "fused-act-continuous"):
         assert (name, "new") in found, name
+
+
+def test_readme_cleanrl_example_is_the_tested_gae_recipe():
+    """The README shows recipe 3 as its CleanRL example; it must be the block tested here, verbatim."""
+    readme = (ROOT / "README.md").read_text()
+    assert "```python\n" + recipes()["gae", "new"] + "```" in readme
 
 
 @pytest.mark.parametrize("shared_trunk", [False, True], ids=["ppo.py", "ppo_atari_envpool.py layout"])
@@ -133,7 +141,7 @@ def test_sampling_recipe_runs_and_learns_the_same_way():
 
 
 def fused_script(continuous: bool, act: bool = True) -> str:
-    """The script with swap 4 as the README gives it (the import added beside ``import fastppo``,
+    """The script with swap 4 as docs/recipes.md gives it (the import added beside ``import fastppo``,
     the fused step built after the optimizer, the rollout's ``fused.act`` when ``act``, the fused
     minibatch loop) and swap 3's GAE."""
     r = recipes()

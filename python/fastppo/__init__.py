@@ -10,10 +10,20 @@ parts are imported on first use, so ``import fastppo`` never imports torch.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from . import _C
 from .advantages import gae
 
+if TYPE_CHECKING:  # the torch-only names, imported on first use by __getattr__ below
+    from .heads import (categorical_logprob_entropy, categorical_sample, multi_categorical_logprob_entropy,
+                        multi_categorical_sample, normal_logprob_entropy, tanh_normal_logprob_entropy)
+    from .linear import linear_logprob_entropy
+    from .linear_loss import linear_ppo_loss
+    from .loss import PPOLossOutput, ppo_loss
+
 __version__: str = _C.__version__
+"""The package's version (``pyproject.toml``'s), as the compiled core reports it."""
 
 __all__ = [
     "PPOLossOutput",

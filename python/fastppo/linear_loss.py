@@ -267,9 +267,14 @@ def linear_ppo_loss(
     pass: the ``[..., V]`` logits are never stored and backward only scales the saved gradients.
 
     Args:
-        hidden, weight, targets, bias, temperature, mask, chunk_size: as in
-            :func:`linear_logprob_entropy` (``[..., H]``, ``[V, H]``, ``[...]``, ``[V]``). A 2-D
+        hidden: ``[..., H]``, as in :func:`linear_logprob_entropy`.
+        weight: ``[V, H]``, the LM head, as in :func:`linear_logprob_entropy`.
+        targets: ``[...]``, the sampled tokens, as in :func:`linear_logprob_entropy`. A 2-D
             ``targets`` ``[B, T]`` is B sequences of T tokens, as in ppo_loss.
+        bias: ``[V]`` or None, as in :func:`linear_logprob_entropy`.
+        temperature: as in :func:`linear_logprob_entropy`.
+        mask: like ``targets``, as in :func:`linear_logprob_entropy`.
+        chunk_size: rows per chunk, as in :func:`linear_logprob_entropy`.
         old_logprob: like ``targets``, float32/float64: the rollout's log-probs (cast to the log-probs'
             dtype: float32 for bf16/fp16 inputs, else hidden's).
         advantages: like ``old_logprob``.

@@ -271,15 +271,17 @@ def ppo_loss(
         advantages: like ``new_logprob``. Normalized per call (``norm_adv``) as
             ``(A - mean) / (std + 1e-8)`` with the unbiased std over the selected elements; with fewer
             than two selected elements the std is taken as 0 (torch's std would be NaN).
-        new_value, old_value, returns: optional, like ``new_logprob``: the critic's new values
-            (differentiable), the rollout's values and the returns. ``new_value`` needs ``returns``,
-            and ``old_value`` too while ``clip_vloss`` is on.
+        new_value: optional, like ``new_logprob``: the critic's new values (differentiable). Needs
+            ``returns``, and ``old_value`` too while ``clip_vloss`` is on.
+        old_value: optional, like ``new_logprob``: the rollout's values.
+        returns: optional, like ``new_logprob``: the returns the value loss regresses on.
         entropy: optional, like ``new_logprob``: per-element policy entropy (differentiable).
         mask: optional, like ``new_logprob``, bool or 0/1: elements to include (valid tokens, real
             transitions). Every mean, and the normalization statistics, is taken over the selected
             elements only, so the result equals the unmasked loss on those elements.
         clip_coef: c in ``clip(ratio, 1 - c, 1 + c)``, > 0.
-        vf_coef, ent_coef: weights of the value loss and the entropy bonus.
+        vf_coef: weight of the value loss.
+        ent_coef: weight of the entropy bonus.
         clip_vloss: clip the value update to ``vf_clip_coef`` (``clip_coef`` when None).
         norm_adv: normalize the advantages per call.
         dual_clip: c > 1 bounds the surrogate at ``-c * A`` for negative advantages (Ye et al. 2020).

@@ -150,13 +150,15 @@ def compute_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tens
     """verl's clipped PPO policy loss with dual clip: ``(pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)``.
 
     Args:
-        old_log_prob, log_prob, advantages: ``[B, T]`` (any shape for ``"token-mean"``), float32,
-            float64, bfloat16 or float16 (mixed dtypes promote as in torch); ``log_prob``
-            differentiable. Advantages are used as given (verl does not normalize them here) and,
-            like everything but ``log_prob`` and ``old_log_prob``, get no gradient.
+        old_log_prob: ``[B, T]`` (any shape for ``"token-mean"``), float32, float64, bfloat16 or
+            float16 (mixed dtypes promote as in torch): the rollout's log-probs.
+        log_prob: like ``old_log_prob``: the policy's log-probs, differentiable.
+        advantages: like ``old_log_prob``, used as given (verl does not normalize them here). Like
+            everything but ``log_prob`` and ``old_log_prob``, they get no gradient.
         response_mask: like ``log_prob``, bool, integer or float, 0/1: the response tokens.
-        cliprange: the clip c, the default of both bounds; ``cliprange_low`` / ``cliprange_high``:
-            the ratio is clipped to ``[1 - low, 1 + high]``, each > 0.
+        cliprange: the clip c, the default of both bounds.
+        cliprange_low: the ratio is clipped to ``[1 - low, 1 + high]``, each > 0; None: ``cliprange``.
+        cliprange_high: as ``cliprange_low``, the upper bound.
         clip_ratio_c: > 1; the loss of a token with a negative advantage is at most
             ``-advantage * clip_ratio_c`` (dual clip, always on as in verl; ``math.inf``: off).
         loss_agg_mode: one of :data:`AGG_MODES`, aggregated as :func:`agg_loss`.

@@ -186,8 +186,9 @@ def token_gae(
         last_index: ``[B]`` int64: each response's last real token (-1: none; an index past the
             end counts as T - 1), as returned by :func:`kl_penalty_rewards`. Positions after it are
             padding: they are never read, and come back as 0.
-        gamma, gae_lambda: discount and GAE lambda (RLHF uses gamma 1, gae_lambda 0.95). ``lam``, the
-            name of ``gae_lambda`` before, still works this release with a DeprecationWarning.
+        gamma: the discount (RLHF uses 1).
+        gae_lambda: GAE's lambda (RLHF uses 0.95). ``lam``, its name before, still works this release
+            with a DeprecationWarning.
         mask: optional ``[B, T]`` real-token mask; when given the outputs are 0 outside it.
 
     Returns:

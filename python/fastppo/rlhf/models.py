@@ -206,7 +206,8 @@ def response_logprobs(model: nn.Module, sequence: Tensor, attention_mask: Tensor
 
     Args:
         model: a causal LM (TinyGPT or a transformers causal LM), any float dtype.
-        sequence, attention_mask: ``[B, Lq + R]`` query and response ids, and their mask.
+        sequence: ``[B, Lq + R]`` query and response ids.
+        attention_mask: ``[B, Lq + R]``, the mask of ``sequence``.
         query_len: ``Lq``; the token at ``Lq + t`` is predicted from position ``Lq + t - 1``.
         response: ``[B, R]`` int64, ``sequence[:, Lq:]``.
         response_mask: ``[B, R]`` bool, the tokens to compute (the others give 0).

@@ -71,7 +71,8 @@ class PPOTrainer:
             critic-free methods.
         prompts: ``prompts(n, generator) -> (ids [n, Lq], mask [n, Lq])``, left-padded (moved to the
             policy's device); asked for ``batch_size / group_size`` prompts per iteration.
-        eos_id, pad_id: token ids.
+        eos_id: the end-of-sequence token id.
+        pad_id: the padding token id.
         config: :class:`PPOConfig` (its None settings take the algorithm's values, see
             :meth:`PPOConfig.resolved`; ``self.config`` is the resolved copy).
         extra_scores: optional ``{name: fn(query, response, response_mask, has_eos) -> [B]}`` logged
