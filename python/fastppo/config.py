@@ -1,7 +1,8 @@
 """``fastppo train``'s settings: the ``Args`` dataclass (tyro makes each field a flag and the
 docstring line under it its help), the presets, and what a run's settings resolve to: ``resolve``
 fills in the preset and checks every value, ``rank_share`` is one rank's part of a data-parallel run,
-``policy_backend`` and ``train_device`` where and how the policy runs."""
+``policy_backend`` and ``train_device`` where and how the policy runs, ``action_masks_on`` whether
+its policy samples among the legal actions the environments give."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from typing import Annotated, Optional, TypeVar
 import torch
 import tyro
 
-from fastppo.agent import Kernels
-from fastppo.envs import env_family
+from fastppo.agent import ACTION_MASKS, SQUASH, ActionHead, Kernels, action_head
+from fastppo.envs import env_family, probe_actions
 
-__all__ = ["Args", "FAST_PRESET_TASKS", "LSTM_PRESET_TASKS", "PRESETS", "RECURRENT", "policy_backend", "rank_share",
-           "recurrent_cell", "resolve", "train_device"]
+__all__ = ["Args", "FAST_PRESET_TASKS", "LSTM_PRESET_TASKS", "PRESETS", "RECURRENT", "action_masks_on",
+           "policy_backend", "rank_share", "recurrent_cell", "resolve", "train_device"]
 
 _T = TypeVar("_T")
 # --recurrent's choices: a feed-forward policy, or the RNN cell of a recurrent one.
@@ -108,6 +109,10 @@ class Args:
     """scale rewards by the running std of the discounted return, clipped to +-10 (unset: the preset's, else on for MuJoCo tasks)"""
     anneal_clip: FromPreset[bool] = None
     """anneal the surrogate clipping coefficient linearly to 0 like the learning rate (rl-baselines3-zoo's lin_ clip_range; the value clip follows it under --clip-vloss); the torch backend"""
+    squash: str = "none"
+    """the Gaussian policy of a Box action space: none (CleanRL's: its sample clipped to the bounds when sent to the environments; every preset's) or tanh (squashed into the bounds, which must be finite: the environments get low + (tanh(u) + 1) * (high - low) / 2 and the log-prob is taken at the stored sample u); tanh runs on the torch backend"""
+    action_masks: str = "auto"
+    """auto, on or off: sample Discrete / MultiDiscrete actions among the legal ones the environments give at each step (info["action_mask"] of reset and step, or the gymnasium environments' action_masks() method), and score them in the update under the same masks; auto: on when the task gives masks; on: an error when it does not; masks run on the torch backend"""
 
 
 # The feed-forward presets: no RNN, a fixed clipping coefficient. (Their normalization follows the env
@@ -210,8 +215,41 @@ def resolve(args: Args) -> Args:
         raise ValueError(f"--policy-backend must be auto, fused or torch, got {args.policy_backend!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
-    policy_backend(args, family)  # --policy-backend fused where it cannot run fails here, before any work
+    if args.squash not in SQUASH:
+        raise ValueError(f"--squash must be one of {', '.join(SQUASH)}, got {args.squash!r}")
+    if args.action_masks not in ACTION_MASKS:
+        raise ValueError(f"--action-masks must be one of {', '.join(ACTION_MASKS)}, got {args.action_masks!r}")
+    action_space, mask_source = probe_actions(args.env_id)
+    head = action_head(action_space, args.squash)
+    masked = action_masks_on(args.action_masks, head, mask_source, args.env_id)
+    if masked and args.async_batch_size is not None:
+        raise ValueError(f"--action-masks {args.action_masks}: the masks of {args.env_id} are read with sync "
+                         "environments (--async-batch-size is set)")
+    # --policy-backend fused where it cannot run fails here, before any work
+    policy_backend(args, family, action_space=action_space, masked=masked)
     return args
+
+
+def action_masks_on(mode: str, head: ActionHead, source: Optional[str], env_id: str) -> bool:
+    """Whether a run with ``--action-masks`` ``mode`` samples among legal actions: ``off`` never;
+    ``auto`` when the policy's ``head`` is categorical and the environments give masks (``source``,
+    :func:`fastppo.envs.action_mask_source`); ``on`` then too, and an error (naming the flag) where
+    they give none or the actions are continuous."""
+    if mode not in ACTION_MASKS:
+        raise ValueError(f"--action-masks must be one of {', '.join(ACTION_MASKS)}, got {mode!r}")
+    if mode == "off":
+        return False
+    if not head.maskable:
+        if mode == "on":
+            raise ValueError(f"--action-masks on: masks say which Discrete or MultiDiscrete actions are legal; the "
+                             f"actions of {env_id} are continuous (a {head.kind} head)")
+        return False
+    if source is None:
+        if mode == "on":
+            raise ValueError(f"--action-masks on, but {env_id} gives no action masks: its environments have neither "
+                             "info['action_mask'] at reset nor an action_masks() method (use --action-masks auto or off)")
+        return False
+    return True
 
 
 def rank_share(args: Args, world_size: int, rank: int) -> Args:
@@ -250,11 +288,14 @@ def train_device(args: Args) -> torch.device:
 
 
 def policy_backend(args: Args, family: str, obs_shape=None, device: Optional[torch.device] = None,
-                   kernels: Optional[Kernels] = None) -> str:
+                   kernels: Optional[Kernels] = None, action_space=None, masked: bool = False) -> str:
     """The backend ``--policy-backend`` resolves to: ``fused`` runs the MLP actor-critic of the
     classic and MuJoCo presets as one C++ call per rollout step and per minibatch (sync envs, CPU,
-    fastppo's kernels); everything else (the Atari CNN, a recurrent policy, an annealed clipping
-    coefficient, async envs, a GPU, the eager baseline's kernels) runs on ``torch``. Asking for ``fused`` where it cannot run is an error that says why."""
+    fastppo's kernels, a Discrete or Box ``action_space`` without ``--squash tanh``, no action
+    masks); everything else (the Atari CNN, a recurrent policy, an annealed clipping coefficient,
+    async envs, a GPU, the eager baseline's kernels, MultiDiscrete actions, a tanh-squashed
+    Gaussian, ``masked`` sampling) runs on ``torch``. Asking for ``fused`` where it cannot run is an
+    error that says why."""
     reasons = []
     if device is None:
         device = train_device(args)
@@ -271,6 +312,16 @@ def policy_backend(args: Args, family: str, obs_shape=None, device: Optional[tor
         reasons.append(f"it runs feed-forward MLP policies (--recurrent {args.recurrent} is set)")
     if getattr(args, "anneal_clip", None):
         reasons.append("its clipping coefficient is fixed (--anneal-clip is set)")
+    if action_space is not None:
+        head = action_head(action_space, getattr(args, "squash", None) or "none")
+        if head.kind == "multi_categorical":
+            reasons.append(f"its heads are categorical and Gaussian, not multi-categorical (the actions are "
+                           f"MultiDiscrete, nvec {list(head.nvec)})")
+        if head.kind == "tanh_normal":
+            reasons.append("its Gaussian head is not squashed (--squash tanh is set)")
+    if masked:
+        reasons.append(f"it samples without action masks (the environments give them and --action-masks is "
+                       f"{getattr(args, 'action_masks', 'auto')}; --action-masks off ignores them)")
     if args.policy_backend == "fused" and reasons:
         raise ValueError("--policy-backend fused: " + "; ".join(reasons))
     if args.policy_backend == "torch" or reasons:

@@ -1,11 +1,20 @@
 """Environments for the trainer: EnvPool's batched envs (sync and async), tasks made from EnvPool's
 by keeping some observation entries (``CartPoleNoVel-v1``), a gymnasium vector-env fallback for
-tasks EnvPool lacks, the env family that picks a preset and a network, and what the env step
-boundary needs to know of Atari's episodes. (The rollouts over them are in :mod:`fastppo.rollout`.)"""
+tasks EnvPool lacks, the env family that picks a preset and a network, what the env step boundary
+needs to know of Atari's episodes, and where the environments give the legal actions of each step
+(action masks). (The rollouts over them are in :mod:`fastppo.rollout`.)
+
+Action masks: a task of Discrete or MultiDiscrete actions may say which actions are legal at each
+step, as sb3-contrib's ``MaskablePPO`` reads them: in the info dict of ``reset`` and ``step``
+(``info["action_mask"]``, bool or 0/1 ``[A]`` per environment, ``[num_envs, A]`` batched; ``A`` is
+``n`` or ``sum(nvec)``), or from an ``action_masks()`` method of the environment (reached through
+its wrappers). EnvPool's own tasks give none.
+"""
 
 from __future__ import annotations
 
 import warnings
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -66,9 +75,59 @@ def import_env_module(env_id: str) -> None:
                          f"(it should call gymnasium.register(id={name!r}, entry_point=...))")
 
 
+def single_env_mask_source(env, seed: int = 0) -> Optional[str]:
+    """Where one gymnasium environment gives its action masks (see :func:`action_mask_source`):
+    ``"info"`` when its ``reset(seed=seed)`` info holds ``"action_mask"``, else ``"method"`` when it
+    (or an env it wraps) has an ``action_masks()`` method, else None. Only Discrete and
+    MultiDiscrete action spaces are asked (resetting the environment once)."""
+    space = env.action_space
+    if not (hasattr(space, "nvec") or (tuple(space.shape) == () and hasattr(space, "n"))):
+        return None
+    _, info = env.reset(seed=seed)
+    if isinstance(info, dict) and "action_mask" in info:
+        return "info"
+    try:
+        method = env.get_wrapper_attr("action_masks")
+    except AttributeError:
+        method = None
+    return "method" if callable(method) else None
+
+
+def action_mask_source(envs) -> Optional[str]:
+    """Where the batched environments ``envs`` give the legal actions of each step: ``"info"``
+    (``info["action_mask"]`` ``[num_envs, A]`` of ``reset`` and ``step``), ``"method"`` (their
+    ``action_masks()``, ``[num_envs, A]``) or None (no masks: EnvPool's tasks). Read from
+    ``envs.action_mask_source`` (:class:`GymnasiumVecEnv` sets it; set it on an environment object of
+    your own to give masks)."""
+    return getattr(envs, "action_mask_source", None)
+
+
+def read_action_masks(envs, source: str, info, rows: int, width: int) -> np.ndarray:
+    """The legal actions the environments ``envs`` gave with their last ``reset`` / ``step``
+    (whose info dict is ``info``), from ``source`` (:func:`action_mask_source`): bool ``[rows,
+    width]``, C-contiguous. An environment that gave none, or masks of another size, is a ValueError."""
+    if source == "info":
+        mask = info.get("action_mask") if isinstance(info, dict) else None
+        given = info.get("_action_mask") if isinstance(info, dict) else None  # gymnasium's vector env: who gave it
+        if mask is None or (given is not None and not np.all(given)):
+            missing = "every environment" if mask is None else f"environments {np.flatnonzero(~np.asarray(given)).tolist()}"
+            raise ValueError(f"{missing} gave no info['action_mask'] at this step, though the task gives action masks "
+                             "there; every reset and step must give them (or run with --action-masks off)")
+    else:
+        mask = envs.action_masks()
+    mask = np.asarray(mask)
+    if mask.size != rows * width:
+        raise ValueError(f"the environments' action masks have shape {mask.shape}; expected [{rows}, {width}] (one "
+                         f"entry per action, flat over a MultiDiscrete's components)")
+    mask = mask.reshape(rows, width)
+    return np.ascontiguousarray(mask if mask.dtype == np.bool_ else mask != 0)
+
+
 class GymnasiumVecEnv:
     """A gymnasium vector env shown with EnvPool's interface (single-env spaces, reset, step) for
-    tasks EnvPool lacks. Its autoreset is next-step, like EnvPool's."""
+    tasks EnvPool lacks. Its autoreset is next-step, like EnvPool's. ``action_mask_source``: where
+    its environments give action masks (:func:`single_env_mask_source` of the first one), and
+    :meth:`action_masks` reads them from their ``action_masks()`` methods."""
 
     def __init__(self, env_id: str, num_envs: int, seed: int):
         import gymnasium as gym
@@ -78,12 +137,21 @@ class GymnasiumVecEnv:
         self.observation_space = self.envs.single_observation_space
         self.action_space = self.envs.single_action_space
         self.seed = seed
+        # The first environment's reset with its seed, which reset() repeats: it starts the same.
+        self.action_mask_source = single_env_mask_source(self.envs.envs[0], seed)
 
     def reset(self):
         return self.envs.reset(seed=self.seed)
 
     def step(self, actions):
         return self.envs.step(actions)
+
+    def action_masks(self) -> np.ndarray:
+        """Each environment's ``action_masks()``: ``[num_envs, A]`` (a MultiDiscrete's per-component
+        masks laid side by side)."""
+        masks = self.envs.call("action_masks")
+        return np.stack([np.concatenate([np.ravel(p) for p in m]) if isinstance(m, (list, tuple)) else np.ravel(m)
+                         for m in masks])
 
     def close(self):
         self.envs.close()
@@ -121,6 +189,29 @@ class ObservationSubset:
         if name == "envs":  # not set yet (copying, unpickling): no wrapped environments to ask
             raise AttributeError(name)
         return getattr(self.envs, name)
+
+
+def probe_actions(env_id: str) -> Tuple[object, Optional[str]]:
+    """The action space of one environment of the task ``env_id`` and where it gives action masks
+    (:func:`action_mask_source`; None for EnvPool's tasks): what ``fastppo train``'s settings are
+    checked against before a run starts. A gymnasium task is made and reset once."""
+    if env_id in OBSERVATION_SUBSETS:
+        return probe_actions(OBSERVATION_SUBSETS[env_id][0])
+    if env_id in _envpool_ids():
+        import envpool
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*precision lowered", category=UserWarning)
+            return envpool.make_spec(env_id).action_space, None
+    import gymnasium as gym
+
+    if ":" in env_id:
+        import_env_module(env_id)
+    env = gym.make(env_id)
+    try:
+        return env.action_space, single_env_mask_source(env)
+    finally:
+        env.close()
 
 
 def make_env(args, family: str):

@@ -1,8 +1,10 @@
 """``fastppo export``: a trained policy as a file that runs without fastppo (ONNX or TorchScript).
 
 The exported graph is the deterministic policy of ``fastppo eval``: the saved observation
-normalization, frozen, then the actor, then the greedy action (discrete) or the mean action clipped
-to the action space's bounds (continuous). ``DeterministicPolicy`` is that graph as a torch module;
+normalization, frozen, then the actor, then the greedy action (discrete; of each component for
+MultiDiscrete; among the legal actions of a second input ``action_mask`` for a run trained with
+action masks) or the mean action clipped to the action space's bounds (continuous; squashed into
+them under ``--squash tanh``). ``DeterministicPolicy`` is that graph as a torch module;
 ``fastppo eval --video`` and ``fastppo train --capture-video`` run it too.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -28,30 +31,46 @@ OBS_CLIP, OBS_EPS = 10.0, 1e-8  # EnvStepBoundary's defaults: z = clip((x - mean
 class DeterministicPolicy(nn.Module):
     """The trained agent's deterministic action from a raw observation.
 
-    ``forward(obs)``: ``obs`` ``[B, *obs_shape]`` as the environment gives it (float32 vectors, or
-    uint8 ``[B, 4, 84, 84]`` Atari frames) -> ``[B]`` int64 (argmax of the logits) or ``[B, D]``
-    float32 (the Gaussian's mean clipped to ``[low, high]``). With ``obs_mean`` / ``obs_var``
-    (float64 ``[obs_dim]``, the MuJoCo preset's running statistics) the observations are first
-    normalized as in training, ``clip((x - mean) / sqrt(var + 1e-8), -10, 10)``, with the
-    statistics frozen.
+    ``forward(obs, action_mask=None)``: ``obs`` ``[B, *obs_shape]`` as the environment gives it
+    (float32 vectors, or uint8 ``[B, 4, 84, 84]`` Atari frames) -> ``[B]`` int64 (argmax of the
+    logits, plus the space's ``start``), ``[B, K]`` int64 (MultiDiscrete: each component's argmax)
+    or ``[B, D]`` float32 (the Gaussian's mean clipped to ``[low, high]``, or with the agent's
+    ``squash="tanh"`` head ``low + (tanh(mean) + 1) * (high - low) / 2``). ``action_mask``: None, or
+    bool ``[B, A]`` (``A`` = n or sum(nvec)), the legal actions the argmax is taken among
+    (``masked``: the policy was trained with masks). With ``obs_mean`` / ``obs_var`` (float64
+    ``[obs_dim]``, the MuJoCo preset's running statistics) the observations are first normalized
+    as in training, ``clip((x - mean) / sqrt(var + 1e-8), -10, 10)``, with the statistics frozen.
     """
 
     def __init__(self, agent: nn.Module, obs_mean: Optional[np.ndarray] = None, obs_var: Optional[np.ndarray] = None,
-                 low: Optional[np.ndarray] = None, high: Optional[np.ndarray] = None):
+                 low: Optional[np.ndarray] = None, high: Optional[np.ndarray] = None, masked: bool = False):
         super().__init__()
         self.trunk, self.actor, self.scale = agent.trunk, agent.actor, float(agent.scale)
         self.continuous = bool(agent.continuous)
+        head = getattr(agent, "head", None)  # a module of CleanRL's shape without one: categorical or Gaussian
+        self.kind = head.kind if head is not None else "normal" if self.continuous else "categorical"
+        self.nvec = None if head is None else head.nvec
+        self.masked = bool(masked) and self.kind in ("categorical", "multi_categorical")
+        start = None if head is None or head.start is None or not any(head.start) else head.start
+        self.has_start = start is not None
+        if self.has_start:  # gymnasium's start of the discrete actions
+            self.register_buffer("start", torch.as_tensor(start if self.nvec else start[0], dtype=torch.int64))
         self.normalize = obs_mean is not None
         if self.normalize:
             self.register_buffer("obs_mean", torch.as_tensor(np.asarray(obs_mean, np.float64), dtype=torch.float32))
             inv_std = 1.0 / np.sqrt(np.asarray(obs_var, np.float64) + OBS_EPS)
             self.register_buffer("obs_inv_std", torch.as_tensor(inv_std, dtype=torch.float32))
+        if self.kind == "tanh_normal":
+            low, high = head.low, head.high
         self.clip_action = self.continuous and low is not None and bool(np.all(np.isfinite(low)) and np.all(np.isfinite(high)))
         if self.clip_action:
             self.register_buffer("low", torch.as_tensor(np.asarray(low), dtype=torch.float32))
             self.register_buffer("high", torch.as_tensor(np.asarray(high), dtype=torch.float32))
+        if self.kind == "tanh_normal":
+            half = 0.5 * (np.asarray(high, np.float64) - np.asarray(low, np.float64))
+            self.register_buffer("half_range", torch.as_tensor(half, dtype=torch.float32))
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+    def forward(self, obs: torch.Tensor, action_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = obs.float()
         if self.normalize:
             shape = x.shape
@@ -60,8 +79,16 @@ class DeterministicPolicy(nn.Module):
             x = x * self.scale
         out = self.actor(self.trunk(x))
         if self.continuous:
+            if self.kind == "tanh_normal":
+                out = self.low + (torch.tanh(out) + 1.0) * self.half_range  # then clipped: rounding stays inside
             return torch.maximum(torch.minimum(out, self.high), self.low) if self.clip_action else out
-        return out.argmax(-1)
+        if action_mask is not None:
+            out = out.masked_fill(~action_mask, -math.inf)
+        if self.kind == "multi_categorical":
+            action = torch.stack([part.argmax(-1) for part in out.split(list(self.nvec), -1)], -1)
+        else:
+            action = out.argmax(-1)
+        return action + self.start if self.has_start else action
 
 
 class TrainedPolicy(NamedTuple):
@@ -74,6 +101,8 @@ class TrainedPolicy(NamedTuple):
     obs_shape: tuple
     action_space: object
     global_step: int
+    masked: bool = False
+    """the policy takes the legal actions (``action_mask``, bool ``[B, A]``) as a second input"""
 
 
 def saved_obs_statistics(state: dict):
@@ -85,13 +114,14 @@ def saved_obs_statistics(state: dict):
     return mean, (m2 / count if count > 0 else np.ones_like(m2))
 
 
-def policy_for(agent: nn.Module, action_space, obs_stats=None) -> DeterministicPolicy:
+def policy_for(agent: nn.Module, action_space, obs_stats=None, masked: bool = False) -> DeterministicPolicy:
     """:class:`DeterministicPolicy` over ``agent``'s own modules (no copy); ``obs_stats``: ``(mean,
-    var)`` of the observation normalization, None for a run without it."""
+    var)`` of the observation normalization, None for a run without it; ``masked``: it takes the
+    legal actions as a second input."""
     mean, var = (None, None) if obs_stats is None else obs_stats
-    continuous = len(action_space.shape) > 0
+    continuous = bool(agent.continuous)
     return DeterministicPolicy(agent, mean, var, action_space.low if continuous else None,
-                               action_space.high if continuous else None)
+                               action_space.high if continuous else None, masked)
 
 
 def normalizes_observations(args, family: str) -> bool:
@@ -112,8 +142,8 @@ def load_policy(path, device: str = "cpu") -> TrainedPolicy:
     """The deterministic policy saved in a run folder (or its checkpoint.pt), on ``device``, in eval mode."""
     from fastppo.agent import Agent, Kernels
     from fastppo.checkpoint import load_checkpoint
-    from fastppo.config import Args
-    from fastppo.envs import env_family, make_env
+    from fastppo.config import Args, action_masks_on
+    from fastppo.envs import action_mask_source, env_family, make_env
 
     state = load_checkpoint(Path(path))
     args = dataclasses.replace(Args(**state["args"]), num_envs=1, async_batch_size=None)
@@ -121,23 +151,31 @@ def load_policy(path, device: str = "cpu") -> TrainedPolicy:
     family = env_family(args.env_id)
     envs = make_env(args, family)
     obs_shape, action_space = tuple(envs.observation_space.shape), copy.deepcopy(envs.action_space)
+    source = action_mask_source(envs)
     envs.close()
-    agent = Agent(obs_shape, action_space, family, Kernels(channels_last=False))
+    agent = Agent(obs_shape, action_space, family, Kernels(channels_last=False), getattr(args, "squash", None) or "none")
     agent.load_state_dict(state["model"])
+    masked = action_masks_on(getattr(args, "action_masks", None) or "auto", agent.head, source, args.env_id)
     stats = saved_obs_statistics(state) if normalizes_observations(args, family) else None
-    policy = policy_for(agent, action_space, stats).to(device).eval()
-    return TrainedPolicy(policy, args, family, obs_shape, action_space, int(state["global_step"]))
+    policy = policy_for(agent, action_space, stats, masked).to(device).eval()
+    return TrainedPolicy(policy, args, family, obs_shape, action_space, int(state["global_step"]), masked)
 
 
 def export_policy(path, out, format: str = "onnx") -> Path:
     """Writes the deterministic policy of the run at ``path`` to ``out``: ``onnx`` (input ``obs``
     ``[batch, *obs_shape]``, output ``action``; opset 17, a dynamic batch) or ``torchscript``
-    (``torch.jit.load(out)(obs)``). Returns ``out``."""
+    (``torch.jit.load(out)(obs)``). A run trained with action masks takes them as a second input,
+    ``action_mask`` bool ``[batch, A]`` (``torch.jit.load(out)(obs, action_mask)``). Returns ``out``."""
     if format not in ("onnx", "torchscript"):
         raise ValueError(f"--format must be onnx or torchscript, got {format!r}")
     trained = load_policy(path)
     policy = trained.policy
-    example = torch.zeros((2,) + trained.obs_shape, dtype=torch.uint8 if trained.family == "atari" else torch.float32)
+    example = (torch.zeros((2,) + trained.obs_shape, dtype=torch.uint8 if trained.family == "atari" else torch.float32),)
+    names = ["obs"]
+    if trained.masked:
+        width = sum(policy.nvec) if policy.nvec else int(trained.action_space.n)
+        example += (torch.ones((2, width), dtype=torch.bool),)
+        names.append("action_mask")
     out = Path(out)
     if out.parent != Path(""):
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -153,9 +191,9 @@ def export_policy(path, out, format: str = "onnx") -> Path:
                 import onnx  # noqa: F401  (torch's exporter writes through it)
             except ImportError as err:
                 raise ValueError("--format onnx needs the onnx package: pip install 'fastppo[export]'") from err
-            torch.onnx.export(policy, (example,), str(out), input_names=["obs"], output_names=["action"],
-                              dynamic_axes={"obs": {0: "batch"}, "action": {0: "batch"}}, opset_version=17,
-                              dynamo=False)
+            torch.onnx.export(policy, example, str(out), input_names=names, output_names=["action"],
+                              dynamic_axes={**{name: {0: "batch"} for name in names}, "action": {0: "batch"}},
+                              opset_version=17, dynamo=False)
     return out
 
 

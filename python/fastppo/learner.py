@@ -36,9 +36,11 @@ _APPROX_KL = UPDATE_STATS.index("approx_kl")
 
 
 class Batch(NamedTuple):
-    """A rollout flattened to ``B`` rows: ``obs [B, *obs_shape]``, ``actions [B]`` (int64) or
-    ``[B, D]``, ``logprobs``, ``advantages``, ``returns``, ``values`` ``[B]``, ``mask`` bool ``[B]``
-    (False: left out of every mean of the loss) or None."""
+    """A rollout flattened to ``B`` rows: ``obs [B, *obs_shape]``, ``actions [B]`` (int64),
+    ``[B, K]`` (int64, MultiDiscrete) or ``[B, D]`` (float32, Box), ``logprobs``, ``advantages``,
+    ``returns``, ``values`` ``[B]``, ``mask`` bool ``[B]`` (False: left out of every mean of the
+    loss) or None, ``action_mask`` bool ``[B, A]`` (the legal actions each row's action was sampled
+    among, ``A`` = n or sum(nvec); the update scores the action under it) or None."""
 
     obs: Tensor
     actions: Tensor
@@ -47,6 +49,7 @@ class Batch(NamedTuple):
     returns: Tensor
     values: Tensor
     mask: Optional[Tensor] = None
+    action_mask: Optional[Tensor] = None
 
 
 class SequenceBatch(NamedTuple):
@@ -107,6 +110,10 @@ class Learner:
         if backend == "fused" and getattr(agent, "recurrent", False):
             raise ValueError("Learner: the fused backend runs feed-forward MLP policies; a recurrent agent needs "
                              "backend='torch'")
+        head = getattr(agent, "head", None)
+        if backend == "fused" and head is not None and head.kind not in ("categorical", "normal"):
+            raise ValueError(f"Learner: the fused backend runs categorical and Gaussian heads; this agent's is "
+                             f"{head.kind} (backend='torch' runs it)")
         self.agent, self.backend, self.lr, self.max_grad_norm = agent, backend, lr, max_grad_norm
         self.update_epochs, self.num_minibatches, self.target_kl = update_epochs, num_minibatches, target_kl
         self.group, self.ppo_loss, self.clip_coef = group, ppo_loss, clip_coef
@@ -142,7 +149,10 @@ class Learner:
         """The batch that :meth:`minibatch` draws rows from (held by reference until the next one)."""
         self._batch = batch
         if self.fused is not None:
-            self.fused.set_batch(*batch)
+            if batch.action_mask is not None:
+                raise ValueError("Learner.set_batch: the fused backend samples and scores without action masks; "
+                                 "a batch with action_mask needs backend='torch'")
+            self.fused.set_batch(*batch[:7])
 
     def update(self, batch, lr: Optional[float] = None, clip_coef: Optional[float] = None) -> List[float]:
         """``update_epochs`` epochs over ``batch``, each a fresh ``torch.randperm`` cut into
@@ -233,7 +243,8 @@ class Learner:
 
     def _torch_step(self, idx: Tensor, moments: Optional[Tensor]):
         b = self._batch
-        _, logprob, entropy, value = self.agent.get_action_and_value(b.obs[idx], b.actions[idx])
+        masks = {} if b.action_mask is None else dict(action_mask=b.action_mask[idx])
+        _, logprob, entropy, value = self.agent.get_action_and_value(b.obs[idx], b.actions[idx], **masks)
         group = {} if moments is None else dict(group_moments=moments, group_size=self.group_size)
         out = self.ppo_loss(logprob, b.logprobs[idx], b.advantages[idx], value, b.values[idx], b.returns[idx], entropy,
                             mask=None if b.mask is None else b.mask[idx], **self.loss_options, **group)
@@ -304,7 +315,8 @@ class Learner:
         n = envs.numel()
         obs = b.obs[idx].view((T, n) + tuple(b.obs.shape[1:]))
         actions = b.actions[idx].view((T, n) + tuple(b.actions.shape[1:]))
-        logprob, entropy, value = self.agent.evaluate_sequences(obs, actions, plan, seq.state[:, envs])
+        masks = {} if b.action_mask is None else dict(action_mask=b.action_mask[idx].view(T, n, -1))
+        logprob, entropy, value = self.agent.evaluate_sequences(obs, actions, plan, seq.state[:, envs], **masks)
         group = {} if moments is None else dict(group_moments=moments, group_size=self.group_size)
         out = self.ppo_loss(logprob.reshape(-1), b.logprobs[idx], b.advantages[idx], value.reshape(-1), b.values[idx],
                             b.returns[idx], entropy.reshape(-1), mask=None if b.mask is None else b.mask[idx],

@@ -205,6 +205,10 @@ class FusedActorCritic:
         self.activation = acts.pop() if acts else "tanh"
         if critic_linears[-1].out_features != 1:
             raise NotFusable(f"the critic must end in 1 output, got {critic_linears[-1].out_features}")
+        head = getattr(module, "head", None)  # fastppo.agent.Agent's: the heads run here are two of its four
+        if head is not None and getattr(head, "kind", None) not in ("categorical", "normal"):
+            raise NotFusable(f"{type(module).__name__}'s policy head is {head.kind}; the fused step runs categorical "
+                             "and (unsquashed) Gaussian heads")
         log_std = getattr(module, "actor_logstd", None)
         self.continuous = isinstance(log_std, Tensor)
         self.n_out = actor_linears[-1].out_features

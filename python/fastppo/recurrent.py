@@ -29,7 +29,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from fastppo.agent import Agent, Kernels, nature_cnn, sample_and_score
+from fastppo.agent import Agent, Kernels, action_head, nature_cnn, sample_and_score
 
 __all__ = ["CELLS", "RecurrentAgent", "SegmentPlan", "make_agent", "plan_segments", "run_segments"]
 
@@ -135,7 +135,8 @@ class RecurrentAgent(nn.Module):
     ``Linear(hidden_size, 64)``, ReLU and the output layer (the categorical logits or the Gaussian
     mean with a state-independent ``actor_logstd``; the value). torch's default initialization (the
     settings of rl-baselines3-zoo's ``ppo_lstm.yml``: ``ortho_init=False``, ``activation_fn=ReLU``,
-    ``net_arch=dict(pi=[64], vf=[64])``).
+    ``net_arch=dict(pi=[64], vf=[64])``). The policy head follows the action space as
+    :class:`fastppo.agent.Agent`'s does (``head``, ``squash``).
 
     The recurrent state of ``n`` environments is one tensor ``[K, n, hidden_size]``: ``h`` (and
     ``c`` for an LSTM) of the actor's RNN, then of the critic's (``K`` is 1, 2 or 4)."""
@@ -143,15 +144,16 @@ class RecurrentAgent(nn.Module):
     recurrent = True
 
     def __init__(self, obs_shape, action_space, family: str, cell: str = "lstm", hidden_size: int = 64,
-                 shared: bool = False, kernels: Kernels = Kernels()):
+                 shared: bool = False, kernels: Kernels = Kernels(), squash: str = "none"):
         super().__init__()
         if cell not in CELLS:
             raise ValueError(f"RecurrentAgent: cell must be one of {', '.join(CELLS)}, got {cell!r}")
         if not (isinstance(hidden_size, int) and hidden_size >= 1):
             raise ValueError(f"RecurrentAgent: hidden_size must be an integer >= 1, got {hidden_size!r}")
         self.kernels, self.cell, self.hidden_size, self.shared = kernels, cell, hidden_size, shared
-        self.continuous = len(action_space.shape) > 0
-        n_out = action_space.shape[0] if self.continuous else int(action_space.n)
+        self.head = action_head(action_space, squash)
+        self.continuous = self.head.continuous
+        n_out = self.head.n_out
         if family == "atari":
             self.trunk, n_in, self.scale = nature_cnn(obs_shape[0]), 512, 1.0 / 255.0
         else:
@@ -204,12 +206,14 @@ class RecurrentAgent(nn.Module):
             new.extend(h if self.slots == 2 else (h,))
         return self.actor(outs[0]), self.critic(outs[-1]).squeeze(-1), torch.cat(new)
 
-    def get_action_and_value(self, obs: Tensor, state: Tensor, start: Tensor, action: Optional[Tensor] = None):
+    def get_action_and_value(self, obs: Tensor, state: Tensor, start: Tensor, action: Optional[Tensor] = None,
+                             action_mask: Optional[Tensor] = None):
         """:meth:`step` with the policy head: ``(action, logprob, entropy, value, new_state)``; the
-        action is sampled when None."""
+        action is sampled when None; ``action_mask``: None or bool ``[n, n_out]``, the legal actions
+        of a categorical head."""
         out, value, state = self.step(obs, state, start)
         action, logprob, entropy = sample_and_score(self.kernels, out, self.actor_logstd if self.continuous else None,
-                                                    action)
+                                                    action, self.head, action_mask)
         return action, logprob, entropy, value, state
 
     def get_value(self, obs: Tensor, state: Tensor, start: Tensor) -> Tensor:
@@ -217,26 +221,29 @@ class RecurrentAgent(nn.Module):
         return self.step(obs, state, start)[1]
 
     def evaluate_sequences(self, obs: Tensor, actions: Tensor, plan: SegmentPlan, state: Tensor,
-                           padded: Optional[bool] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                           padded: Optional[bool] = None,
+                           action_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """The update's pass over ``n`` environments' whole rollouts: ``obs`` ``[T, n, *obs_shape]``,
         ``actions`` ``[T, n]`` or ``[T, n, D]``, ``plan`` their :func:`plan_segments` (on ``obs``'s
-        device), ``state`` ``[K, n, H]`` the state stored at the rollout's start. One call of each
-        RNN (:func:`run_segments`). Returns ``(logprob, entropy, value)``, each ``[T, n]``."""
+        device), ``state`` ``[K, n, H]`` the state stored at the rollout's start, ``action_mask``
+        None or bool ``[T, n, n_out]`` (the legal actions of each step). One call of each RNN
+        (:func:`run_segments`). Returns ``(logprob, entropy, value)``, each ``[T, n]``."""
         T, n = plan.steps, plan.envs
         x = self.features(obs.reshape((T * n,) + obs.shape[2:])).view(T, n, -1)
         outs = [run_segments(rnn, x, plan, self._state_of(state, i), padded) for i, rnn in enumerate(self.rnns)]
         out = self.actor(outs[0])
         _, logprob, entropy = sample_and_score(self.kernels, out, self.actor_logstd if self.continuous else None,
-                                               actions)
+                                               actions, self.head, action_mask)
         return logprob, entropy, self.critic(outs[-1]).squeeze(-1)
 
 
 def make_agent(args, obs_shape, action_space, family: str, kernels: Kernels = Kernels()) -> nn.Module:
     """The actor-critic of ``fastppo train``'s ``args``: a :class:`RecurrentAgent` with ``--recurrent
     lstm|gru`` (its ``--recurrent-hidden-size`` and ``--recurrent-shared``), else the feed-forward
-    :class:`fastppo.agent.Agent`."""
+    :class:`fastppo.agent.Agent`; the head of ``action_space`` (with ``--squash``)."""
     cell = getattr(args, "recurrent", None)
+    squash = getattr(args, "squash", None) or "none"
     if cell in (None, "none"):
-        return Agent(obs_shape, action_space, family, kernels)
+        return Agent(obs_shape, action_space, family, kernels, squash)
     return RecurrentAgent(obs_shape, action_space, family, cell, args.recurrent_hidden_size, args.recurrent_shared,
-                          kernels)
+                          kernels, squash)

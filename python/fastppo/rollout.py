@@ -14,6 +14,11 @@ advantages and returns with the rest as a :class:`fastppo.learner.Batch`. A coll
 environments, takes their first observations (:meth:`~Collector.start`), or brings them back to a
 checkpoint (:meth:`~Collector.resume`), and says what a checkpoint keeps of them (:meth:`~Collector.state`).
 
+With action masks (Discrete / MultiDiscrete actions whose environments say which are legal), the
+sync torch collectors keep the legal actions each step was sampled among, bool ``[T, N, A]``
+(``A``: ``n`` or ``sum(nvec)``), the mask that came with the step's observation (from the reset,
+or the step before), and hand them to the update with the rest of the rollout.
+
 EnvPool resets an environment on the step *after* it ends: that step ignores the action and
 returns the reset observation with reward 0. Those steps are stored like the others and masked out
 of the loss, and because the observation stored after a truncated step is the final observation,
@@ -29,8 +34,9 @@ import numpy as np
 import torch
 
 import fastppo
+from fastppo.agent import action_head
 from fastppo.checkpoint import CheckpointError
-from fastppo.envs import episode_bookkeeping
+from fastppo.envs import action_mask_source, episode_bookkeeping, read_action_masks
 from fastppo.envstep import EnvStepBoundary
 from fastppo.learner import Batch, SequenceBatch
 
@@ -120,29 +126,35 @@ class AsyncRollout:
 
 class Collector:
     """One rank's rollouts: ``T`` steps of ``N`` environments (``T`` recv rounds of ``B`` in async
-    mode) through ``boundary``, the actions from ``agent``. The storage of the policy's outputs
-    (``actions``, ``logprobs``, ``values``) lives on ``device``; ``log_actions`` keeps every action
-    sent, for a resume that replays them (sync environments)."""
+    mode) through ``boundary``, the actions from ``agent`` (its ``head``,
+    :class:`fastppo.agent.ActionHead`, says their shape and how they reach the environments). The
+    storage of the policy's outputs (``actions``, ``logprobs``, ``values``) lives on ``device``;
+    ``log_actions`` keeps every action sent, for a resume that replays them (sync environments).
+    ``mask_source``: None, or where the environments give action masks (``"info"`` or
+    ``"method"``, :func:`fastppo.envs.action_mask_source`), which the policy then samples under."""
 
     def __init__(self, envs, boundary: EnvStepBoundary, agent, family: str, num_steps: int, device: torch.device,
-                 slots: Tuple[int, ...], log_actions: bool = False):
+                 slots: Tuple[int, ...], log_actions: bool = False, mask_source: Optional[str] = None):
         self.envs, self.boundary, self.agent, self.family, self.device = envs, boundary, agent, family, device
         self.T, self.N = num_steps, boundary.N
-        self.obs_shape, space = tuple(envs.observation_space.shape), envs.action_space
-        self.action_shape, self.continuous = space.shape, len(space.shape) > 0
+        self.obs_shape = tuple(envs.observation_space.shape)
+        self.head = getattr(agent, "head", None) or action_head(envs.action_space)
+        self.action_shape, self.continuous = self.head.action_shape, self.head.continuous
+        if mask_source is not None and not self.head.maskable:
+            raise ValueError(f"action masks select among Discrete or MultiDiscrete actions; this policy's head is "
+                             f"{self.head.kind}")
+        self.mask_source = mask_source
         self.batch_size = int(np.prod(slots))
-        self.actions = torch.zeros(slots + self.action_shape, dtype=torch.float32 if self.continuous else torch.int64,
-                                   device=device)
+        self.actions = torch.zeros(slots + self.action_shape, dtype=self.head.action_dtype, device=device)
         self.logprobs = torch.zeros(slots, device=device)
         self.values = torch.zeros(slots, device=device)
         self.log_actions, self.action_log = log_actions, []  # one [T, N, ...] array of actions per rollout
         self.raw_obs = None  # the environments' last observations, as they returned them
 
     def to_env(self, action: torch.Tensor) -> np.ndarray:
-        """The environments' actions: int32, or float32 clipped to the action space's bounds."""
-        a = action.cpu().numpy()
-        space = self.envs.action_space
-        return np.clip(a, space.low, space.high) if self.continuous else a.astype(np.int32)
+        """The environments' actions (the head's :meth:`~fastppo.agent.ActionHead.to_env`): int32
+        (plus the space's start), float32 clipped to the bounds, or squashed into them."""
+        return self.head.to_env(action)
 
     def start(self) -> None:
         """Takes the environments' first observations (a new run)."""
@@ -171,17 +183,42 @@ class Collector:
 class _SyncCollector(Collector):
     """Sync environments: a ``[T + 1, N]`` observation storage in host memory (pinned on a GPU run,
     so the per-step copies are asynchronous) and ``[T, N]`` rewards, dones, terminations and
-    real-step flags, written by the boundary; row ``T``'s observation starts the next rollout."""
+    real-step flags, written by the boundary; row ``T``'s observation starts the next rollout. With
+    a ``mask_source``, ``action_masks`` bool ``[T, N, A]``: the legal actions of each step."""
 
-    def __init__(self, envs, boundary, agent, family, num_steps, device, log_actions=False):
-        super().__init__(envs, boundary, agent, family, num_steps, device, (num_steps, boundary.N), log_actions)
+    def __init__(self, envs, boundary, agent, family, num_steps, device, log_actions=False, mask_source=None):
+        super().__init__(envs, boundary, agent, family, num_steps, device, (num_steps, boundary.N), log_actions,
+                         mask_source)
         T, N = self.T, self.N
         self.obs = torch.zeros((T + 1, N) + self.obs_shape, dtype=torch.uint8 if family == "atari" else torch.float32,
                                pin_memory=device.type == "cuda").numpy()
         self.reward = np.zeros((T, N), np.float32)
         self.done, self.terminated, self.real = (np.zeros((T, N), np.bool_) for _ in range(3))
         self._rolled = False  # whether row T is the next rollout's first observation
-        self.raw_obs, _ = envs.reset()
+        self.raw_obs, info = envs.reset()
+        self.action_masks = self.next_mask = None
+        if mask_source is not None:
+            self.action_masks = np.ones((T, N, self.head.n_out), np.bool_)
+            self._read_mask(info)  # the legal actions of the first observations
+
+    def _read_mask(self, info) -> None:
+        """Takes the legal actions of the environments' next step from their last reset / step."""
+        if self.mask_source is not None:
+            self.next_mask = read_action_masks(self.envs, self.mask_source, info, self.N, self.head.n_out)
+
+    def _mask_at(self, step: int) -> dict:
+        """Stores the legal actions of step ``step`` and returns them as the agent's keyword argument
+        (``action_mask``, bool ``[N, A]`` on the device), or no argument without masks."""
+        if self.action_masks is None:
+            return {}
+        self.action_masks[step] = self.next_mask
+        return dict(action_mask=torch.from_numpy(self.action_masks[step]).to(self.device, non_blocking=True))
+
+    def _batch_masks(self) -> Optional[torch.Tensor]:
+        """The rollout's legal actions as rows, bool ``[T * N, A]``, or None."""
+        if self.action_masks is None:
+            return None
+        return torch.from_numpy(self.action_masks).to(self.device).reshape(self.T * self.N, -1)
 
     def _next_rollout(self) -> None:
         if self._rolled:
@@ -189,7 +226,7 @@ class _SyncCollector(Collector):
             self._rolled = False
 
     def _new_env_actions(self) -> np.ndarray:
-        env_actions = np.zeros((self.T, self.N) + self.action_shape, np.float32 if self.continuous else np.int32)
+        env_actions = np.zeros((self.T, self.N) + self.action_shape, self.head.env_dtype)
         if self.log_actions:
             self.action_log.append(env_actions)
         return env_actions
@@ -204,7 +241,9 @@ class _SyncCollector(Collector):
         # are brought back to it by replaying every one.
         logged = np.asarray(checkpoint["actions"])
         for a in logged:
-            self.raw_obs, *_ = self.envs.step(a)
+            self.raw_obs, _, _, _, info = self.envs.step(a)
+        if len(logged):
+            self._read_mask(info)
         if not np.array_equal(np.asarray(self.raw_obs), np.asarray(checkpoint["raw_obs"])):
             raise CheckpointError(f"replaying {len(logged)} logged steps did not reproduce the environments' state")
         self.action_log = [np.asarray(logged)]
@@ -234,7 +273,7 @@ class _SyncCollector(Collector):
         self._rolled = True
         return Batch(obs[:self.T].reshape((-1,) + self.obs_shape), self.actions.reshape((-1,) + self.action_shape),
                      self.logprobs.reshape(-1), advantages.reshape(-1), returns.reshape(-1), self.values.reshape(-1),
-                     real.reshape(-1))
+                     real.reshape(-1), self._batch_masks())
 
 
 class SyncFusedCollector(_SyncCollector):
@@ -283,6 +322,7 @@ class SyncTorchCollector(_SyncCollector):
         self.raw_obs, reward, term, trunc, info = self.envs.step(env_action)
         self.boundary.step(self.raw_obs, reward, term, trunc, self.obs[step + 1], self.reward[step], self.done[step],
                            self.terminated[step], self.real[step], **episode_bookkeeping(self.family, term, trunc, info))
+        self._read_mask(info)
         timing["env"] += time.perf_counter() - t1
         timing["inference"] += t1 - t0
 
@@ -293,8 +333,10 @@ class SyncTorchCollector(_SyncCollector):
         perf_counter = time.perf_counter
         for step in range(self.T):
             t0 = perf_counter()
+            mask = self._mask_at(step)
             with torch.no_grad():
-                action, logprob, _, value = self.agent.get_action_and_value(obs[step].to(self.device, non_blocking=True))
+                action, logprob, _, value = self.agent.get_action_and_value(obs[step].to(self.device, non_blocking=True),
+                                                                            **mask)
             self._store_and_step(step, action, logprob, value, env_actions, timing, t0)
         return self.T * self.N
 
@@ -308,8 +350,8 @@ class SyncRecurrentCollector(SyncTorchCollector):
     keeps the state it began with and where the resets fell (``starts`` ``[T, N]``), which the
     update's sequence pass starts from; a checkpoint keeps the state after its last step."""
 
-    def __init__(self, envs, boundary, agent, family, num_steps, device, log_actions=False):
-        super().__init__(envs, boundary, agent, family, num_steps, device, log_actions)
+    def __init__(self, envs, boundary, agent, family, num_steps, device, log_actions=False, mask_source=None):
+        super().__init__(envs, boundary, agent, family, num_steps, device, log_actions, mask_source)
         self.starts = np.zeros((self.T, self.N), np.bool_)
         self.hidden = agent.initial_state(self.N, device)
         self.first_hidden = self.hidden
@@ -345,9 +387,10 @@ class SyncRecurrentCollector(SyncTorchCollector):
             t0 = perf_counter()
             if step:
                 np.logical_not(self.real[step - 1], out=self.starts[step])  # after a dummy step: a new episode
+            mask = self._mask_at(step)
             with torch.no_grad():
                 action, logprob, _, value, self.hidden = self.agent.get_action_and_value(
-                    obs[step].to(self.device, non_blocking=True), self.hidden, starts[step].to(self.device))
+                    obs[step].to(self.device, non_blocking=True), self.hidden, starts[step].to(self.device), **mask)
             self._store_and_step(step, action, logprob, value, env_actions, timing, t0)
         self.next_start = ~self.real[self.T - 1]
         return self.T * self.N
@@ -366,7 +409,7 @@ class SyncRecurrentCollector(SyncTorchCollector):
         self._rolled = True
         rows = Batch(obs[:self.T].reshape((-1,) + self.obs_shape), self.actions.reshape((-1,) + self.action_shape),
                      self.logprobs.reshape(-1), advantages.reshape(-1), returns.reshape(-1), self.values.reshape(-1),
-                     real.reshape(-1))
+                     real.reshape(-1), self._batch_masks())
         return SequenceBatch(rows, torch.from_numpy(self.starts.copy()).to(self.device), self.first_hidden)
 
 
@@ -415,7 +458,19 @@ def make_collector(args, envs, agent, family: str, device: torch.device, fused=N
     ``async_batch_size`` is set, else sync with a recurrent ``agent``, else sync with the fused policy
     ``fused`` when given, else sync torch; with its env step boundary (the observation and reward
     normalization of ``args``, by default the MuJoCo preset's; with a data-parallel
-    ``group`` the statistics are deferred, to be merged over the ranks after each rollout)."""
+    ``group`` the statistics are deferred, to be merged over the ranks after each rollout), and the
+    environments' action masks where ``args.action_masks`` turns them on
+    (:func:`fastppo.config.action_masks_on`)."""
+    from fastppo.config import action_masks_on
+
+    source = action_mask_source(envs)
+    head = getattr(agent, "head", None) or action_head(envs.action_space)
+    if not action_masks_on(getattr(args, "action_masks", None) or "auto", head, source, args.env_id):
+        source = None
+    if source is not None and (args.async_batch_size is not None or fused is not None):
+        raise ValueError("action masks are read by the sync torch collectors: "
+                         + ("--async-batch-size is set" if fused is None else "--policy-backend fused samples without them")
+                         + " (--action-masks off ignores them)")
     normalize_obs, normalize_reward = normalization(args, family)
     boundary = EnvStepBoundary(args.num_envs, envs.observation_space.shape, normalize_obs=normalize_obs,
                                normalize_reward=normalize_reward, gamma=args.gamma)
@@ -424,10 +479,10 @@ def make_collector(args, envs, agent, family: str, device: torch.device, fused=N
     if args.async_batch_size is not None:
         return AsyncCollector(envs, boundary, agent, family, args.num_steps, args.async_batch_size, device)
     if getattr(agent, "recurrent", False):
-        return SyncRecurrentCollector(envs, boundary, agent, family, args.num_steps, device, args.resume_replay)
+        return SyncRecurrentCollector(envs, boundary, agent, family, args.num_steps, device, args.resume_replay, source)
     if fused is not None:
         return SyncFusedCollector(envs, boundary, agent, fused, family, args.num_steps, device, args.resume_replay)
-    return SyncTorchCollector(envs, boundary, agent, family, args.num_steps, device, args.resume_replay)
+    return SyncTorchCollector(envs, boundary, agent, family, args.num_steps, device, args.resume_replay, source)
 
 
 def normalization(args, family: str) -> Tuple[bool, bool]:

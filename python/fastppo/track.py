@@ -108,7 +108,8 @@ class RunLogger:
 
         stats = (boundary.obs_mean.copy(), boundary.obs_variance().copy()) if boundary.normalize_obs else None
         path = self.run_dir / "videos" / f"iteration{iteration:06d}.mp4"
-        policy = policy_for(agent, action_space, stats).to(next(agent.parameters()).device)
+        masked = (getattr(args, "action_masks", None) or "auto") != "off"  # where the environment gives them
+        policy = policy_for(agent, action_space, stats, masked).to(next(agent.parameters()).device)
         video = record_video(policy, args.env_id, family, path,
                              seed=args.seed, max_steps=args.video_max_steps)
         if self.writer is not None:

@@ -22,10 +22,10 @@ import tyro
 
 from fastppo.agent import Agent, Kernels, layer_init  # noqa: F401 (layer_init: importable from here, as before)
 from fastppo.checkpoint import CheckpointError, rng_state, save_checkpoint, set_rng_state
-from fastppo.config import PRESETS, Args, policy_backend, rank_share, resolve, train_device
+from fastppo.config import PRESETS, Args, action_masks_on, policy_backend, rank_share, resolve, train_device
 from fastppo.config import FAST_PRESET_TASKS, FromPreset  # noqa: F401 (importable from here, as before)
 from fastppo.distributed import Group, in_torchrun
-from fastppo.envs import env_family, make_env
+from fastppo.envs import action_mask_source, env_family, make_env
 from fastppo.envstep import EnvStepBoundary
 from fastppo.learner import UPDATE_STATS, Learner
 from fastppo.progress import Progress, tensorboard_writer  # noqa: F401 (importable from here, as before)
@@ -101,7 +101,8 @@ def train(args: Args, resume: Optional[str] = None, envs=None, stop_after: Optio
         group.broadcast_(list(agent.state_dict().values()))  # every rank starts from rank 0's weights
         torch.manual_seed(run_args.seed + 1000003 * rank)  # and samples its own actions and minibatches
     t_setup = time.perf_counter()
-    backend = policy_backend(args, family, obs_shape, device, kernels)
+    masked = action_masks_on(args.action_masks, agent.head, action_mask_source(envs), args.env_id)
+    backend = policy_backend(args, family, obs_shape, device, kernels, envs.action_space, masked)
     # fused: one C++ call per rollout step and per minibatch (forward, heads, loss, backward, clip, Adam).
     learner = Learner(agent, backend, lr=args.learning_rate, eps=1e-5, max_grad_norm=args.max_grad_norm,
                       clip_coef=args.clip_coef, vf_coef=args.vf_coef, ent_coef=args.ent_coef,

@@ -157,20 +157,32 @@ def record_video(policy, env_id: str, family: str, path, seed: int = 0, max_step
                  width: Optional[int] = None, height: Optional[int] = None) -> dict:
     """One episode of ``policy`` (a :class:`fastppo.export.DeterministicPolicy`, its normalization
     frozen) on the rendering env of ``env_id``, written to the MP4 ``path``; ``max_steps`` ends it
-    early. Returns ``dict(path, episode_return, length, frames)``."""
+    early. A ``masked`` policy picks among the legal actions the environment gives (its
+    ``info["action_mask"]`` or ``action_masks()``). Returns ``dict(path, episode_return, length, frames)``."""
+    from fastppo.envs import single_env_mask_source
+
     env = make_render_env(env_id, family, seed, width, height)
     fps = float(env.metadata.get("render_fps") or 30)
     try:
-        obs, _ = env.reset(seed=seed)
+        source = single_env_mask_source(env, seed) if getattr(policy, "masked", False) else None
+
+        def legal_actions(info):  # bool [1, A], or None
+            if source is None:
+                return None
+            mask = info["action_mask"] if source == "info" else env.get_wrapper_attr("action_masks")()
+            return torch.as_tensor(np.asarray(mask).reshape(1, -1) != 0, device=device)
+
+        device = next(policy.parameters()).device
+        obs, info = env.reset(seed=seed)
         frames = [_frame(env, env_id)]
         total, length, done = 0.0, 0, False
-        device = next(policy.parameters()).device
         while not done and (max_steps is None or length < max_steps):
             with torch.no_grad():
                 batch = torch.from_numpy(np.asarray(obs)[None].copy()).to(device)
-                action = policy(batch)[0].cpu().numpy()
+                mask = legal_actions(info)
+                action = (policy(batch) if mask is None else policy(batch, mask))[0].cpu().numpy()
             action = action if action.ndim else int(action)
-            obs, reward, term, trunc, _ = env.step(action)
+            obs, reward, term, trunc, info = env.step(action)
             total, length, done = total + float(reward), length + 1, bool(term or trunc)
             frames.append(_frame(env, env_id))
     finally:
