@@ -9,7 +9,16 @@
 namespace fastppo {
 
 inline void cuda_check(cudaError_t err, const char* op, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string(op) + ": " + what + ": " + cudaGetErrorString(err));
+  if (err == cudaSuccess) return;
+  std::string message = std::string(op) + ": " + what + ": " + cudaGetErrorString(err);
+  // The runtime is linked into the module and the driver opened at run time: with no driver, or
+  // one older than the runtime, the runtime says "insufficient driver" and every call fails.
+  if (err == cudaErrorInsufficientDriver || err == cudaErrorNoDevice)
+    message += " (this build of fastppo runs CUDA ops with the CUDA " + std::to_string(CUDART_VERSION / 1000) + "." +
+               std::to_string(CUDART_VERSION % 1000 / 10) +
+               " runtime, which needs an NVIDIA driver for that CUDA version or newer and a GPU; here there is "
+               "none, so fastppo.cuda_available() is False: pass CPU arrays or tensors)";
+  throw std::runtime_error(message);
 }
 
 // Runs `launch` (which enqueues kernels) with `device` current, restores the caller's current

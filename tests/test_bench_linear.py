@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytest.importorskip("torch")  # the benchmarks measure against torch peers; a numpy-only install skips these tests
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -10,6 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytest.importorskip("torch")  # the benchmarks measure against torch peers; a numpy-only install skips these tests
+
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = {"gae", "ppo_loss", "categorical_logprob_entropy", "normal_logprob_entropy",
            "multi_categorical_logprob_entropy", "tanh_normal_logprob_entropy"}

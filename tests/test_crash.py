@@ -27,10 +27,11 @@ from typing import Callable, Optional
 
 import pytest
 
-import fastppo
-from fastppo.checkpoint import checkpoint_kind, load_checkpoint, read_checkpoint, save_checkpoint
-
+pytest.importorskip("torch")  # fastppo.checkpoint and the trainers need torch; a numpy-only install skips these tests
 pytest.importorskip("envpool")
+
+import fastppo  # noqa: E402
+from fastppo.checkpoint import checkpoint_kind, load_checkpoint, read_checkpoint, save_checkpoint  # noqa: E402
 
 # The subprocesses import the same fastppo as this test (an installed one or the source tree), and
 # run on one thread: on a small busy machine several threads each can take many times as long.

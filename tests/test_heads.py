@@ -7,15 +7,18 @@ import math
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
-import fastppo
-from fastppo import categorical_logprob_entropy, categorical_sample, normal_logprob_entropy
-from fastppo.policy import FusedActorCritic
+pytest.importorskip("torch")  # a numpy-only install skips these tests
 
-from peers import torch_categorical, torch_normal
-from references import categorical_reference
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import fastppo  # noqa: E402
+from fastppo import categorical_logprob_entropy, categorical_sample, normal_logprob_entropy  # noqa: E402
+from fastppo.policy import FusedActorCritic  # noqa: E402
+
+from peers import torch_categorical, torch_normal  # noqa: E402
+from references import categorical_reference  # noqa: E402
 
 
 def weighted_grads(logprob, entropy, leaves, seed=0):

@@ -9,14 +9,17 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
-import fastppo
-from fastppo import (categorical_logprob_entropy, categorical_sample, multi_categorical_logprob_entropy,
+pytest.importorskip("torch")  # a numpy-only install skips these tests
+
+import torch  # noqa: E402
+
+import fastppo  # noqa: E402
+from fastppo import (categorical_logprob_entropy, categorical_sample, multi_categorical_logprob_entropy,  # noqa: E402
                      multi_categorical_sample, tanh_normal_logprob_entropy)
 
-from conftest import needs_cuda
-from references import (masked_categorical_reference, multi_categorical_reference, normal_reference,
+from conftest import needs_cuda  # noqa: E402
+from references import (masked_categorical_reference, multi_categorical_reference, normal_reference,  # noqa: E402
                         tanh_normal_reference)
 
 F64 = torch.float64

@@ -6,13 +6,16 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 
-import fastppo
-from fastppo import ppo_loss
+pytest.importorskip("torch")  # a numpy-only install skips these tests
 
-from peers import cleanrl_loss, torch_categorical
-from references import ppo_loss_reference as reference_loss
+import torch  # noqa: E402
+
+import fastppo  # noqa: E402
+from fastppo import ppo_loss  # noqa: E402
+
+from peers import cleanrl_loss, torch_categorical  # noqa: E402
+from references import ppo_loss_reference as reference_loss  # noqa: E402
 
 STATS = ("pg_loss", "v_loss", "entropy", "approx_kl", "old_approx_kl", "clipfrac")
 EXTRA_STATS = ("kl", "clipfrac_low", "clipfrac_high")  # PPOLossOutput's attributes

@@ -19,15 +19,18 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
-import fastppo
-from fastppo import categorical_logprob_entropy, categorical_sample, normal_logprob_entropy
-from fastppo.rlhf.kernels import kl_penalty_rewards, masked_whiten, token_gae
+pytest.importorskip("torch")  # a numpy-only install skips these tests
 
-from conftest import needs_cuda
-from peers import cleanrl_gae_as_fastppo, torch_normal
-from references import (categorical_reference, gae_reference, kl_reference, normal_reference, rollout,
+import torch  # noqa: E402
+
+import fastppo  # noqa: E402
+from fastppo import categorical_logprob_entropy, categorical_sample, normal_logprob_entropy  # noqa: E402
+from fastppo.rlhf.kernels import kl_penalty_rewards, masked_whiten, token_gae  # noqa: E402
+
+from conftest import needs_cuda  # noqa: E402
+from peers import cleanrl_gae_as_fastppo, torch_normal  # noqa: E402
+from references import (categorical_reference, gae_reference, kl_reference, normal_reference, rollout,  # noqa: E402
                         token_gae_reference, whiten_reference)
 
 F64 = torch.float64

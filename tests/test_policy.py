@@ -14,13 +14,16 @@ from typing import Optional
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
-import fastppo
-from fastppo.learner import Batch as LearnerBatch
-from fastppo.learner import Learner
-from fastppo.policy import FusedActorCritic, NotFusable, fused_mlp, mlp_layers
+pytest.importorskip("torch")  # a numpy-only install skips these tests
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import fastppo  # noqa: E402
+from fastppo.learner import Batch as LearnerBatch  # noqa: E402
+from fastppo.learner import Learner  # noqa: E402
+from fastppo.policy import FusedActorCritic, NotFusable, fused_mlp, mlp_layers  # noqa: E402
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
 

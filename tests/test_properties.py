@@ -42,14 +42,17 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import pytest
-import torch
-from hypothesis import HealthCheck, event, example, given, settings
-from hypothesis import strategies as st
 
-import fastppo
-from fastppo.rlhf import kl_penalty_rewards, masked_mean, masked_whiten, token_gae
+pytest.importorskip("torch")  # a numpy-only install skips these tests
 
-from references import (categorical_reference, gae_reference, kl_reference, masked_mean_reference,
+import torch  # noqa: E402
+from hypothesis import HealthCheck, event, example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import fastppo  # noqa: E402
+from fastppo.rlhf import kl_penalty_rewards, masked_mean, masked_whiten, token_gae  # noqa: E402
+
+from references import (categorical_reference, gae_reference, kl_reference, masked_mean_reference,  # noqa: E402
                         normal_reference, ppo_loss_reference, token_gae_reference, whiten_moments, whiten_reference)
 
 # The `device` fixture is a constant string (no state to reset between examples), so running every

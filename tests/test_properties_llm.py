@@ -17,13 +17,17 @@ named awkward cases; these search the space between them.
 from __future__ import annotations
 
 import numpy as np
-import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+import pytest
 
-import fastppo
-from fastppo.rlhf import group_advantages
-from references import group_advantages_reference, logprob_entropy_reference, ppo_loss_reference
+pytest.importorskip("torch")  # a numpy-only install skips these tests
+
+import torch  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import fastppo  # noqa: E402
+from fastppo.rlhf import group_advantages  # noqa: E402
+from references import group_advantages_reference, logprob_entropy_reference, ppo_loss_reference  # noqa: E402
 
 SETTINGS = settings(max_examples=int(__import__("os").environ.get("LLM_EXAMPLES", 40)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-5)}

@@ -10,14 +10,17 @@ import subprocess
 import sys
 
 import pytest
-import torch
-import tyro
 
-from fastppo import categorical_logprob_entropy
-from fastppo.rlhf import (AdaptiveKLController, PPOConfig, PPOTrainer, ScalarHeadModel, TinyGPT, bradley_terry_loss,
+pytest.importorskip("torch")  # a numpy-only install skips these tests
+
+import torch  # noqa: E402
+import tyro  # noqa: E402
+
+from fastppo import categorical_logprob_entropy  # noqa: E402
+from fastppo.rlhf import (AdaptiveKLController, PPOConfig, PPOTrainer, ScalarHeadModel, TinyGPT, bradley_terry_loss,  # noqa: E402
                           frozen_copy, lm_forward, truncate_after_eos)
-from fastppo.rlhf import digits as D
-from fastppo.rlhf import run as R
+from fastppo.rlhf import digits as D  # noqa: E402
+from fastppo.rlhf import run as R  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,17 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from fastppo.checkpoint import CheckpointError, save_checkpoint
-from fastppo.rlhf import PPOConfig, PPOTrainer, ScalarHeadModel, frozen_copy, group_advantages
-from fastppo.rlhf import digits as D
-from fastppo.rlhf import ppo as P
-from fastppo.rlhf import run as R
-from fastppo.rlhf.config import GROUP_EPS, LOSS_AGG
+pytest.importorskip("torch")  # a numpy-only install skips these tests
+
+import torch  # noqa: E402
+
+from fastppo.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
+from fastppo.rlhf import PPOConfig, PPOTrainer, ScalarHeadModel, frozen_copy, group_advantages  # noqa: E402
+from fastppo.rlhf import digits as D  # noqa: E402
+from fastppo.rlhf import ppo as P  # noqa: E402
+from fastppo.rlhf import run as R  # noqa: E402
+from fastppo.rlhf.config import GROUP_EPS, LOSS_AGG  # noqa: E402
 
 ALGOS = ("ppo", "grpo", "dr_grpo", "rloo")
 GROUP_ALGOS = ("grpo", "dr_grpo", "rloo")

@@ -9,17 +9,20 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
-from fastppo import ppo_loss
-from fastppo.checkpoint import CheckpointError, save_checkpoint
-from fastppo.rlhf import PPOConfig, PPOTrainer, ScalarHeadModel, frozen_copy
-from fastppo.rlhf import digits as D
-from fastppo.rlhf import ppo as P
-from fastppo.rlhf import run as R
-from fastppo.rlhf.build import ModelConfig, build_causal_lm, resolve_model
-from fastppo.rlhf.models import enable_gradient_checkpointing, lm_forward, response_logprobs
-from fastppo.rlhf.precision import MasterWeights
+pytest.importorskip("torch")  # a numpy-only install skips these tests
+
+import torch  # noqa: E402
+
+from fastppo import ppo_loss  # noqa: E402
+from fastppo.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
+from fastppo.rlhf import PPOConfig, PPOTrainer, ScalarHeadModel, frozen_copy  # noqa: E402
+from fastppo.rlhf import digits as D  # noqa: E402
+from fastppo.rlhf import ppo as P  # noqa: E402
+from fastppo.rlhf import run as R  # noqa: E402
+from fastppo.rlhf.build import ModelConfig, build_causal_lm, resolve_model  # noqa: E402
+from fastppo.rlhf.models import enable_gradient_checkpointing, lm_forward, response_logprobs  # noqa: E402
+from fastppo.rlhf.precision import MasterWeights  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 

@@ -76,11 +76,33 @@ def cuda_available() -> bool:
     return bool(_C.WITH_CUDA) and _C.cuda_device_count() > 0
 
 
-def build_info() -> str:
-    """One line describing the compiled core: version, compiler, OpenMP threads, the instruction set
-    of the CPU loops (``FASTPPO_CPU_ISA=baseline`` or ``avx2`` picks a narrower one) and the copies
-    compiled, CUDA, sanitizers, and anything the build had to leave out (``_C.build_info()`` has the
-    same as a dict)."""
+def _wheel_tag() -> str | None:
+    """The tag of the wheel this fastppo was installed from, as its ``.dist-info/WHEEL`` file gives it
+    (e.g. ``"cp311-cp311-manylinux_2_34_x86_64"``; several tags of one wheel are joined by ``"."`` as
+    in a wheel's file name), or None when this fastppo is not an installed wheel's files: a source
+    tree on ``sys.path``, an editable install, or an installed fastppo that is not the one imported.
+    """
+    from importlib import metadata
+    from pathlib import Path
+
+    try:
+        dist = metadata.distribution("fastppo")
+        wheel = dist.read_text("WHEEL")
+        here = Path(dist.locate_file("fastppo/__init__.py")).resolve()
+    except (metadata.PackageNotFoundError, OSError):
+        return None
+    if wheel is None or here != Path(__file__).resolve():
+        return None
+    tags = [line.split(":", 1)[1].strip() for line in wheel.splitlines() if line.startswith("Tag:")]
+    if not tags:
+        return None
+    # Tags share the interpreter and ABI parts and differ in the platform (manylinux aliases).
+    python, abi = tags[0].split("-")[:2]
+    platforms = ".".join(dict.fromkeys(t.split("-", 2)[2] for t in tags))
+    return f"{python}-{abi}-{platforms}"
+
+
+def _build_info_parts() -> list[str]:
     info = _C.build_info()
     cuda = (
         f"CUDA runtime {info['cuda_runtime_version']} for {info['cuda_architectures']}, "
@@ -93,8 +115,10 @@ def build_info() -> str:
         if info["openmp"]
         else "no OpenMP (1 thread)"
     )
+    tag = _wheel_tag()
     parts = [
         f"fastppo {info['version']}",
+        f"wheel {tag}" if tag else "source build",
         f"compiler {info['compiler'].strip()}",
         threads,
         f"CPU loops {info['cpu_isa']} (compiled: {info['cpu_isa_compiled']})",
@@ -103,4 +127,15 @@ def build_info() -> str:
     if info["sanitizers"]:
         parts.append(f"sanitizers {info['sanitizers']}")
     parts += [f"build warning: {w}" for w in info["build_warnings"]]
-    return "; ".join(parts)
+    return parts
+
+
+def build_info() -> str:
+    """One line describing this fastppo: version, the tag of the wheel it was installed from (read
+    from its ``.dist-info/WHEEL``, e.g. ``wheel cp311-cp311-manylinux_2_34_x86_64``) or ``source
+    build``, compiler, OpenMP threads, the instruction set of the CPU
+    loops (``FASTPPO_CPU_ISA=baseline`` or ``avx2`` picks a narrower one) and the copies compiled,
+    CUDA (runtime version and architectures), sanitizers, and anything the build had to leave out
+    (``_C.build_info()`` has the compiled core's part as a dict). ``fastppo --version`` prints the
+    same, one part a line."""
+    return "; ".join(_build_info_parts())

@@ -2,7 +2,8 @@
 
 Each command parses its own flags with tyro (``train.Args``, the arguments of
 ``evaluate.evaluate``, ``plot.PlotArgs``, ``export.ExportArgs``, ``rlhf.run.RLHFArgs``); it is
-imported only when it runs, so ``fastppo --help`` does not import torch.
+imported only when it runs, so ``fastppo --help`` does not import torch. ``fastppo --version`` prints
+the version and how this fastppo was built (``fastppo.build_info()``, one part a line).
 """
 
 from __future__ import annotations
@@ -30,8 +31,13 @@ def main(argv=None) -> int:
         from .export import export_main as run
     elif command == "rlhf":
         from .rlhf.run import main as run
+    elif command in ("--version", "-V"):
+        from . import _build_info_parts
+
+        print("\n".join(_build_info_parts()))  # the first line is `fastppo <version>`
+        return 0
     else:
-        usage = "usage: fastppo {train,eval,plot,export,rlhf} ...\n\n" + "\n".join(f"  {k:8s}{v}" for k, v in COMMANDS.items())
+        usage = "usage: fastppo {train,eval,plot,export,rlhf} ... | fastppo --version\n\n" + "\n".join(f"  {k:8s}{v}" for k, v in COMMANDS.items())
         if command not in (None, "-h", "--help"):
             print(f"fastppo: unknown command {command!r}\n{usage}", file=sys.stderr)
             return 2
