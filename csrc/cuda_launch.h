@@ -16,8 +16,8 @@ inline void cuda_check(cudaError_t err, const char* op, const char* what) {
   if (err == cudaErrorInsufficientDriver || err == cudaErrorNoDevice)
     message += " (this build of fastppo runs CUDA ops with the CUDA " + std::to_string(CUDART_VERSION / 1000) + "." +
                std::to_string(CUDART_VERSION % 1000 / 10) +
-               " runtime, which needs an NVIDIA driver for that CUDA version or newer and a GPU; here there is "
-               "none, so fastppo.cuda_available() is False: pass CPU arrays or tensors)";
+               " runtime, which needs an NVIDIA driver for that CUDA version or newer, and a GPU: this machine "
+               "lacks one or the other, so fastppo.cuda_available() is False; pass CPU arrays or tensors)";
   throw std::runtime_error(message);
 }
 

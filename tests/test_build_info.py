@@ -66,8 +66,16 @@ def test_build_info_names_the_wheel_compiler_cuda_architectures_and_thread_runti
     tag = fastppo._wheel_tag()
     assert parts[1] == (f"wheel {tag}" if tag else "source build")
     assert parts[2] == f"compiler {raw['compiler'].strip()}" and re.match(r"compiler (gcc|clang) \d+\.\d+", parts[2])
+    # The thread runtime as the compiled core reports it (OpenMP, fastppo's own pool, or none) and its threads.
     threads = parts[3]
-    assert threads.startswith(f"OpenMP {raw['openmp_version']} with ") if raw["openmp"] else threads == "no OpenMP (1 thread)"
+    runtime = raw.get("thread_runtime", "openmp" if raw["openmp"] else "none")
+    count = raw.get("threads", raw.get("openmp_max_threads"))
+    if runtime == "openmp":
+        assert threads.startswith(f"OpenMP {raw['openmp_version']} ") and threads.endswith(f" with {count} threads")
+    elif runtime == "pool":
+        assert threads == f"thread pool with {count} threads"
+    else:
+        assert threads == "no OpenMP (1 thread)"
     cuda = next(p for p in parts if "CUDA" in p)
     if raw["cuda"]:
         assert f"for {raw['cuda_architectures']}," in cuda and re.fullmatch(r"\d+(-real)?(,\d+(-real)?)*", raw["cuda_architectures"])

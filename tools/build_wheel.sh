@@ -50,7 +50,7 @@ fi
 # 2. Repair: graft what is not part of the manylinux policy, retag with the lowest policy allowed.
 mkdir -p "$dist"
 name=$(basename "${built[0]}")
-rm -f "$dist/${name%%-cp*}"-cp*-manylinux*.whl  # this version's earlier repaired wheel of any Python
+rm -f "$dist/${name%-linux_x86_64.whl}"-*manylinux*.whl  # an earlier repaired wheel of this version and Python
 say "auditwheel repair $name"
 PATH="$tools/bin:$PATH" "$tools/bin/auditwheel" repair --wheel-dir "$dist" "${built[0]}"
 repaired=("$dist/${name%-linux_x86_64.whl}"-*manylinux*.whl)
