@@ -10,6 +10,8 @@ parts are imported on first use, so ``import fastppo`` never imports torch.
 
 from __future__ import annotations
 
+import os
+
 from . import _C
 from .advantages import gae
 
@@ -67,10 +69,11 @@ def cuda_available() -> bool:
 
 
 def build_info() -> str:
-    """One line describing the compiled core: version, compiler, OpenMP threads, the instruction set
-    of the CPU loops (``FASTPPO_CPU_ISA=baseline`` or ``avx2`` picks a narrower one) and the copies
-    compiled, CUDA, sanitizers, and anything the build had to leave out (``_C.build_info()`` has the
-    same as a dict)."""
+    """One line describing the compiled core: version, compiler, the CPU loops' thread runtime
+    (OpenMP and its library, or fastppo's thread pool) and thread count (``FASTPPO_NUM_THREADS``
+    sets it for fastppo alone), the instruction set of the CPU loops (``FASTPPO_CPU_ISA=baseline``
+    or ``avx2`` picks a narrower one) and the copies compiled, CUDA, sanitizers, and anything the
+    build had to leave out (``_C.build_info()`` has the same as a dict)."""
     info = _C.build_info()
     cuda = (
         f"CUDA runtime {info['cuda_runtime_version']} for {info['cuda_architectures']}, "
@@ -78,11 +81,14 @@ def build_info() -> str:
         if info["cuda"]
         else "no CUDA (CPU-only build)"
     )
-    threads = (
-        f"OpenMP {info['openmp_version']} with {info['openmp_max_threads']} threads"
-        if info["openmp"]
-        else "no OpenMP (1 thread)"
-    )
+    runtime = info["thread_runtime"]
+    if runtime == "openmp":
+        library = os.path.basename(info["thread_runtime_library"]) or "unknown library"
+        threads = f"OpenMP {info['openmp_version']} ({library}) with {info['threads']} threads"
+    elif runtime == "pool":
+        threads = f"thread pool with {info['threads']} threads"
+    else:
+        threads = "no OpenMP (1 thread)"
     parts = [
         f"fastppo {info['version']}",
         f"compiler {info['compiler'].strip()}",
