@@ -207,9 +207,17 @@ def update_results(out_dir, entry):
     return path
 
 
+def library_name(path):
+    """torch's bundled libgomp, a grafted copy (fastppo.libs/...), or the system's by its path."""
+    for folder in ("torch/lib/", "fastppo.libs/"):
+        if folder in path:
+            return folder + os.path.basename(path)
+    return path or "?"
+
+
 def runtime_cell(entry):
     if entry["thread_runtime"] == "openmp":
-        return f"OpenMP ({os.path.basename(entry['thread_runtime_library'] or '?')})"
+        return f"OpenMP ({library_name(entry['thread_runtime_library'])})"
     return {"pool": "fastppo pool", "none": "none (1 thread)"}.get(entry["thread_runtime"], entry["thread_runtime"])
 
 
