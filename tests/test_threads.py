@@ -62,8 +62,9 @@ def test_a_bad_fastppo_num_threads_fails_the_import_naming_it(value):
 
 
 # Each kernel at sizes above its parallel threshold (kParallelElements = 2^15 elements): GAE over
-# environments (time-major), over rows (batch-major) and in horizon chunks (one environment, T >= 2048:
-# one chunk group per thread), and ppo_loss forward and backward, flat and [rows, tokens] with a mask.
+# environments (time-major), over rows (batch-major) and in horizon chunks (one environment and a
+# long horizon: the step-by-step loop on one thread, one group of chunks per thread on two), and
+# ppo_loss forward and backward, flat and [rows, tokens] with a mask.
 KERNELS = """
 import sys
 import numpy as np
@@ -73,7 +74,7 @@ sys.path.insert(0, sys.argv[1])
 from references import rollout
 
 out = {"threads": np.array(fastppo._C.build_info()["threads"])}
-for name, (T, N) in {"time": (128, 1000), "chunked": (4099, 1)}.items():
+for name, (T, N) in {"time": (128, 1000), "chunked": (40000, 1)}.items():
     r, v, d, term, last = rollout(T, N, seed=T)
     for dtype in ("f8", "f4"):
         adv, ret = fastppo.gae(r.astype(dtype), v.astype(dtype), d, last.astype(dtype), terminated=term)
