@@ -2,7 +2,7 @@
 // itself from its bindings_<family>.cpp; what they share is in bindings_common.h.
 #include "bindings_common.h"
 #include "fastppo_build_config.h"
-#include "fastppo_omp.h"
+#include "parallel.h"
 
 #if FASTPPO_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -40,14 +40,20 @@ py::dict build_info() {
 #else
   info["compiler"] = "unknown";
 #endif
-#if defined(_OPENMP)
+  // The CPU loops' threads (parallel.h): "openmp" (with the OpenMP runtime library the module's
+  // calls resolved to), fastppo's own "pool", or "none"; and how many a parallel loop runs on now.
+  const std::string runtime = fastppo::thread_runtime();
+  info["thread_runtime"] = runtime;
+  info["thread_runtime_library"] = runtime == "openmp" ? py::object(py::str(fastppo::thread_runtime_library()))
+                                                       : py::object(py::none());
+  info["threads"] = fastppo::parallel_threads();
+#if defined(_OPENMP) && !FASTPPO_THREAD_POOL
   info["openmp"] = true;
   info["openmp_version"] = _OPENMP;
 #else
   info["openmp"] = false;
   info["openmp_version"] = py::none();
 #endif
-  info["openmp_max_threads"] = omp_get_max_threads();
   info["cpu_isa"] = fastppo::cpu_isa();
   info["cpu_isa_compiled"] = fastppo::cpu_isa_compiled();
   info["cuda"] = static_cast<bool>(FASTPPO_WITH_CUDA);
@@ -71,6 +77,7 @@ py::dict build_info() {
 
 PYBIND11_MODULE(_C, m) {
   fastppo::cpu_isa();  // an unknown FASTPPO_CPU_ISA fails the import, naming the value
+  fastppo::requested_threads();  // and so does a FASTPPO_NUM_THREADS that is not a thread count
   m.doc() = "fastppo compiled kernels over raw buffers (see fastppo for the public API)";
   m.attr("__version__") = FASTPPO_VERSION;
   m.attr("WITH_CUDA") = static_cast<bool>(FASTPPO_WITH_CUDA);

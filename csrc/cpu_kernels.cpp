@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "cpu_isa_regions.h"
-#include "fastppo_omp.h"
+#include "parallel.h"
 #include "gae.h"
 #include "heads.h"
 #include "actor_critic.h"

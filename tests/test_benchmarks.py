@@ -90,3 +90,28 @@ def test_pytest_benchmark_json_feeds_the_suite_tables(tmp_path):
                   *RLHF_KERNELS):
         assert f"### fastppo.{title}\n" in summary, title
     assert (out / "speedups_cpu.png").read_bytes()[:8] == PNG
+
+
+def test_thread_runtime_tiny_run_keeps_one_row_per_label(tmp_path):
+    from fastppo import _C
+
+    for label, first in (("a", "torch"), ("b", "fastppo"), ("a", "torch")):
+        run("-m", "benchmarks.thread_runtime", "--tiny", "--label", label, "--import-first", first,
+            "--out-dir", str(tmp_path))
+    runs = json.loads((tmp_path / "thread_runtime_cpu.json").read_text())["runs"]
+    assert [r["label"] for r in runs] == ["b", "a"]  # measuring "a" again replaced its entry
+    assert [r["import_first"] for r in runs] == ["fastppo", "torch"]
+    steps, kernels = ("mlp", "op"), ("ppo_loss", "gae")
+    expected = {f"{s} after {k}" for s in steps for k in kernels} | {f"{k} after {s}" for s in steps for k in kernels}
+    for r in runs:
+        assert r["tiny"] and r["rounds"] == 2
+        assert r["thread_runtime"] == _C.build_info()["thread_runtime"]
+        assert r["fastppo_threads"] >= 1 and r["torch_threads"] >= 1
+        assert 0 < r["import_fastppo_ms"] < 60_000 and r["import_fastppo_pulls_torch"] is False
+        assert set(r["alone_ms"]) == {*steps, *kernels} and all(ms > 0 for ms in r["alone_ms"].values())
+        assert set(r["ratios"]) == expected
+        for key, value in r["ratios"].items():
+            assert value == r["after_ms"][key] / r["alone_ms"][key.split(" after ")[0]]
+    report = (tmp_path / "thread_runtime_cpu.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| b (tiny) |") or line.startswith("| a (tiny) |")]
+    assert len(rows) == 2 and all(row.count("|") == 5 + 8 + 1 for row in rows)

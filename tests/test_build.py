@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -30,8 +31,8 @@ def test_build_info_names_version_compiler_threads_and_cuda():
     raw = _C.build_info()
     assert f"fastppo {fastppo.__version__}" in info
     assert raw["compiler"].strip() in info
-    assert f"{raw['openmp_max_threads']} threads" in info
-    assert raw["openmp_max_threads"] >= 1
+    assert f"{raw['threads']} threads" in info or (raw["thread_runtime"] == "none" and "1 thread" in info)
+    assert raw["threads"] >= 1
     if raw["cuda"]:
         archs = raw["cuda_architectures"].split(",")
         assert archs and all(int(a.split("-")[0]) >= 75 for a in archs)
@@ -76,8 +77,12 @@ def test_build_info_fields_agree_with_each_other():
     assert compiled[0] == "baseline" and set(compiled) <= {"baseline", "avx2", "avx512"}
     assert raw["cpu_isa"] in compiled
     assert all(isinstance(w, str) and w for w in raw["build_warnings"])
+    assert raw["thread_runtime"] in ("openmp", "pool", "none")
+    assert raw["openmp"] == (raw["thread_runtime"] == "openmp")
     if not raw["openmp"]:
-        assert raw["openmp_version"] is None and raw["openmp_max_threads"] == 1
+        assert raw["openmp_version"] is None and raw["thread_runtime_library"] is None
+    if raw["thread_runtime"] == "none":
+        assert raw["threads"] == 1
     info = fastppo.build_info()
     assert f"compiled: {raw['cpu_isa_compiled']}" in info
     assert all(w in info for w in raw["build_warnings"])
@@ -152,6 +157,32 @@ def configure(tmp_path, *defines):
 def test_configure_without_openmp_builds_single_threaded_with_a_warning(tmp_path):
     header, _ = configure(tmp_path, "-DFASTPPO_ENABLE_CUDA=OFF", "-DCMAKE_DISABLE_FIND_PACKAGE_OpenMP=TRUE")
     assert "no OpenMP found" in header and "run on one thread" in header
+
+
+def compile_flags(build_dir):
+    """The compile commands CMake generated (Makefiles' flags.make or build.ninja), as one text."""
+    files = [*build_dir.glob("CMakeFiles/_C.dir/flags.make"), *build_dir.glob("build.ninja")]
+    return "\n".join(f.read_text() for f in files)
+
+
+@needs_cmake
+def test_configure_pool_threads_links_no_openmp_and_keeps_omp_simd(tmp_path):
+    header, stdout = configure(tmp_path, "-DFASTPPO_ENABLE_CUDA=OFF", "-DFASTPPO_THREADS=pool")
+    assert "fastppo: CPU loops on fastppo's thread pool" in stdout and "OpenMP" not in header
+    flags = compile_flags(tmp_path)
+    assert "FASTPPO_THREAD_POOL=1" in flags and "-fopenmp-simd" in flags
+    assert re.search(r"-fopenmp(?!-simd)", flags) is None
+
+
+@needs_cmake
+def test_configure_rejects_an_unknown_thread_runtime(tmp_path):
+    pybind11 = pytest.importorskip("pybind11")
+    cmd = [CMAKE, "-S", str(ROOT), "-B", str(tmp_path), "-DSKBUILD_PROJECT_NAME=fastppo",
+           "-DSKBUILD_PROJECT_VERSION=0.0.0", f"-DPython_EXECUTABLE={sys.executable}",
+           f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", "-DFASTPPO_ENABLE_CUDA=OFF", "-DFASTPPO_THREADS=tbb"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=TOOL_ENV)
+    assert result.returncode != 0
+    assert "FASTPPO_THREADS must be openmp or pool, got 'tbb'" in result.stdout + result.stderr
 
 
 @needs_cmake

@@ -360,7 +360,7 @@ class TestCuda:
 
 
 def test_chunked_horizon_scan_with_many_threads():
-    # With more OpenMP threads than environments and a long horizon, the CPU path cuts the horizon
+    # With more threads than environments and a long horizon, the CPU path cuts the horizon
     # into one chunk per thread; five threads give chunk boundaries this machine's default lacks.
     import os
     import subprocess
@@ -370,7 +370,7 @@ def test_chunked_horizon_scan_with_many_threads():
         "import numpy as np, fastppo, sys\n"
         "sys.path.insert(0, sys.argv[1])\n"
         "from references import rollout, gae_reference\n"
-        "assert fastppo._C.build_info()['openmp_max_threads'] == 5\n"
+        "assert fastppo._C.build_info()['threads'] == 5\n"
         "for T, N in [(2048, 1), (4099, 3), (10007, 4)]:\n"
         "    r, v, d, term, last = rollout(T, N, seed=T)\n"
         "    expected, _ = gae_reference(r, v, d, last, term)\n"

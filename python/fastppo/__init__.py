@@ -10,6 +10,7 @@ parts are imported on first use, so ``import fastppo`` never imports torch.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from . import _C
@@ -110,11 +111,14 @@ def _build_info_parts() -> list[str]:
         if info["cuda"]
         else "no CUDA (CPU-only build)"
     )
-    threads = (
-        f"OpenMP {info['openmp_version']} with {info['openmp_max_threads']} threads"
-        if info["openmp"]
-        else "no OpenMP (1 thread)"
-    )
+    runtime = info["thread_runtime"]
+    if runtime == "openmp":
+        library = os.path.basename(info["thread_runtime_library"]) or "unknown library"
+        threads = f"OpenMP {info['openmp_version']} ({library}) with {info['threads']} threads"
+    elif runtime == "pool":
+        threads = f"thread pool with {info['threads']} threads"
+    else:
+        threads = "no OpenMP (1 thread)"
     tag = _wheel_tag()
     parts = [
         f"fastppo {info['version']}",
@@ -133,7 +137,8 @@ def _build_info_parts() -> list[str]:
 def build_info() -> str:
     """One line describing this fastppo: version, the tag of the wheel it was installed from (read
     from its ``.dist-info/WHEEL``, e.g. ``wheel cp311-cp311-manylinux_2_34_x86_64``) or ``source
-    build``, compiler, OpenMP threads, the instruction set of the CPU
+    build``, compiler, the CPU loops' thread runtime (OpenMP and its library, or fastppo's thread
+    pool) and thread count (``FASTPPO_NUM_THREADS`` sets it for fastppo alone), the instruction set of the CPU
     loops (``FASTPPO_CPU_ISA=baseline`` or ``avx2`` picks a narrower one) and the copies compiled,
     CUDA (runtime version and architectures), sanitizers, and anything the build had to leave out
     (``_C.build_info()`` has the compiled core's part as a dict). ``fastppo --version`` prints the

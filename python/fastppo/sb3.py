@@ -60,7 +60,7 @@ Equality with SB3:
 - The rollouts are SB3's own (collection is not touched), so both see identical data.
 - GAE: bitwise equal to SB3's loop wherever the kernel walks each env's horizon step by step (every
   rollout shape SB3 users run: its float32 operations are numpy's, in numpy's order). Horizons of
-  thousands of steps with fewer envs than OpenMP threads take the kernel's chunked parallel scan,
+  thousands of steps with fewer envs than fastppo's CPU threads take the kernel's chunked parallel scan,
   which reassociates the recursion: equal to a few float32 ulps there.
 - ``train()``: equal to rounding, not bitwise. The kernels accumulate means and the normalization
   statistics in float64 where torch reduces in float32, the fused heads compute log-softmax and the
