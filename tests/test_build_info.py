@@ -129,3 +129,38 @@ def test_a_cuda_op_without_a_driver_or_device_is_a_clear_error():
     else:
         with pytest.raises(RuntimeError, match=r"fastppo\._C\.gae: this build of fastppo has no CUDA support"):
             gae_on_cuda_device_0()
+
+
+# ------------------------------------------------------------------ one OpenMP runtime beside torch
+
+def test_only_a_grafted_libgomp_with_torch_installed_loads_torchs(tmp_path, monkeypatch):
+    from fastppo import _openmp
+
+    package = tmp_path / "fastppo"
+    package.mkdir()
+    assert _openmp.grafted_libgomp(package) == [] and _openmp.share_torch_openmp(package) is None  # a source build
+    (tmp_path / "fastppo.libs").mkdir()
+    grafted = tmp_path / "fastppo.libs" / "libgomp-0123abcd.so.1"
+    grafted.write_bytes(b"")
+    assert _openmp.grafted_libgomp(package) == [grafted]
+    monkeypatch.setattr(_openmp, "torch_libgomp", lambda: None)  # torch not installed: nothing to share
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    assert _openmp.share_torch_openmp(package) is None
+    missing = tmp_path / "no_such_libgomp.so.1"
+    monkeypatch.setattr(_openmp, "torch_libgomp", lambda: missing)  # a library that cannot load: left alone
+    assert _openmp.share_torch_openmp(package) is None
+
+
+def test_an_installed_wheel_runs_on_torchs_openmp_runtime_even_when_fastppo_is_imported_first():
+    from fastppo import _openmp
+
+    package = Path(_C.__file__).resolve().parent  # the compiled core's folder (an editable install splits them)
+    if not _openmp.grafted_libgomp(package):
+        pytest.skip("this fastppo is not a wheel with a grafted libgomp (a source build shares torch's by soname)")
+    torch_gomp = _openmp.torch_libgomp()
+    if torch_gomp is None:
+        pytest.skip("torch is not installed")
+    code = ("import sys, fastppo; assert 'torch' not in sys.modules; "
+            "print(fastppo._C.build_info()['thread_runtime_library'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(out).resolve() == torch_gomp.resolve(), out

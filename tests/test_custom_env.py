@@ -104,3 +104,26 @@ def test_bad_module_or_id_is_named(user_package, tmp_path, capsys):
         env_family(f"{PACKAGE}.envs:Missing-v0")
     assert cli.main(["train", "--env-id", "no_such_module_xyz:Env-v0", "--run-dir", str(tmp_path)]) == 2
     assert "cannot import" in capsys.readouterr().err
+
+
+def test_the_console_script_imports_a_module_in_the_working_directory(tmp_path):
+    # `fastppo` as installed (a console script: its own folder, not the working directory, starts
+    # sys.path), run where the user's package sits, as the docs' MODULE:ID examples are.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("fastppo")
+    if not script.exists():
+        pytest.skip("no fastppo console script beside this Python")
+    package = tmp_path / PACKAGE
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "envs.py").write_text(textwrap.dedent(ENVS))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([str(script), "train", "--env-id", f"{PACKAGE}.envs:GoRight-v0", "--total-timesteps", "256",
+                           "--num-envs", "2", "--num-steps", "64", "--run-dir", "runs", "--run-name", "go"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "runs" / "go" / "config.json").read_text())["env_id"] == f"{PACKAGE}.envs:GoRight-v0"

@@ -13,8 +13,14 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from . import _C
-from .advantages import gae
+from ._openmp import share_torch_openmp as _share_torch_openmp
+
+# An installed wheel: torch's OpenMP runtime, when torch is installed, before the compiled core's
+# (one runtime in the process; see fastppo._openmp).
+_share_torch_openmp()
+
+from . import _C  # noqa: E402
+from .advantages import gae  # noqa: E402
 
 if TYPE_CHECKING:  # the torch-only names, imported on first use by __getattr__ below
     from .heads import (categorical_logprob_entropy, categorical_sample, multi_categorical_logprob_entropy,

@@ -64,7 +64,14 @@ def import_env_module(env_id: str) -> None:
 
     import gymnasium as gym
 
+    import os
+    import sys
+
     module, _, name = env_id.rpartition(":")
+    # The working directory, as `python -m` puts it first on the path (a console script's path
+    # starts with the script's own folder instead): a module beside the user's command imports.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         importlib.import_module(module)
     except ImportError as err:
