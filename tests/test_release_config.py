@@ -87,9 +87,10 @@ def test_each_wheel_is_tested_installed_with_torch_pinned_and_its_cuda_kernels_c
     assert "info['cuda']" in command and "build_warnings" in command
 
 
-def test_cibuildwheel_reads_the_same_settings_for_every_wheel(identifiers):
+def test_cibuildwheel_reads_the_same_settings_for_every_wheel(identifiers, monkeypatch):
     from cibuildwheel.options import CommandLineArguments, compute_options
 
+    monkeypatch.chdir(ROOT)  # cibuildwheel reads the pyproject.toml of its working directory
     args = CommandLineArguments.defaults()
     args.platform = "linux"
     options = compute_options("linux", args, {})
