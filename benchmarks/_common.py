@@ -738,3 +738,18 @@ def sb3_return_curve():
             return True
 
     return Curve(), curve
+
+
+def plot_return_curves(ax_steps, ax_seconds, runs, colors, labels, **style):
+    """Draws each run's learning curve (``run["curve"]``: ``(steps, seconds, mean return or None)``
+    points, as :func:`sb3_return_curve` and fastppo's metrics give them) against environment steps
+    on ``ax_steps`` and wall time on ``ax_seconds``, coloured by ``run["contender"]``; seed 1's curve
+    carries the contender's label (``labels``). Runs without a curve or a point are skipped."""
+    for r in runs:
+        points = [(s, t, v) for s, t, v in r.get("curve", ()) if v is not None]
+        if not points:
+            continue
+        steps, seconds, values = zip(*points)
+        label = labels[r["contender"]] if r["seed"] == 1 else None
+        for ax, xs in ((ax_steps, steps), (ax_seconds, seconds)):
+            ax.plot(xs, values, color=colors[r["contender"]], alpha=0.8, label=label, **style)

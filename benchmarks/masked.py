@@ -50,7 +50,8 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # python benchmarks/masked.py: the tasks' module is benchmarks.masked_envs
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import RESULTS, machine_head, machine_info, median, pyplot, sb3_return_curve  # noqa: E402
+from benchmarks._common import (RESULTS, machine_head, machine_info, median, plot_return_curves, pyplot,  # noqa: E402
+                                sb3_return_curve)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_MODULE = "benchmarks.masked_envs"
@@ -317,16 +318,8 @@ def plot(results, path):
     fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 4.2 * len(tasks)), squeeze=False)
     colors = {"fastppo": "tab:blue", "sb3-contrib": "tab:orange"}
     for row, task in zip(axes, tasks):
-        for r in results:
-            if r["task"] != task or "curve" not in r:
-                continue
-            points = [(s, t, v) for s, t, v in r["curve"] if v is not None]
-            if not points:
-                continue
-            steps, seconds, values = zip(*points)
-            label = CONTENDERS[r["contender"]] if r["seed"] == 1 else None
-            for ax, xs in zip(row, (steps, seconds)):
-                ax.plot(xs, values, color=colors[r["contender"]], alpha=0.8, marker=".", markersize=3, label=label)
+        plot_return_curves(row[0], row[1], [r for r in results if r["task"] == task], colors, CONTENDERS,
+                           marker=".", markersize=3)
         for ax, xlabel in zip(row, ("environment steps", "wall time (s)")):
             ax.axhline(SOLVED, color="k", lw=0.8, ls="--")
             ax.set_xlabel(xlabel)

@@ -34,9 +34,11 @@ import time
 from pathlib import Path
 
 try:  # python -m benchmarks.recurrent
-    from benchmarks._common import RESULTS, machine_info, median, pyplot, sb3_return_curve, zoo_schedules
+    from benchmarks._common import (RESULTS, machine_info, median, plot_return_curves, pyplot, sb3_return_curve,
+                                    zoo_schedules)
 except ImportError:  # python benchmarks/recurrent.py
-    from _common import RESULTS, machine_info, median, pyplot, sb3_return_curve, zoo_schedules
+    from _common import (RESULTS, machine_info, median, plot_return_curves, pyplot, sb3_return_curve,
+                         zoo_schedules)
 
 THRESHOLD = 475.0
 CONTENDERS = {
@@ -192,16 +194,7 @@ def plot(results, path):
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = {"fastppo-lstm": "tab:blue", "sb3-contrib": "tab:orange", "fastppo-mlp": "tab:gray"}
-    for r in results:
-        if "curve" not in r:
-            continue
-        points = [(s, t, v) for s, t, v in r["curve"] if v is not None]
-        if not points:
-            continue
-        steps, seconds, values = zip(*points)
-        label = CONTENDERS[r["contender"]] if r["seed"] == 1 else None
-        axes[0].plot(steps, values, color=colors[r["contender"]], alpha=0.8, label=label)
-        axes[1].plot(seconds, values, color=colors[r["contender"]], alpha=0.8, label=label)
+    plot_return_curves(axes[0], axes[1], results, colors, CONTENDERS)
     for ax, xlabel in zip(axes, ("environment steps", "wall time (s)")):
         ax.axhline(THRESHOLD, color="k", lw=0.8, ls="--")
         ax.set_xlabel(xlabel)

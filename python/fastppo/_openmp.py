@@ -55,8 +55,10 @@ def share_torch_openmp(package_dir: Path | None = None) -> Path | None:
     """Loads torch's libgomp with RTLD_GLOBAL when this fastppo (the compiled core's folder,
     ``package_dir``, found when None) is a wheel with a grafted libgomp and torch is installed but
     not yet imported; returns the library loaded, or None."""
+    if "torch" in sys.modules or not sys.platform.startswith("linux"):  # torch's runtime is already global
+        return None
     package_dir = core_dir() if package_dir is None else package_dir
-    if package_dir is None or "torch" in sys.modules or not sys.platform.startswith("linux") or not grafted_libgomp(package_dir):
+    if package_dir is None or not grafted_libgomp(package_dir):  # a source build shares it by soname
         return None
     library = torch_libgomp()
     if library is None:
