@@ -30,7 +30,11 @@ namespace fastppo {
 // gate (benchmarks/guard.py) shows with it that it fails on a kernel that lost its vector loops.
 bool contiguous_loops();
 
+// kGemmRows: the rows of A the fused actor-critic's register-blocked product takes at a time (each
+// with two vectors of columns in accumulators): 8 where there are 32 vector registers (AVX-512: 16
+// accumulators), else 4.
 namespace baseline {
+constexpr int kGemmRows = 4;
 #include "cpu_kernels.inc"
 }  // namespace baseline
 
@@ -40,12 +44,14 @@ namespace baseline {
 FASTPPO_TARGET_PUSH_AVX2
 namespace avx2 {
 FASTPPO_ISA_GUARD_AVX2
+constexpr int kGemmRows = 4;
 #include "cpu_kernels.inc"
 }  // namespace avx2
 FASTPPO_TARGET_POP
 FASTPPO_TARGET_PUSH_AVX512
 namespace avx512 {
 FASTPPO_ISA_GUARD_AVX512
+constexpr int kGemmRows = 8;
 #include "cpu_kernels.inc"
 }  // namespace avx512
 FASTPPO_TARGET_POP

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 import fastppo
 
-__all__ = ["ACTION_MASKS", "ActionHead", "Agent", "Kernels", "SQUASH", "action_head", "layer_init", "nature_cnn",
+__all__ = ["ACTION_MASKS", "ACTIVATIONS", "ActionHead", "Agent", "Kernels", "MlpShape", "SQUASH", "action_head", "layer_init", "nature_cnn",
            "sample_and_score"]
 
 # --squash's choices: the Gaussian of a Box action space as it is (its sample clipped to the bounds when
@@ -219,17 +219,66 @@ class Kernels:
     forward and backward here); the eager baseline keeps CleanRL's default layout"""
 
 
-class Agent(nn.Module):
-    """Actor-critic: MLPs for vector observations, the Nature CNN for Atari frames; the policy head
-    follows the action space (:func:`action_head`: categorical, multi-categorical, or a Gaussian with
-    a state-independent log-std, tanh-squashed into the bounds with ``squash="tanh"``)."""
+# The MLP policy's activations by name (--activation).
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
-    def __init__(self, obs_shape, action_space, family: str, kernels: Kernels = Kernels(), squash: str = "none"):
+
+@dataclass(frozen=True)
+class MlpShape:
+    """The shape and initialization of the MLP policy (vector observations): ``hidden_sizes`` of the
+    actor's and of the critic's own stacks, their ``activation`` (``"tanh"`` or ``"relu"``), the
+    Gaussian head's initial ``log_std_init``, and ``ortho_init``: orthogonal weights of gain
+    sqrt(2), 0.01 for the actor's output layer and 1 for the critic's, zero biases (CleanRL's and
+    Stable-Baselines3's), else torch's default initialization of ``nn.Linear``. The defaults are
+    CleanRL's ``Agent``."""
+
+    hidden_sizes: Tuple[int, ...] = (64, 64)
+    activation: str = "tanh"
+    log_std_init: float = 0.0
+    ortho_init: bool = True
+
+    def __post_init__(self):
+        if not self.hidden_sizes or any(int(h) < 1 for h in self.hidden_sizes):
+            raise ValueError(f"--hidden-sizes must be one or more sizes >= 1, got {list(self.hidden_sizes)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if not math.isfinite(self.log_std_init):
+            raise ValueError(f"--log-std-init must be finite, got {self.log_std_init}")
+
+    @classmethod
+    def of(cls, args) -> "MlpShape":
+        """The shape ``fastppo train``'s settings give (settings saved before these options existed,
+        or left unresolved: the defaults)."""
+        values = {f: getattr(args, f, None) for f in ("hidden_sizes", "activation", "log_std_init", "ortho_init")}
+        return cls(**{k: (tuple(v) if k == "hidden_sizes" else v) for k, v in values.items() if v is not None})
+
+    def stack(self, n_in: int, n_out: int, out_gain: float) -> nn.Sequential:
+        """``Linear``/activation layers from ``n_in`` through the hidden sizes to ``n_out``."""
+        sizes = (n_in, *self.hidden_sizes)
+        layers = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [self._init(nn.Linear(a, b), math.sqrt(2)), ACTIVATIONS[self.activation]()]
+        return nn.Sequential(*layers, self._init(nn.Linear(sizes[-1], n_out), out_gain))
+
+    def _init(self, layer: nn.Linear, gain: float) -> nn.Linear:
+        return layer_init(layer, std=gain) if self.ortho_init else layer
+
+
+class Agent(nn.Module):
+    """Actor-critic: MLPs for vector observations (shaped by ``mlp``, :class:`MlpShape`: CleanRL's
+    64-64 tanh by default, one stack for the actor and one for the critic), the Nature CNN for Atari
+    frames; the policy head follows the action space (:func:`action_head`: categorical,
+    multi-categorical, or a Gaussian with a state-independent log-std, tanh-squashed into the
+    bounds with ``squash="tanh"``)."""
+
+    def __init__(self, obs_shape, action_space, family: str, kernels: Kernels = Kernels(), squash: str = "none",
+                 mlp: MlpShape = MlpShape()):
         super().__init__()
         self.kernels = kernels
         self.head = action_head(action_space, squash)
         self.continuous = self.head.continuous
         n_out = self.head.n_out
+        log_std_init = 0.0
         if family == "atari":
             self.trunk = nature_cnn(obs_shape[0])
             self.actor = layer_init(nn.Linear(512, n_out), std=0.01)
@@ -239,19 +288,13 @@ class Agent(nn.Module):
                 self.trunk.to(memory_format=torch.channels_last)
         else:
             n_in = int(np.prod(obs_shape))
-            hidden = 64
             self.trunk = nn.Identity()
-            self.actor = nn.Sequential(
-                layer_init(nn.Linear(n_in, hidden)), nn.Tanh(), layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
-                layer_init(nn.Linear(hidden, n_out), std=0.01),
-            )
-            self.critic = nn.Sequential(
-                layer_init(nn.Linear(n_in, hidden)), nn.Tanh(), layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
-                layer_init(nn.Linear(hidden, 1), std=1.0),
-            )
+            self.actor = mlp.stack(n_in, n_out, 0.01)
+            self.critic = mlp.stack(n_in, 1, 1.0)
             self.scale = 1.0
+            log_std_init = mlp.log_std_init
         if self.continuous:
-            self.actor_logstd = nn.Parameter(torch.zeros(n_out))
+            self.actor_logstd = nn.Parameter(torch.full((n_out,), float(log_std_init)))
 
     def features(self, obs):
         return self.trunk(obs.float() * self.scale) if self.scale != 1.0 else self.trunk(obs.float())

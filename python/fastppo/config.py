@@ -9,16 +9,16 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Annotated, Optional, TypeVar
+from typing import Annotated, Optional, Tuple, TypeVar
 
 import torch
 import tyro
 
-from fastppo.agent import ACTION_MASKS, SQUASH, ActionHead, Kernels, action_head
+from fastppo.agent import ACTION_MASKS, SQUASH, ActionHead, Kernels, MlpShape, action_head
 from fastppo.envs import env_family, probe_actions
 
-__all__ = ["Args", "FAST_PRESET_TASKS", "LSTM_PRESET_TASKS", "PRESETS", "RECURRENT", "action_masks_on",
-           "policy_backend", "rank_share", "recurrent_cell", "resolve", "train_device"]
+__all__ = ["Args", "FAST_PRESET_TASKS", "LSTM_PRESET_TASKS", "MUJOCO_ZOO_TASKS", "PRESETS", "RECURRENT", "action_masks_on",
+           "policy_backend", "preset_values", "rank_share", "recurrent_cell", "resolve", "train_device"]
 
 _T = TypeVar("_T")
 # --recurrent's choices: a feed-forward policy, or the RNN cell of a recurrent one.
@@ -32,7 +32,7 @@ class Args:
     env_id: str = "CartPole-v1"
     """the EnvPool task id (CartPole-v1, Pong-v5, HalfCheetah-v5, ...); other gymnasium ids run on gymnasium's vector env, and MODULE:ID imports MODULE (which registers ID) first, e.g. my_pkg.envs:MyEnv-v0"""
     preset: str = "auto"
-    """hyperparameter preset: classic (CleanRL's ppo.py), classic-fast (least wall time to solve CartPole), classic-lstm (rl-baselines3-zoo's RecurrentPPO CartPoleNoVel-v1 settings), atari, mujoco, or auto (classic-fast for CartPole, classic-lstm for CartPoleNoVel-v1, else chosen from the env family)"""
+    """hyperparameter preset: classic (CleanRL's ppo.py), classic-fast (least wall time to solve CartPole), classic-lstm (rl-baselines3-zoo's RecurrentPPO CartPoleNoVel-v1 settings), atari, mujoco (CleanRL's ppo_continuous_action.py), mujoco-zoo (rl-baselines3-zoo's tuned PPO settings of each MuJoCo task), or auto (classic-fast for CartPole, classic-lstm for CartPoleNoVel-v1, else chosen from the env family)"""
     total_timesteps: FromPreset[int] = None
     """total environment steps"""
     learning_rate: FromPreset[float] = None
@@ -45,7 +45,7 @@ class Args:
     """EnvPool worker threads (unset: 1 for classic control, whose steps cost less than handing them to another thread; else EnvPool's default)"""
     async_batch_size: Optional[int] = None
     """EnvPool async mode: step this many of the num_envs environments at a time (fewer than num_envs)"""
-    anneal_lr: bool = True
+    anneal_lr: FromPreset[bool] = None
     """anneal the learning rate linearly to 0"""
     gamma: FromPreset[float] = None
     """discount factor"""
@@ -63,10 +63,18 @@ class Args:
     """clip the value loss"""
     ent_coef: FromPreset[float] = None
     """entropy bonus coefficient"""
-    vf_coef: float = 0.5
-    """value loss coefficient"""
-    max_grad_norm: float = 0.5
+    vf_coef: FromPreset[float] = None
+    """value loss coefficient (of the loss 0.5 * (V - R)^2, CleanRL's; Stable-Baselines3's vf_coef weighs (V - R)^2, so it is half of this)"""
+    max_grad_norm: FromPreset[float] = None
     """gradient norm clip"""
+    hidden_sizes: FromPreset[Tuple[int, ...]] = None
+    """units of the MLP policy's hidden layers, the actor's and the critic's (each its own stack), e.g. --hidden-sizes 256 256"""
+    activation: FromPreset[str] = None
+    """the MLP policy's activation: tanh or relu"""
+    log_std_init: FromPreset[float] = None
+    """the initial log-std of a Gaussian policy (state-independent)"""
+    ortho_init: FromPreset[bool] = None
+    """orthogonal initialization of the MLP policy (gains sqrt(2), 0.01 for the actor's output, 1 for the critic's: CleanRL's and Stable-Baselines3's); off: torch's default nn.Linear initialization"""
     target_kl: Optional[float] = None
     """stop an update's epochs early when approx_kl exceeds this"""
     seed: int = 1
@@ -115,9 +123,13 @@ class Args:
     """auto, on or off: sample Discrete / MultiDiscrete actions among the legal ones the environments give at each step (info["action_mask"] of reset and step, or the gymnasium environments' action_masks() method), and score them in the update under the same masks; auto: on when the task gives masks; on: an error when it does not; masks run on the torch backend"""
 
 
+# What every preset has unless it says otherwise: CleanRL's value and gradient-norm coefficients, a
+# learning rate annealed to 0, CleanRL's 64-64 tanh MLPs (orthogonal init, log-std 0).
+_COMMON = dict(vf_coef=0.5, max_grad_norm=0.5, anneal_lr=True, hidden_sizes=(64, 64), activation="tanh",
+               log_std_init=0.0, ortho_init=True)
 # The feed-forward presets: no RNN, a fixed clipping coefficient. (Their normalization follows the env
 # family: on for MuJoCo tasks; resolve() fills it in.)
-_PLAIN = dict(recurrent="none", anneal_clip=False)
+_PLAIN = dict(recurrent="none", anneal_clip=False, **_COMMON)
 
 PRESETS = {
     # CleanRL ppo.py
@@ -137,7 +149,8 @@ PRESETS = {
     # of 64 units for the actor and one for the critic (RecurrentAgent's architecture is that policy's).
     "classic-lstm": dict(total_timesteps=100_000, learning_rate=1e-3, num_envs=8, num_steps=32,
                          num_minibatches=1, update_epochs=20, clip_coef=0.2, ent_coef=0.0, gamma=0.98, gae_lambda=0.8,
-                         clip_vloss=False, recurrent="lstm", normalize_obs=True, normalize_reward=True, anneal_clip=True),
+                         clip_vloss=False, recurrent="lstm", normalize_obs=True, normalize_reward=True, anneal_clip=True,
+                         **_COMMON),
     # CleanRL ppo_atari_envpool.py
     "atari": dict(total_timesteps=10_000_000, learning_rate=2.5e-4, num_envs=8, num_steps=128,
                   num_minibatches=4, update_epochs=4, clip_coef=0.1, ent_coef=0.01, gamma=0.99, gae_lambda=0.95, clip_vloss=True,
@@ -146,7 +159,60 @@ PRESETS = {
     "mujoco": dict(total_timesteps=1_000_000, learning_rate=3e-4, num_envs=1, num_steps=2048,
                    num_minibatches=32, update_epochs=10, clip_coef=0.2, ent_coef=0.0, gamma=0.99, gae_lambda=0.95, clip_vloss=True,
                    **_PLAIN),
+    # rl-baselines3-zoo's PPO for MuJoCo tasks (hyperparams/ppo.yml): its "mujoco-defaults" here, which are
+    # Stable-Baselines3's PPO defaults (2048 steps, minibatches of 64, 10 epochs, lr 3e-4 constant, clip 0.2,
+    # no value clipping, vf_coef 0.5 of SB3's (V - R)^2, i.e. 1.0 here, 64-64 tanh MLPs) with VecNormalize
+    # (observations and rewards, at the task's gamma); MUJOCO_ZOO_TASKS holds the tasks it tuned.
+    "mujoco-zoo": dict(total_timesteps=1_000_000, learning_rate=3e-4, num_envs=1, num_steps=2048,
+                       num_minibatches=32, update_epochs=10, clip_coef=0.2, ent_coef=0.0, gamma=0.99, gae_lambda=0.95,
+                       clip_vloss=False, normalize_obs=True, normalize_reward=True,
+                       **dict(_PLAIN, vf_coef=1.0, anneal_lr=False)),
 }
+
+
+def _zoo(n_envs: int, n_steps: int, batch_size: int, n_epochs: int, gamma: float, gae_lambda: float, lr: float,
+         ent_coef: float, clip_range: float, max_grad_norm: float, vf_coef: float, n_timesteps: int = 1_000_000,
+         tuned_policy: bool = True) -> dict:
+    """One task's rl-baselines3-zoo PPO entry in this trainer's terms: minibatches = n_envs * n_steps /
+    batch_size (one when the batch size is the rollout's or more, as SB3 then takes the whole rollout); the value coefficient doubled (SB3 weighs (V - R)^2, fastppo 0.5 * (V - R)^2); lr and
+    clip range constant; ``tuned_policy``: the entry's policy_kwargs ``log_std_init=-2,
+    ortho_init=False, activation_fn=nn.ReLU, net_arch=dict(pi=[256, 256], vf=[256, 256])`` (else
+    SB3's default policy: 64-64 tanh, orthogonal init, log-std 0)."""
+    values = dict(total_timesteps=n_timesteps, num_envs=n_envs, num_steps=n_steps,
+                  num_minibatches=max(1, n_envs * n_steps // batch_size), update_epochs=n_epochs, gamma=gamma,
+                  gae_lambda=gae_lambda, learning_rate=lr, ent_coef=ent_coef, clip_coef=clip_range,
+                  max_grad_norm=max_grad_norm, vf_coef=2.0 * vf_coef)
+    if tuned_policy:
+        values.update(hidden_sizes=(256, 256), activation="relu", log_std_init=-2.0, ortho_init=False)
+    return values
+
+
+# rl-baselines3-zoo's tuned PPO settings of MuJoCo tasks (hyperparams/ppo.yml, its v4 entries; the task
+# name without its version picks them). Its benchmark (benchmark.md, v3 tasks, 1M steps, deterministic
+# evaluation): HalfCheetah 5819 +- 664, Hopper 2410 +- 10, Walker2d 3479 +- 822, Swimmer 282 +- 10.
+MUJOCO_ZOO_TASKS = {
+    "HalfCheetah": _zoo(1, 512, 64, 20, 0.98, 0.92, 2.0633e-05, 0.000401762, 0.1, 0.8, 0.58096),
+    "Hopper": _zoo(1, 512, 32, 5, 0.999, 0.99, 9.80828e-05, 0.00229519, 0.2, 0.7, 0.835671),
+    "Walker2d": _zoo(1, 512, 32, 20, 0.99, 0.95, 5.05041e-05, 0.000585045, 0.1, 1.0, 0.871923, tuned_policy=False),
+    "Humanoid": _zoo(1, 512, 256, 5, 0.95, 0.9, 3.56987e-05, 0.00238306, 0.3, 2.0, 0.431892, 10_000_000),
+    "HumanoidStandup": _zoo(1, 512, 32, 20, 0.99, 0.9, 2.55673e-05, 3.62109e-06, 0.3, 0.7, 0.430793, 10_000_000),
+    "InvertedDoublePendulum": _zoo(1, 128, 512, 10, 0.98, 0.8, 0.000155454, 1.05057e-06, 0.4, 0.5, 0.695929,
+                                   tuned_policy=False),
+    "InvertedPendulum": _zoo(1, 32, 64, 5, 0.999, 0.9, 0.000222425, 1.37976e-07, 0.4, 0.3, 0.19816, tuned_policy=False),
+    "Reacher": _zoo(1, 512, 32, 5, 0.9, 1.0, 0.000104019, 7.52585e-08, 0.3, 0.9, 0.950368, tuned_policy=False),
+    # Swimmer: the mujoco-defaults with its own gamma, envs, steps, batch, lr and lambda.
+    "Swimmer": dict(num_envs=4, num_steps=1024, num_minibatches=4 * 1024 // 256, gamma=0.9999, learning_rate=6e-4,
+                    gae_lambda=0.98),
+}
+
+
+def preset_values(preset: str, env_id: str) -> dict:
+    """The settings ``preset`` gives ``env_id``: the preset's, and for ``mujoco-zoo`` the task's tuned
+    ones over them (a task it has none for keeps rl-baselines3-zoo's MuJoCo defaults)."""
+    values = dict(PRESETS[preset])
+    if preset == "mujoco-zoo":
+        values.update(MUJOCO_ZOO_TASKS.get(env_id.split(":")[-1].split("-v")[0], {}))
+    return values
 
 
 # Tasks whose --preset auto is classic-fast (the settings it takes were tuned for them).
@@ -164,7 +230,12 @@ def resolve(args: Args) -> Args:
                   "classic-lstm" if args.env_id in LSTM_PRESET_TASKS else family)
     if preset not in PRESETS:
         raise ValueError(f"--preset must be one of auto, {', '.join(PRESETS)}; got {args.preset!r}")
-    values = {k: (v if getattr(args, k) is None else getattr(args, k)) for k, v in PRESETS[preset].items()}
+    if recurrent_cell(args) is not None or (args.recurrent is None and PRESETS[preset]["recurrent"] != "none"):
+        given = [f"--{f.replace('_', '-')}" for f in ("hidden_sizes", "activation", "ortho_init") if getattr(args, f) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} shape(s) the feed-forward MLP policy; a recurrent policy's layers are "
+                             "set by --recurrent-hidden-size")
+    values = {k: (v if getattr(args, k) is None else getattr(args, k)) for k, v in preset_values(preset, args.env_id).items()}
     for name in ("normalize_obs", "normalize_reward"):  # unless the preset says: on for MuJoCo tasks, as always
         values.setdefault(name, family == "mujoco" if getattr(args, name) is None else getattr(args, name))
     args = dataclasses.replace(args, preset=preset, **values)
@@ -176,10 +247,12 @@ def resolve(args: Args) -> Args:
         ("gae_lambda", 0 <= args.gae_lambda <= 1, "in [0, 1]"), ("checkpoint_every", args.checkpoint_every > 0, "> 0"),
         ("log_every", args.log_every > 0, "> 0"), ("video_every", args.video_every > 0, "> 0"),
         ("video_max_steps", args.video_max_steps is None or args.video_max_steps > 0, "> 0"), ("env_threads", args.env_threads is None or args.env_threads > 0, "> 0"),
+        ("vf_coef", args.vf_coef >= 0, ">= 0"), ("max_grad_norm", args.max_grad_norm > 0, "> 0"),
     ]
     for name, ok, what in checks:
         if not ok:
             raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)!r}")
+    MlpShape.of(args)  # --hidden-sizes, --activation, --log-std-init
     if args.recurrent not in (None, "none") and args.num_envs % args.num_minibatches:
         raise ValueError(f"--num-minibatches ({args.num_minibatches}) must divide --num-envs ({args.num_envs}) "
                          f"with --recurrent {args.recurrent}: each minibatch holds whole environments' rollouts")

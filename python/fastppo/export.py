@@ -140,7 +140,7 @@ def check_feed_forward(args, what: str) -> None:
 
 def load_policy(path, device: str = "cpu") -> TrainedPolicy:
     """The deterministic policy saved in a run folder (or its checkpoint.pt), on ``device``, in eval mode."""
-    from fastppo.agent import Agent, Kernels
+    from fastppo.agent import Agent, Kernels, MlpShape
     from fastppo.checkpoint import load_checkpoint
     from fastppo.config import Args, action_masks_on
     from fastppo.envs import action_mask_source, env_family, make_env
@@ -153,7 +153,8 @@ def load_policy(path, device: str = "cpu") -> TrainedPolicy:
     obs_shape, action_space = tuple(envs.observation_space.shape), copy.deepcopy(envs.action_space)
     source = action_mask_source(envs)
     envs.close()
-    agent = Agent(obs_shape, action_space, family, Kernels(channels_last=False), getattr(args, "squash", None) or "none")
+    agent = Agent(obs_shape, action_space, family, Kernels(channels_last=False), getattr(args, "squash", None) or "none",
+                  MlpShape.of(args))
     agent.load_state_dict(state["model"])
     masked = action_masks_on(getattr(args, "action_masks", None) or "auto", agent.head, source, args.env_id)
     stats = saved_obs_statistics(state) if normalizes_observations(args, family) else None

@@ -29,7 +29,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from fastppo.agent import Agent, Kernels, action_head, nature_cnn, sample_and_score
+from fastppo.agent import Agent, Kernels, MlpShape, action_head, nature_cnn, sample_and_score
 
 __all__ = ["CELLS", "RecurrentAgent", "SegmentPlan", "make_agent", "plan_segments", "run_segments"]
 
@@ -240,10 +240,11 @@ class RecurrentAgent(nn.Module):
 def make_agent(args, obs_shape, action_space, family: str, kernels: Kernels = Kernels()) -> nn.Module:
     """The actor-critic of ``fastppo train``'s ``args``: a :class:`RecurrentAgent` with ``--recurrent
     lstm|gru`` (its ``--recurrent-hidden-size`` and ``--recurrent-shared``), else the feed-forward
-    :class:`fastppo.agent.Agent`; the head of ``action_space`` (with ``--squash``)."""
+    :class:`fastppo.agent.Agent` (shaped by ``--hidden-sizes``, ``--activation``, ``--log-std-init``,
+    ``--ortho-init``); the head of ``action_space`` (with ``--squash``)."""
     cell = getattr(args, "recurrent", None)
     squash = getattr(args, "squash", None) or "none"
     if cell in (None, "none"):
-        return Agent(obs_shape, action_space, family, kernels, squash)
+        return Agent(obs_shape, action_space, family, kernels, squash, MlpShape.of(args))
     return RecurrentAgent(obs_shape, action_space, family, cell, args.recurrent_hidden_size, args.recurrent_shared,
                           kernels, squash)

@@ -123,8 +123,8 @@ def saved_args(fields: dict, source: Path):
     """The ``fastppo.train.Args`` saved in ``source`` (a checkpoint or config.json)."""
     from fastppo.config import Args
 
-    try:
-        return Args(**fields)
+    try:  # JSON keeps a tuple setting (--hidden-sizes) as a list
+        return Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
     except TypeError as err:
         raise CheckpointError(f"{source} holds settings fastppo train does not know ({err})") from err
 
