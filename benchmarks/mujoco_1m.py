@@ -172,8 +172,8 @@ def report(runs: list) -> str:
                   "over the steps run, and the 1M-step wall time that rate gives.", "",
                   "| task | steps run | wall time (s) | steps/s (printed) | 1M steps (s, from that rate) | load average |",
                   "|---|---:|---:|---:|---:|---:|"]
-        for env_id, t in timings.items():
-            lines.append(f"| {env_id} | {t['steps']} | {t['seconds']:.0f} | {t['sps_printed']} | {t['seconds_1m_estimate']:.0f} | "
+        for t in timings.values():
+            lines.append(f"| {t['env_id']} | {t['steps']} | {t['seconds']:.0f} | {t['sps_printed']} | {t['seconds_1m_estimate']:.0f} | "
                          f"{t['load'][0]:.1f} |")
     lines += ["", "Curves: `mujoco_1m.png` (mean and min-max over seeds of the mean return of the last 100 "
               "training episodes, against steps and against wall time; the published numbers as dashed lines)."]
