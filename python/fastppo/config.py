@@ -231,7 +231,8 @@ def resolve(args: Args) -> Args:
     if preset not in PRESETS:
         raise ValueError(f"--preset must be one of auto, {', '.join(PRESETS)}; got {args.preset!r}")
     if recurrent_cell(args) is not None or (args.recurrent is None and PRESETS[preset]["recurrent"] != "none"):
-        given = [f"--{f.replace('_', '-')}" for f in ("hidden_sizes", "activation", "ortho_init") if getattr(args, f) is not None]
+        given = [f"--{f.replace('_', '-')}" for f in ("hidden_sizes", "activation", "ortho_init")
+                 if getattr(args, f) not in (None, PRESETS[preset][f])]  # (a resumed run's settings hold the preset's)
         if given:
             raise ValueError(f"{', '.join(given)} shape(s) the feed-forward MLP policy; a recurrent policy's layers are "
                              "set by --recurrent-hidden-size")
