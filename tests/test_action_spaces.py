@@ -48,6 +48,30 @@ class UnboundedBox(gym.Env):
 gym.register(id="UnboundedBox-v0", entry_point=UnboundedBox)  # found by its plain id in this process
 
 
+class StartedSpaces(gym.Env):
+    """Discrete and MultiDiscrete actions that start above 0; an action outside the space is an error."""
+
+    def __init__(self, multi=False):
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self.action_space = (gym.spaces.MultiDiscrete([2, 3], start=[5, -1]) if multi
+                             else gym.spaces.Discrete(3, start=2))
+        self.t = 0
+
+    def reset(self, *, seed=None, options=None):
+        self.t = 0
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        if not self.action_space.contains(np.asarray(action, self.action_space.dtype)):
+            raise ValueError(f"action {action} outside {self.action_space}")
+        self.t += 1
+        return np.zeros(2, np.float32), 0.0, self.t >= 10, False, {}
+
+
+gym.register(id="StartedDiscrete-v0", entry_point=StartedSpaces)
+gym.register(id="StartedMultiDiscrete-v0", entry_point=StartedSpaces, kwargs=dict(multi=True))
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """The small MLPs here gain nothing from more threads, and on a shared CPU their spin-waits
@@ -400,6 +424,13 @@ def test_masks_off_lets_the_environment_see_illegal_actions(tmp_path, mode):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["action_masks"] == mode
     illegal = sum(env.unwrapped.illegal_actions for env in envs.envs.envs)
     assert (illegal > 100) if mode == "off" else (illegal == 0)  # 5 of 8 actions are illegal at each step
+
+
+@pytest.mark.parametrize("env_id", ["StartedDiscrete-v0", "StartedMultiDiscrete-v0"])
+def test_the_fused_policy_adds_the_spaces_start(tmp_path, env_id):
+    # the environments raise on an action outside their space: the run would fail without the start
+    summary = T.train(args_for(tmp_path, env_id, total_timesteps=512, num_envs=4, num_steps=64, preset="classic-fast"))
+    assert summary["policy_backend"] == "fused" and summary["episodes"] > 0
 
 
 def test_recurrent_policy_takes_the_masks_too(tmp_path):
