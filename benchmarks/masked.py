@@ -297,7 +297,8 @@ def summarize(results, mode, machine, threads, settings):
               "A uniform legal choice earns about 6.7 (Discrete) and 25 (MultiDiscrete); sb3-contrib's test calls the "
               f"Discrete task learned at a mean evaluation return of {SOLVED:.0f}.",
               "- Both read the legal actions from the environments' `action_masks()` at every step and sample, and "
-              "score in the update, under them. fastppo runs its torch backend (masks); MaskablePPO its "
+              "score in the update, under them. fastppo runs the backend its `--policy-backend auto` picks, the fused "
+              "actor-critic (one C++ call per step and one per minibatch, the masks inside them); MaskablePPO its "
               "MaskableActorCriticPolicy on SB3's DummyVecEnv.",
               "- Steps/s: environment steps over MaskablePPO's `learn` (model construction apart) or over fastppo's "
               "training loop (rollouts and updates: the time of its last logged iteration; building the environments "

@@ -1,6 +1,7 @@
 // The fused actor-critic MLP: dense layers read in place from torch's parameters (Linear's weight
-// [out, in] row-major and bias [out]), a categorical or diagonal-Gaussian head, and two fused calls
-// that make a PPO step on the CPU:
+// [out, in] row-major and bias [out]), a policy head (categorical or multi-discrete, either one
+// optionally over the legal actions of a mask; diagonal Gaussian, optionally tanh-squashed), and two
+// fused calls that make a PPO step on the CPU:
 //   act:    observations -> sampled action, its log-prob and the value (rollout inference);
 //   update: a minibatch gathered by index -> forward, heads, the clipped loss (fastppo_math.h's
 //           element math, as fastppo.ppo_loss computes it), backward into the parameter
@@ -55,11 +56,25 @@ void mlp_backward_cpu(const MlpSpec& spec, bool is_f64, int64_t rows, const void
 
 // The actor-critic: an optional shared trunk, then the actor (-> logits [A] or means [D]) and the
 // critic (-> [1]) on the trunk's output (or on the observation when the trunk is empty).
+//
+// Discrete heads have K >= 1 categorical components side by side over the A logits (K = 1: the
+// categorical head; else the multi-discrete one): component k owns columns [offsets[k],
+// offsets[k + 1]) and its action indexes them from 0; actions are int64 [rows, K] ([rows] for K = 1),
+// the log-prob and entropy are summed over the components. An optional mask of legal actions
+// (bool [rows, A], flat over the components) follows heads.h's rules per component: the softmax is
+// over the legal logits only, an illegal logit's gradient is exactly 0, and a component with no
+// legal action has no choice (action 0, log-prob 0, entropy 0, zero gradient).
+// The Gaussian's action is its sample; a squashed one's is the sample u before the squash, its
+// log-prob the Gaussian's at u minus sum log(1 - tanh(u)^2) (tanh_log_det), its entropy the
+// Gaussian's and its gradients the Gaussian's (the log-det is data), as heads.h's squashed head.
 struct ActorCriticSpec {
   bool is_f64 = false;
   MlpSpec trunk, actor, critic;
   bool continuous = false;
+  bool squashed = false;            // continuous: the tanh-squashed Gaussian
   int64_t n_out = 0;                // A or D
+  int64_t K = 1;                    // discrete: the number of components
+  const int64_t* offsets = nullptr;  // discrete: [K + 1] column offsets, 0 ... A
   const void* log_std = nullptr;    // [D], state-independent (continuous)
   void* grad_log_std = nullptr;
   // Flat buffers holding every parameter (the layers and log_std point into `params`), their
@@ -77,13 +92,16 @@ struct ActorCriticSpec {
 };
 
 // Rollout inference for `rows` observations [rows, obs_dim] (row stride ldobs), with noise given by
-// the caller: uniform [rows, A] for the Gumbel-max sample of a categorical, standard normal [rows, D]
-// for a Gaussian. Writes action (int64 [rows] / [rows, D]), log-prob and value [rows], and, when set,
-// the environment's action: int32 [rows], or float32 [rows, D] clipped to [low, high].
+// the caller: uniform [rows, A] for the Gumbel-max sample of each discrete component, standard
+// normal [rows, D] for a Gaussian. Writes action (int64 [rows, K] / [rows, D] in the parameters'
+// type), log-prob and value [rows], and, when set, the environment's action: int32 [rows, K], or
+// float32 [rows, D]: the sample clipped to [low, high], or low + (tanh(u) + 1) (high - low) / 2 for
+// the squashed head (computed in double, then clipped so that rounding stays inside).
 struct ActArgs {
   int64_t rows = 0;
   const void* obs = nullptr; int64_t ldobs = 0;
-  const void* noise = nullptr;  // null: the greedy action (argmax / the mean)
+  const void* noise = nullptr;  // null: the greedy action (argmax among the legal actions / the mean)
+  const uint8_t* mask = nullptr;  // discrete: legal actions, bool [rows, A] contiguous; null: all legal
   void* action = nullptr;
   void* logprob = nullptr;
   void* value = nullptr;
@@ -97,9 +115,10 @@ void actor_critic_act_cpu(const ActorCriticSpec& spec, const ActArgs& args);
 void actor_critic_transpose_cpu(const ActorCriticSpec& spec);
 
 // One minibatch update on rows idx[0..M) of a rollout of B rows (all arrays contiguous over the
-// rollout): obs [B, obs_dim], actions (int64 [B] or [B, D] in the parameters' type), old log-prob,
-// advantages, returns, old values [B], mask (uint8 [B] or null). Loss, options and stats as
-// fastppo.ppo_loss with agg="token-mean".
+// rollout): obs [B, obs_dim], actions (int64 [B, K] or [B, D] in the parameters' type), old log-prob,
+// advantages, returns, old values [B], mask (uint8 [B] or null), action_mask (a discrete head's
+// legal actions, bool [B, A], or null). Loss, options and stats as fastppo.ppo_loss with
+// agg="token-mean".
 struct UpdateArgs : LossOptions {
   int64_t M = 0;
   const int64_t* idx = nullptr;
@@ -110,6 +129,7 @@ struct UpdateArgs : LossOptions {
   const void* returns = nullptr;
   const void* old_values = nullptr;
   const uint8_t* mask = nullptr;
+  const uint8_t* action_mask = nullptr;
   double max_grad_norm = 0.5;  // <= 0: no clip
   AdamStep adam{};
   double* stats = nullptr;     // out [kLossStats + 1]: pg, v, entropy, approx_kl, old_approx_kl, clipfrac, grad norm

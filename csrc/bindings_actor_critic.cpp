@@ -77,7 +77,8 @@ class ActorCriticPlan {
   ActorCriticPlan(const std::string& dtype, const std::string& activation, const std::vector<LayerSpec>& trunk,
                   const std::vector<LayerSpec>& actor, const std::vector<LayerSpec>& critic, bool continuous,
                   std::uintptr_t log_std, std::uintptr_t grad_log_std, std::uintptr_t params, std::uintptr_t grads,
-                  std::uintptr_t exp_avg, std::uintptr_t exp_avg_sq, int64_t n_params) {
+                  std::uintptr_t exp_avg, std::uintptr_t exp_avg_sq, int64_t n_params, bool squashed,
+                  const std::vector<int64_t>& nvec) {
     s_.is_f64 = float_is_f64(dtype);
     s_.trunk = mlp_spec(trunk, activation, false, true);
     s_.actor = mlp_spec(actor, activation, true, false);
@@ -88,6 +89,23 @@ class ActorCriticPlan {
       throw py::value_error("fastppo._C.ActorCriticPlan: actor and critic must take the trunk's (or the observation's) width");
     s_.continuous = continuous;
     s_.n_out = s_.actor.out_dim();
+    if (squashed && !continuous)
+      throw py::value_error("fastppo._C.ActorCriticPlan: squashed is a Gaussian policy's (continuous) option");
+    s_.squashed = squashed;
+    if (continuous && !nvec.empty())
+      throw py::value_error("fastppo._C.ActorCriticPlan: nvec is a discrete policy's; a Gaussian one takes none");
+    // The discrete components' column offsets: one component of all A logits when nvec is empty.
+    offsets_.assign(1, 0);
+    for (int64_t n : nvec) {
+      if (n < 1) throw py::value_error("fastppo._C.ActorCriticPlan: every nvec entry must be >= 1");
+      offsets_.push_back(offsets_.back() + n);
+    }
+    if (nvec.empty()) offsets_.push_back(s_.n_out);
+    if (!continuous && offsets_.back() != s_.n_out)
+      throw py::value_error("fastppo._C.ActorCriticPlan: the actor gives " + std::to_string(s_.n_out) +
+                            " logits but nvec sums to " + std::to_string(offsets_.back()));
+    s_.K = static_cast<int64_t>(offsets_.size()) - 1;
+    s_.offsets = offsets_.data();
     if (continuous && (log_std == 0 || grad_log_std == 0))
       throw py::value_error("fastppo._C.ActorCriticPlan: a Gaussian policy needs log_std and its gradient");
     s_.log_std = ptr(log_std);
@@ -119,12 +137,16 @@ class ActorCriticPlan {
 
   int64_t obs_dim() const { return s_.obs_dim(); }
   int64_t n_out() const { return s_.n_out; }
+  int64_t n_components() const { return s_.K; }
 
   void act(int64_t rows, std::uintptr_t obs, int64_t ldobs, std::uintptr_t noise, std::uintptr_t action,
            std::uintptr_t logprob, std::uintptr_t value, std::uintptr_t env_action, std::uintptr_t low,
-           std::uintptr_t high) {
+           std::uintptr_t high, std::uintptr_t mask) {
     if (rows <= 0) return;
+    if (mask && s_.continuous)
+      throw py::value_error("fastppo._C.ActorCriticPlan.act: a mask selects among a discrete policy's actions");
     ActArgs a;
+    a.mask = ptr<const uint8_t>(mask);
     a.rows = rows;
     a.obs = ptr(obs);
     a.ldobs = ldobs;
@@ -144,9 +166,11 @@ class ActorCriticPlan {
   void bind_rollout(int64_t rows, std::uintptr_t obs, int64_t obs_step, std::uintptr_t noise, int64_t noise_step,
                     std::uintptr_t action, int64_t action_step, std::uintptr_t logprob, int64_t logprob_step,
                     std::uintptr_t value, int64_t value_step, std::uintptr_t env_action, int64_t env_action_step,
-                    std::uintptr_t low, std::uintptr_t high, int64_t T) {
+                    std::uintptr_t low, std::uintptr_t high, int64_t T, std::uintptr_t mask, int64_t mask_step) {
+    if (mask && s_.continuous)
+      throw py::value_error("fastppo._C.ActorCriticPlan.bind_rollout: a mask selects among a discrete policy's actions");
     rollout_ = Rollout{rows, obs, obs_step, noise, noise_step, action, action_step, logprob, logprob_step,
-                       value, value_step, env_action, env_action_step, low, high, T};
+                       value, value_step, env_action, env_action_step, mask, mask_step, low, high, T};
   }
 
   // act() on step t of the bound rollout.
@@ -155,11 +179,13 @@ class ActorCriticPlan {
     if (t < 0 || t >= r.T) throw py::index_error("fastppo._C.ActorCriticPlan.act_step: step out of the bound rollout");
     act(r.rows, r.obs + t * r.obs_step, s_.obs_dim(), r.noise + t * r.noise_step, r.action + t * r.action_step,
         r.logprob + t * r.logprob_step, r.value + t * r.value_step, r.env_action + t * r.env_action_step, r.low,
-        r.high);
+        r.high, r.mask ? r.mask + t * r.mask_step : 0);
   }
 
   void set_batch(std::uintptr_t obs, std::uintptr_t actions, std::uintptr_t old_logprob, std::uintptr_t advantages,
-                 std::uintptr_t returns, std::uintptr_t old_values, std::uintptr_t mask) {
+                 std::uintptr_t returns, std::uintptr_t old_values, std::uintptr_t mask, std::uintptr_t action_mask) {
+    if (action_mask && s_.continuous)
+      throw py::value_error("fastppo._C.ActorCriticPlan.set_batch: an action mask is a discrete policy's");
     u_.obs = ptr(obs);
     u_.actions = ptr(actions);
     u_.old_logprob = ptr(old_logprob);
@@ -167,6 +193,7 @@ class ActorCriticPlan {
     u_.returns = ptr(returns);
     u_.old_values = ptr(old_values);
     u_.mask = ptr<const uint8_t>(mask);
+    u_.action_mask = ptr<const uint8_t>(action_mask);
   }
 
   void set_options(double clip_coef, double vf_coef, double ent_coef, double vf_clip_coef, bool clip_vloss,
@@ -217,6 +244,7 @@ class ActorCriticPlan {
   ActorCriticSpec s_;
   UpdateArgs u_;
   std::vector<double> transposed_;
+  std::vector<int64_t> offsets_;  // s_.offsets
   struct Rollout {
     int64_t rows = 0;
     std::uintptr_t obs = 0; int64_t obs_step = 0;
@@ -225,6 +253,7 @@ class ActorCriticPlan {
     std::uintptr_t logprob = 0; int64_t logprob_step = 0;
     std::uintptr_t value = 0; int64_t value_step = 0;
     std::uintptr_t env_action = 0; int64_t env_action_step = 0;
+    std::uintptr_t mask = 0; int64_t mask_step = 0;
     std::uintptr_t low = 0, high = 0;
     int64_t T = 0;  // 0: nothing bound
   } rollout_;
@@ -243,23 +272,27 @@ void bind_actor_critic(py::module_& m) {
                               "A fused actor-critic on the CPU: rollout inference and PPO minibatch updates.")
       .def(py::init<const std::string&, const std::string&, const std::vector<LayerSpec>&,
                     const std::vector<LayerSpec>&, const std::vector<LayerSpec>&, bool, std::uintptr_t,
-                    std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t>(),
+                    std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t, bool,
+                    const std::vector<int64_t>&>(),
            py::arg("dtype"), py::arg("activation"), py::arg("trunk"), py::arg("actor"), py::arg("critic"),
            py::arg("continuous"), py::arg("log_std"), py::arg("grad_log_std"), py::arg("params"), py::arg("grads"),
-           py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("n_params"))
+           py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("n_params"), py::arg("squashed") = false,
+           py::arg("nvec") = std::vector<int64_t>{})
       .def_property_readonly("obs_dim", &ActorCriticPlan::obs_dim)
       .def_property_readonly("n_out", &ActorCriticPlan::n_out)
+      .def_property_readonly("n_components", &ActorCriticPlan::n_components)
       .def("act", &ActorCriticPlan::act, py::arg("rows"), py::arg("obs"), py::arg("ldobs"), py::arg("noise"),
            py::arg("action"), py::arg("logprob"), py::arg("value"), py::arg("env_action"), py::arg("low"),
-           py::arg("high"))
+           py::arg("high"), py::arg("mask") = 0)
       .def("refresh", &ActorCriticPlan::refresh)
       .def("bind_rollout", &ActorCriticPlan::bind_rollout, py::arg("rows"), py::arg("obs"), py::arg("obs_step"),
            py::arg("noise"), py::arg("noise_step"), py::arg("action"), py::arg("action_step"), py::arg("logprob"),
            py::arg("logprob_step"), py::arg("value"), py::arg("value_step"), py::arg("env_action"),
-           py::arg("env_action_step"), py::arg("low"), py::arg("high"), py::arg("T"))
+           py::arg("env_action_step"), py::arg("low"), py::arg("high"), py::arg("T"), py::arg("mask") = 0,
+           py::arg("mask_step") = 0)
       .def("act_step", &ActorCriticPlan::act_step, py::arg("t"))
       .def("set_batch", &ActorCriticPlan::set_batch, py::arg("obs"), py::arg("actions"), py::arg("old_logprob"),
-           py::arg("advantages"), py::arg("returns"), py::arg("old_values"), py::arg("mask"))
+           py::arg("advantages"), py::arg("returns"), py::arg("old_values"), py::arg("mask"), py::arg("action_mask") = 0)
       .def("set_options", &ActorCriticPlan::set_options, py::arg("clip_coef"), py::arg("vf_coef"), py::arg("ent_coef"),
            py::arg("vf_clip_coef"), py::arg("clip_vloss"), py::arg("norm_adv"), py::arg("max_grad_norm"),
            py::arg("beta1"), py::arg("beta2"), py::arg("eps"))

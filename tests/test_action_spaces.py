@@ -6,6 +6,7 @@ and the flags' errors."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -45,6 +46,30 @@ class UnboundedBox(gym.Env):
 
 
 gym.register(id="UnboundedBox-v0", entry_point=UnboundedBox)  # found by its plain id in this process
+
+
+class StartedSpaces(gym.Env):
+    """Discrete and MultiDiscrete actions that start above 0; an action outside the space is an error."""
+
+    def __init__(self, multi=False):
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self.action_space = (gym.spaces.MultiDiscrete([2, 3], start=[5, -1]) if multi
+                             else gym.spaces.Discrete(3, start=2))
+        self.t = 0
+
+    def reset(self, *, seed=None, options=None):
+        self.t = 0
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        if not self.action_space.contains(np.asarray(action, self.action_space.dtype)):
+            raise ValueError(f"action {action} outside {self.action_space}")
+        self.t += 1
+        return np.zeros(2, np.float32), 0.0, self.t >= 10, False, {}
+
+
+gym.register(id="StartedDiscrete-v0", entry_point=StartedSpaces)
+gym.register(id="StartedMultiDiscrete-v0", entry_point=StartedSpaces, kwargs=dict(multi=True))
 
 
 @pytest.fixture(autouse=True)
@@ -213,15 +238,18 @@ def test_tanh_actions_stay_in_the_bounds_and_reach_them():
 # ------------------------------------------------------------------ masks from the environments
 
 
+@pytest.mark.parametrize("backend", ["torch", "fused"])
 @pytest.mark.parametrize("env_id,source", [("InvalidAction-v0", "method"), ("InvalidActionInfo-v0", "info"),
                                            ("InvalidActionMulti-v0", "method")])
-def test_collector_stores_the_environments_masks_and_samples_only_legal_actions(tmp_path, env_id, source):
+def test_collector_stores_the_environments_masks_and_samples_only_legal_actions(tmp_path, env_id, source, backend):
     args = resolve(args_for(tmp_path, TOY + env_id, num_envs=4, num_steps=50))
     envs = make_env(args, "classic")
     assert action_mask_source(envs) == source
     torch.manual_seed(0)
     agent = make_agent(args, envs.observation_space.shape, envs.action_space, "classic")
-    collector = make_collector(args, envs, agent, "classic", torch.device("cpu"))
+    fused = Learner(agent, "fused").fused if backend == "fused" else None
+    collector = make_collector(args, envs, agent, "classic", torch.device("cpu"), fused)
+    assert type(collector).__name__ == ("SyncFusedCollector" if fused else "SyncTorchCollector")
     collector.start()
     head, n = agent.head, agent.head.n_out
     sizes = list(head.nvec or (n,))
@@ -256,14 +284,13 @@ def test_update_scores_each_action_under_its_mask(tmp_path):
     batch = collector.batch(0.99, 0.95)
     envs.close()
 
-    def first_kl(b):  # one minibatch, one epoch: approx_kl before any step (ratio = new / stored prob)
-        learner = Learner(agent, "torch", lr=0.0, update_epochs=1, num_minibatches=1)
+    def first_kl(b, backend):  # one minibatch, one epoch: approx_kl before any step (ratio = new / stored prob)
+        learner = Learner(copy.deepcopy(agent), backend, lr=0.0, update_epochs=1, num_minibatches=1)
         return learner.update(b)[3]
 
-    assert abs(first_kl(batch)) < 1e-6  # scored under the masks it was sampled with: the same log-probs
-    assert first_kl(batch._replace(action_mask=None)) > 1e-3  # without them the log-probs differ
-    with pytest.raises(ValueError, match="action_mask needs backend='torch'"):
-        Learner(Agent((16,), gym.spaces.Discrete(8), "classic"), "fused").set_batch(batch)
+    for backend in ("torch", "fused"):
+        assert abs(first_kl(batch, backend)) < 1e-6  # scored under the masks it was sampled with: the same log-probs
+        assert first_kl(batch._replace(action_mask=None), backend) > 1e-3  # without them the log-probs differ
 
 
 def test_flags_pick_masks_and_backend():
@@ -274,18 +301,20 @@ def test_flags_pick_masks_and_backend():
     args = T.Args()
     space = gym.spaces.MultiDiscrete([2, 3])
     assert policy_backend(args, "classic", (4,), torch.device("cpu"), None, gym.spaces.Discrete(3)) == "fused"
-    assert policy_backend(args, "classic", (4,), torch.device("cpu"), None, gym.spaces.Discrete(3), masked=True) == "torch"
-    assert policy_backend(args, "classic", (4,), torch.device("cpu"), None, space) == "torch"
+    # every head runs fused on the CPU: masked, MultiDiscrete and tanh-squashed included
+    assert policy_backend(args, "classic", (4,), torch.device("cpu"), None, gym.spaces.Discrete(3), masked=True) == "fused"
+    assert policy_backend(args, "classic", (4,), torch.device("cpu"), None, space, masked=True) == "fused"
     box = gym.spaces.Box(-1.0, 1.0, (2,))
     assert policy_backend(args, "mujoco", (4,), torch.device("cpu"), None, box) == "fused"
-    assert policy_backend(dataclasses.replace(args, squash="tanh"), "mujoco", (4,), torch.device("cpu"), None, box) == "torch"
-    with pytest.raises(ValueError, match="fused backend runs categorical and Gaussian heads; this agent's is multi"):
-        Learner(Agent((4,), space, "classic"), "fused")
-    from fastppo.policy import FusedActorCritic, NotFusable
+    assert policy_backend(dataclasses.replace(args, squash="tanh"), "mujoco", (4,), torch.device("cpu"), None, box) == "fused"
+    assert policy_backend(dataclasses.replace(args, recurrent="gru"), "classic", (4,), torch.device("cpu"), None, space,
+                          masked=True) == "torch"
+    from fastppo.policy import FusedActorCritic
 
-    for agent in (Agent((4,), space, "classic"), Agent((4,), box, "mujoco", squash="tanh")):
-        with pytest.raises(NotFusable, match=f"policy head is {agent.head.kind}"):
-            FusedActorCritic(agent)
+    for agent, kind in ((Agent((4,), space, "classic"), "multi_categorical"),
+                        (Agent((4,), box, "mujoco", squash="tanh"), "tanh_normal")):
+        assert Learner(agent, "fused").fused.kind == kind
+        assert FusedActorCritic(copy.deepcopy(agent)).kind == kind
 
 
 def test_defaults_of_the_mujoco_and_classic_presets_are_unchanged(tmp_path):
@@ -308,12 +337,8 @@ def test_defaults_of_the_mujoco_and_classic_presets_are_unchanged(tmp_path):
     (dict(env_id="CartPole-v1", action_masks="yes"), ["--action-masks must be one of auto, on, off", "'yes'"]),
     (dict(env_id="CartPole-v1", action_masks="on"), ["--action-masks on", "CartPole-v1 gives no action masks"]),
     (dict(env_id=TOY + "BoundedTarget-v0", action_masks="on"), ["--action-masks on", "continuous"]),
-    (dict(env_id=TOY + "InvalidAction-v0", policy_backend="fused"),
-     ["--policy-backend fused", "without action masks", "--action-masks off"]),
-    (dict(env_id=TOY + "InvalidActionMulti-v0", action_masks="off", policy_backend="fused"),
-     ["--policy-backend fused", "MultiDiscrete, nvec [3, 4, 5]"]),
-    (dict(env_id=TOY + "BoundedTarget-v0", squash="tanh", policy_backend="fused"),
-     ["--policy-backend fused", "--squash tanh is set"]),
+    (dict(env_id=TOY + "InvalidAction-v0", policy_backend="fused", recurrent="gru"),
+     ["--policy-backend fused", "--recurrent gru is set"]),
 ])
 def test_bad_flag_combinations_fail_before_any_work(tmp_path, changes, words):
     with pytest.raises(ValueError) as info:
@@ -335,11 +360,13 @@ JIT_LOAD = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:Dep
 QUICK = dict(preset="classic-fast", learning_rate=3e-3, num_envs=8, num_steps=32)
 
 
-def learn_evaluate_and_export(tmp_path, task: str, eval_floor: float) -> None:
-    """Trains on ``task`` with QUICK's settings (the torch backend, a training return above 15 of
-    20), evaluates the run above ``eval_floor`` and exports it to tmp_path/policy.{torchscript,onnx}."""
-    summary = T.train(args_for(tmp_path, TOY + task, total_timesteps=16384, **QUICK))
-    assert summary["policy_backend"] == "torch" and summary["episodic_return"] > 15, summary
+def learn_evaluate_and_export(tmp_path, task: str, eval_floor: float, backend: str) -> None:
+    """Trains on ``task`` with QUICK's settings on ``backend`` (``auto`` resolves to the fused one; a
+    training return above 15 of 20), evaluates the run above ``eval_floor`` and exports it to
+    tmp_path/policy.{torchscript,onnx}."""
+    summary = T.train(args_for(tmp_path, TOY + task, total_timesteps=16384, policy_backend=backend, **QUICK))
+    assert summary["policy_backend"] == ("fused" if backend == "auto" else backend), summary
+    assert summary["episodic_return"] > 15, summary
     run = tmp_path / "run"
     result = evaluate(str(run), episodes=8)
     assert result["mean_return"] > eval_floor, result
@@ -348,10 +375,11 @@ def learn_evaluate_and_export(tmp_path, task: str, eval_floor: float) -> None:
 
 
 @JIT_LOAD
-def test_masked_task_learns_then_evaluates_and_exports_with_masks(tmp_path):
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_masked_task_learns_then_evaluates_and_exports_with_masks(tmp_path, backend):
     ort = pytest.importorskip("onnxruntime")
     # a uniform choice among the 3 legal actions earns 20/3 per 20-step episode; the correct one 20
-    learn_evaluate_and_export(tmp_path, "InvalidAction-v0", eval_floor=18)
+    learn_evaluate_and_export(tmp_path, "InvalidAction-v0", eval_floor=18, backend=backend)
     env = gym.make(TOY + "InvalidAction-v0")
     obs, _ = env.reset(seed=3)
     obs = np.stack([obs] + [env.step(0)[0] for _ in range(15)])
@@ -371,10 +399,11 @@ def test_masked_task_learns_then_evaluates_and_exports_with_masks(tmp_path):
 
 
 @JIT_LOAD
-def test_multidiscrete_task_learns_evaluates_and_exports(tmp_path):
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_multidiscrete_task_learns_evaluates_and_exports(tmp_path, backend):
     ort = pytest.importorskip("onnxruntime")
     # a uniform choice among each component's 2 legal actions earns 10 per episode; the correct one 20
-    learn_evaluate_and_export(tmp_path, "InvalidActionMulti-v0", eval_floor=17)
+    learn_evaluate_and_export(tmp_path, "InvalidActionMulti-v0", eval_floor=17, backend=backend)
     env = gym.make(TOY + "InvalidActionMulti-v0")
     obs = np.stack([env.reset(seed=4)[0]] + [env.step([0, 0, 0])[0] for _ in range(15)])
     legal = env.unwrapped.mask[None].repeat(16, 0)  # any mask of the right width: here the last step's
@@ -387,14 +416,21 @@ def test_multidiscrete_task_learns_evaluates_and_exports(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["off", "auto"])
-def test_masks_off_runs_the_fused_policy_and_the_environment_sees_illegal_actions(tmp_path, mode):
+def test_masks_off_lets_the_environment_see_illegal_actions(tmp_path, mode):
     args = resolve(args_for(tmp_path, TOY + "InvalidAction-v0", total_timesteps=2048, action_masks=mode, **QUICK))
     envs = make_env(args, "classic")
     summary = T.train(args, envs=envs)
-    assert summary["policy_backend"] == ("fused" if mode == "off" else "torch")
+    assert summary["policy_backend"] == "fused"
     assert json.loads((tmp_path / "run" / "config.json").read_text())["action_masks"] == mode
     illegal = sum(env.unwrapped.illegal_actions for env in envs.envs.envs)
     assert (illegal > 100) if mode == "off" else (illegal == 0)  # 5 of 8 actions are illegal at each step
+
+
+@pytest.mark.parametrize("env_id", ["StartedDiscrete-v0", "StartedMultiDiscrete-v0"])
+def test_the_fused_policy_adds_the_spaces_start(tmp_path, env_id):
+    # the environments raise on an action outside their space: the run would fail without the start
+    summary = T.train(args_for(tmp_path, env_id, total_timesteps=512, num_envs=4, num_steps=64, preset="classic-fast"))
+    assert summary["policy_backend"] == "fused" and summary["episodes"] > 0
 
 
 def test_recurrent_policy_takes_the_masks_too(tmp_path):
@@ -409,7 +445,7 @@ def test_bounded_box_actions_stay_inside_the_bounds(tmp_path, squash):
     # BoundedTarget-v0 raises on an action outside [low, high]: the run would fail
     summary = T.train(args_for(tmp_path, TOY + "BoundedTarget-v0", total_timesteps=4096, squash=squash,
                                num_envs=4, num_steps=256, num_minibatches=4, update_epochs=4))
-    assert summary["policy_backend"] == ("torch" if squash == "tanh" else "fused") and summary["episodes"] > 0
+    assert summary["policy_backend"] == "fused" and summary["episodes"] > 0
     run = tmp_path / "run"
     assert np.isfinite(evaluate(str(run), episodes=2)["mean_return"])
     assert cli.main(["export", str(run), "--format", "torchscript", "--out", str(tmp_path / "p.pt")]) == 0

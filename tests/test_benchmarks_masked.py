@@ -88,7 +88,7 @@ def test_tiny_run_writes_report_json_and_plot(tmp_path):
             assert r["steps"] == masked.TINY["total_timesteps"] and r["torch_threads"] == 1, r
             assert 0.0 <= r["eval_return"] <= 100.0 and 0.0 <= r["final_return"] <= 100.0, r
             assert r["curve"] and r["curve"][-1][0] == r["steps"], r["curve"]
-    assert runs["InvalidActionDiscrete-v0", "fastppo"]["backend"] == "torch"  # masks run on the torch backend
+    assert runs["InvalidActionDiscrete-v0", "fastppo"]["backend"] == "fused"  # masks run in the fused step
     assert set(document["ratios"]) == set(masked.TASKS)
     report = (tmp_path / "masked_cpu.md").read_text()
     assert "Tiny run" in report and "## Machine" in report and "Torch threads: fastppo 1, MaskablePPO 1" in report

@@ -141,25 +141,28 @@ class ActorCriticPlan:
     def __init__(
         self, dtype: str, activation: str, trunk: Sequence[_Layer], actor: Sequence[_Layer], critic: Sequence[_Layer],
         continuous: bool, log_std: int, grad_log_std: int, params: int, grads: int, exp_avg: int,
-        exp_avg_sq: int, n_params: int,
+        exp_avg_sq: int, n_params: int, squashed: bool = False, nvec: Sequence[int] = (),
     ) -> None: ...
     @property
     def obs_dim(self) -> int: ...
     @property
     def n_out(self) -> int: ...
+    @property
+    def n_components(self) -> int: ...
     def act(
         self, rows: int, obs: int, ldobs: int, noise: int, action: int, logprob: int, value: int, env_action: int,
-        low: int, high: int,
+        low: int, high: int, mask: int = 0,
     ) -> None: ...
     def refresh(self) -> None: ...
     def bind_rollout(
         self, rows: int, obs: int, obs_step: int, noise: int, noise_step: int, action: int, action_step: int,
         logprob: int, logprob_step: int, value: int, value_step: int, env_action: int, env_action_step: int,
-        low: int, high: int, T: int,
+        low: int, high: int, T: int, mask: int = 0, mask_step: int = 0,
     ) -> None: ...
     def act_step(self, t: int) -> None: ...
     def set_batch(
         self, obs: int, actions: int, old_logprob: int, advantages: int, returns: int, old_values: int, mask: int,
+        action_mask: int = 0,
     ) -> None: ...
     def set_options(
         self, clip_coef: float, vf_coef: float, ent_coef: float, vf_clip_coef: float, clip_vloss: bool,

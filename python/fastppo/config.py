@@ -118,9 +118,9 @@ class Args:
     anneal_clip: FromPreset[bool] = None
     """anneal the surrogate clipping coefficient linearly to 0 like the learning rate (rl-baselines3-zoo's lin_ clip_range; the value clip follows it under --clip-vloss); the torch backend"""
     squash: str = "none"
-    """the Gaussian policy of a Box action space: none (CleanRL's: its sample clipped to the bounds when sent to the environments; every preset's) or tanh (squashed into the bounds, which must be finite: the environments get low + (tanh(u) + 1) * (high - low) / 2 and the log-prob is taken at the stored sample u); tanh runs on the torch backend"""
+    """the Gaussian policy of a Box action space: none (CleanRL's: its sample clipped to the bounds when sent to the environments; every preset's) or tanh (squashed into the bounds, which must be finite: the environments get low + (tanh(u) + 1) * (high - low) / 2 and the log-prob is taken at the stored sample u)"""
     action_masks: str = "auto"
-    """auto, on or off: sample Discrete / MultiDiscrete actions among the legal ones the environments give at each step (info["action_mask"] of reset and step, or the gymnasium environments' action_masks() method), and score them in the update under the same masks; auto: on when the task gives masks; on: an error when it does not; masks run on the torch backend"""
+    """auto, on or off: sample Discrete / MultiDiscrete actions among the legal ones the environments give at each step (info["action_mask"] of reset and step, or the gymnasium environments' action_masks() method), and score them in the update under the same masks; auto: on when the task gives masks; on: an error when it does not"""
 
 
 # What every preset has unless it says otherwise: CleanRL's value and gradient-norm coefficients, a
@@ -365,11 +365,12 @@ def policy_backend(args: Args, family: str, obs_shape=None, device: Optional[tor
                    kernels: Optional[Kernels] = None, action_space=None, masked: bool = False) -> str:
     """The backend ``--policy-backend`` resolves to: ``fused`` runs the MLP actor-critic of the
     classic and MuJoCo presets as one C++ call per rollout step and per minibatch (sync envs, CPU,
-    fastppo's kernels, a Discrete or Box ``action_space`` without ``--squash tanh``, no action
-    masks); everything else (the Atari CNN, a recurrent policy, an annealed clipping coefficient,
-    async envs, a GPU, the eager baseline's kernels, MultiDiscrete actions, a tanh-squashed
-    Gaussian, ``masked`` sampling) runs on ``torch``. Asking for ``fused`` where it cannot run is an
-    error that says why."""
+    fastppo's kernels; every head: Discrete, MultiDiscrete, Box with or without ``--squash tanh``,
+    ``masked`` sampling among legal actions included); everything else (the Atari CNN, a recurrent
+    policy, an annealed clipping coefficient, async envs, a GPU, the eager baseline's kernels) runs
+    on ``torch``. ``action_space`` is checked as the policy takes it; ``masked`` (the environments'
+    masks are on) runs on either backend. Asking for ``fused`` where it cannot run is an error that
+    says why."""
     reasons = []
     if device is None:
         device = train_device(args)
@@ -387,15 +388,7 @@ def policy_backend(args: Args, family: str, obs_shape=None, device: Optional[tor
     if getattr(args, "anneal_clip", None):
         reasons.append("its clipping coefficient is fixed (--anneal-clip is set)")
     if action_space is not None:
-        head = action_head(action_space, getattr(args, "squash", None) or "none")
-        if head.kind == "multi_categorical":
-            reasons.append(f"its heads are categorical and Gaussian, not multi-categorical (the actions are "
-                           f"MultiDiscrete, nvec {list(head.nvec)})")
-        if head.kind == "tanh_normal":
-            reasons.append("its Gaussian head is not squashed (--squash tanh is set)")
-    if masked:
-        reasons.append(f"it samples without action masks (the environments give them and --action-masks is "
-                       f"{getattr(args, 'action_masks', 'auto')}; --action-masks off ignores them)")
+        action_head(action_space, getattr(args, "squash", None) or "none")  # a space no head takes raises here
     if args.policy_backend == "fused" and reasons:
         raise ValueError("--policy-backend fused: " + "; ".join(reasons))
     if args.policy_backend == "torch" or reasons:

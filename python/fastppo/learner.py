@@ -110,10 +110,6 @@ class Learner:
         if backend == "fused" and getattr(agent, "recurrent", False):
             raise ValueError("Learner: the fused backend runs feed-forward MLP policies; a recurrent agent needs "
                              "backend='torch'")
-        head = getattr(agent, "head", None)
-        if backend == "fused" and head is not None and head.kind not in ("categorical", "normal"):
-            raise ValueError(f"Learner: the fused backend runs categorical and Gaussian heads; this agent's is "
-                             f"{head.kind} (backend='torch' runs it)")
         self.agent, self.backend, self.lr, self.max_grad_norm = agent, backend, lr, max_grad_norm
         self.update_epochs, self.num_minibatches, self.target_kl = update_epochs, num_minibatches, target_kl
         self.group, self.ppo_loss, self.clip_coef = group, ppo_loss, clip_coef
@@ -149,10 +145,7 @@ class Learner:
         """The batch that :meth:`minibatch` draws rows from (held by reference until the next one)."""
         self._batch = batch
         if self.fused is not None:
-            if batch.action_mask is not None:
-                raise ValueError("Learner.set_batch: the fused backend samples and scores without action masks; "
-                                 "a batch with action_mask needs backend='torch'")
-            self.fused.set_batch(*batch[:7])
+            self.fused.set_batch(*batch)
 
     def update(self, batch, lr: Optional[float] = None, clip_coef: Optional[float] = None) -> List[float]:
         """``update_epochs`` epochs over ``batch``, each a fresh ``torch.randperm`` cut into

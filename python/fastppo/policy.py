@@ -12,7 +12,9 @@ parameters in place:
   ``trunk``, ``actor_logstd`` for a Gaussian policy) run as one call per rollout step
   (:meth:`~FusedActorCritic.act`: action sampling, log-prob and value) and one call per minibatch
   (:meth:`~FusedActorCritic.update`: ``fastppo.ppo_loss``'s clipped loss, backward into the
-  parameters' gradients, ``clip_grad_norm_`` and Adam as ``torch.optim.Adam`` computes them).
+  parameters' gradients, ``clip_grad_norm_`` and Adam as ``torch.optim.Adam`` computes them). Its
+  heads: categorical and multi-discrete (both optionally under masks of legal actions), diagonal
+  Gaussian and tanh-squashed Gaussian.
 
 The parameters are moved into one flat buffer (each ``nn.Parameter`` becomes a view of it), so the
 module's ``state_dict``, ``load_state_dict`` and ordinary torch forward passes keep working. Build
@@ -174,6 +176,29 @@ class FusedActorCritic:
     ``ppo_continuous_action.py`` and ``fastppo.train.Agent`` for classic control and MuJoCo have
     this shape. Anything else raises :class:`NotFusable` (train it on the torch path).
 
+    The policy head (:attr:`kind`), from ``module.head`` where the module has one
+    (``fastppo.agent.Agent``'s :class:`~fastppo.agent.ActionHead`), else from ``nvec`` and ``squash``:
+
+    - ``categorical``: logits ``[A]``; actions int64 ``[rows]``; environment actions int32 ``[rows]``.
+    - ``multi_categorical`` (``nvec``, the sizes of ``K`` components, summing to ``A``): the
+      components' logits side by side ``[sum(nvec)]``; actions int64 ``[rows, K]`` (each component's
+      index from 0); environment actions int32 ``[rows, K]``; log-prob and entropy summed over the
+      components, as ``fastppo.multi_categorical_logprob_entropy``.
+    - ``normal``: means ``[D]``; actions ``[rows, D]`` in the parameters' dtype, the sample;
+      environment actions float32, the sample clipped to the bounds of :meth:`set_action_bounds`.
+    - ``tanh_normal`` (``squash="tanh"``): means ``[D]`` of the Gaussian before the squash;
+      actions ``[rows, D]``, the pre-squash sample ``u``; environment actions float32 ``low +
+      (tanh(u) + 1) * (high - low) / 2``; log-prob and entropy as
+      ``fastppo.tanh_normal_logprob_entropy(mean, log_std, tanh(u), pre_tanh=u)``.
+
+    The two discrete heads take masks of legal actions, bool ``[rows, A]`` (flat over a
+    multi-discrete head's components, as sb3-contrib's ``action_masks()``): :meth:`act` samples
+    among the legal actions only, and :meth:`set_batch`'s ``action_mask`` makes the update score
+    each action under the mask it was sampled with, as ``fastppo.categorical_logprob_entropy(...,
+    mask=)`` does: the softmax over the legal logits only, gradient exactly 0 at an illegal logit,
+    and a (component of a) row with no legal action has no choice (action 0, log-prob 0, entropy 0,
+    zero gradient). Without a mask nothing of this runs.
+
     The module's parameters are moved into one flat buffer and keep being the module's
     parameters; Adam's moments live here (:meth:`state_dict`). Arguments are those of
     ``torch.optim.Adam`` (``lr``, ``betas``, ``eps``) and of ``fastppo.ppo_loss`` with
@@ -188,7 +213,7 @@ class FusedActorCritic:
     def __init__(self, module: nn.Module, *, lr: float = 3e-4, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-5, max_grad_norm: float = 0.5, clip_coef: float = 0.2, vf_coef: float = 0.5,
                  ent_coef: float = 0.0, clip_vloss: bool = True, vf_clip_coef: Optional[float] = None,
-                 norm_adv: bool = True):
+                 norm_adv: bool = True, nvec: Optional[Sequence[int]] = None, squash: str = "none"):
         trunk = getattr(module, "trunk", None)
         trunk_linears: List[nn.Linear] = []
         activation = None
@@ -205,15 +230,14 @@ class FusedActorCritic:
         self.activation = acts.pop() if acts else "tanh"
         if critic_linears[-1].out_features != 1:
             raise NotFusable(f"the critic must end in 1 output, got {critic_linears[-1].out_features}")
-        head = getattr(module, "head", None)  # fastppo.agent.Agent's: the heads run here are two of its four
-        if head is not None and getattr(head, "kind", None) not in ("categorical", "normal"):
-            raise NotFusable(f"{type(module).__name__}'s policy head is {head.kind}; the fused step runs categorical "
-                             "and (unsquashed) Gaussian heads")
         log_std = getattr(module, "actor_logstd", None)
         self.continuous = isinstance(log_std, Tensor)
         self.n_out = actor_linears[-1].out_features
         if self.continuous and tuple(log_std.shape) not in ((self.n_out,), (1, self.n_out)):
             raise NotFusable(f"actor_logstd must have shape [{self.n_out}] or [1, {self.n_out}], got {list(log_std.shape)}")
+        self.kind, self.nvec = self._head_kind(module, nvec, squash)
+        self.squashed = self.kind == "tanh_normal"
+        self.n_components = len(self.nvec) if self.nvec else 1
         linears = trunk_linears + actor_linears + critic_linears
         dtype = _check_params(linears, type(module).__name__)
         named = [p for l in linears for p in (l.weight, l.bias)] + ([log_std] if self.continuous else [])
@@ -226,6 +250,8 @@ class FusedActorCritic:
         # The dtype names the argument checks ask for: parameters, actions, environment actions.
         self._dtype_name = B.DTYPE_NAMES[dtype]
         self._action_dtype = self._dtype_name if self.continuous else "int64"
+        # A multi-discrete head's column offsets [K + 1] (for the mask checks of set_batch).
+        self._offsets = np.cumsum((0,) + (self.nvec or (self.n_out,))).tolist()
         self._env_action_dtype = "float32" if self.continuous else "int32"
         self.obs_dim = (trunk_linears or actor_linears)[0].in_features
 
@@ -250,7 +276,7 @@ class FusedActorCritic:
             self._dtype_name, self.activation, _layer_specs(trunk_linears, True), _layer_specs(actor_linears, True),
             _layer_specs(critic_linears, True), self.continuous, log_std.data_ptr() if self.continuous else 0,
             log_std.grad.data_ptr() if self.continuous else 0, self.params.data_ptr(), self.grads.data_ptr(),
-            self.exp_avg.data_ptr(), self.exp_avg_sq.data_ptr(), n)
+            self.exp_avg.data_ptr(), self.exp_avg_sq.data_ptr(), n, self.squashed, list(self.nvec or ()))
         for name, value in (("eps", eps), ("clip_coef", clip_coef), ("vf_coef", vf_coef)):
             if not value >= 0:
                 raise ValueError(f"FusedActorCritic: {name} must be >= 0, got {value}")
@@ -260,6 +286,45 @@ class FusedActorCritic:
                                clip_vloss, norm_adv, max_grad_norm, betas[0], betas[1], eps)
         self._batch = None
         self._low = self._high = None
+
+    def _head_kind(self, module: nn.Module, nvec, squash: str) -> Tuple[str, Optional[Tuple[int, ...]]]:
+        """(kind, nvec) of the policy head: ``module.head``'s where it has one, else ``nvec``'s and
+        ``squash``'s; checked against the actor's width and ``actor_logstd``."""
+        if squash not in ("none", "tanh"):
+            raise ValueError(f"FusedActorCritic: squash must be 'none' or 'tanh', got {squash!r}")
+        head = getattr(module, "head", None)  # fastppo.agent.Agent's ActionHead
+        if head is not None:
+            kind = getattr(head, "kind", None)
+            if kind not in ("categorical", "multi_categorical", "normal", "tanh_normal"):
+                raise NotFusable(f"{type(module).__name__}'s policy head is {kind}; the fused step runs categorical, "
+                                 "multi-categorical, Gaussian and tanh-squashed Gaussian heads")
+            if nvec is not None or squash != "none":
+                raise ValueError(f"FusedActorCritic: {type(module).__name__} has a policy head ({kind}); nvec and "
+                                 "squash are for modules without one")
+            nvec = head.nvec if kind == "multi_categorical" else None
+        elif nvec is not None:
+            kind = "multi_categorical"
+        else:
+            kind = ("tanh_normal" if squash == "tanh" else "normal") if self.continuous else "categorical"
+        if kind in ("normal", "tanh_normal") and not self.continuous:
+            raise NotFusable(f"a {kind} head needs actor_logstd (a state-independent log-std [D])")
+        if kind in ("categorical", "multi_categorical") and self.continuous:
+            raise NotFusable(f"a {kind} head has no actor_logstd; {type(module).__name__} has one")
+        if squash == "tanh" and not self.continuous:
+            raise ValueError("FusedActorCritic: squash='tanh' squashes a Gaussian policy (a module with actor_logstd)")
+        if nvec is not None:
+            if (not isinstance(nvec, (list, tuple)) or not nvec
+                    or any(not isinstance(n, numbers.Integral) or n < 1 for n in nvec) or sum(nvec) != self.n_out):
+                raise ValueError(f"FusedActorCritic: nvec must be a list of component sizes >= 1 summing to the actor's "
+                                 f"{self.n_out} outputs, got {nvec!r}")
+            nvec = tuple(int(n) for n in nvec)
+        return kind, nvec
+
+    def _action_shape(self, rows: int) -> Tuple[int, ...]:
+        """One call's actions: ``[rows]``, ``[rows, K]`` or ``[rows, D]``."""
+        if self.continuous:
+            return (rows, self.n_out)
+        return (rows, self.n_components) if self.nvec else (rows,)
 
     @property
     def lr(self) -> float:
@@ -275,21 +340,48 @@ class FusedActorCritic:
     # -------------------------------------------------------------- rollout inference
 
     def set_action_bounds(self, low: np.ndarray, high: np.ndarray) -> None:
-        """Bounds ``[D]`` for the clipped float32 environment actions of a Gaussian policy."""
+        """Bounds ``[D]`` (or scalars) of a Gaussian policy's float32 environment actions: the sample
+        is clipped to them, or (``tanh_normal``) squashed into them, which must then be finite with
+        ``low < high``."""
         self._low = np.ascontiguousarray(np.broadcast_to(low, (self.n_out,)), np.float32)
         self._high = np.ascontiguousarray(np.broadcast_to(high, (self.n_out,)), np.float32)
+        if self.squashed and not (np.isfinite(self._low).all() and np.isfinite(self._high).all()
+                                  and (self._low < self._high).all()):
+            low, high, self._low, self._high = self._low, self._high, None, None
+            raise ValueError(f"set_action_bounds: the tanh-squashed head maps its actions into [low, high], which must "
+                             f"be finite with low < high; got low {low.tolist()}, high {high.tolist()}")
 
-    def act(self, obs, noise=None, *, action=None, logprob=None, value=None, env_action=None):
+    def _action_mask(self, fn: str, name: str, mask, shape: Tuple[int, ...]) -> Tensor:
+        """A discrete head's legal actions ``mask`` (bool, of ``shape``, CPU; numpy or torch) as a
+        C-contiguous bool tensor (``mask`` itself, or its copy)."""
+        if self.continuous:
+            raise ValueError(f"{fn}: {name} selects among a categorical or multi-discrete policy's actions; this "
+                             f"policy's head is {self.kind}")
+        if isinstance(mask, np.ndarray):
+            mask = torch.from_numpy(mask)
+        B.require_array(fn, name, mask, "torch", ("bool",))
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"{fn}: {name} has shape {tuple(mask.shape)}; expected {shape} (one entry per action"
+                             f"{', flat over the components' if self.nvec else ''})")
+        if not mask.is_cpu:
+            raise ValueError(f"{fn}: {name} is on {mask.device}; expected the CPU")
+        return mask if mask.is_contiguous() else mask.contiguous()
+
+    def act(self, obs, noise=None, *, mask=None, action=None, logprob=None, value=None, env_action=None):
         """Samples actions for ``obs [rows, obs_dim]`` (contiguous rows, the parameters' dtype) and
         writes them with their log-probs and the values; no autograd.
 
-        ``noise``: uniform ``[rows, A]`` in [0, 1) (Gumbel-max sampling of the categorical) or
-        standard normal ``[rows, D]`` (``mean + exp(log_std) * noise``), the parameters' dtype;
-        None takes the greedy action (argmax, or the mean). Outputs, allocated when not given:
-        ``action`` (categorical: int64 ``[rows]``; Gaussian: ``[rows, D]`` in the parameters' dtype,
-        the sample before any clipping), ``logprob`` and ``value`` ``[rows]`` in the parameters' dtype;
-        ``env_action`` (optional numpy array): int32 ``[rows]``, or float32 ``[rows, D]`` clipped to
-        the bounds of :meth:`set_action_bounds`. Returns ``(action, logprob, value)``.
+        ``noise``: uniform ``[rows, A]`` in [0, 1) (Gumbel-max sampling of each categorical
+        component) or standard normal ``[rows, D]`` (``mean + exp(log_std) * noise``), the
+        parameters' dtype; None takes the greedy action (argmax among the legal actions, or the
+        mean). ``mask`` (discrete heads): None, or bool ``[rows, A]`` (torch or numpy), the legal
+        actions: only they are sampled and the log-prob is that of the softmax over them; a
+        component without a legal action takes action 0 with log-prob 0. Outputs, allocated when
+        not given: ``action`` (categorical: int64 ``[rows]``; multi-discrete: int64 ``[rows, K]``;
+        Gaussian: ``[rows, D]`` in the parameters' dtype, the sample before any clipping or squash),
+        ``logprob`` and ``value`` ``[rows]`` in the parameters' dtype; ``env_action`` (optional numpy
+        array): int32 ``[rows]`` / ``[rows, K]``, or float32 ``[rows, D]`` in the bounds of
+        :meth:`set_action_bounds` (clipped, or squashed). Returns ``(action, logprob, value)``.
         """
         obs = self._rows(obs, "obs", self.obs_dim)
         rows = obs.shape[0]
@@ -298,12 +390,13 @@ class FusedActorCritic:
             noise = self._rows(noise, "noise", self.n_out).contiguous()  # read as packed rows
             if noise.shape[0] != rows:
                 raise ValueError(f"act: noise has {noise.shape[0]} rows, obs {rows}")
+        if mask is not None:
+            mask = self._action_mask("act", "mask", mask, (rows, self.n_out))
+        action_shape = self._action_shape(rows)
         if action is None:
-            action = torch.empty((rows, self.n_out) if self.continuous else (rows,),
-                                 dtype=self.dtype if self.continuous else torch.int64)
+            action = torch.empty(action_shape, dtype=self.dtype if self.continuous else torch.int64)
         logprob = torch.empty(rows, dtype=self.dtype) if logprob is None else logprob
         value = torch.empty(rows, dtype=self.dtype) if value is None else value
-        action_shape = (rows, self.n_out) if self.continuous else (rows,)
         for name, x, dtype, shape in (("action", action, self._action_dtype, action_shape),
                                       ("logprob", logprob, self._dtype_name, (rows,)),
                                       ("value", value, self._dtype_name, (rows,))):
@@ -313,7 +406,8 @@ class FusedActorCritic:
             if self.continuous and self._low is None:
                 raise ValueError("act: call set_action_bounds before asking for continuous env actions")
         self.act_at(rows, obs.data_ptr(), obs.stride(0), 0 if noise is None else noise.data_ptr(), action.data_ptr(),
-                    logprob.data_ptr(), value.data_ptr(), 0 if env_action is None else env_action.ctypes.data)
+                    logprob.data_ptr(), value.data_ptr(), 0 if env_action is None else env_action.ctypes.data,
+                    0 if mask is None else mask.data_ptr())
         return action, logprob, value
 
     def refresh(self) -> None:
@@ -322,28 +416,31 @@ class FusedActorCritic:
         self._plan.refresh()
 
     def act_at(self, rows: int, obs: int, ldobs: int, noise: int, action: int, logprob: int, value: int,
-               env_action: int = 0) -> None:
+               env_action: int = 0, mask: int = 0) -> None:
         """:meth:`act` on raw addresses (the trainer's per-step call: no checks, no allocation; the
-        weights as of the last :meth:`update` or :meth:`refresh`)."""
+        weights as of the last :meth:`update` or :meth:`refresh`); ``mask``: 0 or the address of the
+        C-contiguous bool ``[rows, A]`` legal actions."""
         low = self._low.ctypes.data if self._low is not None else 0
         high = self._high.ctypes.data if self._high is not None else 0
-        self._plan.act(rows, obs, ldobs, noise, action, logprob, value, env_action, low, high)
+        self._plan.act(rows, obs, ldobs, noise, action, logprob, value, env_action, low, high, mask)
 
     def bind_rollout(self, obs: np.ndarray, noise: Tensor, action: Tensor, logprob: Tensor, value: Tensor,
-                     env_action: np.ndarray):
+                     env_action: np.ndarray, mask=None):
         """Binds rollout storage for per-step inference and returns ``act_step(t)``, which acts on
-        ``obs[t]`` with ``noise[t]`` and writes ``action[t]``, ``logprob[t]``, ``value[t]`` and
-        ``env_action[t]`` (one call with one integer: the trainer's rollout step).
+        ``obs[t]`` with ``noise[t]`` (and ``mask[t]``) and writes ``action[t]``, ``logprob[t]``,
+        ``value[t]`` and ``env_action[t]`` (one call with one integer: the trainer's rollout step).
 
         ``obs`` ``[>= T, N, obs_dim]`` (numpy or tensor) in the parameters' dtype; ``noise``
-        ``[T, N, n_out]``; ``action`` int64 ``[T, N]`` (categorical) or ``[T, N, D]`` in the parameters'
-        dtype (Gaussian); ``logprob``, ``value``
-        ``[T, N]``; ``env_action`` numpy int32 ``[T, N]`` or float32 ``[T, N, D]``; all C-contiguous
-        CPU memory, kept alive by the caller while ``act_step`` is used."""
+        ``[T, N, n_out]``; ``action`` int64 ``[T, N]`` (categorical), int64 ``[T, N, K]``
+        (multi-discrete) or ``[T, N, D]`` in the parameters' dtype (Gaussian); ``logprob``, ``value``
+        ``[T, N]``; ``env_action`` numpy int32 ``[T, N]`` / ``[T, N, K]`` or float32 ``[T, N, D]``;
+        ``mask`` (discrete heads) None or bool ``[T, N, A]`` (numpy or tensor), the legal actions of
+        each step, read when ``act_step(t)`` runs (so the caller writes ``mask[t]`` before); all
+        C-contiguous CPU memory, kept alive by the caller while ``act_step`` is used."""
         T, N = value.shape if isinstance(value, Tensor) and value.dim() == 2 else (-1, -1)
         if T < 0:
             raise ValueError(f"bind_rollout: value must be a [T, N] tensor, got {list(getattr(value, 'shape', []))}")
-        action_shape = (T, N, self.n_out) if self.continuous else (T, N)
+        action_shape = (T, N) + self._action_shape(N)[1:]
         obs_t = torch.from_numpy(obs) if isinstance(obs, np.ndarray) else obs
         checks = [("obs", obs_t, self._dtype_name, None), ("noise", noise, self._dtype_name, (T, N, self.n_out)),
                   ("action", action, self._action_dtype, action_shape),
@@ -355,6 +452,11 @@ class FusedActorCritic:
         B.require_contiguous("bind_rollout", "env_action", env_action, "numpy", (self._env_action_dtype,), action_shape)
         if self.continuous and self._low is None:
             raise ValueError("bind_rollout: call set_action_bounds before asking for continuous env actions")
+        if mask is not None:
+            if self.continuous:
+                self._action_mask("bind_rollout", "mask", mask, ())  # raises: a Gaussian head takes no mask
+            B.require_contiguous("bind_rollout", "mask", torch.from_numpy(mask) if isinstance(mask, np.ndarray) else mask,
+                                 "torch", ("bool",), (T, N, self.n_out))
 
         def row(x) -> Tuple[int, int]:  # (address, bytes per step)
             if isinstance(x, np.ndarray):
@@ -364,8 +466,8 @@ class FusedActorCritic:
         low = self._low.ctypes.data if self._low is not None else 0
         high = self._high.ctypes.data if self._high is not None else 0
         self._plan.bind_rollout(N, *row(obs_t), *row(noise), *row(action), *row(logprob), *row(value),
-                                *row(env_action), low, high, T)
-        self._bound = (obs, noise, action, logprob, value, env_action, self._low, self._high)  # kept alive
+                                *row(env_action), low, high, T, *(row(mask) if mask is not None else (0, 0)))
+        self._bound = (obs, noise, action, logprob, value, env_action, self._low, self._high, mask)  # kept alive
         return self._plan.act_step
 
     def _rows(self, x, name: str, width: int) -> Tensor:
@@ -381,61 +483,95 @@ class FusedActorCritic:
     # -------------------------------------------------------------- minibatch updates
 
     def set_batch(self, obs: Tensor, actions: Tensor, logprobs: Tensor, advantages: Tensor, returns: Tensor,
-                  values: Tensor, mask: Optional[Tensor] = None) -> None:
+                  values: Tensor, mask: Optional[Tensor] = None, action_mask: Optional[Tensor] = None) -> None:
         """The rollout ``[B, ...]`` that :meth:`update` draws minibatches from (held by reference:
         keep the tensors alive and unchanged until the next ``set_batch``). ``obs [B, obs_dim]``,
         ``logprobs``, ``advantages``, ``returns``, ``values`` ``[B]``, all in the parameters' dtype
         and C-contiguous; ``mask`` bool ``[B]`` (False: left out of every mean, as
         ``fastppo.ppo_loss``'s mask).
 
-        ``actions``: a Gaussian head's ``[B, D]`` in the parameters' dtype, C-contiguous; a
-        categorical head's ``[B]`` action indices in ``[0, A)``, int64 C-contiguous (read in place)
-        or any integer or float dtype and strides (CleanRL keeps them in a float32 tensor), which is
-        checked to hold whole numbers in range and copied once into int64 here (so that copy, not
-        ``actions``, is what later updates read)."""
+        ``actions``: a Gaussian head's ``[B, D]`` in the parameters' dtype, C-contiguous (the
+        tanh-squashed head's: the pre-squash samples ``u``); a categorical head's ``[B]`` (a
+        multi-discrete head's ``[B, K]``) action indices in ``[0, A)`` (each component's in ``[0,
+        nvec[k])``), int64 C-contiguous (read in place) or any integer or float dtype and strides
+        (CleanRL keeps them in a float32 tensor), which is checked to hold whole numbers in range
+        and copied once into int64 here (so that copy, not ``actions``, is what later updates read).
+
+        ``action_mask`` (discrete heads): None, or bool ``[B, A]``, the legal actions each row's
+        action was sampled among (C-contiguous is read in place, else copied once): each action is
+        then scored under its mask. A taken action that its mask marks illegal, where an action of
+        its component is legal, is a ``ValueError``."""
         B.require_array("set_batch", "obs", obs, "torch")
         if obs.dim() != 2 or obs.shape[1] != self.obs_dim:
             raise ValueError(f"set_batch: obs must have shape [B, {self.obs_dim}], got {list(obs.shape)}")
         n = obs.shape[0]
         if not self.continuous:
             actions = self._action_indices(actions, n)
+        if action_mask is not None:
+            action_mask = self._action_mask("set_batch", "action_mask", action_mask, (n, self.n_out))
+            if not self.continuous:
+                self._check_legal(actions, action_mask)
         checks = [("obs", obs, self._dtype_name, (n, self.obs_dim)),
-                  ("actions", actions, self._action_dtype, (n, self.n_out) if self.continuous else (n,))]
+                  ("actions", actions, self._action_dtype, self._action_shape(n))]
         checks += [(name, x, self._dtype_name, (n,)) for name, x in (("logprobs", logprobs), ("advantages", advantages),
                                                                     ("returns", returns), ("values", values))]
         if mask is not None:
             checks.append(("mask", mask, "bool", (n,)))
         for name, x, dtype, shape in checks:
             B.require_contiguous("set_batch", name, x, "torch", (dtype,), shape)
-        self._batch = (obs, actions, logprobs, advantages, returns, values, mask)
+        self._batch = (obs, actions, logprobs, advantages, returns, values, mask, action_mask)
         self._batch_size = n
         self._plan.set_batch(obs.data_ptr(), actions.data_ptr(), logprobs.data_ptr(), advantages.data_ptr(),
-                             returns.data_ptr(), values.data_ptr(), 0 if mask is None else mask.data_ptr())
+                             returns.data_ptr(), values.data_ptr(), 0 if mask is None else mask.data_ptr(),
+                             0 if action_mask is None else action_mask.data_ptr())
 
     def _action_indices(self, actions, n: int) -> Tensor:
-        """A categorical head's ``actions [n]`` as the int64 C-contiguous indices in ``[0, A)`` that
+        """A discrete head's ``actions`` ``[n]`` (``[n, K]``) as the int64 C-contiguous indices that
         the compiled update reads (unchecked there): ``actions`` itself when it is one, else a copy."""
         B.require_array("set_batch", "actions", actions, "torch", _CATEGORICAL_ACTION_DTYPES,
                         "int64 (or another integer or a float dtype holding action indices)")
-        if actions.shape != (n,):
-            raise ValueError(f"set_batch: actions has shape {tuple(actions.shape)}; expected {(n,)}")
+        shape = self._action_shape(n)
+        if tuple(actions.shape) != shape:
+            raise ValueError(f"set_batch: actions has shape {tuple(actions.shape)}; expected {shape}")
         if not actions.is_cpu:
             raise ValueError(f"set_batch: actions is on {actions.device}; expected the CPU")
         if actions.dtype != torch.int64 or not actions.is_contiguous():
-            indices = torch.empty(n, dtype=torch.int64).copy_(actions)  # floats are truncated: checked below
+            indices = torch.empty(shape, dtype=torch.int64).copy_(actions)  # floats are truncated: checked below
             if actions.is_floating_point():
-                inexact = indices.to(actions.dtype) != actions  # fractions, NaN, infinities, out of int64
+                inexact = (indices.to(actions.dtype) != actions).reshape(n, -1)  # fractions, NaN, inf, out of int64
                 if bool(inexact.any()):
                     row = int(inexact.nonzero()[0, 0])
-                    raise ValueError(f"set_batch: actions must hold whole action indices, got {actions[row].item()} "
+                    raise ValueError(f"set_batch: actions must hold whole action indices, got {actions[row].tolist()} "
                                      f"at row {row} ({actions.dtype})")
             actions = indices
         if n:
-            low, high = (int(v) for v in torch.aminmax(actions))
-            if low < 0 or high >= self.n_out:
-                raise ValueError(f"set_batch: actions must be action indices in [0, {self.n_out}), got values "
-                                 f"from {low} to {high}")
+            sizes = self.nvec or (self.n_out,)
+            for k, size in enumerate(sizes):
+                column = actions if not self.nvec else actions[:, k]
+                low, high = (int(v) for v in torch.aminmax(column))
+                if low < 0 or high >= size:
+                    where = f" (component {k} of nvec {list(sizes)})" if self.nvec else ""
+                    raise ValueError(f"set_batch: actions must be action indices in [0, {size}){where}, got values "
+                                     f"from {low} to {high}")
         return actions
+
+    def _check_legal(self, actions: Tensor, action_mask: Tensor) -> None:
+        """Every taken action must be legal under ``action_mask`` where an action of its component is."""
+        n, K = actions.shape[0], self.n_components
+        if n == 0:
+            return
+        columns = actions.reshape(n, K) + torch.tensor(self._offsets[:-1], dtype=torch.int64)
+        taken = action_mask.gather(1, columns)
+        offsets = self._offsets
+        has_legal = torch.stack([action_mask[:, offsets[k]:offsets[k + 1]].any(1) for k in range(K)], 1)
+        bad = has_legal & ~taken
+        if bool(bad.any()):
+            row, k = (int(v) for v in bad.nonzero()[0])
+            what = f"component {k}'s action {int(actions.reshape(n, K)[row, k])}" if self.nvec else \
+                f"action {int(actions[row])}"
+            raise ValueError(f"set_batch: actions holds at row {row} {what}, which action_mask marks illegal (and "
+                             f"{int(bad.sum()) - 1} more such); expected a legal action (action_mask True) wherever "
+                             "one is legal")
 
     def update(self, idx, lr: Optional[float] = None, stats: Optional[np.ndarray] = None) -> np.ndarray:
         """One minibatch update on rows ``idx`` (``[M]``) of the batch: forward, heads, the clipped

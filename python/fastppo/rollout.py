@@ -15,7 +15,7 @@ environments, takes their first observations (:meth:`~Collector.start`), or brin
 checkpoint (:meth:`~Collector.resume`), and says what a checkpoint keeps of them (:meth:`~Collector.state`).
 
 With action masks (Discrete / MultiDiscrete actions whose environments say which are legal), the
-sync torch collectors keep the legal actions each step was sampled among, bool ``[T, N, A]``
+sync collectors keep the legal actions each step was sampled among, bool ``[T, N, A]``
 (``A``: ``n`` or ``sum(nvec)``), the mask that came with the step's observation (from the reset,
 or the step before), and hand them to the update with the rest of the rollout.
 
@@ -279,13 +279,17 @@ class _SyncCollector(Collector):
 class SyncFusedCollector(_SyncCollector):
     """Sync environments and the fused actor-critic ``fused`` (:class:`fastppo.policy.FusedActorCritic`
     over ``agent``): a step is one call into the policy and one into the boundary, both writing
-    into the storage bound to them."""
+    into the storage bound to them. With a ``mask_source`` the policy reads each step's legal
+    actions from ``action_masks[t]``, written just before."""
 
-    def __init__(self, envs, boundary, agent, fused, family, num_steps, device, log_actions=False):
-        super().__init__(envs, boundary, agent, family, num_steps, device, log_actions)
+    def __init__(self, envs, boundary, agent, fused, family, num_steps, device, log_actions=False, mask_source=None):
+        super().__init__(envs, boundary, agent, family, num_steps, device, log_actions, mask_source)
         self.fused = fused
         if self.continuous:
             fused.set_action_bounds(envs.action_space.low, envs.action_space.high)
+        # the first action of each discrete component, added to what the policy writes (int32, from 0)
+        start = self.head.start if not self.continuous else None
+        self.start_offset = np.asarray(start, np.int32).reshape(self.action_shape) if start and any(start) else None
         boundary.bind_rollout(self.obs, self.reward, self.done, self.terminated, self.real)
 
     def collect(self, timing):
@@ -294,15 +298,24 @@ class SyncFusedCollector(_SyncCollector):
         # which writes the action, log-prob and value into the rollout and the env's action beside them.
         noise = (torch.randn if self.continuous else torch.rand)((self.T, self.N, self.fused.n_out))
         env_actions = self._new_env_actions()
-        act_step = self.fused.bind_rollout(self.obs, noise, self.actions, self.logprobs, self.values, env_actions)
+        masks = self.action_masks
+        act_step = self.fused.bind_rollout(self.obs, noise, self.actions, self.logprobs, self.values, env_actions,
+                                           masks)
         env_step, step_at, perf_counter = self.envs.step, self.boundary.step_at, time.perf_counter
+        start = self.start_offset
         raw_obs = self.raw_obs
         for step in range(self.T):
             t0 = perf_counter()
+            if masks is not None:
+                masks[step] = self.next_mask
             act_step(step)
+            if start is not None:
+                env_actions[step] += start
             t1 = perf_counter()
             raw_obs, reward, term, trunc, info = env_step(env_actions[step])
             step_at(step, raw_obs, reward, term, trunc)
+            if masks is not None:
+                self._read_mask(info)
             timing["env"] += perf_counter() - t1
             timing["inference"] += t1 - t0
         self.raw_obs = raw_obs
@@ -467,10 +480,9 @@ def make_collector(args, envs, agent, family: str, device: torch.device, fused=N
     head = getattr(agent, "head", None) or action_head(envs.action_space)
     if not action_masks_on(getattr(args, "action_masks", None) or "auto", head, source, args.env_id):
         source = None
-    if source is not None and (args.async_batch_size is not None or fused is not None):
-        raise ValueError("action masks are read by the sync torch collectors: "
-                         + ("--async-batch-size is set" if fused is None else "--policy-backend fused samples without them")
-                         + " (--action-masks off ignores them)")
+    if source is not None and args.async_batch_size is not None:
+        raise ValueError("action masks are read by the sync collectors: --async-batch-size is set (--action-masks off "
+                         "ignores them)")
     normalize_obs, normalize_reward = normalization(args, family)
     boundary = EnvStepBoundary(args.num_envs, envs.observation_space.shape, normalize_obs=normalize_obs,
                                normalize_reward=normalize_reward, gamma=args.gamma)
@@ -481,7 +493,8 @@ def make_collector(args, envs, agent, family: str, device: torch.device, fused=N
     if getattr(agent, "recurrent", False):
         return SyncRecurrentCollector(envs, boundary, agent, family, args.num_steps, device, args.resume_replay, source)
     if fused is not None:
-        return SyncFusedCollector(envs, boundary, agent, fused, family, args.num_steps, device, args.resume_replay)
+        return SyncFusedCollector(envs, boundary, agent, fused, family, args.num_steps, device, args.resume_replay,
+                                  source)
     return SyncTorchCollector(envs, boundary, agent, family, args.num_steps, device, args.resume_replay, source)
 
 
