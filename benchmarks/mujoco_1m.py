@@ -6,9 +6,9 @@ against CleanRL's and rl-baselines3-zoo's published 1M-step returns.
     python -m benchmarks.mujoco_1m --report                      # table and plot from the stored runs
 
 The configurations (``CONFIGS``): ``mujoco`` (the preset of CleanRL's ppo_continuous_action.py
-settings), ``mujoco-zoo`` (rl-baselines3-zoo's tuned settings of each task, one environment) and
-``mujoco-zoo-2env`` (the same batch per update from two environments of half the steps each, stepped
-on two EnvPool threads). Each run is stored as ``benchmarks/results/mujoco_1m/<config>/<env>__seed<k>.json``
+settings), ``mujoco-zoo`` (rl-baselines3-zoo's tuned settings of each task, one environment), and
+``mujoco-2env`` / ``mujoco-zoo-2env``: the same batch per update from two environments of half the
+steps each, stepped on two EnvPool threads. Each run is stored as ``benchmarks/results/mujoco_1m/<config>/<env>__seed<k>.json``
 (learning curve, steps per second, the final return = mean of the last 10 training episodes, the
 evaluation return of the saved policy: ``fastppo eval``'s 10 episodes with the normalization
 statistics frozen, the load average around the run), so runs can be made one at a time, each on an
@@ -42,19 +42,22 @@ ZOO_1M = {"HalfCheetah-v5": (5819.1, 663.5), "Hopper-v5": (2410.4, 10.0), "Walke
 SEEDS = (1, 2, 3)
 
 
-def _two_envs(env_id: str) -> dict:
-    """mujoco-zoo's batch per update from two environments of half the steps each."""
-    from fastppo.config import preset_values
+def _two_envs(preset: str):
+    """The preset's batch per update from twice its environments, each of half the steps."""
+    def changes(env_id: str) -> dict:
+        from fastppo.config import preset_values
 
-    zoo = preset_values("mujoco-zoo", env_id)
-    return dict(num_envs=2 * zoo["num_envs"], num_steps=zoo["num_steps"] // 2)
+        values = preset_values(preset, env_id)
+        return dict(num_envs=2 * values["num_envs"], num_steps=values["num_steps"] // 2)
+    return changes
 
 
 # Each configuration: its preset and what it changes for a task.
 CONFIGS = {
     "mujoco": ("mujoco", lambda env_id: {}),
+    "mujoco-2env": ("mujoco", _two_envs("mujoco")),
     "mujoco-zoo": ("mujoco-zoo", lambda env_id: {}),
-    "mujoco-zoo-2env": ("mujoco-zoo", _two_envs),
+    "mujoco-zoo-2env": ("mujoco-zoo", _two_envs("mujoco-zoo")),
 }
 
 
@@ -140,8 +143,8 @@ def report(runs: list) -> str:
              f"fastppo {fastppo.__version__}; each run's date, build and load average are in its JSON file.",
              "- Configurations: `mujoco` (CleanRL's ppo_continuous_action.py: 1 env x 2048 steps, 32 minibatches, 10 "
              "epochs, lr 3e-4 annealed, clip 0.2, value clipping, tanh 64-64 MLPs, orthogonal init); `mujoco-zoo` "
-             "(rl-baselines3-zoo's tuned settings of each task: `fastppo.config.MUJOCO_ZOO_TASKS`); `mujoco-zoo-2env` "
-             "(the same 512-step batch per update from 2 environments of 256 steps, stepped on 2 threads). All: "
+             "(rl-baselines3-zoo's tuned settings of each task: `fastppo.config.MUJOCO_ZOO_TASKS`); `...-2env`: "
+             "the same batch per update from 2 environments of half the steps, stepped on 2 threads. All: "
              "observation and reward normalization, state-independent log-std, fused policy backend.",
              "- Final return: mean of the last 10 training episodes of a seed; table: mean +- std over seeds "
              "(per seed in brackets). Evaluation: the saved policy's mean action, normalization statistics frozen, "

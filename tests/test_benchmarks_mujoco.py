@@ -20,9 +20,11 @@ from benchmarks import mujoco_1m as M  # noqa: E402
 from fastppo.config import Args, resolve  # noqa: E402
 
 
-def test_two_env_config_keeps_the_zoo_batch_per_update():
+@pytest.mark.parametrize("config", ["mujoco-2env", "mujoco-zoo-2env"])
+def test_two_env_configs_keep_the_batch_per_update(config):
     for env_id in M.CLEANRL_1M:
-        preset, changes = M.CONFIGS["mujoco-zoo-2env"]
+        preset, changes = M.CONFIGS[config]
+        assert M.CONFIGS[preset][0] == preset  # the one-environment configuration it halves
         two = resolve(Args(env_id=env_id, preset=preset, **changes(env_id)))
         one = resolve(Args(env_id=env_id, preset=preset))
         assert (two.num_envs, two.num_steps) == (2, one.num_steps // 2)
