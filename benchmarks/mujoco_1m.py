@@ -127,6 +127,26 @@ def time_cleanrl(script: Path, python: str, env_id: str, steps: int) -> dict:
                 date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
 
 
+def time_fastppo(config: str, env_id: str, steps: int) -> dict:
+    """One short run of ``config`` on ``env_id`` (seed 1, ``steps`` steps) for its steps/s, the same
+    measure as CleanRL's timing: training time over the steps (setup excluded)."""
+    from fastppo import train as T
+
+    preset, changes = CONFIGS[config]
+    with tempfile.TemporaryDirectory() as root:
+        args = T.Args(env_id=env_id, seed=1, total_timesteps=steps, preset=preset, device="cpu", run_dir=root,
+                      run_name="run", log_every=10**9, checkpoint_every=10**9, **changes(env_id))
+        summary = T.train(args)
+    return dict(config=config, env_id=env_id, steps=summary["global_step"], seconds=summary["seconds"],
+                sps=summary["global_step"] / summary["seconds"], load=os.getloadavg(),
+                date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
+
+
+def load_timings(name: str) -> dict:
+    path = RUNS / name
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def load_cleanrl_timings() -> dict:
     path = RUNS / "cleanrl_timing.json"
     return json.loads(path.read_text()) if path.exists() else {}
@@ -168,6 +188,24 @@ def report(runs: list) -> str:
             lines.append(f"| {env_id} | {config} | {len(rs)} | {m:.1f} +- {s:.1f} ({per_seed}) | {em:.1f} +- {es:.1f} | "
                          f"{zoo[0]:.0f} +- {zoo[1]:.0f} | {ref} | {statistics.median(r['sps'] for r in rs):.0f} | "
                          f"{statistics.median(r['seconds'] for r in rs):.0f} | {load} |")
+    ours = load_timings("fastppo_timing.json")
+    if timings and ours:
+        lines += ["", "## Wall time for 1M steps, from short runs timed in one sitting", "",
+                  "Each configuration and CleanRL's script run the same number of steps of each task, one after the "
+                  "other on the otherwise idle machine (`--time-fastppo`, `--time-cleanrl`); 1M steps at that rate, "
+                  "and CleanRL's time over it.", "",
+                  "| task | " + " | ".join(f"{c} (steps/s, 1M s, x CleanRL)" for c in CONFIGS) + " | CleanRL (steps/s, 1M s) |",
+                  "|---|" + "---:|" * (len(CONFIGS) + 1)]
+        for env_id in CLEANRL_1M:
+            t = timings.get(env_id)
+            if t is None:
+                continue
+            cells = []
+            for config in CONFIGS:
+                o = ours.get(f"{config} {env_id}")
+                cells.append("not run" if o is None else
+                             f"{o['sps']:.0f}, {1e6 / o['sps']:.0f} s, {o['sps'] / t['sps_printed']:.1f}x")
+            lines.append(f"| {env_id} | " + " | ".join(cells) + f" | {t['sps_printed']}, {t['seconds_1m_estimate']:.0f} s |")
     if timings:
         lines += ["", "## CleanRL's own script, timed here", "",
                   "`ppo_continuous_action.py` (its settings, `--no-cuda`, torch's default threads), run by "
@@ -210,8 +248,20 @@ def main(argv=None) -> int:
     parser.add_argument("--time-cleanrl", type=Path, metavar="SCRIPT",
                         help="time CleanRL's ppo_continuous_action.py (this path) on each task instead")
     parser.add_argument("--cleanrl-python", default=sys.executable, help="the python that runs CleanRL's script")
-    parser.add_argument("--cleanrl-steps", type=int, default=100_000, help="steps of each CleanRL timing run")
+    parser.add_argument("--cleanrl-steps", type=int, default=100_000, help="steps of each timing run (both sides)")
+    parser.add_argument("--time-fastppo", action="store_true",
+                        help="time each configuration on each task for --cleanrl-steps steps instead")
     args = parser.parse_args(argv)
+    if args.time_fastppo:
+        timings = load_timings("fastppo_timing.json")
+        for env_id in ([args.env_id] if args.env_id else list(CLEANRL_1M)):
+            for config in CONFIGS:
+                print(f"fastppo {config} {env_id} ...", file=sys.stderr, flush=True)
+                timings[f"{config} {env_id}"] = time_fastppo(config, env_id, args.cleanrl_steps)
+                print(json.dumps(timings[f"{config} {env_id}"]), flush=True)
+                RUNS.mkdir(parents=True, exist_ok=True)
+                (RUNS / "fastppo_timing.json").write_text(json.dumps(timings, indent=1))
+        return 0
     if args.time_cleanrl:
         timings = load_cleanrl_timings()
         for env_id in ([args.env_id] if args.env_id else list(CLEANRL_1M)):

@@ -44,7 +44,12 @@ def test_a_short_run_is_stored_and_reported(tmp_path, monkeypatch):
     (tmp_path / "cleanrl_timing.json").write_text(json.dumps({"Hopper-v5": dict(
         env_id="Hopper-v4", steps=2048, seconds=3.0, sps_printed=900, sps_wall=682.0, seconds_1m_estimate=1111.1,
         load=[0.1, 0.2, 0.3], date="d")}))
+    t = M.time_fastppo("mujoco-zoo-2env", "Hopper-v5", 1024)
+    assert t["steps"] == 1024 and t["sps"] > 0
+    (tmp_path / "fastppo_timing.json").write_text(json.dumps({"mujoco-zoo-2env Hopper-v5": dict(t, sps=2700.0)}))
     text = M.report(M.load_runs())
+    timing_row = next(line for line in text.splitlines() if line.startswith("| Hopper-v5 | not run"))
+    assert "2700, 370 s, 3.0x" in timing_row and timing_row.endswith("| 900, 1111 s |")
     row = next(line for line in text.splitlines() if line.startswith("| Hopper-v5 | mujoco-zoo | 1 |"))
     assert "2410 +- 10" in row and "2382.9" in row
     assert "| Hopper-v4 | 2048 | 3 | 900 | 1111 | 0.1 |" in text
