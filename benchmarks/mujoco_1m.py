@@ -6,9 +6,10 @@ against CleanRL's and rl-baselines3-zoo's published 1M-step returns.
     python -m benchmarks.mujoco_1m --report                      # table and plot from the stored runs
 
 The configurations (``CONFIGS``): ``mujoco`` (the preset of CleanRL's ppo_continuous_action.py
-settings), ``mujoco-zoo`` (rl-baselines3-zoo's tuned settings of each task, one environment), and
-``mujoco-2env`` / ``mujoco-zoo-2env``: the same batch per update from two environments of half the
-steps each, stepped on two EnvPool threads. Each run is stored as ``benchmarks/results/mujoco_1m/<config>/<env>__seed<k>.json``
+settings), ``mujoco-fast`` (the preset of the same settings with the batch from two environments
+of half the steps each, stepped on two EnvPool threads), ``mujoco-zoo`` (rl-baselines3-zoo's tuned
+settings of each task, one environment) and ``mujoco-zoo-2env`` (those with two environments of half
+the steps). Each run is stored as ``benchmarks/results/mujoco_1m/<config>/<env>__seed<k>.json``
 (learning curve, steps per second, the final return = mean of the last 10 training episodes, the
 evaluation return of the saved policy: ``fastppo eval``'s 10 episodes with the normalization
 statistics frozen, the load average around the run), so runs can be made one at a time, each on an
@@ -55,7 +56,7 @@ def _two_envs(preset: str):
 # Each configuration: its preset and what it changes for a task.
 CONFIGS = {
     "mujoco": ("mujoco", lambda env_id: {}),
-    "mujoco-2env": ("mujoco", _two_envs("mujoco")),
+    "mujoco-fast": ("mujoco-fast", lambda env_id: {}),
     "mujoco-zoo": ("mujoco-zoo", lambda env_id: {}),
     "mujoco-zoo-2env": ("mujoco-zoo", _two_envs("mujoco-zoo")),
 }
@@ -163,8 +164,10 @@ def report(runs: list) -> str:
              f"fastppo {fastppo.__version__}; each run's date, build and load average are in its JSON file.",
              "- Configurations: `mujoco` (CleanRL's ppo_continuous_action.py: 1 env x 2048 steps, 32 minibatches, 10 "
              "epochs, lr 3e-4 annealed, clip 0.2, value clipping, tanh 64-64 MLPs, orthogonal init); `mujoco-zoo` "
-             "(rl-baselines3-zoo's tuned settings of each task: `fastppo.config.MUJOCO_ZOO_TASKS`); `...-2env`: "
-             "the same batch per update from 2 environments of half the steps, stepped on 2 threads. All: "
+             "(rl-baselines3-zoo's tuned settings of each task: `fastppo.config.MUJOCO_ZOO_TASKS`); `mujoco-fast` and "
+             "`mujoco-zoo-2env`: the same batch per update from 2 environments of half the steps, stepped on 2 threads "
+             "(the `mujoco-fast` runs were made as `--preset mujoco --num-envs 2 --num-steps 1024`, the same "
+             "settings, before the preset had its name). All: "
              "observation and reward normalization, state-independent log-std, fused policy backend.",
              "- Final return: mean of the last 10 training episodes of a seed; table: mean +- std over seeds "
              "(per seed in brackets). Evaluation: the saved policy's mean action, normalization statistics frozen, "

@@ -20,13 +20,13 @@ from benchmarks import mujoco_1m as M  # noqa: E402
 from fastppo.config import Args, resolve  # noqa: E402
 
 
-@pytest.mark.parametrize("config", ["mujoco-2env", "mujoco-zoo-2env"])
-def test_two_env_configs_keep_the_batch_per_update(config):
+@pytest.mark.parametrize("config,base", [("mujoco-fast", "mujoco"), ("mujoco-zoo-2env", "mujoco-zoo")])
+def test_two_env_configs_keep_the_batch_per_update(config, base):
     for env_id in M.CLEANRL_1M:
         preset, changes = M.CONFIGS[config]
-        assert M.CONFIGS[preset][0] == preset  # the one-environment configuration it halves
+        assert M.CONFIGS[base][0] == base  # the one-environment configuration it halves
         two = resolve(Args(env_id=env_id, preset=preset, **changes(env_id)))
-        one = resolve(Args(env_id=env_id, preset=preset))
+        one = resolve(Args(env_id=env_id, preset=base))
         assert (two.num_envs, two.num_steps) == (2, one.num_steps // 2)
         assert two.num_envs * two.num_steps == one.num_envs * one.num_steps
         assert (two.num_minibatches, two.update_epochs, two.learning_rate) == (one.num_minibatches, one.update_epochs,

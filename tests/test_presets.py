@@ -5,6 +5,7 @@ backends, old settings without them resolving to CleanRL's policy, and bad value
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -22,7 +23,7 @@ pytest.importorskip("envpool")
 
 from fastppo import train as T  # noqa: E402
 from fastppo.agent import Agent, MlpShape  # noqa: E402
-from fastppo.config import MUJOCO_ZOO_TASKS, PRESETS, Args, preset_values, resolve  # noqa: E402
+from fastppo.config import MUJOCO_AUTO_PRESETS, MUJOCO_ZOO_TASKS, PRESETS, Args, preset_values, resolve  # noqa: E402
 from fastppo.policy import FusedActorCritic  # noqa: E402
 from fastppo.runs import saved_args  # noqa: E402
 
@@ -72,8 +73,28 @@ def test_zoo_task_table_and_defaults():
     assert (a.learning_rate, a.hidden_sizes, a.vf_coef, a.gamma) == (1e-4, (32,), 0.25, 0.999)
 
 
+def test_auto_picks_each_mujoco_tasks_best_preset():
+    # the table's choices (benchmarks/results/mujoco_1m.md); a task without a measured entry gets CleanRL's
+    expected = {"HalfCheetah-v5": "mujoco-zoo", "Hopper-v5": "mujoco", "Walker2d-v5": "mujoco-fast",
+                "Ant-v5": "mujoco", "CartPole-v1": "classic-fast", "CartPoleNoVel-v1": "classic-lstm",
+                "Acrobot-v1": "classic", "Pong-v5": "atari"}
+    for env_id, preset in expected.items():
+        assert resolve(Args(env_id=env_id)).preset == preset, env_id
+    assert set(MUJOCO_AUTO_PRESETS.values()) <= set(PRESETS)
+
+
+def test_mujoco_fast_is_mujocos_batch_from_two_environments():
+    fast, cleanrl = (resolve(Args(env_id="Walker2d-v5", preset=p)) for p in ("mujoco-fast", "mujoco"))
+    assert (fast.num_envs, fast.num_steps, cleanrl.num_envs, cleanrl.num_steps) == (2, 1024, 1, 2048)
+    differ = {f.name for f in dataclasses.fields(Args) if getattr(fast, f.name) != getattr(cleanrl, f.name)}
+    assert differ == {"preset", "num_envs", "num_steps"}
+    # the flags still win over it
+    assert resolve(Args(env_id="Walker2d-v5", preset="mujoco-fast", num_envs=4)).num_envs == 4
+
+
 def test_other_presets_keep_cleanrl_policy_and_coefficients():
-    for env_id, preset in (("HalfCheetah-v5", "auto"), ("CartPole-v1", "classic"), ("CartPole-v1", "auto")):
+    for env_id, preset in (("Hopper-v5", "auto"), ("HalfCheetah-v5", "mujoco"), ("CartPole-v1", "classic"),
+                           ("CartPole-v1", "auto")):
         a = resolve(Args(env_id=env_id, preset=preset))
         assert (a.hidden_sizes, a.activation, a.log_std_init, a.ortho_init) == ((64, 64), "tanh", 0.0, True)
         assert (a.vf_coef, a.max_grad_norm, a.anneal_lr) == (0.5, 0.5, True)
@@ -165,7 +186,7 @@ def test_shape_flags_reach_the_saved_run_and_its_policy(tmp_path):
 
 
 def test_settings_saved_before_the_shape_options_resolve_to_cleanrl_policy():
-    old = dict(Args(env_id="HalfCheetah-v5").__dict__)
+    old = dict(Args(env_id="HalfCheetah-v5", preset="mujoco").__dict__)  # a saved run's preset is resolved
     for name in ("hidden_sizes", "activation", "log_std_init", "ortho_init", "vf_coef", "max_grad_norm", "anneal_lr"):
         old.pop(name)
     args = saved_args(old, Path("config.json"))

@@ -38,7 +38,7 @@ def run(tmp_path, **changes):
 )
 def test_each_preset_builds_and_runs(tmp_path, env_id, steps, preset):
     summary = run(tmp_path, env_id=env_id, total_timesteps=steps, preset=preset)
-    expected = {"CartPole-v1": "classic-fast", "Acrobot-v1": "classic", "HalfCheetah-v5": "mujoco", "Pong-v5": "atari"}
+    expected = {"CartPole-v1": "classic-fast", "Acrobot-v1": "classic", "HalfCheetah-v5": "mujoco-zoo", "Pong-v5": "atari"}
     preset = expected[env_id] if preset == "auto" else preset
     assert summary["global_step"] >= steps // 2
     run_dir = tmp_path / "run"

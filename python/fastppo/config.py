@@ -17,8 +17,8 @@ import tyro
 from fastppo.agent import ACTION_MASKS, SQUASH, ActionHead, Kernels, MlpShape, action_head
 from fastppo.envs import env_family, probe_actions
 
-__all__ = ["Args", "FAST_PRESET_TASKS", "LSTM_PRESET_TASKS", "MUJOCO_ZOO_TASKS", "PRESETS", "RECURRENT", "action_masks_on",
-           "policy_backend", "preset_values", "rank_share", "recurrent_cell", "resolve", "train_device"]
+__all__ = ["Args", "FAST_PRESET_TASKS", "LSTM_PRESET_TASKS", "MUJOCO_AUTO_PRESETS", "MUJOCO_ZOO_TASKS", "PRESETS",
+           "RECURRENT", "action_masks_on", "auto_preset", "policy_backend", "preset_values", "rank_share", "recurrent_cell", "resolve", "train_device"]
 
 _T = TypeVar("_T")
 # --recurrent's choices: a feed-forward policy, or the RNN cell of a recurrent one.
@@ -32,7 +32,7 @@ class Args:
     env_id: str = "CartPole-v1"
     """the EnvPool task id (CartPole-v1, Pong-v5, HalfCheetah-v5, ...); other gymnasium ids run on gymnasium's vector env, and MODULE:ID imports MODULE (which registers ID) first, e.g. my_pkg.envs:MyEnv-v0"""
     preset: str = "auto"
-    """hyperparameter preset: classic (CleanRL's ppo.py), classic-fast (least wall time to solve CartPole), classic-lstm (rl-baselines3-zoo's RecurrentPPO CartPoleNoVel-v1 settings), atari, mujoco (CleanRL's ppo_continuous_action.py), mujoco-zoo (rl-baselines3-zoo's tuned PPO settings of each MuJoCo task), or auto (classic-fast for CartPole, classic-lstm for CartPoleNoVel-v1, else chosen from the env family)"""
+    """hyperparameter preset: classic (CleanRL's ppo.py), classic-fast (least wall time to solve CartPole), classic-lstm (rl-baselines3-zoo's RecurrentPPO CartPoleNoVel-v1 settings), atari, mujoco (CleanRL's ppo_continuous_action.py), mujoco-fast (mujoco's batch from 2 environments stepped on 2 threads), mujoco-zoo (rl-baselines3-zoo's tuned PPO settings of each MuJoCo task), or auto (classic-fast for CartPole, classic-lstm for CartPoleNoVel-v1, for MuJoCo tasks the preset with the best 1M-step return (mujoco-zoo for HalfCheetah, mujoco-fast for Walker2d, else mujoco), else the env family's)"""
     total_timesteps: FromPreset[int] = None
     """total environment steps"""
     learning_rate: FromPreset[float] = None
@@ -159,6 +159,12 @@ PRESETS = {
     "mujoco": dict(total_timesteps=1_000_000, learning_rate=3e-4, num_envs=1, num_steps=2048,
                    num_minibatches=32, update_epochs=10, clip_coef=0.2, ent_coef=0.0, gamma=0.99, gae_lambda=0.95, clip_vloss=True,
                    **_PLAIN),
+    # CleanRL's settings with the 2048-step rollout from 2 environments of 1024 steps, which EnvPool steps on
+    # two threads: the same batch, minibatches and epochs per update, the physics on two cores (1M steps in
+    # 0.6x mujoco's wall time here, returns as high or higher: benchmarks/results/mujoco_1m.md).
+    "mujoco-fast": dict(total_timesteps=1_000_000, learning_rate=3e-4, num_envs=2, num_steps=1024,
+                        num_minibatches=32, update_epochs=10, clip_coef=0.2, ent_coef=0.0, gamma=0.99, gae_lambda=0.95,
+                        clip_vloss=True, **_PLAIN),
     # rl-baselines3-zoo's PPO for MuJoCo tasks (hyperparams/ppo.yml): its "mujoco-defaults" here, which are
     # Stable-Baselines3's PPO defaults (2048 steps, minibatches of 64, 10 epochs, lr 3e-4 constant, clip 0.2,
     # no value clipping, vf_coef 0.5 of SB3's (V - R)^2, i.e. 1.0 here, 64-64 tanh MLPs) with VecNormalize
@@ -215,6 +221,26 @@ def preset_values(preset: str, env_id: str) -> dict:
     return values
 
 
+# --preset auto for MuJoCo tasks: the preset with the best mean return at 1M steps over 3 seeds
+# (benchmarks/results/mujoco_1m.md), by task name without its version; MUJOCO_AUTO_DEFAULT for the others.
+# (Final return, mean of the last 10 training episodes, over seeds 1-3: HalfCheetah-v5 mujoco-zoo 5243,
+# mujoco 2490, mujoco-fast 1730; Hopper-v5 mujoco 2450, mujoco-fast 2361, mujoco-zoo 460; Walker2d-v5
+# mujoco-fast 4022, mujoco 3756, mujoco-zoo 2455.)
+MUJOCO_AUTO_PRESETS = {"HalfCheetah": "mujoco-zoo", "Hopper": "mujoco", "Walker2d": "mujoco-fast"}
+MUJOCO_AUTO_DEFAULT = "mujoco"
+
+
+def auto_preset(env_id: str, family: str) -> str:
+    """What ``--preset auto`` picks for ``env_id`` of ``family`` (classic, atari or mujoco)."""
+    if env_id in FAST_PRESET_TASKS:
+        return "classic-fast"  # the preset that solves CartPole in the least wall time
+    if env_id in LSTM_PRESET_TASKS:
+        return "classic-lstm"
+    if family == "mujoco":
+        return MUJOCO_AUTO_PRESETS.get(env_id.split(":")[-1].split("-v")[0], MUJOCO_AUTO_DEFAULT)
+    return family
+
+
 # Tasks whose --preset auto is classic-fast (the settings it takes were tuned for them).
 FAST_PRESET_TASKS = ("CartPole-v0", "CartPole-v1")
 # Tasks whose --preset auto is classic-lstm (the task its settings were tuned for).
@@ -225,9 +251,8 @@ def resolve(args: Args) -> Args:
     """Fills the preset's values into the fields left at None and checks every value."""
     family = env_family(args.env_id)
     preset = args.preset
-    if preset == "auto":  # CartPole: the preset that solves it in the least wall time; else CleanRL's
-        preset = ("classic-fast" if args.env_id in FAST_PRESET_TASKS else
-                  "classic-lstm" if args.env_id in LSTM_PRESET_TASKS else family)
+    if preset == "auto":
+        preset = auto_preset(args.env_id, family)
     if preset not in PRESETS:
         raise ValueError(f"--preset must be one of auto, {', '.join(PRESETS)}; got {args.preset!r}")
     if recurrent_cell(args) is not None or (args.recurrent is None and PRESETS[preset]["recurrent"] != "none"):
