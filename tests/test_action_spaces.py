@@ -25,7 +25,7 @@ from fastppo import cli  # noqa: E402
 from fastppo import train as T  # noqa: E402
 from fastppo.agent import ActionHead, Agent, Kernels, action_head, sample_and_score  # noqa: E402
 from fastppo.config import action_masks_on, policy_backend, resolve  # noqa: E402
-from fastppo.envs import action_mask_source, env_family, make_env, probe_actions  # noqa: E402
+from fastppo.envs import action_mask_source, env_family, flat_mask, make_env, probe_actions  # noqa: E402
 from fastppo.evaluate import evaluate  # noqa: E402
 from fastppo.learner import Learner  # noqa: E402
 from fastppo.recurrent import make_agent  # noqa: E402
@@ -291,6 +291,18 @@ def test_update_scores_each_action_under_its_mask(tmp_path):
     for backend in ("torch", "fused"):
         assert abs(first_kl(batch, backend)) < 1e-6  # scored under the masks it was sampled with: the same log-probs
         assert first_kl(batch._replace(action_mask=None), backend) > 1e-3  # without them the log-probs differ
+
+
+def test_action_masks_of_every_shape_lay_out_flat():
+    # a flat list of flags (sb3-contrib's Discrete task), an array, per-component lists of equal and of
+    # different lengths (a MultiDiscrete task's), arrays per component: side by side in component order
+    cases = [([True, False, True], [1, 0, 1]), (np.array([0, 1], bool), [0, 1]),
+             ([[True, False], [False, True]], [1, 0, 0, 1]), ([[True, False], [False, True, True]], [1, 0, 0, 1, 1]),
+             ((np.array([1, 0], bool), np.array([0, 1, 0], bool)), [1, 0, 0, 1, 0]),
+             (np.array([[1, 0, 1], [0, 1, 1]], bool), [1, 0, 1, 0, 1, 1])]
+    for mask, want in cases:
+        got = flat_mask(mask)
+        assert got.ndim == 1 and got.astype(bool).tolist() == [bool(w) for w in want], (mask, got)
 
 
 def test_flags_pick_masks_and_backend():

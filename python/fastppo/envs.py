@@ -156,12 +156,19 @@ class GymnasiumVecEnv:
     def action_masks(self) -> np.ndarray:
         """Each environment's ``action_masks()``: ``[num_envs, A]`` (a MultiDiscrete's per-component
         masks laid side by side)."""
-        masks = self.envs.call("action_masks")
-        return np.stack([np.concatenate([np.ravel(p) for p in m]) if isinstance(m, (list, tuple)) else np.ravel(m)
-                         for m in masks])
+        return np.stack([flat_mask(m) for m in self.envs.call("action_masks")])
 
     def close(self):
         self.envs.close()
+
+
+def flat_mask(mask) -> np.ndarray:
+    """One environment's ``action_masks()`` as a flat array: an array or a list of flags as it is, a
+    MultiDiscrete's per-component masks (arrays or lists, of any lengths) laid side by side."""
+    try:
+        return np.asarray(mask).ravel()  # one conversion: a list of 70 flags is not 70 arrays
+    except ValueError:  # per-component masks of different lengths
+        return np.concatenate([np.ravel(part) for part in mask])
 
 
 class ObservationSubset:
