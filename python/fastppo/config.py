@@ -18,7 +18,8 @@ from fastppo.agent import ACTION_MASKS, SQUASH, ActionHead, Kernels, MlpShape, a
 from fastppo.envs import env_family, probe_actions
 
 __all__ = ["Args", "FAST_PRESET_TASKS", "LSTM_PRESET_TASKS", "MUJOCO_AUTO_PRESETS", "MUJOCO_ZOO_TASKS", "PRESETS",
-           "RECURRENT", "action_masks_on", "auto_preset", "policy_backend", "preset_values", "rank_share", "recurrent_cell", "resolve", "train_device"]
+           "RECURRENT", "action_masks_on", "auto_preset", "policy_backend", "preset_values", "rank_share",
+           "recurrent_cell", "resolve", "train_device"]
 
 _T = TypeVar("_T")
 # --recurrent's choices: a feed-forward policy, or the RNN cell of a recurrent one.
@@ -160,8 +161,9 @@ PRESETS = {
                    num_minibatches=32, update_epochs=10, clip_coef=0.2, ent_coef=0.0, gamma=0.99, gae_lambda=0.95, clip_vloss=True,
                    **_PLAIN),
     # CleanRL's settings with the 2048-step rollout from 2 environments of 1024 steps, which EnvPool steps on
-    # two threads: the same batch, minibatches and epochs per update, the physics on two cores (1M steps in
-    # 0.6x mujoco's wall time here, returns as high or higher: benchmarks/results/mujoco_1m.md).
+    # two threads: the same batch, minibatches and epochs per update, the physics on two cores (1.5-1.7x
+    # mujoco's steps/s here; at 1M steps the return is higher on Walker2d, about the same on Hopper and
+    # lower on HalfCheetah: benchmarks/results/mujoco_1m.md).
     "mujoco-fast": dict(total_timesteps=1_000_000, learning_rate=3e-4, num_envs=2, num_steps=1024,
                         num_minibatches=32, update_epochs=10, clip_coef=0.2, ent_coef=0.0, gamma=0.99, gae_lambda=0.95,
                         clip_vloss=True, **_PLAIN),
