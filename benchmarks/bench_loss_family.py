@@ -174,8 +174,7 @@ def main(argv=None):
         ("- Allocator: glibc keeps freed memory (`mallopt`: buffers up to 32 MiB from the heap, no trim), so "
          "every call reuses warm pages; with glibc's defaults (`--glibc-default-malloc`) a fresh 4 MiB output "
          "buffer is sometimes mapped and faulted in page by page, which depends on what earlier calls freed, "
-         "not on the option, and on this 2-core VM moved whole medians (one row 3.8x its reference, 1.15x "
-         "with the memory kept)." if kept else
+         "not on the option, and can move whole medians." if kept else
          "- Allocator: glibc's defaults (`--glibc-default-malloc`): a freed 4 MiB buffer may be unmapped and "
          "the next call's output faulted in page by page, which depends on what earlier calls freed, not on "
          "the option; calls over 3x the median are those."),

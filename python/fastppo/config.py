@@ -214,12 +214,17 @@ MUJOCO_ZOO_TASKS = {
 }
 
 
+def _task_name(env_id: str) -> str:
+    """The MuJoCo task a preset table is keyed by: the id without its module or version (``Hopper``)."""
+    return env_id.split(":")[-1].split("-v")[0]
+
+
 def preset_values(preset: str, env_id: str) -> dict:
     """The settings ``preset`` gives ``env_id``: the preset's, and for ``mujoco-zoo`` the task's tuned
     ones over them (a task it has none for keeps rl-baselines3-zoo's MuJoCo defaults)."""
     values = dict(PRESETS[preset])
     if preset == "mujoco-zoo":
-        values.update(MUJOCO_ZOO_TASKS.get(env_id.split(":")[-1].split("-v")[0], {}))
+        values.update(MUJOCO_ZOO_TASKS.get(_task_name(env_id), {}))
     return values
 
 
@@ -239,7 +244,7 @@ def auto_preset(env_id: str, family: str) -> str:
     if env_id in LSTM_PRESET_TASKS:
         return "classic-lstm"
     if family == "mujoco":
-        return MUJOCO_AUTO_PRESETS.get(env_id.split(":")[-1].split("-v")[0], MUJOCO_AUTO_DEFAULT)
+        return MUJOCO_AUTO_PRESETS.get(_task_name(env_id), MUJOCO_AUTO_DEFAULT)
     return family
 
 
