@@ -90,4 +90,5 @@ PYBIND11_MODULE(_C, m) {
   fastppo::bind::bind_rlhf(m);
   fastppo::bind::bind_env_step(m);
   fastppo::bind::bind_actor_critic(m);
+  fastppo::bind::bind_rnn(m);
 }

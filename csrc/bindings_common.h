@@ -135,5 +135,6 @@ void bind_heads(py::module_& m);
 void bind_rlhf(py::module_& m);
 void bind_env_step(py::module_& m);
 void bind_actor_critic(py::module_& m);
+void bind_rnn(py::module_& m);
 
 }  // namespace fastppo::bind

@@ -22,6 +22,7 @@
 #include "lowp.h"
 #include "ppo_loss.h"
 #include "rlhf.h"
+#include "rnn.h"
 
 namespace fastppo {
 
@@ -154,6 +155,9 @@ void actor_critic_transpose_cpu(const ActorCriticSpec& spec) { FASTPPO_DISPATCH_
 void actor_critic_update_cpu(const ActorCriticSpec& spec, const UpdateArgs& args) {
   FASTPPO_DISPATCH_V(actor_critic_update, spec, args);
 }
+
+void lstm_forward_cpu(const LstmArgs& args) { FASTPPO_DISPATCH(lstm_forward, args); }
+void lstm_backward_cpu(const LstmArgs& args) { FASTPPO_DISPATCH(lstm_backward, args); }
 
 int64_t categorical_check_actions_cpu(const CategoricalArgs& args) {
   for (int64_t r = 0; r < args.rows; ++r)

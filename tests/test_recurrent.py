@@ -25,7 +25,8 @@ from fastppo import train as T  # noqa: E402
 from fastppo.checkpoint import CheckpointError  # noqa: E402
 from fastppo.evaluate import evaluate  # noqa: E402
 from fastppo.learner import Batch, Learner, SequenceBatch  # noqa: E402
-from fastppo.recurrent import RecurrentAgent, plan_segments, run_segments  # noqa: E402
+from fastppo.agent import Kernels  # noqa: E402
+from fastppo.recurrent import RecurrentAgent, lstm_sequence, plan_segments, run_segments  # noqa: E402
 
 F64 = torch.float64
 
@@ -35,7 +36,8 @@ F64 = torch.float64
 
 def lstm_cell(rnn, x, h, c):
     """One step of torch's LSTM equations, written out: gates i, f, g, o in that order."""
-    gates = x @ rnn.weight_ih_l0.T + rnn.bias_ih_l0 + h @ rnn.weight_hh_l0.T + rnn.bias_hh_l0
+    bias = rnn.bias_ih_l0 + rnn.bias_hh_l0 if rnn.bias else 0.0
+    gates = x @ rnn.weight_ih_l0.T + h @ rnn.weight_hh_l0.T + bias
     i, f, g, o = gates.chunk(4, dim=-1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     return torch.sigmoid(o) * torch.tanh(c), c
@@ -151,6 +153,116 @@ def test_bad_sequence_inputs_are_clear_errors():
         RecurrentAgent((2,), gym.spaces.Discrete(2), "classic", cell="rnn")
     with pytest.raises(ValueError, match="RecurrentAgent: hidden_size must be an integer >= 1, got 0"):
         RecurrentAgent((2,), gym.spaces.Discrete(2), "classic", hidden_size=0)
+
+
+# ------------------------------------------------------------------ the C++ LSTM over time
+
+
+def reference_lstm(rnn, x, starts, state):
+    """reference_steps for an LSTM, also returning the state after the last step (h_n, c_n)."""
+    T_, n = starts.shape
+    h, c = state
+    outs = []
+    for t in range(T_):
+        keep = (~starts[t]).to(x.dtype)[:, None]
+        h, c = lstm_cell(rnn, x[t], h * keep, c * keep)
+        outs.append(h)
+    return torch.stack(outs), (h, c)
+
+
+@pytest.mark.parametrize("T_,n,F_,H", [(1, 1, 1, 1), (1, 5, 3, 4), (97, 1, 3, 4), (97, 5, 3, 4), (7, 3, 20, 5),
+                                       (33, 8, 2, 64)])
+@pytest.mark.parametrize("pattern", ["mixed", "none", "all", "edges"])
+def test_lstm_sequence_equals_the_float64_reference(T_, n, F_, H, pattern):
+    """Values and gradients (x, h0, c0, every parameter; through out, h_n and c_n) of the C++ LSTM
+    equal the written-out equations stepped in float64, resets at t = 0, t = T-1, every step or none;
+    F = 20 takes the blocked products for d x and d W_ih, the others the narrow ones."""
+    torch.manual_seed(5)
+    rnn = torch.nn.LSTM(F_, H).to(F64)
+    x = torch.randn(T_, n, F_, dtype=F64, requires_grad=True)
+    state = tuple(torch.randn(n, H, dtype=F64, requires_grad=True) for _ in range(2))
+    starts = starts_pattern(T_, n, pattern)
+    out, (h_n, c_n) = lstm_sequence(rnn, x, starts, state)
+    ref, (ref_h, ref_c) = reference_lstm(rnn, x, starts, state)
+    for a, b in ((out, ref), (h_n, ref_h), (c_n, ref_c)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    w = [torch.randn_like(t) for t in (ref, ref_h, ref_c)]
+    params = [x, *state, *rnn.parameters()]
+    grads = torch.autograd.grad((out * w[0]).sum() + (h_n * w[1]).sum() + (c_n * w[2]).sum(), params)
+    grads_ref = torch.autograd.grad((ref * w[0]).sum() + (ref_h * w[1]).sum() + (ref_c * w[2]).sum(), params)
+    for name, g, g_ref in zip(["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh"], grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12, msg=name)
+    if pattern == "all":  # the state before step 0 is reset away: no gradient reaches it
+        assert not grads[1].any() and not grads[2].any()
+
+
+def test_lstm_sequence_float32_views_no_bias_and_no_grad():
+    torch.manual_seed(6)
+    T_, n, F_, H = 11, 3, 4, 6
+    rnn = torch.nn.LSTM(F_, H, bias=False)
+    base = torch.randn(n, T_, F_)
+    x = base.transpose(0, 1)  # [T, n, F], not contiguous
+    starts = starts_pattern(T_, n, "mixed")
+    rnn64 = copy.deepcopy(rnn).to(F64)
+    ref, _ = reference_lstm(rnn64, x.to(F64), starts, (torch.zeros(n, H, dtype=F64),) * 2)
+    with torch.no_grad():  # the inference path (the rollout's): nothing kept for a backward
+        out, _ = lstm_sequence(rnn, x, starts)
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-6)
+    out_grad, _ = lstm_sequence(rnn, x, starts)
+    torch.testing.assert_close(out_grad, out, rtol=0, atol=0)
+    grads = torch.autograd.grad(out_grad.square().sum(), list(rnn.parameters()))
+    grads_ref = torch.autograd.grad(ref.square().sum(), list(rnn64.parameters()))
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_lstm_sequence_bad_inputs_are_clear_errors():
+    rnn = torch.nn.LSTM(3, 4)
+    x = torch.zeros(5, 2, 3)
+    with pytest.raises(ValueError, match="lstm_sequence: rnn must be a one-layer unidirectional nn.LSTM"):
+        lstm_sequence(torch.nn.GRU(3, 4), x)
+    with pytest.raises(ValueError, match="lstm_sequence: rnn must be a one-layer unidirectional nn.LSTM"):
+        lstm_sequence(torch.nn.LSTM(3, 4, num_layers=2), x)
+    with pytest.raises(ValueError, match=r"lstm_sequence: x must be a CPU tensor of shape \[T, n, 3\] with T, n >= 1, "
+                                         r"got shape \[5, 2, 4\]"):
+        lstm_sequence(rnn, torch.zeros(5, 2, 4))
+    with pytest.raises(ValueError, match="lstm_sequence: x must be a CPU tensor of shape"):
+        lstm_sequence(rnn, torch.zeros(0, 2, 3))
+    with pytest.raises((TypeError, ValueError), match="x"):
+        lstm_sequence(rnn, x.double())
+    with pytest.raises((TypeError, ValueError), match="starts"):
+        lstm_sequence(rnn, x, torch.zeros(5, 2))
+    with pytest.raises(ValueError, match=r"lstm_sequence: starts must be a CPU bool tensor of shape \[T, n\] = "
+                                         r"\[5, 2\], got shape \[2, 5\]"):
+        lstm_sequence(rnn, x, torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"lstm_sequence: c0 must be a CPU tensor of shape \[n, H\] = \[2, 4\], "
+                                         r"got shape \[2, 5\]"):
+        lstm_sequence(rnn, x, None, (torch.zeros(2, 4), torch.zeros(2, 5)))
+    with pytest.raises(ValueError, match="lstm_sequence: state must be None or a pair"):
+        lstm_sequence(rnn, x, None, torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("shared,continuous", [(False, False), (True, True)])
+def test_agent_fused_lstm_equals_torchs_lstm(shared, continuous):
+    """The agent's rollout step and sequence pass through the C++ LSTM equal torch's nn.LSTM over
+    the segments (Kernels(fused_lstm=False)), values and gradients, in float64."""
+    fused = _agent("lstm", shared, continuous)
+    plain = copy.deepcopy(fused)
+    plain.kernels = Kernels(fused_lstm=False)
+    T_, n = 13, 4
+    obs = torch.randn(T_, n, 3, dtype=F64)
+    starts = starts_pattern(T_, n, "mixed", seed=2)
+    state = torch.randn(fused.state_size, n, 5, dtype=F64)
+    actions = torch.randn(T_, n, 2, dtype=F64) if continuous else torch.randint(0, 3, (T_, n))
+    results = []
+    for agent in (fused, plain):
+        lp, ent, v = agent.evaluate_sequences(obs, actions, plan_segments(starts), state)
+        grads = torch.autograd.grad(lp.sum() + 0.3 * ent.sum() + 0.7 * v.sum(), list(agent.parameters()))
+        with torch.no_grad():
+            out, value, new_state = agent.step(obs[0], state, starts[0])
+        results.append((lp, ent, v, out, value, new_state, *grads))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def _agent(cell, shared, continuous, dtype=F64):

@@ -214,6 +214,10 @@ class Kernels:
     multi_categorical_logprob_entropy: Callable = fastppo.multi_categorical_logprob_entropy
     multi_categorical_sample: Callable = fastppo.multi_categorical_sample
     tanh_normal_logprob_entropy: Callable = fastppo.tanh_normal_logprob_entropy
+    fused_lstm: bool = True
+    """a recurrent policy's LSTM on the CPU (float32/float64) as fastppo's C++ LSTM over time
+    (:func:`fastppo.recurrent.lstm_sequence`: the rollout step and the update's sequence pass, the
+    state reset at episode starts inside the call); off, torch's ``nn.LSTM`` over the segments"""
     channels_last: bool = True
     """the Atari CNN's weights in channels-last layout (oneDNN's fast convolutions: 1.3-1.5x on its
     forward and backward here); the eager baseline keeps CleanRL's default layout"""

