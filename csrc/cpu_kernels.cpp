@@ -53,7 +53,9 @@ FASTPPO_TARGET_PUSH_AVX512
 namespace avx512 {
 FASTPPO_ISA_GUARD_AVX512
 constexpr int kGemmRows = 8;
+#define FASTPPO_AVX512_COPY 1  // the loops' hand-written AVX-512 parts (see ppo_loss_cpu_loops.inc)
 #include "cpu_kernels.inc"
+#undef FASTPPO_AVX512_COPY
 }  // namespace avx512
 FASTPPO_TARGET_POP
 #endif
