@@ -13,6 +13,7 @@
 
 #include "fastppo_math.h"
 #include "ppo_loss.h"
+#include "rnn.h"
 
 namespace fastppo {
 
@@ -67,9 +68,29 @@ void mlp_backward_cpu(const MlpSpec& spec, bool is_f64, int64_t rows, const void
 // The Gaussian's action is its sample; a squashed one's is the sample u before the squash, its
 // log-prob the Gaussian's at u minus sum log(1 - tanh(u)^2) (tanh_log_det), its entropy the
 // Gaussian's and its gradients the Gaussian's (the log-det is data), as heads.h's squashed head.
+// An LSTM of a recurrent actor-critic: torch.nn.LSTM's parameters (rnn.h's layout, in the flat
+// buffer) and where their gradients go.
+struct LstmLayer {
+  const void* w_ih = nullptr;
+  const void* w_hh = nullptr;
+  const void* b_ih = nullptr;  // null: no bias
+  const void* b_hh = nullptr;
+  void* grad_w_ih = nullptr;
+  void* grad_w_hh = nullptr;
+  void* grad_b_ih = nullptr;
+  void* grad_b_hh = nullptr;
+  int64_t F = 0, H = 0;
+};
+
 struct ActorCriticSpec {
   bool is_f64 = false;
   MlpSpec trunk, actor, critic;
+  // A recurrent actor-critic (no trunk): the observations go through an LSTM over the minibatch's
+  // steps (rnn.h) and the actor and the critic read its output: n_rnn 2, each its own LSTM (rnn[0]
+  // the actor's, rnn[1] the critic's); 1, one LSTM read by both. Only update() runs it; the rollout's
+  // steps are the caller's (fastppo.recurrent).
+  int n_rnn = 0;
+  LstmLayer rnn[2];
   bool continuous = false;
   bool squashed = false;            // continuous: the tanh-squashed Gaussian
   int64_t n_out = 0;                // A or D
@@ -88,7 +109,7 @@ struct ActorCriticSpec {
   // inference multiplies by it, and update refreshes it after its Adam step.
   bool wt_current = false;
 
-  int64_t obs_dim() const { return trunk.n > 0 ? trunk.in_dim() : actor.in_dim(); }
+  int64_t obs_dim() const { return n_rnn > 0 ? rnn[0].F : trunk.n > 0 ? trunk.in_dim() : actor.in_dim(); }
 };
 
 // Rollout inference for `rows` observations [rows, obs_dim] (row stride ldobs), with noise given by
@@ -138,6 +159,13 @@ struct UpdateArgs : LossOptions {
   const double* group = nullptr;
   double group_size = 1.0;
   bool apply_step = true;
+  // A recurrent spec's rollout: T steps of N environments, row t * N + e. A minibatch is whole
+  // environments: idx[t * n + j] (M = T * n) is step t of its j-th environment, in time-major order.
+  // starts: uint8 [B], reset the state to zeros before the row; state: [2 * n_rnn, N, H], the h and
+  // c of each LSTM when the rollout began.
+  int64_t T = 0, N = 0;
+  const uint8_t* starts = nullptr;
+  const void* state = nullptr;
 };
 
 void actor_critic_update_cpu(const ActorCriticSpec& spec, const UpdateArgs& args);

@@ -13,6 +13,9 @@ namespace {
 
 // (weight, bias, grad_weight, grad_bias, in, out); a grad address of 0 means "not needed".
 using LayerSpec = std::tuple<std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t, int64_t>;
+// An LSTM: (w_ih, w_hh, b_ih, b_hh, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, F, H); biases 0 for none.
+using LstmSpec = std::tuple<std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t,
+                            std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t, int64_t>;
 
 template <typename T = void>
 T* ptr(std::uintptr_t address) {
@@ -78,13 +81,30 @@ class ActorCriticPlan {
                   const std::vector<LayerSpec>& actor, const std::vector<LayerSpec>& critic, bool continuous,
                   std::uintptr_t log_std, std::uintptr_t grad_log_std, std::uintptr_t params, std::uintptr_t grads,
                   std::uintptr_t exp_avg, std::uintptr_t exp_avg_sq, int64_t n_params, bool squashed,
-                  const std::vector<int64_t>& nvec) {
+                  const std::vector<int64_t>& nvec, const std::vector<LstmSpec>& rnn) {
     s_.is_f64 = float_is_f64(dtype);
     s_.trunk = mlp_spec(trunk, activation, false, true);
     s_.actor = mlp_spec(actor, activation, true, false);
     s_.critic = mlp_spec(critic, activation, true, false);
     if (s_.critic.out_dim() != 1) throw py::value_error("fastppo._C.ActorCriticPlan: the critic must end in 1 output");
-    const int64_t features = s_.trunk.n > 0 ? s_.trunk.out_dim() : s_.actor.in_dim();
+    if (rnn.size() > 2) throw py::value_error("fastppo._C.ActorCriticPlan: at most 2 LSTMs (the actor's, the critic's)");
+    if (!rnn.empty() && s_.trunk.n > 0)
+      throw py::value_error("fastppo._C.ActorCriticPlan: a recurrent actor-critic has no trunk");
+    s_.n_rnn = static_cast<int>(rnn.size());
+    for (int r = 0; r < s_.n_rnn; ++r) {
+      LstmLayer& L = s_.rnn[r];
+      std::uintptr_t w_ih, w_hh, b_ih, b_hh, g_w_ih, g_w_hh, g_b_ih, g_b_hh;
+      std::tie(w_ih, w_hh, b_ih, b_hh, g_w_ih, g_w_hh, g_b_ih, g_b_hh, L.F, L.H) = rnn[r];
+      if (w_ih == 0 || w_hh == 0 || g_w_ih == 0 || g_w_hh == 0 || L.F <= 0 || L.H <= 0 || (b_ih == 0) != (b_hh == 0) ||
+          (b_ih != 0 && (g_b_ih == 0 || g_b_hh == 0)))
+        throw py::value_error("fastppo._C.ActorCriticPlan: LSTM " + std::to_string(r) +
+                              " needs its weights, their gradients and F, H > 0");
+      if (L.F != s_.rnn[0].F || L.H != s_.rnn[0].H)
+        throw py::value_error("fastppo._C.ActorCriticPlan: the LSTMs must have the same input and hidden sizes");
+      L.w_ih = ptr(w_ih), L.w_hh = ptr(w_hh), L.b_ih = ptr(b_ih), L.b_hh = ptr(b_hh);
+      L.grad_w_ih = ptr(g_w_ih), L.grad_w_hh = ptr(g_w_hh), L.grad_b_ih = ptr(g_b_ih), L.grad_b_hh = ptr(g_b_hh);
+    }
+    const int64_t features = s_.n_rnn > 0 ? s_.rnn[0].H : s_.trunk.n > 0 ? s_.trunk.out_dim() : s_.actor.in_dim();
     if (s_.actor.in_dim() != features || s_.critic.in_dim() != features)
       throw py::value_error("fastppo._C.ActorCriticPlan: actor and critic must take the trunk's (or the observation's) width");
     s_.continuous = continuous;
@@ -142,6 +162,9 @@ class ActorCriticPlan {
   void act(int64_t rows, std::uintptr_t obs, int64_t ldobs, std::uintptr_t noise, std::uintptr_t action,
            std::uintptr_t logprob, std::uintptr_t value, std::uintptr_t env_action, std::uintptr_t low,
            std::uintptr_t high, std::uintptr_t mask) {
+    if (s_.n_rnn > 0)
+      throw py::value_error("fastppo._C.ActorCriticPlan.act: a recurrent actor-critic's rollout steps run in "
+                            "fastppo.recurrent (its state), not here");
     if (rows <= 0) return;
     if (mask && s_.continuous)
       throw py::value_error("fastppo._C.ActorCriticPlan.act: a mask selects among a discrete policy's actions");
@@ -196,6 +219,17 @@ class ActorCriticPlan {
     u_.action_mask = ptr<const uint8_t>(action_mask);
   }
 
+  // A recurrent actor-critic's rollout: T steps of N environments (rows t * N + e), starts uint8
+  // [T * N], state [2 * n_rnn, N, H] (the LSTMs' h, c when the rollout began).
+  void set_sequences(int64_t T, int64_t N, std::uintptr_t starts, std::uintptr_t state) {
+    if (s_.n_rnn == 0) throw py::value_error("fastppo._C.ActorCriticPlan.set_sequences: the actor-critic is not recurrent");
+    if (T < 1 || N < 1 || starts == 0 || state == 0)
+      throw py::value_error("fastppo._C.ActorCriticPlan.set_sequences: needs T, N >= 1, starts and state");
+    u_.T = T, u_.N = N;
+    u_.starts = ptr<const uint8_t>(starts);
+    u_.state = ptr(state);
+  }
+
   void set_options(double clip_coef, double vf_coef, double ent_coef, double vf_clip_coef, bool clip_vloss,
                    bool norm_adv, double max_grad_norm, double beta1, double beta2, double eps) {
     static_cast<LossOptions&>(u_) = loss_options(clip_coef, vf_coef, ent_coef, vf_clip_coef, 0.0, clip_vloss, norm_adv);
@@ -213,6 +247,10 @@ class ActorCriticPlan {
     if (M <= 0) throw py::value_error("fastppo._C.ActorCriticPlan.update: the minibatch is empty");
     if (!u_.obs || !u_.actions || !u_.old_logprob || !u_.advantages || !u_.returns || !u_.old_values)
       throw py::value_error("fastppo._C.ActorCriticPlan.update: set_batch first");
+    if (s_.n_rnn > 0 && (!u_.starts || M % u_.T != 0))
+      throw py::value_error("fastppo._C.ActorCriticPlan.update: a recurrent minibatch is T = " + std::to_string(u_.T) +
+                            " steps of whole environments (set_sequences first; M must be a multiple of T), got M = " +
+                            std::to_string(M));
     UpdateArgs u = step_args(lr, step, stats);
     u.M = M;
     u.idx = ptr<const int64_t>(idx);
@@ -273,11 +311,11 @@ void bind_actor_critic(py::module_& m) {
       .def(py::init<const std::string&, const std::string&, const std::vector<LayerSpec>&,
                     const std::vector<LayerSpec>&, const std::vector<LayerSpec>&, bool, std::uintptr_t,
                     std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t, bool,
-                    const std::vector<int64_t>&>(),
+                    const std::vector<int64_t>&, const std::vector<LstmSpec>&>(),
            py::arg("dtype"), py::arg("activation"), py::arg("trunk"), py::arg("actor"), py::arg("critic"),
            py::arg("continuous"), py::arg("log_std"), py::arg("grad_log_std"), py::arg("params"), py::arg("grads"),
            py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("n_params"), py::arg("squashed") = false,
-           py::arg("nvec") = std::vector<int64_t>{})
+           py::arg("nvec") = std::vector<int64_t>{}, py::arg("rnn") = std::vector<LstmSpec>{})
       .def_property_readonly("obs_dim", &ActorCriticPlan::obs_dim)
       .def_property_readonly("n_out", &ActorCriticPlan::n_out)
       .def_property_readonly("n_components", &ActorCriticPlan::n_components)
@@ -293,6 +331,8 @@ void bind_actor_critic(py::module_& m) {
       .def("act_step", &ActorCriticPlan::act_step, py::arg("t"))
       .def("set_batch", &ActorCriticPlan::set_batch, py::arg("obs"), py::arg("actions"), py::arg("old_logprob"),
            py::arg("advantages"), py::arg("returns"), py::arg("old_values"), py::arg("mask"), py::arg("action_mask") = 0)
+      .def("set_sequences", &ActorCriticPlan::set_sequences, py::arg("T"), py::arg("N"), py::arg("starts"),
+           py::arg("state"))
       .def("set_options", &ActorCriticPlan::set_options, py::arg("clip_coef"), py::arg("vf_coef"), py::arg("ent_coef"),
            py::arg("vf_clip_coef"), py::arg("clip_vloss"), py::arg("norm_adv"), py::arg("max_grad_norm"),
            py::arg("beta1"), py::arg("beta2"), py::arg("eps"))

@@ -339,6 +339,56 @@ def test_update_on_whole_environments_equals_stepping_them():
     assert stats[0] == pytest.approx(loss.pg_loss.item(), rel=1e-10)
 
 
+@pytest.mark.parametrize("shared,continuous", [(False, False), (True, False), (False, True), (True, True)])
+def test_fused_recurrent_update_equals_the_torch_backend(shared, continuous):
+    """The fused backend's recurrent update (one C++ call per minibatch: the LSTMs over the
+    minibatch's steps, heads, loss, backward through time, clip, Adam) lands on the torch backend's
+    parameters and stats in float64: 3 epochs of 2 minibatches of whole environments, an annealed
+    clipping coefficient, a masked rollout."""
+    agent = _agent("lstm", shared, continuous)
+    T_, n = 9, 4
+    batch = _sequence_batch(agent, T_, n)
+    if continuous:
+        g = torch.Generator().manual_seed(8)
+        batch = batch._replace(rows=batch.rows._replace(actions=torch.randn(T_ * n, 2, generator=g, dtype=F64)))
+    settings = dict(lr=1e-2, ent_coef=0.01, clip_coef=0.2, max_grad_norm=0.5, update_epochs=3, num_minibatches=2)
+    results = []
+    for backend in ("torch", "fused"):
+        torch.manual_seed(0)  # the same order of environments in each epoch
+        learner = Learner(copy.deepcopy(agent), backend, **settings)
+        stats = [learner.update(batch), learner.update(batch, clip_coef=0.1)]
+        results.append((stats, list(learner.agent.parameters())))
+    (stats_t, params_t), (stats_f, params_f) = results
+    np.testing.assert_allclose(np.array(stats_f), np.array(stats_t), rtol=1e-10, atol=1e-12)
+    for p, q in zip(params_f, params_t):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_recurrent_update_refuses_rows_that_are_not_whole_environments():
+    from fastppo.policy import FusedActorCritic
+
+    agent = _agent("lstm", False, False)
+    T_, n = 5, 4
+    batch = _sequence_batch(agent, T_, n)
+    fused = FusedActorCritic(agent)
+    fused.set_batch(*batch.rows)
+    with pytest.raises(RuntimeError, match="needs set_sequences after set_batch"):
+        fused.update(torch.arange(T_ * n))
+    with pytest.raises(ValueError, match=r"set_sequences: starts must have shape \[T, N\] with T \* N = 20"):
+        fused.set_sequences(torch.zeros(3, 4, dtype=torch.bool), batch.state)
+    with pytest.raises(ValueError, match="state"):
+        fused.set_sequences(batch.starts, batch.state[:2])
+    fused.set_sequences(batch.starts, batch.state)
+    with pytest.raises(ValueError, match="whole environments' T = 5 steps; got 7 rows"):
+        fused.update(torch.arange(7))
+    with pytest.raises(ValueError, match="must list steps t \\* N \\+ e of whole environments"):
+        fused.update(torch.arange(10))  # steps 0-1 of 4 environments, then steps 0-1 again: not time-major
+    stats = fused.update((torch.arange(T_)[:, None] * n + torch.tensor([[1, 3]])).reshape(-1))  # environments 1 and 3
+    assert np.isfinite(stats).all()
+    with pytest.raises(ValueError, match="recurrent actor-critic's rollout steps run in fastppo.recurrent"):
+        fused.act(torch.zeros(2, 3, dtype=F64))
+
+
 def test_minibatches_are_whole_environments_in_a_new_order_each_epoch(monkeypatch):
     agent = _agent("gru", True, False)
     T_, n = 6, 8
@@ -380,14 +430,26 @@ def test_learner_refuses_mixed_batches_and_backends():
         Learner(agent, "torch", num_minibatches=3).update(batch)
     with pytest.raises(ValueError, match="Learner.minibatch: a recurrent agent's minibatches are whole environments"):
         Learner(agent, "torch").minibatch(torch.arange(4))
-    with pytest.raises(ValueError, match="the fused backend runs feed-forward MLP policies"):
-        Learner(agent, "fused")
+    with pytest.raises(ValueError, match="the fused step runs an LSTM policy; this one's cell is 'gru'"):
+        Learner(_agent("gru", False, False), "fused")
     from fastppo.agent import Agent
 
     with pytest.raises(ValueError, match="a SequenceBatch needs a recurrent agent"):
         Learner(Agent((3,), gym.spaces.Discrete(3), "classic").to(F64), "torch").update(batch)
-    with pytest.raises(ValueError, match="clip_coef is fixed when the fused policy is built"):
-        Learner(Agent((3,), gym.spaces.Discrete(3), "classic"), "fused").update(batch.rows, clip_coef=0.1)
+    # An annealed clipping coefficient reaches the fused step as it reaches the torch one.
+    torch.manual_seed(2)
+    mlp = Agent((3,), gym.spaces.Discrete(3), "classic")  # float32, the dtype its forward casts to
+    rows = batch.rows._replace(**{k: getattr(batch.rows, k).float()
+                                  for k in ("obs", "logprobs", "advantages", "returns", "values")})
+    params = []
+    for backend in ("torch", "fused"):
+        learner = Learner(copy.deepcopy(mlp), backend, lr=1e-2, update_epochs=2, num_minibatches=2)
+        torch.manual_seed(0)
+        learner.update(rows, clip_coef=0.01)
+        params.append(list(learner.agent.parameters()))
+    assert learner.fused._options["clip_coef"] == 0.01
+    for p, q in zip(*params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------ the rollout
@@ -502,7 +564,8 @@ TINY = dict(env_id="CartPoleNoVel-v1", num_envs=4, num_steps=32, update_epochs=2
                                           num_minibatches=2)])
 def test_recurrent_runs_build_and_run(tmp_path, changes):
     summary = run(tmp_path, total_timesteps=3 * 4 * 32, **dict(TINY, **changes))
-    assert summary["policy_backend"] == "torch" and summary["global_step"] == 3 * 4 * 32
+    backend = "fused" if changes["recurrent"] == "lstm" else "torch"  # a GRU runs on torch
+    assert summary["policy_backend"] == backend and summary["global_step"] == 3 * 4 * 32
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["recurrent"] == changes["recurrent"] and config["preset"] == "classic-lstm"
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -608,7 +671,8 @@ def test_eval_of_a_recurrent_run_carries_the_state_through_each_episode(tmp_path
     "changes,words",
     [
         (dict(recurrent="rnn"), ["--recurrent must be one of none, lstm, gru", "'rnn'"]),
-        (dict(recurrent="lstm", policy_backend="fused"), ["--policy-backend fused", "--recurrent lstm is set"]),
+        (dict(recurrent="gru", policy_backend="fused"), ["--policy-backend fused", "--recurrent gru is set"]),
+        (dict(recurrent="lstm", policy_backend="fused", env_id="Pong-v5"), ["--policy-backend fused", "Atari frames"]),
         (dict(recurrent="gru", async_batch_size=4), ["--recurrent gru needs sync environments", "--async-batch-size"]),
         (dict(recurrent="lstm", num_minibatches=3), ["--num-minibatches (3) must divide --num-envs (8)",
                                                      "--recurrent lstm"]),
@@ -616,8 +680,6 @@ def test_eval_of_a_recurrent_run_carries_the_state_through_each_episode(tmp_path
         (dict(recurrent="lstm", recurrent_hidden_size=0), ["--recurrent-hidden-size must be >= 1, got 0"]),
         (dict(recurrent="none", recurrent_shared=True), ["--recurrent-shared", "needs --recurrent lstm or gru"]),
         (dict(env_id="CartPole-v1", recurrent_hidden_size=32), ["--recurrent-hidden-size 32", "needs --recurrent"]),
-        (dict(env_id="CartPole-v1", anneal_clip=True, policy_backend="fused"), ["--policy-backend fused",
-                                                                               "--anneal-clip is set"]),
     ],
 )
 def test_bad_recurrent_settings_fail_before_any_work(tmp_path, changes, words):

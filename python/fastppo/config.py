@@ -107,7 +107,7 @@ class Args:
     video_max_steps: Optional[int] = None
     """with --capture-video: end a video's episode after this many steps (unset: when the episode ends)"""
     recurrent: FromPreset[str] = None
-    """none, lstm or gru: a recurrent policy whose state is carried through each environment's episode (reset at episode starts); minibatches are then whole environments' rollouts (--num-minibatches must divide --num-envs), run through the RNN in one call each; sync environments and the torch backend"""
+    """none, lstm or gru: a recurrent policy whose state is carried through each environment's episode (reset at episode starts); minibatches are then whole environments' rollouts (--num-minibatches must divide --num-envs), run through the RNN in one call each; sync environments; an LSTM on vector observations runs on the fused backend (one C++ call per minibatch), a GRU or an Atari one on torch"""
     recurrent_hidden_size: int = 64
     """units of the recurrent policy's LSTM / GRU (with --recurrent)"""
     recurrent_shared: bool = False
@@ -117,7 +117,7 @@ class Args:
     normalize_reward: FromPreset[bool] = None
     """scale rewards by the running std of the discounted return, clipped to +-10 (unset: the preset's, else on for MuJoCo tasks)"""
     anneal_clip: FromPreset[bool] = None
-    """anneal the surrogate clipping coefficient linearly to 0 like the learning rate (rl-baselines3-zoo's lin_ clip_range; the value clip follows it under --clip-vloss); the torch backend"""
+    """anneal the surrogate clipping coefficient linearly to 0 like the learning rate (rl-baselines3-zoo's lin_ clip_range; the value clip follows it under --clip-vloss)"""
     squash: str = "none"
     """the Gaussian policy of a Box action space: none (CleanRL's: its sample clipped to the bounds when sent to the environments; every preset's) or tanh (squashed into the bounds, which must be finite: the environments get low + (tanh(u) + 1) * (high - low) / 2 and the log-prob is taken at the stored sample u)"""
     action_masks: str = "auto"
@@ -398,9 +398,10 @@ def policy_backend(args: Args, family: str, obs_shape=None, device: Optional[tor
     """The backend ``--policy-backend`` resolves to: ``fused`` runs the MLP actor-critic of the
     classic and MuJoCo presets as one C++ call per rollout step and per minibatch (sync envs, CPU,
     fastppo's kernels; every head: Discrete, MultiDiscrete, Box with or without ``--squash tanh``,
-    ``masked`` sampling among legal actions included); everything else (the Atari CNN, a recurrent
-    policy, an annealed clipping coefficient, async envs, a GPU, the eager baseline's kernels) runs
-    on ``torch``. ``action_space`` is checked as the policy takes it; ``masked`` (the environments'
+    ``masked`` sampling among legal actions included), and an LSTM policy on vector observations
+    (``--recurrent lstm``) as one C++ call per minibatch of whole environments (its rollout steps go
+    through :func:`fastppo.recurrent.lstm_sequence`); everything else (the Atari CNN, a GRU, async
+    envs, a GPU, the eager baseline's kernels) runs on ``torch``. ``action_space`` is checked as the policy takes it; ``masked`` (the environments'
     masks are on) runs on either backend. Asking for ``fused`` where it cannot run is an error that
     says why."""
     reasons = []
@@ -415,10 +416,8 @@ def policy_backend(args: Args, family: str, obs_shape=None, device: Optional[tor
         reasons.append("it runs sync environments (--async-batch-size is set)")
     if kernels is not None and kernels != Kernels():
         reasons.append("it computes with fastppo's kernels (other kernels were given)")
-    if recurrent_cell(args) is not None:
-        reasons.append(f"it runs feed-forward MLP policies (--recurrent {args.recurrent} is set)")
-    if getattr(args, "anneal_clip", None):
-        reasons.append("its clipping coefficient is fixed (--anneal-clip is set)")
+    if recurrent_cell(args) not in (None, "lstm"):
+        reasons.append(f"its recurrent policies are LSTMs (--recurrent {args.recurrent} is set)")
     if action_space is not None:
         action_head(action_space, getattr(args, "squash", None) or "none")  # a space no head takes raises here
     if args.policy_backend == "fused" and reasons:

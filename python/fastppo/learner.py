@@ -107,9 +107,6 @@ class Learner:
         for name, value in (("update_epochs", update_epochs), ("num_minibatches", num_minibatches)):
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"Learner: {name} must be an integer >= 1, got {value!r}")
-        if backend == "fused" and getattr(agent, "recurrent", False):
-            raise ValueError("Learner: the fused backend runs feed-forward MLP policies; a recurrent agent needs "
-                             "backend='torch'")
         self.agent, self.backend, self.lr, self.max_grad_norm = agent, backend, lr, max_grad_norm
         self.update_epochs, self.num_minibatches, self.target_kl = update_epochs, num_minibatches, target_kl
         self.group, self.ppo_loss, self.clip_coef = group, ppo_loss, clip_coef
@@ -163,10 +160,9 @@ class Learner:
         default: the constructor's; the torch backend only). Returns the mean of each of
         :data:`UPDATE_STATS` over the minibatches done (and over the group's ranks)."""
         lr = self.lr if lr is None else lr
-        if clip_coef is not None and self.fused is not None:
-            raise ValueError("Learner.update: clip_coef is fixed when the fused policy is built; a changing "
-                             "clipping coefficient needs backend='torch'")
         self.loss_options["clip_coef"] = self.clip_coef if clip_coef is None else clip_coef
+        if self.fused is not None and self.fused._options["clip_coef"] != self.loss_options["clip_coef"]:
+            self.fused.set_clip_coef(self.loss_options["clip_coef"])
         if isinstance(batch, SequenceBatch):
             if not getattr(self.agent, "recurrent", False):
                 raise ValueError("Learner.update: a SequenceBatch needs a recurrent agent (evaluate_sequences)")
@@ -273,7 +269,8 @@ class Learner:
     def _sequence_epochs(self, lr: float) -> List[float]:
         # Minibatches of whole environments (CleanRL's ppo_atari_lstm.py, sb3-contrib's sequences):
         # each is one pass of the RNN over its environments' segments.
-        self._set_lr(lr)
+        if self.fused is None:
+            self._set_lr(lr)
         seq, b = self._sequences, self._batch
         T, N = seq.starts.shape
         per = N // self.num_minibatches
@@ -282,6 +279,8 @@ class Learner:
                              f"environments of a SequenceBatch ({N}): each minibatch holds whole environments")
         device = b.obs.device
         steps = torch.arange(T, device=device)[:, None] * N
+        if self.fused is not None:
+            return self._fused_sequence_epochs(lr, steps, per)
         starts = seq.starts.cpu()
         plans = {}  # with one minibatch every epoch has the same environments, so the same segments
         stats = []
@@ -300,6 +299,27 @@ class Learner:
             if self.target_kl is not None and self._group_mean(out.approx_kl.item()) > self.target_kl:
                 break
         return torch.stack(stats).mean(0).tolist()
+
+    def _fused_sequence_epochs(self, lr: float, steps: Tensor, per: int) -> List[float]:
+        # The fused recurrent step: each minibatch of whole environments is one call (the LSTMs over
+        # its T steps, heads, loss, backward through time, grad clip and Adam).
+        seq = self._sequences
+        N = seq.starts.shape[1]
+        self._fused_layout = (seq.starts.contiguous(), seq.state.contiguous())  # held while the calls read them
+        self.fused.set_sequences(*self._fused_layout)
+        stats = np.zeros((self.update_epochs * self.num_minibatches, len(UPDATE_STATS) + 1))
+        done = 0
+        for _ in range(self.update_epochs):
+            order = torch.arange(N) if self.num_minibatches == 1 else torch.randperm(N)
+            envs = order.view(self.num_minibatches, per)
+            rows = (steps[None] + envs[:, None, :]).reshape(self.num_minibatches, -1)
+            moments = self._sequence_moments(rows)
+            for i in range(self.num_minibatches):
+                self._fused_step(rows[i], lr, stats[done], None if moments is None else moments[i])
+                done += 1
+            if self.target_kl is not None and self._group_mean(stats[done - 1, _APPROX_KL]) > self.target_kl:
+                break
+        return stats[:done, :len(UPDATE_STATS)].mean(0).tolist()
 
     def _sequence_moments(self, rows: Tensor) -> Optional[Tensor]:
         """The group's advantage moments of each minibatch of rows ``[num_minibatches, m]``."""

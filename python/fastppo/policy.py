@@ -217,7 +217,10 @@ class FusedActorCritic:
         trunk = getattr(module, "trunk", None)
         trunk_linears: List[nn.Linear] = []
         activation = None
-        if trunk is not None and not isinstance(trunk, nn.Identity):
+        rnns = self._recurrent_layers(module)
+        if rnns:
+            pass  # the LSTM reads the (flat) observation: its trunk is nn.Flatten, checked there
+        elif trunk is not None and not isinstance(trunk, nn.Identity):
             trunk_linears, activation = mlp_layers(trunk, last_linear=False)
         actor = getattr(module, "actor", getattr(module, "actor_mean", None))  # CleanRL's continuous agent: actor_mean
         if actor is None or not hasattr(module, "critic"):
@@ -241,6 +244,13 @@ class FusedActorCritic:
         linears = trunk_linears + actor_linears + critic_linears
         dtype = _check_params(linears, type(module).__name__)
         named = [p for l in linears for p in (l.weight, l.bias)] + ([log_std] if self.continuous else [])
+        for rnn in rnns:
+            if rnn.hidden_size != actor_linears[0].in_features or rnn.hidden_size != critic_linears[0].in_features:
+                raise NotFusable(f"actor and critic must read the LSTM's {rnn.hidden_size} units")
+            for p in rnn.parameters():
+                if p.dtype != dtype or not p.is_cpu or not p.is_contiguous():
+                    raise NotFusable(f"the LSTM's parameters must be contiguous {dtype} on the CPU")
+            named += list(rnn.parameters())
         if len({id(p) for p in named}) != len(named):
             raise NotFusable("a parameter is shared between layers")
         others = {id(p) for p in module.parameters()} - {id(p) for p in named}
@@ -253,7 +263,9 @@ class FusedActorCritic:
         # A multi-discrete head's column offsets [K + 1] (for the mask checks of set_batch).
         self._offsets = np.cumsum((0,) + (self.nvec or (self.n_out,))).tolist()
         self._env_action_dtype = "float32" if self.continuous else "int32"
-        self.obs_dim = (trunk_linears or actor_linears)[0].in_features
+        self.obs_dim = rnns[0].input_size if rnns else (trunk_linears or actor_linears)[0].in_features
+        self.recurrent = bool(rnns)
+        self._sequences = None
 
         # One flat buffer for parameters, gradients and Adam's moments; each parameter becomes a view.
         n = sum(p.numel() for p in named)
@@ -276,16 +288,79 @@ class FusedActorCritic:
             self._dtype_name, self.activation, _layer_specs(trunk_linears, True), _layer_specs(actor_linears, True),
             _layer_specs(critic_linears, True), self.continuous, log_std.data_ptr() if self.continuous else 0,
             log_std.grad.data_ptr() if self.continuous else 0, self.params.data_ptr(), self.grads.data_ptr(),
-            self.exp_avg.data_ptr(), self.exp_avg_sq.data_ptr(), n, self.squashed, list(self.nvec or ()))
+            self.exp_avg.data_ptr(), self.exp_avg_sq.data_ptr(), n, self.squashed, list(self.nvec or ()),
+            [self._lstm_spec(rnn) for rnn in rnns])
         for name, value in (("eps", eps), ("clip_coef", clip_coef), ("vf_coef", vf_coef)):
             if not value >= 0:
                 raise ValueError(f"FusedActorCritic: {name} must be >= 0, got {value}")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"FusedActorCritic: betas must be in [0, 1), got {betas}")
-        self._plan.set_options(clip_coef, vf_coef, ent_coef, clip_coef if vf_clip_coef is None else vf_clip_coef,
-                               clip_vloss, norm_adv, max_grad_norm, betas[0], betas[1], eps)
+        self._options = dict(clip_coef=clip_coef, vf_coef=vf_coef, ent_coef=ent_coef, vf_clip_coef=vf_clip_coef,
+                             clip_vloss=clip_vloss, norm_adv=norm_adv, max_grad_norm=max_grad_norm, betas=betas, eps=eps)
+        self._set_options(**self._options)
         self._batch = None
         self._low = self._high = None
+
+    def _set_options(self, clip_coef, vf_coef, ent_coef, vf_clip_coef, clip_vloss, norm_adv, max_grad_norm, betas,
+                     eps) -> None:
+        self._plan.set_options(clip_coef, vf_coef, ent_coef, clip_coef if vf_clip_coef is None else vf_clip_coef,
+                               clip_vloss, norm_adv, max_grad_norm, betas[0], betas[1], eps)
+
+    def set_clip_coef(self, clip_coef: float) -> None:
+        """The surrogate clipping coefficient of the next updates (and the value clip's, when the
+        constructor's ``vf_clip_coef`` was None: it follows ``clip_coef``), for a schedule that
+        anneals it (sb3's ``clip_range`` schedules)."""
+        if not clip_coef >= 0:
+            raise ValueError(f"FusedActorCritic.set_clip_coef: clip_coef must be >= 0, got {clip_coef}")
+        self._options["clip_coef"] = float(clip_coef)
+        self._set_options(**self._options)
+
+    @staticmethod
+    def _recurrent_layers(module: nn.Module) -> list:
+        """A recurrent agent's LSTMs (``fastppo.recurrent.RecurrentAgent``: the actor's, then the
+        critic's, or the one they share), or [] for a feed-forward module."""
+        if not getattr(module, "recurrent", False):
+            return []
+        rnns = list(getattr(module, "rnns", ()))
+        if getattr(module, "cell", None) != "lstm" or not rnns:
+            raise NotFusable(f"the fused step runs an LSTM policy; this one's cell is {getattr(module, 'cell', None)!r}")
+        if not isinstance(getattr(module, "trunk", None), nn.Flatten) or getattr(module, "scale", 1.0) != 1.0:
+            raise NotFusable("the fused recurrent step reads vector observations (no CNN before the LSTM)")
+        for rnn in rnns:
+            if not isinstance(rnn, nn.LSTM) or rnn.num_layers != 1 or rnn.bidirectional or rnn.proj_size:
+                raise NotFusable(f"the fused step runs one-layer unidirectional LSTMs, got {rnn!r}")
+        return rnns
+
+    @staticmethod
+    def _lstm_spec(rnn: nn.LSTM) -> tuple:
+        w_ih, w_hh = rnn.weight_ih_l0, rnn.weight_hh_l0
+        b_ih, b_hh = (rnn.bias_ih_l0, rnn.bias_hh_l0) if rnn.bias else (None, None)
+        ptrs = [0 if t is None else t.data_ptr() for t in (w_ih, w_hh, b_ih, b_hh)]
+        grads = [0 if t is None else t.grad.data_ptr() for t in (w_ih, w_hh, b_ih, b_hh)]
+        return (*ptrs, *grads, rnn.input_size, rnn.hidden_size)
+
+    def set_sequences(self, starts: Tensor, state: Tensor) -> None:
+        """A recurrent actor-critic's rollout layout, after :meth:`set_batch` on its ``T * N`` rows
+        (row ``t * N + e``: step ``t`` of environment ``e``): ``starts`` bool ``[T, N]`` (the state is
+        reset to zeros before the step: its observation starts an episode) and ``state`` ``[K, N,
+        H]`` in the parameters' dtype (the LSTMs' ``h``, ``c`` when the rollout began, as
+        ``RecurrentAgent`` keeps them). Held by reference until the next call. A minibatch
+        (:meth:`update`) is then whole environments: ``idx`` ``[T * n]`` lists step ``t`` of its
+        ``n`` environments at ``t * n .. t * n + n``, in time-major order."""
+        if not self.recurrent:
+            raise ValueError("set_sequences: the actor-critic is not recurrent")
+        if self._batch is None:
+            raise RuntimeError("set_sequences: call set_batch first")
+        B.require_contiguous("set_sequences", "starts", starts, "torch", ("bool",))
+        if starts.dim() != 2 or starts.numel() != self._batch_size:
+            raise ValueError(f"set_sequences: starts must have shape [T, N] with T * N = {self._batch_size} (the "
+                             f"batch's rows), got {list(starts.shape)}")
+        T, N = starts.shape
+        K = 2 * len(self._recurrent_layers(self.module))
+        H = self._recurrent_layers(self.module)[0].hidden_size
+        B.require_contiguous("set_sequences", "state", state, "torch", (self._dtype_name,), (K, N, H))
+        self._sequences = (starts, state, T, N)
+        self._plan.set_sequences(T, N, starts.data_ptr(), state.data_ptr())
 
     def _head_kind(self, module: nn.Module, nvec, squash: str) -> Tuple[str, Optional[Tuple[int, ...]]]:
         """(kind, nvec) of the policy head: ``module.head``'s where it has one, else ``nvec``'s and
@@ -586,6 +661,8 @@ class FusedActorCritic:
         rows, address, low, high = self._minibatch_rows(idx)  # rows: the int64 indices read, alive until returning
         if low < 0 or high >= self._batch_size:
             raise ValueError(f"update: idx must be in [0, {self._batch_size}), got values from {low} to {high}")
+        if self.recurrent:
+            self._check_sequence_rows(torch.as_tensor(rows))
         if stats is None:
             stats = np.zeros(7)
         else:
@@ -596,6 +673,20 @@ class FusedActorCritic:
         self._plan.refresh()  # the parameters may have been changed from outside since the last update
         self.update_at(rows.shape[0], address, self.lr if lr is None else lr, stats.ctypes.data)
         return stats
+
+    def _check_sequence_rows(self, rows: Tensor) -> None:
+        """A recurrent minibatch's rows must be whole environments, time-major (see :meth:`set_sequences`)."""
+        if self._sequences is None:
+            raise RuntimeError("update: a recurrent actor-critic needs set_sequences after set_batch")
+        _, _, T, N = self._sequences
+        M = rows.numel()
+        if M % T:
+            raise ValueError(f"update: a recurrent minibatch is whole environments' T = {T} steps; got {M} rows")
+        grid = rows.view(T, M // T)
+        first = grid[0]
+        if bool((first >= N).any()) or not torch.equal(grid, first[None] + N * torch.arange(T)[:, None]):
+            raise ValueError("update: a recurrent minibatch's idx must list steps t * N + e of whole environments e, "
+                             "in time-major order (t = 0 .. T-1, the same environments at each t)")
 
     @staticmethod
     def _minibatch_rows(idx) -> tuple:

@@ -38,7 +38,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from fastppo import _C
 from fastppo import _buffers as B
 from fastppo.agent import Agent, Kernels, MlpShape, action_head, nature_cnn, sample_and_score
-from fastppo.policy import fused_mlp
+from fastppo.policy import _layer_specs, fused_mlp, mlp_layers
 
 __all__ = ["CELLS", "RecurrentAgent", "SegmentPlan", "lstm_sequence", "make_agent", "plan_segments", "run_segments"]
 
@@ -321,6 +321,40 @@ class RecurrentAgent(nn.Module):
         x = obs.to(self.actor[0].weight.dtype)
         return self.trunk(x * self.scale if self.scale != 1.0 else x)
 
+    def _inference_step(self, x: Tensor, state: Tensor, start: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """:meth:`step` without autograd (the rollout's): the C++ LSTM and MLP calls made directly
+        with addresses cached for the current parameters, none of the per-call checks of
+        :func:`lstm_sequence` and ``fused_mlp`` (their inputs are this module's own)."""
+        n, F = x.shape
+        H = self.hidden_size
+        key = tuple(p.data_ptr() for p in self.parameters()) + (x.dtype,)
+        if getattr(self, "_inference_key", None) != key:
+            def lstm_ptrs(rnn):
+                biases = (rnn.bias_ih_l0, rnn.bias_hh_l0) if rnn.bias else (None, None)
+                return [t.data_ptr() if t is not None else 0 for t in (rnn.weight_ih_l0, rnn.weight_hh_l0, *biases)]
+
+            actor, actor_act = mlp_layers(self.actor)
+            critic, _ = mlp_layers(self.critic)
+            self._inference = ([lstm_ptrs(rnn) for rnn in self.rnns], _layer_specs(actor, False),
+                               _layer_specs(critic, False), actor_act or "tanh")
+            self._inference_key = key
+        rnns, actor_specs, critic_specs, act = self._inference
+        dtype = B.DTYPE_NAMES[x.dtype]
+        x = x.contiguous()
+        state = state.contiguous()
+        starts = start.contiguous().view(torch.uint8)
+        new = torch.empty(self.state_size, n, H, dtype=x.dtype)
+        for i, ptrs in enumerate(rnns):
+            h0, c0, h, c = state[2 * i], state[2 * i + 1], new[2 * i], new[2 * i + 1]
+            _C.lstm_forward(dtype, 1, n, F, H, x.data_ptr(), F, starts.data_ptr(), h0.data_ptr(), c0.data_ptr(), *ptrs,
+                            h.data_ptr(), 0, c.data_ptr(), 0)
+        outs = []
+        for specs, h in ((actor_specs, new[0]), (critic_specs, new[2 * (len(rnns) - 1)])):
+            saved = torch.empty(n * sum(spec[5] for spec in specs), dtype=x.dtype)
+            _C.mlp_forward(dtype, specs, act, True, n, h.data_ptr(), H, saved.data_ptr())
+            outs.append(saved[saved.numel() - n * specs[-1][5]:].view(n, specs[-1][5]))
+        return outs[0], outs[1][:, 0], new
+
     def _fused(self, x: Tensor) -> bool:
         """Whether the RNNs run as :func:`lstm_sequence` on ``x``: an LSTM on the CPU in float32 or
         float64, unless ``Kernels(fused_lstm=False)``."""
@@ -338,6 +372,8 @@ class RecurrentAgent(nn.Module):
         is reset first). Returns the actor's output ``[n, A]``, the value ``[n]`` and the new state."""
         x = self.features(obs)[None]
         outs, new = [], []
+        if self._fused(x) and not torch.is_grad_enabled():
+            return self._inference_step(x[0], state, start)
         if self._fused(x):
             for i, rnn in enumerate(self.rnns):
                 out, (h, c) = lstm_sequence(rnn, x, start[None], self._state_of(state, i))
