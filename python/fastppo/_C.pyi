@@ -137,11 +137,27 @@ def mlp_backward(
     grad_out: int, grad_x: int,
 ) -> None: ...
 
+# The LSTM over time (csrc/bindings_rnn.cpp); an LSTM of the actor-critic is
+# (w_ih, w_hh, b_ih, b_hh, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, input_size, hidden_size).
+_Lstm = tuple[int, int, int, int, int, int, int, int, int, int]
+
+def lstm_saved_size(rows: int, H: int) -> int: ...
+def lstm_forward(
+    dtype: str, T: int, n: int, F: int, H: int, x: int, ldx: int, starts: int, h0: int, c0: int, w_ih: int,
+    w_hh: int, b_ih: int, b_hh: int, out: int, h_n: int, c_n: int, saved: int,
+) -> None: ...
+def lstm_backward(
+    dtype: str, T: int, n: int, F: int, H: int, x: int, ldx: int, starts: int, w_ih: int, w_hh: int, saved: int,
+    grad_out: int, grad_h_n: int, grad_c_n: int, grad_x: int, grad_h0: int, grad_c0: int, grad_w_ih: int,
+    grad_w_hh: int, grad_b_ih: int, grad_b_hh: int,
+) -> None: ...
+
 class ActorCriticPlan:
     def __init__(
         self, dtype: str, activation: str, trunk: Sequence[_Layer], actor: Sequence[_Layer], critic: Sequence[_Layer],
         continuous: bool, log_std: int, grad_log_std: int, params: int, grads: int, exp_avg: int,
         exp_avg_sq: int, n_params: int, squashed: bool = False, nvec: Sequence[int] = (),
+        rnn: Sequence[_Lstm] = (),
     ) -> None: ...
     @property
     def obs_dim(self) -> int: ...
@@ -164,6 +180,7 @@ class ActorCriticPlan:
         self, obs: int, actions: int, old_logprob: int, advantages: int, returns: int, old_values: int, mask: int,
         action_mask: int = 0,
     ) -> None: ...
+    def set_sequences(self, T: int, N: int, starts: int, state: int) -> None: ...
     def set_options(
         self, clip_coef: float, vf_coef: float, ent_coef: float, vf_clip_coef: float, clip_vloss: bool,
         norm_adv: bool, max_grad_norm: float, beta1: float, beta2: float, eps: float,

@@ -327,7 +327,9 @@ class RecurrentAgent(nn.Module):
         :func:`lstm_sequence` and ``fused_mlp`` (their inputs are this module's own)."""
         n, F = x.shape
         H = self.hidden_size
-        key = tuple(p.data_ptr() for p in self.parameters()) + (x.dtype,)
+        if "_param_list" not in self.__dict__:  # the module's structure is fixed: list its parameters once
+            self._param_list = list(self.parameters())
+        key = tuple(p.data_ptr() for p in self._param_list) + (x.dtype,)
         if getattr(self, "_inference_key", None) != key:
             def lstm_ptrs(rnn):
                 biases = (rnn.bias_ih_l0, rnn.bias_hh_l0) if rnn.bias else (None, None)
