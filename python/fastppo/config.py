@@ -147,11 +147,13 @@ PRESETS = {
     # rl-baselines3-zoo's RecurrentPPO CartPoleNoVel-v1 (hyperparams/ppo_lstm.yml): 8 envs x 32 steps, one
     # 256-sample minibatch, 20 epochs, gamma 0.98, lambda 0.8, lr lin_0.001 and clip_range lin_0.2 (both
     # annealed), ent_coef 0, no value clipping, VecNormalize (observations and rewards), 1e5 steps, an LSTM
-    # of 64 units for the actor and one for the critic (RecurrentAgent's architecture is that policy's).
+    # of 64 units for the actor and one for the critic (RecurrentAgent's architecture is that policy's);
+    # SB3's default vf_coef 0.5 weighs (V - R)^2, so 1.0 here (with 0.5, 475 was reached on 1-2 of seeds
+    # 1-3 at 100k steps; with 1.0 on all three, benchmarks/results/recurrent_cpu.md).
     "classic-lstm": dict(total_timesteps=100_000, learning_rate=1e-3, num_envs=8, num_steps=32,
                          num_minibatches=1, update_epochs=20, clip_coef=0.2, ent_coef=0.0, gamma=0.98, gae_lambda=0.8,
                          clip_vloss=False, recurrent="lstm", normalize_obs=True, normalize_reward=True, anneal_clip=True,
-                         **_COMMON),
+                         **dict(_COMMON, vf_coef=1.0)),
     # CleanRL ppo_atari_envpool.py
     "atari": dict(total_timesteps=10_000_000, learning_rate=2.5e-4, num_envs=8, num_steps=128,
                   num_minibatches=4, update_epochs=4, clip_coef=0.1, ent_coef=0.01, gamma=0.99, gae_lambda=0.95, clip_vloss=True,
