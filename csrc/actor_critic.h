@@ -55,19 +55,6 @@ void mlp_forward_cpu(const MlpSpec& spec, bool is_f64, int64_t rows, const void*
 void mlp_backward_cpu(const MlpSpec& spec, bool is_f64, int64_t rows, const void* x, int64_t ldx,
                       const void* saved, const void* grad_out, void* grad_x);
 
-// The actor-critic: an optional shared trunk, then the actor (-> logits [A] or means [D]) and the
-// critic (-> [1]) on the trunk's output (or on the observation when the trunk is empty).
-//
-// Discrete heads have K >= 1 categorical components side by side over the A logits (K = 1: the
-// categorical head; else the multi-discrete one): component k owns columns [offsets[k],
-// offsets[k + 1]) and its action indexes them from 0; actions are int64 [rows, K] ([rows] for K = 1),
-// the log-prob and entropy are summed over the components. An optional mask of legal actions
-// (bool [rows, A], flat over the components) follows heads.h's rules per component: the softmax is
-// over the legal logits only, an illegal logit's gradient is exactly 0, and a component with no
-// legal action has no choice (action 0, log-prob 0, entropy 0, zero gradient).
-// The Gaussian's action is its sample; a squashed one's is the sample u before the squash, its
-// log-prob the Gaussian's at u minus sum log(1 - tanh(u)^2) (tanh_log_det), its entropy the
-// Gaussian's and its gradients the Gaussian's (the log-det is data), as heads.h's squashed head.
 // An LSTM of a recurrent actor-critic: torch.nn.LSTM's parameters (rnn.h's layout, in the flat
 // buffer) and where their gradients go.
 struct LstmLayer {
@@ -82,6 +69,19 @@ struct LstmLayer {
   int64_t F = 0, H = 0;
 };
 
+// The actor-critic: an optional shared trunk, then the actor (-> logits [A] or means [D]) and the
+// critic (-> [1]) on the trunk's output (or on the observation when the trunk is empty).
+//
+// Discrete heads have K >= 1 categorical components side by side over the A logits (K = 1: the
+// categorical head; else the multi-discrete one): component k owns columns [offsets[k],
+// offsets[k + 1]) and its action indexes them from 0; actions are int64 [rows, K] ([rows] for K = 1),
+// the log-prob and entropy are summed over the components. An optional mask of legal actions
+// (bool [rows, A], flat over the components) follows heads.h's rules per component: the softmax is
+// over the legal logits only, an illegal logit's gradient is exactly 0, and a component with no
+// legal action has no choice (action 0, log-prob 0, entropy 0, zero gradient).
+// The Gaussian's action is its sample; a squashed one's is the sample u before the squash, its
+// log-prob the Gaussian's at u minus sum log(1 - tanh(u)^2) (tanh_log_det), its entropy the
+// Gaussian's and its gradients the Gaussian's (the log-det is data), as heads.h's squashed head.
 struct ActorCriticSpec {
   bool is_f64 = false;
   MlpSpec trunk, actor, critic;

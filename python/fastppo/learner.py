@@ -161,7 +161,7 @@ class Learner:
         :data:`UPDATE_STATS` over the minibatches done (and over the group's ranks)."""
         lr = self.lr if lr is None else lr
         self.loss_options["clip_coef"] = self.clip_coef if clip_coef is None else clip_coef
-        if self.fused is not None and self.fused._options["clip_coef"] != self.loss_options["clip_coef"]:
+        if self.fused is not None:
             self.fused.set_clip_coef(self.loss_options["clip_coef"])
         if isinstance(batch, SequenceBatch):
             if not getattr(self.agent, "recurrent", False):
@@ -267,10 +267,9 @@ class Learner:
         return torch.stack(stats).mean(0).tolist()
 
     def _sequence_epochs(self, lr: float) -> List[float]:
-        # Minibatches of whole environments (CleanRL's ppo_atari_lstm.py, sb3-contrib's sequences):
-        # each is one pass of the RNN over its environments' segments.
-        if self.fused is None:
-            self._set_lr(lr)
+        # Minibatches of whole environments (CleanRL's ppo_atari_lstm.py, sb3-contrib's sequences).
+        # Fused: each is one C++ call (the LSTMs over its T steps, heads, loss, backward through time,
+        # grad clip and Adam); torch: one pass of each RNN over its environments' segments.
         seq, b = self._sequences, self._batch
         T, N = seq.starts.shape
         per = N // self.num_minibatches
@@ -279,47 +278,40 @@ class Learner:
                              f"environments of a SequenceBatch ({N}): each minibatch holds whole environments")
         device = b.obs.device
         steps = torch.arange(T, device=device)[:, None] * N
-        if self.fused is not None:
-            return self._fused_sequence_epochs(lr, steps, per)
-        starts = seq.starts.cpu()
-        plans = {}  # with one minibatch every epoch has the same environments, so the same segments
-        stats = []
+        fused = self.fused is not None
+        if fused:
+            self._fused_layout = (seq.starts.contiguous(), seq.state.contiguous())  # held while the calls read them
+            self.fused.set_sequences(*self._fused_layout)
+            table = np.zeros((self.update_epochs * self.num_minibatches, len(UPDATE_STATS) + 1))
+        else:
+            self._set_lr(lr)
+            starts = seq.starts.cpu()
+            plans = {}  # with one minibatch every epoch has the same environments, so the same segments
+            stats = []
+        done = 0
         for _ in range(self.update_epochs):
             order = torch.arange(N) if self.num_minibatches == 1 else torch.randperm(N)
             envs = order.view(self.num_minibatches, per)
             rows = (steps[None] + envs.to(device)[:, None, :]).reshape(self.num_minibatches, T * per)
             moments = self._sequence_moments(rows)
             for i in range(self.num_minibatches):
-                key = tuple(envs[i].tolist())
-                if key not in plans:
-                    plans = {key: plan_segments(starts[:, envs[i]]).to(device)}
-                out, _ = self._sequence_step(rows[i], envs[i].to(device), plans[key], T,
-                                             None if moments is None else moments[i])
-                stats.append(torch.stack([getattr(out, name) for name in UPDATE_STATS]))
-            if self.target_kl is not None and self._group_mean(out.approx_kl.item()) > self.target_kl:
-                break
-        return torch.stack(stats).mean(0).tolist()
-
-    def _fused_sequence_epochs(self, lr: float, steps: Tensor, per: int) -> List[float]:
-        # The fused recurrent step: each minibatch of whole environments is one call (the LSTMs over
-        # its T steps, heads, loss, backward through time, grad clip and Adam).
-        seq = self._sequences
-        N = seq.starts.shape[1]
-        self._fused_layout = (seq.starts.contiguous(), seq.state.contiguous())  # held while the calls read them
-        self.fused.set_sequences(*self._fused_layout)
-        stats = np.zeros((self.update_epochs * self.num_minibatches, len(UPDATE_STATS) + 1))
-        done = 0
-        for _ in range(self.update_epochs):
-            order = torch.arange(N) if self.num_minibatches == 1 else torch.randperm(N)
-            envs = order.view(self.num_minibatches, per)
-            rows = (steps[None] + envs[:, None, :]).reshape(self.num_minibatches, -1)
-            moments = self._sequence_moments(rows)
-            for i in range(self.num_minibatches):
-                self._fused_step(rows[i], lr, stats[done], None if moments is None else moments[i])
+                moment = None if moments is None else moments[i]
+                if fused:
+                    self._fused_step(rows[i], lr, table[done], moment)
+                else:
+                    key = tuple(envs[i].tolist())
+                    if key not in plans:
+                        plans = {key: plan_segments(starts[:, envs[i]]).to(device)}
+                    out, _ = self._sequence_step(rows[i], envs[i].to(device), plans[key], T, moment)
+                    stats.append(torch.stack([getattr(out, name) for name in UPDATE_STATS]))
                 done += 1
-            if self.target_kl is not None and self._group_mean(stats[done - 1, _APPROX_KL]) > self.target_kl:
-                break
-        return stats[:done, :len(UPDATE_STATS)].mean(0).tolist()
+            if self.target_kl is not None:
+                approx_kl = table[done - 1, _APPROX_KL] if fused else out.approx_kl.item()
+                if self._group_mean(approx_kl) > self.target_kl:
+                    break
+        if fused:
+            return table[:done, :len(UPDATE_STATS)].mean(0).tolist()
+        return torch.stack(stats).mean(0).tolist()
 
     def _sequence_moments(self, rows: Tensor) -> Optional[Tensor]:
         """The group's advantage moments of each minibatch of rows ``[num_minibatches, m]``."""

@@ -106,17 +106,35 @@ def _check_params(linears: Sequence[nn.Linear], where: str) -> torch.dtype:
 # ------------------------------------------------------------------ fused_mlp (autograd)
 
 
+def mlp_forward(linears: Sequence[nn.Linear], activation: Optional[str], last_linear: bool,
+                x2d: Tensor) -> Tuple[Tensor, Tensor]:
+    """One C++ forward of the stack over ``x2d`` ``[rows, in]`` (unit columns), no checks: every
+    layer's output in ``saved`` (what the backward reads) and the last one's ``[rows, out]``, a view
+    into it."""
+    rows = x2d.shape[0]
+    saved = torch.empty(sum(rows * l.out_features for l in linears), dtype=x2d.dtype)
+    _C.mlp_forward(B.DTYPE_NAMES[x2d.dtype], _layer_specs(linears, False), activation or "tanh", last_linear, rows,
+                   x2d.data_ptr(), x2d.stride(0), saved.data_ptr())
+    out_features = linears[-1].out_features
+    return saved, saved[saved.numel() - rows * out_features:].view(rows, out_features)
+
+
+def lstm_parameters(rnn: nn.Module) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``(weight_ih, weight_hh, bias_ih, bias_hh)`` of a one-layer, unidirectional ``nn.LSTM``
+    without projections (biases None without ``bias``); :class:`NotFusable` for any other module."""
+    if not isinstance(rnn, nn.LSTM) or rnn.num_layers != 1 or rnn.bidirectional or rnn.proj_size:
+        raise NotFusable(f"expected a one-layer unidirectional nn.LSTM without proj_size, got {rnn!r}")
+    biases = (rnn.bias_ih_l0, rnn.bias_hh_l0) if rnn.bias else (None, None)
+    return (rnn.weight_ih_l0, rnn.weight_hh_l0, *biases)
+
+
 class _FusedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d: Tensor, linears, activation: str, last_linear: bool, *params: Tensor) -> Tensor:
-        rows = x2d.shape[0]
-        saved = torch.empty(sum(rows * l.out_features for l in linears), dtype=x2d.dtype)
-        _C.mlp_forward(B.DTYPE_NAMES[x2d.dtype], _layer_specs(linears, False), activation or "tanh", last_linear, rows,
-                       x2d.data_ptr(), x2d.stride(0), saved.data_ptr())
+        saved, out = mlp_forward(linears, activation, last_linear, x2d)
         ctx.linears, ctx.activation, ctx.last_linear = linears, activation, last_linear
         ctx.save_for_backward(x2d, saved, *params)
-        out_features = linears[-1].out_features
-        return saved[saved.numel() - rows * out_features:].view(rows, out_features).clone()
+        return out.clone()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -251,6 +269,7 @@ class FusedActorCritic:
                 if p.dtype != dtype or not p.is_cpu or not p.is_contiguous():
                     raise NotFusable(f"the LSTM's parameters must be contiguous {dtype} on the CPU")
             named += list(rnn.parameters())
+        self._rnns = rnns
         if len({id(p) for p in named}) != len(named):
             raise NotFusable("a parameter is shared between layers")
         others = {id(p) for p in module.parameters()} - {id(p) for p in named}
@@ -327,16 +346,14 @@ class FusedActorCritic:
         if not isinstance(getattr(module, "trunk", None), nn.Flatten) or getattr(module, "scale", 1.0) != 1.0:
             raise NotFusable("the fused recurrent step reads vector observations (no CNN before the LSTM)")
         for rnn in rnns:
-            if not isinstance(rnn, nn.LSTM) or rnn.num_layers != 1 or rnn.bidirectional or rnn.proj_size:
-                raise NotFusable(f"the fused step runs one-layer unidirectional LSTMs, got {rnn!r}")
+            lstm_parameters(rnn)  # raises for anything but a plain one-layer LSTM
         return rnns
 
     @staticmethod
     def _lstm_spec(rnn: nn.LSTM) -> tuple:
-        w_ih, w_hh = rnn.weight_ih_l0, rnn.weight_hh_l0
-        b_ih, b_hh = (rnn.bias_ih_l0, rnn.bias_hh_l0) if rnn.bias else (None, None)
-        ptrs = [0 if t is None else t.data_ptr() for t in (w_ih, w_hh, b_ih, b_hh)]
-        grads = [0 if t is None else t.grad.data_ptr() for t in (w_ih, w_hh, b_ih, b_hh)]
+        params = lstm_parameters(rnn)
+        ptrs = [0 if t is None else t.data_ptr() for t in params]
+        grads = [0 if t is None else t.grad.data_ptr() for t in params]
         return (*ptrs, *grads, rnn.input_size, rnn.hidden_size)
 
     def set_sequences(self, starts: Tensor, state: Tensor) -> None:
@@ -356,9 +373,8 @@ class FusedActorCritic:
             raise ValueError(f"set_sequences: starts must have shape [T, N] with T * N = {self._batch_size} (the "
                              f"batch's rows), got {list(starts.shape)}")
         T, N = starts.shape
-        K = 2 * len(self._recurrent_layers(self.module))
-        H = self._recurrent_layers(self.module)[0].hidden_size
-        B.require_contiguous("set_sequences", "state", state, "torch", (self._dtype_name,), (K, N, H))
+        shape = (2 * len(self._rnns), N, self._rnns[0].hidden_size)  # h and c of each LSTM
+        B.require_contiguous("set_sequences", "state", state, "torch", (self._dtype_name,), shape)
         self._sequences = (starts, state, T, N)
         self._plan.set_sequences(T, N, starts.data_ptr(), state.data_ptr())
 

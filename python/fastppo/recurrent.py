@@ -38,7 +38,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from fastppo import _C
 from fastppo import _buffers as B
 from fastppo.agent import Agent, Kernels, MlpShape, action_head, nature_cnn, sample_and_score
-from fastppo.policy import _layer_specs, fused_mlp, mlp_layers
+from fastppo.policy import NotFusable, fused_mlp, lstm_parameters, mlp_forward, mlp_layers
 
 __all__ = ["CELLS", "RecurrentAgent", "SegmentPlan", "lstm_sequence", "make_agent", "plan_segments", "run_segments"]
 
@@ -114,12 +114,11 @@ class _LSTMSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d: Tensor, starts: Optional[Tensor], T: int, h0: Tensor, c0: Tensor, w_ih: Tensor,
                 w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]):
-        n, H = h0.shape
         out, h_n, c_n, saved = _lstm_forward(x2d, starts, T, h0, c0, w_ih, w_hh, b_ih, b_hh, keep=True)
         ctx.T = T
         ctx.has_bias = (b_ih is not None, b_hh is not None)
         ctx.save_for_backward(x2d, starts, w_ih, w_hh, saved)
-        return out, h_n, c_n
+        return out, h_n.clone(), c_n  # h_n: an output of its own, not a view of out
 
     @staticmethod
     def backward(ctx, grad_out: Optional[Tensor], grad_h_n: Optional[Tensor], grad_c_n: Optional[Tensor]):
@@ -152,18 +151,21 @@ class _LSTMSequence(torch.autograd.Function):
         return g_x, None, None, g_h0, g_c0, g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-def _lstm_forward(x2d, starts, T, h0, c0, w_ih, w_hh, b_ih, b_hh, keep: bool):
+def _lstm_forward(x2d, starts, T, h0, c0, w_ih, w_hh, b_ih, b_hh, keep: bool, out=None, c_n=None):
+    """The C++ forward, no checks: ``out`` ``[T * n, H]``, ``h_n`` (its last step), ``c_n`` ``[n, H]``
+    (``out`` and ``c_n`` written into the contiguous tensors given, else new ones) and, with
+    ``keep``, what the backward reads."""
     rows, F = x2d.shape
     n, H = h0.shape
     dtype = x2d.dtype
-    out = torch.empty(rows, H, dtype=dtype)
-    h_n, c_n = torch.empty(n, H, dtype=dtype), torch.empty(n, H, dtype=dtype)
+    out = torch.empty(rows, H, dtype=dtype) if out is None else out
+    c_n = torch.empty(n, H, dtype=dtype) if c_n is None else c_n
     saved = torch.empty(_C.lstm_saved_size(rows, H), dtype=dtype) if keep else None
     _C.lstm_forward(B.DTYPE_NAMES[dtype], T, n, F, H, x2d.data_ptr(), x2d.stride(0),
                     0 if starts is None else starts.data_ptr(), h0.data_ptr(), c0.data_ptr(), w_ih.data_ptr(),
                     w_hh.data_ptr(), 0 if b_ih is None else b_ih.data_ptr(), 0 if b_hh is None else b_hh.data_ptr(),
-                    out.data_ptr(), h_n.data_ptr(), c_n.data_ptr(), 0 if saved is None else saved.data_ptr())
-    return out, h_n, c_n, saved
+                    out.data_ptr(), 0, c_n.data_ptr(), 0 if saved is None else saved.data_ptr())
+    return out, out[rows - n:], c_n, saved
 
 
 def lstm_sequence(rnn: nn.LSTM, x: Tensor, starts: Optional[Tensor] = None,
@@ -185,10 +187,10 @@ def lstm_sequence(rnn: nn.LSTM, x: Tensor, starts: Optional[Tensor] = None,
     ``rnn``'s parameters when grad is enabled.
     """
     fn = "lstm_sequence"
-    if not isinstance(rnn, nn.LSTM) or rnn.num_layers != 1 or rnn.bidirectional or rnn.proj_size:
-        raise ValueError(f"{fn}: rnn must be a one-layer unidirectional nn.LSTM without proj_size, got {rnn!r}")
-    w_ih, w_hh = rnn.weight_ih_l0, rnn.weight_hh_l0
-    b_ih, b_hh = (rnn.bias_ih_l0, rnn.bias_hh_l0) if rnn.bias else (None, None)
+    try:
+        w_ih, w_hh, b_ih, b_hh = lstm_parameters(rnn)
+    except NotFusable as err:
+        raise ValueError(f"{fn}: rnn: {err}") from None
     if w_ih.dtype not in (torch.float32, torch.float64) or not w_ih.is_cpu:
         raise ValueError(f"{fn}: rnn's parameters must be float32 or float64 on the CPU, got {w_ih.dtype} on "
                          f"{w_ih.device}")
@@ -226,6 +228,7 @@ def lstm_sequence(rnn: nn.LSTM, x: Tensor, starts: Optional[Tensor] = None,
         out, h_n, c_n = _LSTMSequence.apply(x2d, starts, T, h0, c0, w_ih, w_hh, b_ih, b_hh)
     else:
         out, h_n, c_n, _ = _lstm_forward(x2d, starts, T, h0, c0, w_ih, w_hh, b_ih, b_hh, keep=False)
+        h_n = h_n.clone()
     return out.view(T, n, H), (h_n, c_n)
 
 
@@ -322,40 +325,22 @@ class RecurrentAgent(nn.Module):
         return self.trunk(x * self.scale if self.scale != 1.0 else x)
 
     def _inference_step(self, x: Tensor, state: Tensor, start: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """:meth:`step` without autograd (the rollout's): the C++ LSTM and MLP calls made directly
-        with addresses cached for the current parameters, none of the per-call checks of
-        :func:`lstm_sequence` and ``fused_mlp`` (their inputs are this module's own)."""
-        n, F = x.shape
-        H = self.hidden_size
-        if "_param_list" not in self.__dict__:  # the module's structure is fixed: list its parameters once
-            self._param_list = list(self.parameters())
-        key = tuple(p.data_ptr() for p in self._param_list) + (x.dtype,)
-        if getattr(self, "_inference_key", None) != key:
-            def lstm_ptrs(rnn):
-                biases = (rnn.bias_ih_l0, rnn.bias_hh_l0) if rnn.bias else (None, None)
-                return [t.data_ptr() if t is not None else 0 for t in (rnn.weight_ih_l0, rnn.weight_hh_l0, *biases)]
-
-            actor, actor_act = mlp_layers(self.actor)
-            critic, _ = mlp_layers(self.critic)
-            self._inference = ([lstm_ptrs(rnn) for rnn in self.rnns], _layer_specs(actor, False),
-                               _layer_specs(critic, False), actor_act or "tanh")
-            self._inference_key = key
-        rnns, actor_specs, critic_specs, act = self._inference
-        dtype = B.DTYPE_NAMES[x.dtype]
-        x = x.contiguous()
-        state = state.contiguous()
-        starts = start.contiguous().view(torch.uint8)
+        """:meth:`step` without autograd (the rollout's): the C++ LSTM and MLP forwards called
+        directly, none of the per-call checks of :func:`lstm_sequence` and ``fused_mlp`` (their
+        inputs are this module's own). ``x`` ``[n, F]``."""
+        if "_inference_layers" not in self.__dict__:  # the module's structure is fixed: read it once
+            self._inference_layers = ([lstm_parameters(rnn) for rnn in self.rnns], mlp_layers(self.actor),
+                                      mlp_layers(self.critic))
+        rnns, (actor, act), (critic, _) = self._inference_layers
+        n, H = x.shape[0], self.hidden_size
+        x, state, starts = x.contiguous(), state.contiguous(), start.contiguous().view(torch.uint8)
         new = torch.empty(self.state_size, n, H, dtype=x.dtype)
-        for i, ptrs in enumerate(rnns):
-            h0, c0, h, c = state[2 * i], state[2 * i + 1], new[2 * i], new[2 * i + 1]
-            _C.lstm_forward(dtype, 1, n, F, H, x.data_ptr(), F, starts.data_ptr(), h0.data_ptr(), c0.data_ptr(), *ptrs,
-                            h.data_ptr(), 0, c.data_ptr(), 0)
-        outs = []
-        for specs, h in ((actor_specs, new[0]), (critic_specs, new[2 * (len(rnns) - 1)])):
-            saved = torch.empty(n * sum(spec[5] for spec in specs), dtype=x.dtype)
-            _C.mlp_forward(dtype, specs, act, True, n, h.data_ptr(), H, saved.data_ptr())
-            outs.append(saved[saved.numel() - n * specs[-1][5]:].view(n, specs[-1][5]))
-        return outs[0], outs[1][:, 0], new
+        for i, params in enumerate(rnns):  # T = 1: h after the step is the output
+            _lstm_forward(x, starts, 1, state[2 * i], state[2 * i + 1], *params, keep=False, out=new[2 * i],
+                          c_n=new[2 * i + 1])
+        logits = mlp_forward(actor, act, True, new[0])[1]
+        value = mlp_forward(critic, act, True, new[2 * (len(rnns) - 1)])[1]
+        return logits, value[:, 0], new
 
     def _fused(self, x: Tensor) -> bool:
         """Whether the RNNs run as :func:`lstm_sequence` on ``x``: an LSTM on the CPU in float32 or
