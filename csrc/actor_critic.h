@@ -67,6 +67,9 @@ struct LstmLayer {
   void* grad_b_ih = nullptr;
   void* grad_b_hh = nullptr;
   int64_t F = 0, H = 0;
+  // W_ih^T [F, 4H] and W_hh^T [H, 4H] as of the last update or refresh (see wt_current).
+  void* w_ih_t = nullptr;
+  void* w_hh_t = nullptr;
 };
 
 // The actor-critic: an optional shared trunk, then the actor (-> logits [A] or means [D]) and the
@@ -87,8 +90,8 @@ struct ActorCriticSpec {
   MlpSpec trunk, actor, critic;
   // A recurrent actor-critic (no trunk): the observations go through an LSTM over the minibatch's
   // steps (rnn.h) and the actor and the critic read its output: n_rnn 2, each its own LSTM (rnn[0]
-  // the actor's, rnn[1] the critic's); 1, one LSTM read by both. Only update() runs it; the rollout's
-  // steps are the caller's (fastppo.recurrent).
+  // the actor's, rnn[1] the critic's); 1, one LSTM read by both. act() runs one step of it from the
+  // caller's state, update() the minibatch's steps from the rollout's.
   int n_rnn = 0;
   LstmLayer rnn[2];
   bool continuous = false;
@@ -105,8 +108,8 @@ struct ActorCriticSpec {
   void* exp_avg = nullptr;
   void* exp_avg_sq = nullptr;
   int64_t n_params = 0;
-  // Every layer's `wt` is allocated and holds W^T as of the last update or refresh: rollout
-  // inference multiplies by it, and update refreshes it after its Adam step.
+  // Every layer's `wt` (and every LSTM's w_ih_t, w_hh_t) is allocated and holds W^T as of the last
+  // update or refresh: the forward passes multiply by it, and update refreshes it after its Adam step.
   bool wt_current = false;
 
   int64_t obs_dim() const { return n_rnn > 0 ? rnn[0].F : trunk.n > 0 ? trunk.in_dim() : actor.in_dim(); }
@@ -118,6 +121,8 @@ struct ActorCriticSpec {
 // type), log-prob and value [rows], and, when set, the environment's action: int32 [rows, K], or
 // float32 [rows, D]: the sample clipped to [low, high], or low + (tanh(u) + 1) (high - low) / 2 for
 // the squashed head (computed in double, then clipped so that rounding stays inside).
+// A recurrent spec's step reads and updates `state` [2 * n_rnn, rows, H] (h, c of each LSTM; reset
+// to zeros first where starts[row] != 0) and reads obs as the LSTMs' input.
 struct ActArgs {
   int64_t rows = 0;
   const void* obs = nullptr; int64_t ldobs = 0;
@@ -129,6 +134,8 @@ struct ActArgs {
   void* env_action = nullptr;
   const float* low = nullptr;   // [D] (continuous env_action)
   const float* high = nullptr;
+  void* state = nullptr;            // recurrent: [2 * n_rnn, rows, H], in and out
+  const uint8_t* starts = nullptr;  // recurrent: [rows] (1: the row starts an episode), or null: none
 };
 
 void actor_critic_act_cpu(const ActorCriticSpec& spec, const ActArgs& args);

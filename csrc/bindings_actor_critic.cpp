@@ -139,6 +139,7 @@ class ActorCriticPlan {
     int64_t total = 0;
     for (MlpSpec* spec : {&s_.trunk, &s_.actor, &s_.critic})
       for (int i = 0; i < spec->n; ++i) total += spec->layer[i].in * spec->layer[i].out;
+    for (int r = 0; r < s_.n_rnn; ++r) total += 4 * s_.rnn[r].H * (s_.rnn[r].F + s_.rnn[r].H);
     transposed_.assign(static_cast<size_t>(total), 0.0);  // doubles: room for either dtype
     const size_t elem = s_.is_f64 ? sizeof(double) : sizeof(float);
     char* base = reinterpret_cast<char*>(transposed_.data());
@@ -148,6 +149,13 @@ class ActorCriticPlan {
         spec->layer[i].wt = base + offset * elem;
         offset += spec->layer[i].in * spec->layer[i].out;
       }
+    for (int r = 0; r < s_.n_rnn; ++r) {
+      LstmLayer& L = s_.rnn[r];
+      L.w_ih_t = base + offset * elem;
+      offset += 4 * L.H * L.F;
+      L.w_hh_t = base + offset * elem;
+      offset += 4 * L.H * L.H;
+    }
     s_.wt_current = true;
     actor_critic_transpose_cpu(s_);
   }
@@ -161,10 +169,12 @@ class ActorCriticPlan {
 
   void act(int64_t rows, std::uintptr_t obs, int64_t ldobs, std::uintptr_t noise, std::uintptr_t action,
            std::uintptr_t logprob, std::uintptr_t value, std::uintptr_t env_action, std::uintptr_t low,
-           std::uintptr_t high, std::uintptr_t mask) {
-    if (s_.n_rnn > 0)
-      throw py::value_error("fastppo._C.ActorCriticPlan.act: a recurrent actor-critic's rollout steps run in "
-                            "fastppo.recurrent (its state), not here");
+           std::uintptr_t high, std::uintptr_t mask, std::uintptr_t state, std::uintptr_t starts) {
+    if (s_.n_rnn > 0 && state == 0)
+      throw py::value_error("fastppo._C.ActorCriticPlan.act: a recurrent actor-critic's step needs its state "
+                            "[2 * n_rnn, rows, H]");
+    if (s_.n_rnn == 0 && (state != 0 || starts != 0))
+      throw py::value_error("fastppo._C.ActorCriticPlan.act: state and starts are a recurrent actor-critic's");
     if (rows <= 0) return;
     if (mask && s_.continuous)
       throw py::value_error("fastppo._C.ActorCriticPlan.act: a mask selects among a discrete policy's actions");
@@ -180,6 +190,8 @@ class ActorCriticPlan {
     a.env_action = ptr(env_action);
     a.low = ptr<const float>(low);
     a.high = ptr<const float>(high);
+    a.state = ptr(state);
+    a.starts = ptr<const uint8_t>(starts);
     if (s_.continuous && a.env_action && (!a.low || !a.high))
       throw py::value_error("fastppo._C.ActorCriticPlan.act: a continuous env action needs low and high");
     actor_critic_act_cpu(s_, a);
@@ -189,11 +201,16 @@ class ActorCriticPlan {
   void bind_rollout(int64_t rows, std::uintptr_t obs, int64_t obs_step, std::uintptr_t noise, int64_t noise_step,
                     std::uintptr_t action, int64_t action_step, std::uintptr_t logprob, int64_t logprob_step,
                     std::uintptr_t value, int64_t value_step, std::uintptr_t env_action, int64_t env_action_step,
-                    std::uintptr_t low, std::uintptr_t high, int64_t T, std::uintptr_t mask, int64_t mask_step) {
+                    std::uintptr_t low, std::uintptr_t high, int64_t T, std::uintptr_t mask, int64_t mask_step,
+                    std::uintptr_t state, std::uintptr_t starts, int64_t starts_step) {
     if (mask && s_.continuous)
       throw py::value_error("fastppo._C.ActorCriticPlan.bind_rollout: a mask selects among a discrete policy's actions");
+    if ((s_.n_rnn > 0) != (state != 0))
+      throw py::value_error(s_.n_rnn > 0 ? "fastppo._C.ActorCriticPlan.bind_rollout: a recurrent actor-critic needs its state"
+                                         : "fastppo._C.ActorCriticPlan.bind_rollout: state is a recurrent actor-critic's");
     rollout_ = Rollout{rows, obs, obs_step, noise, noise_step, action, action_step, logprob, logprob_step,
-                       value, value_step, env_action, env_action_step, mask, mask_step, low, high, T};
+                       value, value_step, env_action, env_action_step, mask, mask_step, low, high, T,
+                       state, starts, starts_step};
   }
 
   // act() on step t of the bound rollout.
@@ -202,7 +219,7 @@ class ActorCriticPlan {
     if (t < 0 || t >= r.T) throw py::index_error("fastppo._C.ActorCriticPlan.act_step: step out of the bound rollout");
     act(r.rows, r.obs + t * r.obs_step, s_.obs_dim(), r.noise + t * r.noise_step, r.action + t * r.action_step,
         r.logprob + t * r.logprob_step, r.value + t * r.value_step, r.env_action + t * r.env_action_step, r.low,
-        r.high, r.mask ? r.mask + t * r.mask_step : 0);
+        r.high, r.mask ? r.mask + t * r.mask_step : 0, r.state, r.starts ? r.starts + t * r.starts_step : 0);
   }
 
   void set_batch(std::uintptr_t obs, std::uintptr_t actions, std::uintptr_t old_logprob, std::uintptr_t advantages,
@@ -294,6 +311,8 @@ class ActorCriticPlan {
     std::uintptr_t mask = 0; int64_t mask_step = 0;
     std::uintptr_t low = 0, high = 0;
     int64_t T = 0;  // 0: nothing bound
+    std::uintptr_t state = 0;  // recurrent: [2 * n_rnn, rows, H], carried from step to step
+    std::uintptr_t starts = 0; int64_t starts_step = 0;
   } rollout_;
 };
 
@@ -321,13 +340,13 @@ void bind_actor_critic(py::module_& m) {
       .def_property_readonly("n_components", &ActorCriticPlan::n_components)
       .def("act", &ActorCriticPlan::act, py::arg("rows"), py::arg("obs"), py::arg("ldobs"), py::arg("noise"),
            py::arg("action"), py::arg("logprob"), py::arg("value"), py::arg("env_action"), py::arg("low"),
-           py::arg("high"), py::arg("mask") = 0)
+           py::arg("high"), py::arg("mask") = 0, py::arg("state") = 0, py::arg("starts") = 0)
       .def("refresh", &ActorCriticPlan::refresh)
       .def("bind_rollout", &ActorCriticPlan::bind_rollout, py::arg("rows"), py::arg("obs"), py::arg("obs_step"),
            py::arg("noise"), py::arg("noise_step"), py::arg("action"), py::arg("action_step"), py::arg("logprob"),
            py::arg("logprob_step"), py::arg("value"), py::arg("value_step"), py::arg("env_action"),
            py::arg("env_action_step"), py::arg("low"), py::arg("high"), py::arg("T"), py::arg("mask") = 0,
-           py::arg("mask_step") = 0)
+           py::arg("mask_step") = 0, py::arg("state") = 0, py::arg("starts") = 0, py::arg("starts_step") = 0)
       .def("act_step", &ActorCriticPlan::act_step, py::arg("t"))
       .def("set_batch", &ActorCriticPlan::set_batch, py::arg("obs"), py::arg("actions"), py::arg("old_logprob"),
            py::arg("advantages"), py::arg("returns"), py::arg("old_values"), py::arg("mask"), py::arg("action_mask") = 0)

@@ -25,6 +25,10 @@ struct LstmArgs {
   const void* w_hh = nullptr;       // [4H, H]
   const void* b_ih = nullptr;       // [4H], or null
   const void* b_hh = nullptr;       // [4H], or null
+  // W_ih^T [F, 4H] and W_hh^T [H, 4H] when the caller keeps them (forward only), else null: the
+  // forward transposes the weights into its scratch.
+  const void* w_ih_t = nullptr;
+  const void* w_hh_t = nullptr;
   void* out = nullptr;              // [T * n, H]: h after each step
   void* h_n = nullptr;              // [n, H]: h after the last step (or null)
   void* c_n = nullptr;              // [n, H]: c after the last step (or null)

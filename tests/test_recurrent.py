@@ -385,8 +385,67 @@ def test_fused_recurrent_update_refuses_rows_that_are_not_whole_environments():
         fused.update(torch.arange(10))  # steps 0-1 of 4 environments, then steps 0-1 again: not time-major
     stats = fused.update((torch.arange(T_)[:, None] * n + torch.tensor([[1, 3]])).reshape(-1))  # environments 1 and 3
     assert np.isfinite(stats).all()
-    with pytest.raises(ValueError, match="recurrent actor-critic's rollout steps run in fastppo.recurrent"):
+    with pytest.raises(ValueError, match=r"steps from its state: pass state \[K, rows, H\] = \[4, 2, 5\]"):
         fused.act(torch.zeros(2, 3, dtype=F64))
+
+
+@pytest.mark.parametrize("shared,continuous", [(False, False), (True, False), (False, True), (True, True)])
+def test_fused_recurrent_act_equals_the_agents_step(shared, continuous):
+    """The fused step of a recurrent actor-critic (the rollout's: its LSTMs one step from the state,
+    updated in place, reset where a row starts an episode, then the heads) equals the agent's torch
+    step, float64: log-prob, value, state after the step, and the sample from the given noise."""
+    from fastppo.policy import FusedActorCritic
+
+    agent = _agent("lstm", shared, continuous)
+    fused = FusedActorCritic(agent)
+    T_, n = 13, 4
+    g = torch.Generator().manual_seed(5)
+    obs = torch.randn(T_, n, 3, generator=g, dtype=F64)
+    starts = starts_pattern(T_, n, "mixed", seed=2)
+    state = torch.randn(agent.state_size, n, 5, generator=g, dtype=F64)
+    carried = state.clone()
+    for t in range(T_):
+        noise = (torch.randn(n, 2, generator=g, dtype=F64) if continuous
+                 else torch.rand(n, 3, generator=g, dtype=F64))
+        action, logprob, value = fused.act(obs[t], noise, state=carried, start=starts[t].numpy() if t % 2 else starts[t])
+        with torch.no_grad():
+            out, _, _ = agent.step(obs[t], state, starts[t])
+            _, ref_logprob, _, ref_value, state = agent.get_action_and_value(obs[t], state, starts[t], action)
+        if continuous:
+            torch.testing.assert_close(action, out + agent.actor_logstd.exp() * noise, rtol=1e-12, atol=1e-12)
+        else:
+            assert torch.equal(action, (out - torch.log(-torch.log(noise))).argmax(-1))  # Gumbel-max
+        torch.testing.assert_close(logprob, ref_logprob, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(carried, state, rtol=1e-10, atol=1e-12)
+    greedy, _, _ = fused.act(obs[0], state=carried.clone())  # no noise: the most probable action / the mean
+    with torch.no_grad():
+        out = agent.step(obs[0], carried, torch.zeros(n, dtype=torch.bool))[0]
+    if continuous:
+        torch.testing.assert_close(greedy, out, rtol=1e-12, atol=1e-12)
+    else:
+        assert torch.equal(greedy, out.argmax(-1))
+
+
+def test_fused_recurrent_act_bad_inputs_are_clear_errors():
+    from fastppo.agent import Agent
+    from fastppo.policy import FusedActorCritic
+
+    fused = FusedActorCritic(_agent("lstm", False, False))
+    obs = torch.zeros(2, 3, dtype=F64)
+    with pytest.raises(ValueError, match=r"act: state has shape \(4, 3, 5\); expected \(4, 2, 5\)"):
+        fused.act(obs, state=torch.zeros(4, 3, 5, dtype=F64))
+    with pytest.raises(TypeError, match="act: state has dtype torch.float32; expected float64"):
+        fused.act(obs, state=torch.zeros(4, 2, 5))
+    with pytest.raises(ValueError, match="act: state"):
+        fused.act(obs, state=torch.zeros(4, 5, 2, dtype=F64).transpose(1, 2))  # not contiguous
+    with pytest.raises(ValueError, match=r"act: start must have shape \[2\]"):
+        fused.act(obs, state=torch.zeros(4, 2, 5, dtype=F64), start=torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="act: start has dtype torch.float32"):
+        fused.act(obs, state=torch.zeros(4, 2, 5, dtype=F64), start=torch.zeros(2))
+    mlp = FusedActorCritic(Agent((3,), gym.spaces.Discrete(3), "classic"))
+    with pytest.raises(ValueError, match="state and start are a recurrent actor-critic's"):
+        mlp.act(torch.zeros(2, 3), state=torch.zeros(4, 2, 5))
 
 
 def test_minibatches_are_whole_environments_in_a_new_order_each_epoch(monkeypatch):
@@ -454,8 +513,9 @@ def test_learner_refuses_mixed_batches_and_backends():
 # ------------------------------------------------------------------ the rollout
 
 
-def _collector(num_envs=4, num_steps=40, cell="lstm"):
+def _collector(num_envs=4, num_steps=40, cell="lstm", fused=False):
     from fastppo.envs import make_env
+    from fastppo.policy import FusedActorCritic
     from fastppo.rollout import SyncRecurrentCollector, make_collector
 
     args = T.resolve(T.Args(env_id="CartPoleNoVel-v1", num_envs=num_envs, num_steps=num_steps, device="cpu",
@@ -463,14 +523,18 @@ def _collector(num_envs=4, num_steps=40, cell="lstm"):
     envs = make_env(args, "classic")
     torch.manual_seed(0)
     agent = RecurrentAgent(envs.observation_space.shape, envs.action_space, "classic", cell)
-    collector = make_collector(args, envs, agent, "classic", torch.device("cpu"))
-    assert isinstance(collector, SyncRecurrentCollector)
+    collector = make_collector(args, envs, agent, "classic", torch.device("cpu"),
+                               FusedActorCritic(agent) if fused else None)
+    assert isinstance(collector, SyncRecurrentCollector) and (collector.fused is not None) == fused
     collector.start()
     return collector, agent
 
 
-def test_rollout_carries_the_state_and_resets_it_at_episode_starts():
-    collector, agent = _collector()
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused"])
+def test_rollout_carries_the_state_and_resets_it_at_episode_starts(fused):
+    """Both rollout steps, the agent's torch step and the fused policy's C++ step (its state carried
+    in place), record what the update's sequence pass recomputes."""
+    collector, agent = _collector(fused=fused)
     timing = dict(env=0.0, inference=0.0)
     collector.collect(timing)
     batch = collector.batch(0.98, 0.8)

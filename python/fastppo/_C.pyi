@@ -167,13 +167,14 @@ class ActorCriticPlan:
     def n_components(self) -> int: ...
     def act(
         self, rows: int, obs: int, ldobs: int, noise: int, action: int, logprob: int, value: int, env_action: int,
-        low: int, high: int, mask: int = 0,
+        low: int, high: int, mask: int = 0, state: int = 0, starts: int = 0,
     ) -> None: ...
     def refresh(self) -> None: ...
     def bind_rollout(
         self, rows: int, obs: int, obs_step: int, noise: int, noise_step: int, action: int, action_step: int,
         logprob: int, logprob_step: int, value: int, value_step: int, env_action: int, env_action_step: int,
-        low: int, high: int, T: int, mask: int = 0, mask_step: int = 0,
+        low: int, high: int, T: int, mask: int = 0, mask_step: int = 0, state: int = 0, starts: int = 0,
+        starts_step: int = 0,
     ) -> None: ...
     def act_step(self, t: int) -> None: ...
     def set_batch(

@@ -458,9 +458,16 @@ class FusedActorCritic:
             raise ValueError(f"{fn}: {name} is on {mask.device}; expected the CPU")
         return mask if mask.is_contiguous() else mask.contiguous()
 
-    def act(self, obs, noise=None, *, mask=None, action=None, logprob=None, value=None, env_action=None):
+    def act(self, obs, noise=None, *, mask=None, state=None, start=None, action=None, logprob=None, value=None,
+            env_action=None):
         """Samples actions for ``obs [rows, obs_dim]`` (contiguous rows, the parameters' dtype) and
         writes them with their log-probs and the values; no autograd.
+
+        A recurrent actor-critic steps its LSTMs once from ``state`` (required): ``[K, rows, H]`` in
+        the parameters' dtype, C-contiguous, the ``h`` and ``c`` of each LSTM as
+        :meth:`set_sequences` takes them, updated in place to the state after the step; ``start``
+        (None, or bool ``[rows]``, torch or numpy) resets a row's state to zeros before the step
+        (its observation starts an episode).
 
         ``noise``: uniform ``[rows, A]`` in [0, 1) (Gumbel-max sampling of each categorical
         component) or standard normal ``[rows, D]`` (``mean + exp(log_std) * noise``), the
@@ -483,6 +490,7 @@ class FusedActorCritic:
                 raise ValueError(f"act: noise has {noise.shape[0]} rows, obs {rows}")
         if mask is not None:
             mask = self._action_mask("act", "mask", mask, (rows, self.n_out))
+        state, start = self._step_state(state, start, rows)
         action_shape = self._action_shape(rows)
         if action is None:
             action = torch.empty(action_shape, dtype=self.dtype if self.continuous else torch.int64)
@@ -498,8 +506,35 @@ class FusedActorCritic:
                 raise ValueError("act: call set_action_bounds before asking for continuous env actions")
         self.act_at(rows, obs.data_ptr(), obs.stride(0), 0 if noise is None else noise.data_ptr(), action.data_ptr(),
                     logprob.data_ptr(), value.data_ptr(), 0 if env_action is None else env_action.ctypes.data,
-                    0 if mask is None else mask.data_ptr())
+                    0 if mask is None else mask.data_ptr(), 0 if state is None else state.data_ptr(),
+                    0 if start is None else start.data_ptr())
         return action, logprob, value
+
+    def _state_shape(self, rows: int) -> Tuple[int, int, int]:
+        """A recurrent actor-critic's state of ``rows`` environments: ``[K, rows, H]``."""
+        return (2 * len(self._rnns), rows, self._rnns[0].hidden_size)
+
+    def _step_state(self, state, start, rows: int):
+        """:meth:`act`'s ``state`` and ``start``, checked: (None, None) for a feed-forward
+        actor-critic, else the state tensor and the starts as a uint8 view (or None)."""
+        if not self.recurrent:
+            if state is not None or start is not None:
+                raise ValueError("act: state and start are a recurrent actor-critic's; this one is feed-forward")
+            return None, None
+        if state is None:
+            raise ValueError(f"act: a recurrent actor-critic steps from its state: pass state [K, rows, H] = "
+                             f"{list(self._state_shape(rows))} (zeros before the first step)")
+        B.require_contiguous("act", "state", state, "torch", (self._dtype_name,), self._state_shape(rows))
+        if not state.is_cpu:
+            raise ValueError(f"act: state must be on the CPU, got {state.device}")
+        if start is not None:
+            if isinstance(start, np.ndarray):
+                start = torch.from_numpy(start)
+            B.require_array("act", "start", start, "torch", ("bool",))
+            if tuple(start.shape) != (rows,):
+                raise ValueError(f"act: start must have shape [{rows}] (one flag per row), got {list(start.shape)}")
+            start = start.contiguous().view(torch.uint8)
+        return state, start
 
     def refresh(self) -> None:
         """Call after changing the parameters from outside (``load_state_dict``, a torch optimizer):
@@ -507,16 +542,17 @@ class FusedActorCritic:
         self._plan.refresh()
 
     def act_at(self, rows: int, obs: int, ldobs: int, noise: int, action: int, logprob: int, value: int,
-               env_action: int = 0, mask: int = 0) -> None:
+               env_action: int = 0, mask: int = 0, state: int = 0, start: int = 0) -> None:
         """:meth:`act` on raw addresses (the trainer's per-step call: no checks, no allocation; the
         weights as of the last :meth:`update` or :meth:`refresh`); ``mask``: 0 or the address of the
-        C-contiguous bool ``[rows, A]`` legal actions."""
+        C-contiguous bool ``[rows, A]`` legal actions; ``state``, ``start``: a recurrent
+        actor-critic's (0 for none)."""
         low = self._low.ctypes.data if self._low is not None else 0
         high = self._high.ctypes.data if self._high is not None else 0
-        self._plan.act(rows, obs, ldobs, noise, action, logprob, value, env_action, low, high, mask)
+        self._plan.act(rows, obs, ldobs, noise, action, logprob, value, env_action, low, high, mask, state, start)
 
     def bind_rollout(self, obs: np.ndarray, noise: Tensor, action: Tensor, logprob: Tensor, value: Tensor,
-                     env_action: np.ndarray, mask=None):
+                     env_action: np.ndarray, mask=None, state: Optional[Tensor] = None, starts=None):
         """Binds rollout storage for per-step inference and returns ``act_step(t)``, which acts on
         ``obs[t]`` with ``noise[t]`` (and ``mask[t]``) and writes ``action[t]``, ``logprob[t]``,
         ``value[t]`` and ``env_action[t]`` (one call with one integer: the trainer's rollout step).
@@ -527,7 +563,11 @@ class FusedActorCritic:
         ``[T, N]``; ``env_action`` numpy int32 ``[T, N]`` / ``[T, N, K]`` or float32 ``[T, N, D]``;
         ``mask`` (discrete heads) None or bool ``[T, N, A]`` (numpy or tensor), the legal actions of
         each step, read when ``act_step(t)`` runs (so the caller writes ``mask[t]`` before); all
-        C-contiguous CPU memory, kept alive by the caller while ``act_step`` is used."""
+        C-contiguous CPU memory, kept alive by the caller while ``act_step`` is used.
+
+        A recurrent actor-critic's steps also read and update ``state`` ``[K, N, H]`` (as :meth:`act`'s,
+        carried from each step to the next) and reset it where ``starts[t]`` is set (``starts`` None, or
+        bool ``[T, N]``, numpy or tensor, read when ``act_step(t)`` runs)."""
         T, N = value.shape if isinstance(value, Tensor) and value.dim() == 2 else (-1, -1)
         if T < 0:
             raise ValueError(f"bind_rollout: value must be a [T, N] tensor, got {list(getattr(value, 'shape', []))}")
@@ -548,6 +588,17 @@ class FusedActorCritic:
                 self._action_mask("bind_rollout", "mask", mask, ())  # raises: a Gaussian head takes no mask
             B.require_contiguous("bind_rollout", "mask", torch.from_numpy(mask) if isinstance(mask, np.ndarray) else mask,
                                  "torch", ("bool",), (T, N, self.n_out))
+        if self.recurrent:
+            if state is None:
+                raise ValueError(f"bind_rollout: a recurrent actor-critic steps from its state: pass state "
+                                 f"{list(self._state_shape(N))}")
+            B.require_contiguous("bind_rollout", "state", state, "torch", (self._dtype_name,), self._state_shape(N))
+            if starts is not None:
+                B.require_contiguous("bind_rollout", "starts",
+                                     torch.from_numpy(starts) if isinstance(starts, np.ndarray) else starts, "torch",
+                                     ("bool",), (T, N))
+        elif state is not None or starts is not None:
+            raise ValueError("bind_rollout: state and starts are a recurrent actor-critic's; this one is feed-forward")
 
         def row(x) -> Tuple[int, int]:  # (address, bytes per step)
             if isinstance(x, np.ndarray):
@@ -557,8 +608,10 @@ class FusedActorCritic:
         low = self._low.ctypes.data if self._low is not None else 0
         high = self._high.ctypes.data if self._high is not None else 0
         self._plan.bind_rollout(N, *row(obs_t), *row(noise), *row(action), *row(logprob), *row(value),
-                                *row(env_action), low, high, T, *(row(mask) if mask is not None else (0, 0)))
-        self._bound = (obs, noise, action, logprob, value, env_action, self._low, self._high, mask)  # kept alive
+                                *row(env_action), low, high, T, *(row(mask) if mask is not None else (0, 0)),
+                                0 if state is None else state.data_ptr(), *(row(starts) if starts is not None else (0, 0)))
+        self._bound = (obs, noise, action, logprob, value, env_action, self._low, self._high, mask, state,
+                       starts)  # kept alive
         return self._plan.act_step
 
     def _rows(self, x, name: str, width: int) -> Tensor:

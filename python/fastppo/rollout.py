@@ -284,42 +284,60 @@ class SyncFusedCollector(_SyncCollector):
 
     def __init__(self, envs, boundary, agent, fused, family, num_steps, device, log_actions=False, mask_source=None):
         super().__init__(envs, boundary, agent, family, num_steps, device, log_actions, mask_source)
-        self.fused = fused
-        if self.continuous:
-            fused.set_action_bounds(envs.action_space.low, envs.action_space.high)
-        # the first action of each discrete component, added to what the policy writes (int32, from 0)
-        start = self.head.start if not self.continuous else None
-        self.start_offset = np.asarray(start, np.int32).reshape(self.action_shape) if start and any(start) else None
-        boundary.bind_rollout(self.obs, self.reward, self.done, self.terminated, self.real)
+        _attach_fused(self, fused)
 
     def collect(self, timing):
         self._next_rollout()
-        # The whole rollout's sampling noise in one call; each step is one call into the fused policy,
-        # which writes the action, log-prob and value into the rollout and the env's action beside them.
-        noise = (torch.randn if self.continuous else torch.rand)((self.T, self.N, self.fused.n_out))
-        env_actions = self._new_env_actions()
-        masks = self.action_masks
-        act_step = self.fused.bind_rollout(self.obs, noise, self.actions, self.logprobs, self.values, env_actions,
-                                           masks)
-        env_step, step_at, perf_counter = self.envs.step, self.boundary.step_at, time.perf_counter
-        start = self.start_offset
-        raw_obs = self.raw_obs
-        for step in range(self.T):
-            t0 = perf_counter()
-            if masks is not None:
-                masks[step] = self.next_mask
-            act_step(step)
-            if start is not None:
-                env_actions[step] += start
-            t1 = perf_counter()
-            raw_obs, reward, term, trunc, info = env_step(env_actions[step])
-            step_at(step, raw_obs, reward, term, trunc)
-            if masks is not None:
-                self._read_mask(info)
-            timing["env"] += perf_counter() - t1
-            timing["inference"] += t1 - t0
-        self.raw_obs = raw_obs
+        _fused_steps(self, timing)
         return self.T * self.N
+
+
+def _attach_fused(collector: _SyncCollector, fused) -> None:
+    """Makes a sync collector's steps calls into the fused policy ``fused`` and the boundary's
+    :meth:`~fastppo.envstep.EnvStepBoundary.step_at`, both writing into the collector's storage."""
+    collector.fused = fused
+    if collector.continuous:
+        fused.set_action_bounds(collector.envs.action_space.low, collector.envs.action_space.high)
+    # the first action of each discrete component, added to what the policy writes (int32, from 0)
+    start = collector.head.start if not collector.continuous else None
+    collector.start_offset = (np.asarray(start, np.int32).reshape(collector.action_shape) if start and any(start)
+                              else None)
+    c = collector
+    c.boundary.bind_rollout(c.obs, c.reward, c.done, c.terminated, c.real)
+
+
+def _fused_steps(c: _SyncCollector, timing: Dict[str, float], state: Optional[torch.Tensor] = None,
+                 starts: Optional[np.ndarray] = None) -> None:
+    """A rollout of the sync collector ``c`` (:func:`_attach_fused`'s): the whole rollout's sampling
+    noise in one call, then per step one call into the fused policy, which writes the action,
+    log-prob and value into the rollout and the env's action beside them, and one into the boundary.
+    A recurrent policy's ``state`` ``[K, N, H]`` is carried from step to step in place; ``starts``
+    ``[T, N]`` (row 0 set by the caller) receives where it is reset: after a dummy reset step."""
+    noise = (torch.randn if c.continuous else torch.rand)((c.T, c.N, c.fused.n_out))
+    env_actions = c._new_env_actions()
+    masks = c.action_masks
+    act_step = c.fused.bind_rollout(c.obs, noise, c.actions, c.logprobs, c.values, env_actions, masks, state=state,
+                                    starts=starts)
+    env_step, step_at, perf_counter = c.envs.step, c.boundary.step_at, time.perf_counter
+    start, real, logical_not = c.start_offset, c.real, np.logical_not
+    raw_obs = c.raw_obs
+    for step in range(c.T):
+        t0 = perf_counter()
+        if masks is not None:
+            masks[step] = c.next_mask
+        if starts is not None and step:
+            logical_not(real[step - 1], out=starts[step])  # after a dummy step: a new episode
+        act_step(step)
+        if start is not None:
+            env_actions[step] += start
+        t1 = perf_counter()
+        raw_obs, reward, term, trunc, info = env_step(env_actions[step])
+        step_at(step, raw_obs, reward, term, trunc)
+        if masks is not None:
+            c._read_mask(info)
+        timing["env"] += perf_counter() - t1
+        timing["inference"] += t1 - t0
+    c.raw_obs = raw_obs
 
 
 class SyncTorchCollector(_SyncCollector):
@@ -363,12 +381,16 @@ class SyncRecurrentCollector(SyncTorchCollector):
     keeps the state it began with and where the resets fell (``starts`` ``[T, N]``), which the
     update's sequence pass starts from; a checkpoint keeps the state after its last step."""
 
-    def __init__(self, envs, boundary, agent, family, num_steps, device, log_actions=False, mask_source=None):
+    def __init__(self, envs, boundary, agent, family, num_steps, device, log_actions=False, mask_source=None,
+                 fused=None):
         super().__init__(envs, boundary, agent, family, num_steps, device, log_actions, mask_source)
         self.starts = np.zeros((self.T, self.N), np.bool_)
         self.hidden = agent.initial_state(self.N, device)
         self.first_hidden = self.hidden
         self.next_start = np.ones(self.N, np.bool_)  # whether the next step's observation starts an episode
+        self.fused = fused
+        if fused is not None:  # each step one call into the fused policy (its LSTMs' step in C++)
+            _attach_fused(self, fused)
 
     def start(self) -> None:
         super().start()
@@ -392,10 +414,15 @@ class SyncRecurrentCollector(SyncTorchCollector):
         self._next_rollout()
         obs = torch.from_numpy(self.obs)
         starts = torch.from_numpy(self.starts)
+        self.starts[0] = self.next_start
+        if self.fused is not None:
+            self.first_hidden = self.hidden.clone()  # the fused steps update self.hidden in place
+            _fused_steps(self, timing, state=self.hidden, starts=self.starts)
+            self.next_start = ~self.real[self.T - 1]
+            return self.T * self.N
         env_actions = self._new_env_actions()
         perf_counter = time.perf_counter
         self.first_hidden = self.hidden
-        self.starts[0] = self.next_start
         for step in range(self.T):
             t0 = perf_counter()
             if step:
@@ -491,7 +518,8 @@ def make_collector(args, envs, agent, family: str, device: torch.device, fused=N
     if args.async_batch_size is not None:
         return AsyncCollector(envs, boundary, agent, family, args.num_steps, args.async_batch_size, device)
     if getattr(agent, "recurrent", False):
-        return SyncRecurrentCollector(envs, boundary, agent, family, args.num_steps, device, args.resume_replay, source)
+        return SyncRecurrentCollector(envs, boundary, agent, family, args.num_steps, device, args.resume_replay, source,
+                                      fused)
     if fused is not None:
         return SyncFusedCollector(envs, boundary, agent, fused, family, args.num_steps, device, args.resume_replay,
                                   source)
