@@ -7,6 +7,10 @@
 #pragma once
 
 #include <cstdint>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#define FASTPPO_HAS_MXCSR 1
+#endif
 
 #if FASTPPO_THREAD_POOL
 #include "thread_pool.h"
@@ -38,6 +42,28 @@ inline void static_block(int64_t begin, int64_t end, int part, int parts, int64_
   *hi = *lo + q + (part < r ? 1 : 0);
 }
 
+// The calling thread's floating-point mode (x86: MXCSR, whose flush-to-zero and denormals-are-zero
+// bits a kernel may set for its call, see cpu_vec_math.inc's FlushDenormals) taken by each thread of a
+// parallel region while it runs its part, so a result does not depend on which thread computed it.
+struct FpMode {
+#if FASTPPO_HAS_MXCSR
+  unsigned int csr = _mm_getcsr();
+#endif
+};
+struct FpModeScope {
+#if FASTPPO_HAS_MXCSR
+  unsigned int saved;
+  explicit FpModeScope(const FpMode& mode) : saved(_mm_getcsr()) {
+    if (saved != mode.csr) _mm_setcsr(mode.csr);
+  }
+  ~FpModeScope() {
+    if (_mm_getcsr() != saved) _mm_setcsr(saved);
+  }
+#else
+  explicit FpModeScope(const FpMode&) {}
+#endif
+};
+
 #if FASTPPO_THREAD_POOL
 template <typename Fn>
 void call_part(void* fn, int part, int parts) {
@@ -48,16 +74,23 @@ void call_part(void* fn, int part, int parts) {
 // Calls fn(part, parts) once for each part in [0, parts), each on its own thread, when `parallel`
 // holds (parts = parallel_threads(), or 1 when the call is nested in another parallel call), else
 // fn(0, 1) on the calling thread. What fn computes must not depend on `parts`.
+// Every part runs in the calling thread's floating-point mode (FpMode).
 template <typename Fn>
 void parallel_parts(bool parallel, const Fn& fn) {
   if (parallel) {
+    const FpMode mode;
+    auto part_in_mode = [&](int part, int parts) {
+      const FpModeScope scope(mode);
+      fn(part, parts);
+    };
 #if FASTPPO_THREAD_POOL
-    pool::run(&call_part<Fn>, const_cast<void*>(static_cast<const void*>(&fn)));
+    using Part = decltype(part_in_mode);
+    pool::run(&call_part<Part>, const_cast<void*>(static_cast<const void*>(&part_in_mode)));
     return;
 #elif defined(_OPENMP)
     const int threads = parallel_threads();
 #pragma omp parallel num_threads(threads)
-    fn(omp_get_thread_num(), omp_get_num_threads());
+    part_in_mode(omp_get_thread_num(), omp_get_num_threads());
     return;
 #endif
   }

@@ -97,6 +97,39 @@ for name, shape in ({"flat": (100_003,), "rows": (64, 1601)} if torch is not Non
     out[f"loss_{name}"] = o.loss.detach().numpy()
     for x, key in ((new_logprob, "logprob"), (new_value, "value"), (entropy, "entropy")):
         out[f"loss_{name}_grad_{key}"] = x.grad.numpy()
+
+# The fused actor-critic's updates: a recurrent one (its actor's and critic's branches, one per
+# thread on two) and a 256-256 MLP one (its apply step over the threads).
+try:
+    import gymnasium as gym
+except ImportError:
+    gym = None
+if torch is not None and gym is not None:
+    from fastppo.agent import Agent
+    from fastppo.policy import FusedActorCritic
+    from fastppo.recurrent import RecurrentAgent
+
+    for name in ("lstm", "mlp"):
+        torch.manual_seed(3)
+        if name == "lstm":
+            agent, (T, N) = RecurrentAgent((3,), gym.spaces.Discrete(3), "classic", "lstm", hidden_size=32), (16, 4)
+        else:
+            from fastppo.agent import MlpShape
+
+            agent, (T, N) = Agent((3,), gym.spaces.Discrete(3), "classic", mlp=MlpShape(hidden_sizes=(256, 256))), (16, 4)
+        fused = FusedActorCritic(agent, lr=1e-2)
+        g = torch.Generator().manual_seed(4)
+        B = T * N
+        fused.set_batch(torch.randn(B, 3, generator=g), torch.randint(0, 3, (B,), generator=g),
+                        -torch.rand(B, generator=g) - 0.5, torch.randn(B, generator=g), torch.randn(B, generator=g),
+                        torch.randn(B, generator=g))
+        if name == "lstm":
+            starts = torch.rand(T, N, generator=g) < 0.2
+            state = torch.randn(4, N, 32, generator=g)
+            fused.set_sequences(starts, state)
+        stats = [fused.update(torch.arange(B)) for _ in range(3)]
+        out[f"fused_{name}_stats"] = np.stack(stats)
+        out[f"fused_{name}_params"] = fused.params.numpy().copy()
 np.savez(sys.argv[2], **out)
 """
 
@@ -117,6 +150,39 @@ def test_results_are_the_same_bits_on_one_thread_and_on_two(tmp_path):
         two = results["2"][key]
         assert one.dtype == two.dtype and one.shape == two.shape, key
         assert one.tobytes() == two.tobytes(), f"{key} differs between 1 and 2 threads"
+
+
+@needs_threads
+def test_the_fused_step_flushes_subnormals_only_inside_its_calls():
+    """The fused actor-critic's calls flush subnormal numbers to zero (for speed, see
+    cpu_vec_math.inc); the caller's floating-point mode is back after each call, on the calling
+    thread and on the threads of later parallel kernels, which still read and make subnormals."""
+    torch = pytest.importorskip("torch")
+    gym = pytest.importorskip("gymnasium")
+    from fastppo.policy import FusedActorCritic
+    from fastppo.recurrent import RecurrentAgent
+
+    T, N = 128, 1000  # GAE above its parallel threshold: on every thread
+    rewards = np.full((T, N), 1e-39, np.float32)  # subnormal
+    zeros = np.zeros((T, N), np.float32)
+
+    def subnormals_survive():
+        assert np.float32(1e-38) * np.float32(0.5) != 0
+        assert (torch.full((4,), 1e-38) * 0.5 != 0).all()
+        adv, _ = fastppo.gae(rewards, zeros, np.zeros((T, N), np.bool_), np.zeros(N, np.float32), gamma=0.0)
+        assert (adv == rewards).all()  # gamma 0: each advantage is its reward, read and written as is
+
+    subnormals_survive()
+    torch.manual_seed(0)
+    agent = RecurrentAgent((3,), gym.spaces.Discrete(3), "classic", "lstm", hidden_size=8)
+    fused = FusedActorCritic(agent)
+    B = 8 * 4
+    fused.set_batch(torch.randn(B, 3), torch.randint(0, 3, (B,)), -torch.rand(B) - 0.5, torch.randn(B),
+                    torch.randn(B), torch.randn(B))
+    fused.set_sequences(torch.zeros(8, 4, dtype=torch.bool), torch.zeros(4, 4, 8))
+    fused.update(torch.arange(B))
+    fused.act(torch.randn(4, 3), torch.rand(4, 3), state=torch.zeros(4, 4, 8))
+    subnormals_survive()
 
 
 def test_calls_from_several_python_threads_at_once_match_one_at_a_time():
