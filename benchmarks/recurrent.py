@@ -185,8 +185,10 @@ def summarize(results, mode, machine, threads):
               "training episodes (sampled actions) after each rollout, as both trainers log it.",
               "- fastppo's recurrent update (backend `fused`, as the JSON records): minibatches of whole "
               "environments, each one C++ call of the fused actor-critic (both LSTMs over the minibatch's steps, "
-              "reset at episode starts inside the time loop, heads, loss, backward through time, clip, Adam); its "
-              "rollout steps call the C++ LSTM and MLP. sb3-contrib's: minibatches of the flattened rollout cut "
+              "reset at episode starts inside the time loop, heads, loss, backward through time, clip, Adam; the "
+              "actor's and the critic's branches each on a thread when there are two); each rollout step is one call "
+              "into it too (both LSTMs one step from the state it carries, the heads, the sampled action). "
+              "sb3-contrib's: minibatches of the flattened rollout cut "
               "into padded sequences, stepped one time step at a time where a sequence starts an episode.",
               f"- torch.set_num_threads({threads}) and OMP_NUM_THREADS={threads} for every contender (--threads)."]
     return "\n".join(lines) + "\n", ratios

@@ -224,8 +224,17 @@ class FusedActorCritic:
     rate :meth:`update` uses when given none, settable (a learning-rate schedule sets it between
     updates, as CleanRL sets ``optimizer.param_groups[0]["lr"]``).
 
+    A ``fastppo.recurrent.RecurrentAgent`` with LSTMs on vector observations (its ``trunk``
+    ``nn.Flatten``) is fused too: :meth:`act` (and :meth:`bind_rollout`'s steps) step its LSTMs from
+    a state the caller keeps, :meth:`set_sequences` gives the updates the rollout's layout, and each
+    minibatch of whole environments is one call (the actor's and the critic's branches each on a
+    thread when there are two; the results do not depend on it).
+
     Every call runs on the CPU, on a module whose parameters are on the CPU: build the module (and
-    the rollout storage) there, not on a GPU.
+    the rollout storage) there, not on a GPU. Inside its calls subnormal numbers are flushed to zero
+    (below 1.2e-38 in float32, as under ``torch.set_flush_denormal(True)``; the caller's mode is
+    restored after each call): Adam's moments of parameters whose gradient stays 0 would otherwise
+    decay through the subnormals, which the CPU computes with slow microcode assists.
     """
 
     def __init__(self, module: nn.Module, *, lr: float = 3e-4, betas: Tuple[float, float] = (0.9, 0.999),
