@@ -43,7 +43,7 @@ inline void static_block(int64_t begin, int64_t end, int part, int parts, int64_
 }
 
 // The calling thread's floating-point mode (x86: MXCSR, whose flush-to-zero and denormals-are-zero
-// bits a kernel may set for its call, see cpu_vec_math.inc's FlushDenormals) taken by each thread of a
+// bits a kernel may set for its call, see FlushDenormals) taken by each thread of a
 // parallel region while it runs its part, so a result does not depend on which thread computed it.
 struct FpMode {
 #if FASTPPO_HAS_MXCSR
@@ -61,6 +61,21 @@ struct FpModeScope {
   }
 #else
   explicit FpModeScope(const FpMode&) {}
+#endif
+};
+
+// While alive, subnormal numbers are flushed to zero and read as zero on this thread (x86: MXCSR's
+// FTZ and DAZ bits; parallel regions pass the mode to their threads, below), restored after. An
+// instruction that makes or reads a subnormal float takes a microcode assist of about a hundred
+// cycles: Adam's first moment of a parameter whose gradient stays 0 (a dead ReLU unit) decays by
+// beta1 each step through the subnormals, which cost the fused actor-critic's apply step several
+// times its arithmetic. What is flushed is below 1.2e-38 (float32) or 2.2e-308 (float64), as under
+// torch.set_flush_denormal(True).
+struct FlushDenormals {
+#if FASTPPO_HAS_MXCSR
+  unsigned int saved = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(saved | 0x8040u); }  // FTZ (bit 15) | DAZ (bit 6)
+  ~FlushDenormals() { _mm_setcsr(saved); }
 #endif
 };
 

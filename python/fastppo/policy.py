@@ -519,23 +519,27 @@ class FusedActorCritic:
                     0 if start is None else start.data_ptr())
         return action, logprob, value
 
-    def _state_shape(self, rows: int) -> Tuple[int, int, int]:
-        """A recurrent actor-critic's state of ``rows`` environments: ``[K, rows, H]``."""
-        return (2 * len(self._rnns), rows, self._rnns[0].hidden_size)
+    def _require_state(self, fn: str, state, starts, rows: int) -> None:
+        """A recurrent actor-critic's step state: C-contiguous ``[K, rows, H]`` in the parameters'
+        dtype on the CPU (the ``h`` and ``c`` of each LSTM); a feed-forward one takes no state or starts."""
+        if not self.recurrent:
+            if state is not None or starts is not None:
+                raise ValueError(f"{fn}: state and start are a recurrent actor-critic's; this one is feed-forward")
+            return
+        shape = (2 * len(self._rnns), rows, self._rnns[0].hidden_size)
+        if state is None:
+            raise ValueError(f"{fn}: a recurrent actor-critic steps from its state: pass state [K, rows, H] = "
+                             f"{list(shape)} (zeros before the first step)")
+        B.require_contiguous(fn, "state", state, "torch", (self._dtype_name,), shape)
+        if not state.is_cpu:
+            raise ValueError(f"{fn}: state must be on the CPU, got {state.device}")
 
     def _step_state(self, state, start, rows: int):
         """:meth:`act`'s ``state`` and ``start``, checked: (None, None) for a feed-forward
         actor-critic, else the state tensor and the starts as a uint8 view (or None)."""
+        self._require_state("act", state, start, rows)
         if not self.recurrent:
-            if state is not None or start is not None:
-                raise ValueError("act: state and start are a recurrent actor-critic's; this one is feed-forward")
             return None, None
-        if state is None:
-            raise ValueError(f"act: a recurrent actor-critic steps from its state: pass state [K, rows, H] = "
-                             f"{list(self._state_shape(rows))} (zeros before the first step)")
-        B.require_contiguous("act", "state", state, "torch", (self._dtype_name,), self._state_shape(rows))
-        if not state.is_cpu:
-            raise ValueError(f"act: state must be on the CPU, got {state.device}")
         if start is not None:
             if isinstance(start, np.ndarray):
                 start = torch.from_numpy(start)
@@ -597,17 +601,11 @@ class FusedActorCritic:
                 self._action_mask("bind_rollout", "mask", mask, ())  # raises: a Gaussian head takes no mask
             B.require_contiguous("bind_rollout", "mask", torch.from_numpy(mask) if isinstance(mask, np.ndarray) else mask,
                                  "torch", ("bool",), (T, N, self.n_out))
-        if self.recurrent:
-            if state is None:
-                raise ValueError(f"bind_rollout: a recurrent actor-critic steps from its state: pass state "
-                                 f"{list(self._state_shape(N))}")
-            B.require_contiguous("bind_rollout", "state", state, "torch", (self._dtype_name,), self._state_shape(N))
-            if starts is not None:
-                B.require_contiguous("bind_rollout", "starts",
-                                     torch.from_numpy(starts) if isinstance(starts, np.ndarray) else starts, "torch",
-                                     ("bool",), (T, N))
-        elif state is not None or starts is not None:
-            raise ValueError("bind_rollout: state and starts are a recurrent actor-critic's; this one is feed-forward")
+        self._require_state("bind_rollout", state, starts, N)
+        if self.recurrent and starts is not None:
+            B.require_contiguous("bind_rollout", "starts",
+                                 torch.from_numpy(starts) if isinstance(starts, np.ndarray) else starts, "torch",
+                                 ("bool",), (T, N))
 
         def row(x) -> Tuple[int, int]:  # (address, bytes per step)
             if isinstance(x, np.ndarray):

@@ -302,8 +302,8 @@ def _attach_fused(collector: _SyncCollector, fused) -> None:
     start = collector.head.start if not collector.continuous else None
     collector.start_offset = (np.asarray(start, np.int32).reshape(collector.action_shape) if start and any(start)
                               else None)
-    c = collector
-    c.boundary.bind_rollout(c.obs, c.reward, c.done, c.terminated, c.real)
+    collector.boundary.bind_rollout(collector.obs, collector.reward, collector.done, collector.terminated,
+                                    collector.real)
 
 
 def _fused_steps(c: _SyncCollector, timing: Dict[str, float], state: Optional[torch.Tensor] = None,
@@ -440,8 +440,12 @@ class SyncRecurrentCollector(SyncTorchCollector):
         rewards, dones, terminated, real = (torch.from_numpy(x).to(self.device)
                                             for x in (self.reward, self.done, self.terminated, self.real))
         obs = torch.from_numpy(self.obs).to(self.device)
+        next_start = torch.from_numpy(self.next_start).to(self.device)
         with torch.no_grad():  # the value of row T after the rollout's state (reset there if it starts an episode)
-            next_value = self.agent.get_value(obs[self.T], self.hidden, torch.from_numpy(self.next_start).to(self.device))
+            if self.fused is not None:  # one fused step from a copy of the state (the next rollout starts from it)
+                next_value = self.fused.act(obs[self.T], state=self.hidden.clone(), start=next_start)[2]
+            else:
+                next_value = self.agent.get_value(obs[self.T], self.hidden, next_start)
             advantages, returns = rollout_advantages(rewards, self.values, dones, terminated, real, next_value,
                                                      gamma, gae_lambda, gae)
         if timing is not None:
