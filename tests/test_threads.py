@@ -99,7 +99,7 @@ for name, shape in ({"flat": (100_003,), "rows": (64, 1601)} if torch is not Non
         out[f"loss_{name}_grad_{key}"] = x.grad.numpy()
 
 # The fused actor-critic's updates: a recurrent one (its actor's and critic's branches, one per
-# thread on two) and a 256-256 MLP one (its apply step over the threads).
+# thread on two) and a 256-256 MLP one (its larger products split over the threads).
 try:
     import gymnasium as gym
 except ImportError:
